@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Profile this CPU for MiniLM, search 1.5x/2x/3x, export, print predicted vs measured.
+demo: $(STAMP)
+	$(BIN)/hwprune profile --model minilm -o latency_tables/minilm_local.parquet
+	$(BIN)/hwprune search --model minilm --table latency_tables/minilm_local.parquet \
+		--targets 1.5,2,3 -o runs/demo --export
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,54 @@
+"""hwprune: hardware-aware structured pruning. The speedup you ask for is the speedup you measure.
+
+Heavy and optional parts (TensorRT, torchvision models) are imported lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["load", "save", "__version__"]
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hwprune.surgery.plan import Plan
+
+
+def save(model: "nn.Module", plan: "Plan", folder: str | Path) -> Path:
+    """Write ``plan.json`` + ``model.safetensors`` into ``folder`` (atomically, file by file)."""
+    from safetensors.torch import save_file
+
+    from hwprune._io import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan.save(folder / "plan.json")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
+    return folder
+
+
+def load(folder: str | Path) -> "nn.Module":
+    """Rebuild a pruned model from ``plan.json`` + ``model.safetensors``; no pickled modules involved."""
+    from safetensors.torch import load_file
+
+    from hwprune.errors import HwpruneError
+    from hwprune.models import skeleton_for_plan
+    from hwprune.surgery.plan import Plan
+
+    folder = Path(folder)
+    plan = Plan.load(folder / "plan.json")
+    wpath = folder / "model.safetensors"
+    if not wpath.is_file():
+        raise HwpruneError(f"{folder}: model.safetensors is missing; export the candidate again")
+    model = skeleton_for_plan(plan)
+    state = load_file(str(wpath))
+    try:
+        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise HwpruneError(f"{wpath}: weights do not match plan.json ({first})") from None
+    return model.eval()  # type: ignore[attr-defined]
