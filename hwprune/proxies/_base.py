@@ -1,0 +1,90 @@
+"""Accuracy proxies: per-unit error curves (additive, for DP) and materialised pruned weights.
+
+Contract (every proxy runs ``tests/test_proxies.py``'s shared checks):
+- A proxy is a function registered with ``@register_proxy(name)``:
+  ``fit(adapter, space, calib: CalibData) -> ProxyState``. It may keep whatever it computed
+  (orders, Hessians, statistics): one fit serves every candidate (the "database").
+- ``ProxyState.unit_errors()`` -> one float64 array per unit of ``space`` (space order), aligned with
+  ``unit.sizes``: the estimated output error when that unit alone keeps that size; 0 at full size,
+  non-increasing in size; comparable across units (normalised by the energy of the residual stream
+  the unit writes into) so that summing them ranks candidates.
+- ``ProxyState.materialize(candidate) -> (plan, overrides)``: which indices each unit keeps and the
+  reconstructed tensors (state-dict names of the *pruned* model) to pass to ``adapter.prune``.
+- ``ProxyState.build(candidate)`` returns the physically pruned model (never masks).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.models._base import ModelAdapter
+from hwprune.space import Candidate, PruningSpace
+from hwprune.surgery.plan import Plan
+
+__all__ = ["CalibData", "ProxyState", "register_proxy", "get_proxy", "proxy_names"]
+
+
+@dataclass(frozen=True)
+class CalibData:
+    """Model inputs for calibration and for held-out end-to-end scoring (batch-first tensors)."""
+
+    calib: Mapping[str, torch.Tensor]
+    heldout: Mapping[str, torch.Tensor]
+    source: str = "default"
+
+    @property
+    def n_calib(self) -> int:
+        return int(next(iter(self.calib.values())).shape[0])
+
+
+class ProxyState(ABC):
+    name: str = ""
+
+    def __init__(self, adapter: ModelAdapter, space: PruningSpace) -> None:
+        self.adapter, self.space = adapter, space
+
+    @abstractmethod
+    def unit_errors(self) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def materialize(self, cand: Candidate) -> tuple[Plan, dict[str, torch.Tensor]]: ...
+
+    def build(self, cand: Candidate) -> nn.Module:
+        plan, overrides = self.materialize(cand)
+        return self.adapter.prune(self.adapter.dense(), plan, overrides)
+
+
+ProxyFit = Callable[..., ProxyState]
+_PROXIES: dict[str, ProxyFit] = {}
+
+
+def register_proxy(name: str) -> Callable[[ProxyFit], ProxyFit]:
+    def deco(fn: ProxyFit) -> ProxyFit:
+        _PROXIES[name] = fn
+        return fn
+    return deco
+
+
+def proxy_names() -> list[str]:
+    from hwprune.proxies import builtin  # noqa: F401
+
+    return sorted(_PROXIES)
+
+
+def get_proxy(name: str) -> ProxyFit:
+    from hwprune.proxies import builtin  # noqa: F401
+
+    if name not in _PROXIES:
+        raise HwpruneError(f"unknown proxy {name!r}; supported: {', '.join(sorted(_PROXIES))}")
+    return _PROXIES[name]
+
+
+def fit_proxy(name: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> ProxyState:
+    return get_proxy(name)(adapter, space, calib, **kw)
