@@ -1,7 +1,7 @@
 """Accuracy proxies: per-unit error curves (additive, for DP) and materialised pruned weights.
 
 Contract (every proxy runs ``tests/test_proxies.py``'s shared checks):
-- A proxy is a function registered with ``@register_proxy(name)``:
+- A proxy is a function registered with ``@register_proxy(name, family=...)`` (one per model family):
   ``fit(adapter, space, calib: CalibData) -> ProxyState``. It may keep whatever it computed
   (orders, Hessians, statistics): one fit serves every candidate (the "database").
 - ``ProxyState.unit_errors()`` -> one float64 array per unit of ``space`` (space order), aligned with
@@ -28,7 +28,7 @@ from hwprune.models._base import ModelAdapter
 from hwprune.space import Candidate, PruningSpace
 from hwprune.surgery.plan import Plan
 
-__all__ = ["CalibData", "ProxyState", "register_proxy", "get_proxy", "proxy_names"]
+__all__ = ["CalibData", "ProxyState", "register_proxy", "get_proxy", "proxy_names", "fit_proxy"]
 
 
 @dataclass(frozen=True)
@@ -62,29 +62,29 @@ class ProxyState(ABC):
 
 
 ProxyFit = Callable[..., ProxyState]
-_PROXIES: dict[str, ProxyFit] = {}
+_PROXIES: dict[tuple[str, str], ProxyFit] = {}
 
 
-def register_proxy(name: str) -> Callable[[ProxyFit], ProxyFit]:
+def register_proxy(name: str, *, family: str) -> Callable[[ProxyFit], ProxyFit]:
     def deco(fn: ProxyFit) -> ProxyFit:
-        _PROXIES[name] = fn
+        _PROXIES[(name, family)] = fn
         return fn
     return deco
 
 
-def proxy_names() -> list[str]:
+def proxy_names(family: str | None = None) -> list[str]:
     from hwprune.proxies import builtin  # noqa: F401
 
-    return sorted(_PROXIES)
+    return sorted({n for n, f in _PROXIES if family is None or f == family})
 
 
-def get_proxy(name: str) -> ProxyFit:
+def get_proxy(name: str, family: str) -> ProxyFit:
     from hwprune.proxies import builtin  # noqa: F401
 
-    if name not in _PROXIES:
-        raise HwpruneError(f"unknown proxy {name!r}; supported: {', '.join(sorted(_PROXIES))}")
-    return _PROXIES[name]
+    if (name, family) not in _PROXIES:
+        raise HwpruneError(f"unknown proxy {name!r} for {family} models; supported: {', '.join(proxy_names(family))}")
+    return _PROXIES[(name, family)]
 
 
 def fit_proxy(name: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> ProxyState:
-    return get_proxy(name)(adapter, space, calib, **kw)
+    return get_proxy(name, adapter.family)(adapter, space, calib, **kw)
