@@ -1,0 +1,181 @@
+"""hwprune command line: profile | search | export. Thin: arguments -> one call in hwprune.api -> exit code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hwprune.errors import HwpruneError
+
+app = typer.Typer(
+    name="hwprune",
+    help=(
+        "Make a trained network faster on THIS device by structured pruning, and prove it by measurement.\n\n"
+        "1. profile: measure block latencies on this machine -> latency_tables/*.parquet\n\n"
+        "2. search:  find the most accurate subnets for target speedups -> runs/NAME/\n\n"
+        "3. export:  cut them physically, export ONNX, check parity, measure predicted vs real speedup.\n\n"
+        "Quick start:  hwprune search --model minilm --target-speedup 2 --export"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(e: HwpruneError) -> None:
+    err.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _shape(s: Optional[str]) -> Optional[tuple[int, ...]]:
+    if s is None:
+        return None
+    try:
+        return tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise HwpruneError(f"--input-shape {s!r} must be comma-separated integers, e.g. 1,3,224,224") from None
+
+
+MODEL_HELP = ("minilm (all-MiniLM-L6-v2, real weights, offline), bert-base (random weights, bert-base shape), "
+              "a local Hugging Face folder of a BERT-family encoder, a torchvision CNN (resnet18, resnet50, "
+              "mobilenet_v2, vgg16_bn) or package.module:factory")
+
+
+@app.command()
+def profile(
+    model: str = typer.Option("minilm", "--model", "-m", help=MODEL_HELP),
+    runtime: str = typer.Option("ort-cpu", "--runtime", help="Deployment runtime to time in: ort-cpu (ort-cuda, tensorrt where installed)."),
+    threads: int = typer.Option(1, "--threads", help="Intra-op threads, as you will deploy; 1 gives the steadiest numbers."),
+    batch: int = typer.Option(1, "--batch", help="Batch size to time."),
+    seq: int = typer.Option(128, "--seq", help="Sequence length (encoders)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W, e.g. 1,3,224,224."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights as .safetensors (never unpickled)."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table file (.parquet); a .json fingerprint is written beside it. Default latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Measure this device: time every prunable block shape (attention with k heads, FFN with n neurons, convs over channel grids, and the unprunable rest) in the deployment runtime, median and spread after warm-up, and save a latency table with a device fingerprint.
+
+    Example:  hwprune profile --model minilm --threads 1 --seq 128
+    """
+    from hwprune.api import run_profile
+
+    try:
+        table, path = run_profile(model, runtime=runtime, threads=threads, batch=batch, seq=seq, out=output,
+                                  space_file=space, weights=weights, input_shape=_shape(input_shape),
+                                  progress=not no_progress)
+    except HwpruneError as e:
+        _fail(e)
+    out.print(f"[green]wrote[/] {path} ({len(table.frame)} rows) and {path.with_suffix('.json')}")
+    out.print(f"dense model predicted at {table.meta.get('dense_predicted_ms', float('nan')):.3f} ms")
+
+
+def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[float, ...]:
+    vals: list[float] = []
+    if targets:
+        try:
+            vals += [float(t) for t in targets.split(",") if t.strip()]
+        except ValueError:
+            raise HwpruneError(f"--targets {targets!r} must be comma-separated numbers, e.g. 1.5,2,3") from None
+    if target_speedup is not None:
+        vals.append(target_speedup)
+    vals = sorted(set(vals)) or [2.0]
+    bad = [v for v in vals if v <= 1.0]
+    if bad:
+        raise HwpruneError(f"target speedup {bad[0]} must be > 1 (2 means twice as fast as the dense model)")
+    return tuple(vals)
+
+
+@app.command()
+def search(
+    model: str = typer.Option("minilm", "--model", "-m", help=MODEL_HELP),
+    table: Optional[Path] = typer.Option(None, "--table", "-t", help="Latency table from `hwprune profile`; default: the shipped/last table for this model and settings."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="One target, e.g. 2 = twice as fast as dense."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Several targets, comma-separated: 1.5,2,3."),
+    proxy: str = typer.Option("obs", "--proxy", help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."),
+    trials: int = typer.Option(150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same front)."),
+    margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
+    output: Path = typer.Option(Path("runs/latest"), "-o", "--output", help="Run directory (resumable: rerun to continue the study)."),
+    export: bool = typer.Option(False, "--export", help="Export the chosen subnet per target right away."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights (.safetensors)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Find the most accurate subnets for target speedups: exact DP under the table's additive latency model seeds an Optuna NSGA-II search over (predicted latency, end-to-end distance to the dense model). Writes study.db (resumable), pareto.csv, pareto.png and picks.json into the run directory.
+
+    Example:  hwprune search --model minilm --targets 1.5,2,3 -o runs/minilm --export
+    """
+    from hwprune.api import SearchRequest, run_export, run_search
+
+    try:
+        req = SearchRequest(model=model, table=str(table) if table else None,
+                            targets=_targets(target_speedup, targets), proxy=proxy,
+                            calib=str(calib) if calib else None, space=str(space) if space else None,
+                            trials=trials, seed=seed, margin=margin, out=str(output), weights=weights,
+                            input_shape=_shape(input_shape))
+        result = run_search(req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress)
+        _print_picks(result)
+        if export:
+            _print_manifests(run_export(output, pick="targets", progress=not no_progress))
+    except HwpruneError as e:
+        _fail(e)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `hwprune search`."),
+    pick: str = typer.Option("targets", "--pick", help="targets (the chosen subnet per target), all (the whole Pareto front) or a candidate key from pareto.csv."),
+    parity_tol: float = typer.Option(1e-3, "--parity-tol", help="Max abs difference allowed between ONNX Runtime and torch outputs."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Cut the chosen subnets physically (smaller dense tensors, never masks), save plan.json + model.safetensors (reload with hwprune.load), export model.onnx, check ONNX Runtime parity, and measure dense vs pruned latency in one process: manifest.json states predicted vs measured.
+
+    Example:  hwprune export runs/minilm --pick targets
+    """
+    from hwprune.api import run_export
+
+    try:
+        _print_manifests(run_export(run_dir, pick=pick, parity_tol=parity_tol, progress=not no_progress))
+    except HwpruneError as e:
+        _fail(e)
+
+
+def _print_picks(result: object) -> None:
+    t = Table(title="chosen subnet per target (predicted)")
+    for c in ("target", "key", "predicted ms", "predicted speedup", "cosine to dense"):
+        t.add_column(c, justify="right")
+    for target, ev in sorted(result.picks.items()):  # type: ignore[attr-defined]
+        t.add_row(f"{target:g}x", ev.candidate.key(), f"{ev.predicted_ms:.2f}",
+                  f"{result.dense_ms / ev.predicted_ms:.2f}x",  # type: ignore[attr-defined]
+                  f"{ev.scores.get('cosine', float('nan')):.4f}")
+    out.print(t)
+
+
+def _print_manifests(manifests: list[dict]) -> None:
+    t = Table(title="predicted vs measured")
+    for c in ("target", "key", "predicted ms", "measured ms", "dense ms", "measured speedup", "pred. error", "parity"):
+        t.add_column(c, justify="right")
+    for m in manifests:
+        tgt = m.get("target_speedup")
+        t.add_row(f"{tgt:g}x" if tgt else "-", m["key"], f"{m['predicted_ms']:.2f}", f"{m['measured_ms']:.2f}",
+                  f"{m['dense_measured_ms']:.2f}", f"{m['measured_speedup']:.2f}x",
+                  f"{m['prediction_error_pct']:+.1f}%", f"{m['parity_max_abs_diff']:.1e}")
+    out.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

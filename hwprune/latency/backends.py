@@ -1,0 +1,174 @@
+"""Built-in latency backends: ONNX Runtime on CPU (the reference), ONNX Runtime CUDA and TensorRT EPs.
+
+Every backend times ``session.run`` on numpy feeds, so what it measures is what a user of the exported
+``model.onnx`` pays per call. Optional runtimes are imported only when their backend is built, so
+``import hwprune`` works on a machine without CUDA or TensorRT.
+
+Besides the :class:`~hwprune.latency._base.Backend` contract, ORT backends offer :meth:`prepare`, a
+ready :class:`Runner` per graph, and :func:`interleave` times many runners round-robin. Interleaving
+is how profiling and the benchmark stay honest on a shared machine: a burst of someone else's load
+lands on every graph of a round alike instead of on whichever graph happened to be running.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from hwprune.errors import HwpruneError
+from hwprune.latency._base import Backend, Timing, register_backend
+
+__all__ = ["OrtCpuBackend", "OrtCudaBackend", "OrtTensorRTBackend", "Runner", "interleave", "timing_of"]
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise HwpruneError("onnxruntime is missing; pip install onnxruntime") from None
+    return onnxruntime
+
+
+def timing_of(samples_ms: Sequence[float]) -> Timing:
+    """Median and p10/p90 of per-call times in milliseconds."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no timing samples")
+    p10, med, p90 = np.percentile(a, [10, 50, 90])
+    return Timing(median_ms=float(med), p10_ms=float(p10), p90_ms=float(p90), n=int(a.size))
+
+
+class Runner:
+    """One loaded session plus its feed: call it to run once, :meth:`sample` to time ``n`` calls."""
+
+    def __init__(self, session: Any, feed: Mapping[str, np.ndarray]) -> None:
+        self.session = session
+        self.feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+
+    def __call__(self) -> list[np.ndarray]:
+        return self.session.run(None, self.feed)
+
+    def sample(self, n: int) -> list[float]:
+        run, feed, out = self.session.run, self.feed, []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            run(None, feed)
+            out.append((time.perf_counter_ns() - t0) / 1e6)
+        return out
+
+
+def interleave(
+    runners: Sequence[Runner],
+    *,
+    rounds: int,
+    per_round: int = 1,
+    warmup: int = 3,
+    seed: int = 0,
+    on_round: Callable[[int], None] | None = None,
+) -> list[Timing]:
+    """Time every runner ``rounds * per_round`` times, round-robin in a fresh random order each round.
+
+    The order is shuffled so no graph always follows the same neighbour (cache state, frequency
+    ramps); the Python GC is paused so a collection never lands inside a timed call.
+    """
+    rng = np.random.default_rng(seed)
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in runners:
+        r.sample(warmup)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(rounds):
+            for j in rng.permutation(len(runners)):
+                samples[j].extend(runners[j].sample(per_round))
+            if on_round is not None:
+                on_round(i)
+    finally:
+        if enabled:
+            gc.enable()
+    return [timing_of(s) for s in samples]
+
+
+@register_backend("ort-cpu")
+class OrtCpuBackend(Backend):
+    """ONNX Runtime, CPU execution provider: intra-op = ``threads``, inter-op = 1, sequential, opt ALL."""
+
+    name = "ort-cpu"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def __init__(self, *, threads: int = 1) -> None:
+        super().__init__(threads=threads)
+        self._ort = _import_ort()
+        self._check_providers()
+
+    def _check_providers(self) -> None:
+        if self.providers[0] not in self._ort.get_available_providers():  # pragma: no cover
+            raise HwpruneError(f"onnxruntime here lacks {self.providers[0]}; reinstall onnxruntime")
+
+    def version(self) -> str:
+        return f"onnxruntime {self._ort.__version__}"
+
+    def session_options(self) -> Any:
+        so = self._ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        return so
+
+    def session(self, onnx: bytes) -> Any:
+        try:
+            return self._ort.InferenceSession(onnx, self.session_options(), providers=list(self.providers))
+        except Exception as e:  # ORT raises its own exception types for bad graphs
+            raise HwpruneError(f"{self.name}: cannot load the ONNX graph ({str(e).splitlines()[0]})") from None
+
+    def prepare(self, onnx: bytes, feed: Mapping[str, np.ndarray]) -> Runner:
+        return Runner(self.session(onnx), feed)
+
+    def time(self, onnx: bytes, feed: Mapping[str, np.ndarray], *, warmup: int = 10, repeats: int = 50) -> Timing:
+        if repeats < 1:
+            raise HwpruneError(f"repeats must be >= 1 (got {repeats})")
+        runner = self.prepare(onnx, feed)
+        return interleave([runner], rounds=repeats, warmup=warmup)[0]
+
+    def run(self, onnx: bytes, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.prepare(onnx, feed)()
+
+
+@register_backend("ort-cuda")
+class OrtCudaBackend(OrtCpuBackend):
+    """ONNX Runtime, CUDA execution provider (needs ``onnxruntime-gpu`` and an NVIDIA GPU)."""
+
+    name = "ort-cuda"
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def _check_providers(self) -> None:
+        if "CUDAExecutionProvider" not in self._ort.get_available_providers():
+            raise HwpruneError("runtime ort-cuda needs CUDAExecutionProvider, which this onnxruntime lacks; "
+                               "pip install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --runtime ort-cpu")
+
+
+@register_backend("tensorrt")
+class OrtTensorRTBackend(OrtCpuBackend):
+    """TensorRT through ONNX Runtime's TensorRT execution provider (native engines come later)."""
+
+    name = "tensorrt"
+    providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def _check_providers(self) -> None:
+        try:
+            import tensorrt
+        except ImportError:
+            raise HwpruneError("runtime tensorrt needs the tensorrt package; pip install 'hwprune[tensorrt]' "
+                               "onnxruntime-gpu on a machine with an NVIDIA GPU, or use --runtime ort-cpu") from None
+        self._trt_version = str(getattr(tensorrt, "__version__", "?"))
+        if "TensorrtExecutionProvider" not in self._ort.get_available_providers():
+            raise HwpruneError("runtime tensorrt needs onnxruntime's TensorrtExecutionProvider; "
+                               "pip install onnxruntime-gpu (built with TensorRT), or use --runtime ort-cpu")
+
+    def version(self) -> str:
+        return f"onnxruntime {self._ort.__version__} + tensorrt {self._trt_version}"
