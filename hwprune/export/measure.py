@@ -2,10 +2,10 @@
 
 A speedup is a ratio of two timings; on a shared or thermally drifting machine, timing the dense
 model first and the pruned one a minute later can make that ratio say anything. So the models are
-timed in *rounds*: each round times every model once with the same backend (same runtime, threads
-and feed), the order rotating from round to round so that no model always runs first or last. A
-model's latency is the median over rounds of its per-round median; load from other tenants and drift
-land on every model alike, and a single disturbed round cannot move the result.
+timed in *rounds* with the same backend (same runtime, threads and feed): within a round every model
+is timed ``repeats`` times, alternating between models, and a model's latency is the median over
+rounds of its per-round median. Load from other tenants and drift land on every model alike, and a
+single disturbed round cannot move the result.
 
 Several candidates share one dense measurement per round: pass them all in ``pruned``.
 """
@@ -66,8 +66,8 @@ def measure_dense_and_pruned(
 ) -> Comparison:
     """Time ``dense`` and every ONNX model in ``pruned`` (key -> serialized model), interleaved.
 
-    Each ``backend.time`` call builds its own session and warms it up, so per-round numbers are
-    independent samples; cost is about ``rounds * (1 + len(pruned)) * (warmup + repeats)`` runs.
+    Cost is about ``(1 + len(pruned)) * (warmup + rounds * repeats)`` runs (backends without
+    ``prepare`` warm up every round). Memory: one session per model is held for the whole call.
     """
     if rounds < 1 or repeats < 1 or warmup < 0:
         raise HwpruneError(f"rounds and repeats must be >= 1, warmup >= 0 (got {rounds}, {repeats}, {warmup})")
@@ -76,11 +76,22 @@ def measure_dense_and_pruned(
     models: dict[str, bytes] = {DENSE: dense, **pruned}
     keys = list(models)
     per_round: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(rounds):
-        shift = r % len(keys)
-        for k in keys[shift:] + keys[:shift]:  # rotate: each model leads some rounds, trails others
-            t = backend.time(models[k], feed, warmup=warmup, repeats=repeats)
-            per_round[k].append(float(t.median_ms))
+    prepare = getattr(backend, "prepare", None)
+    if callable(prepare):
+        # ORT backends: one session per graph for all rounds; within a round the graphs alternate
+        # call by call in a shuffled order (latency.backends.interleave), so a burst of load lands on all.
+        from hwprune.latency.backends import interleave
+
+        runners = [prepare(models[k], feed) for k in keys]
+        for r in range(rounds):
+            ts = interleave(runners, rounds=repeats, per_round=1, warmup=warmup if r == 0 else 0, seed=r)
+            for k, t in zip(keys, ts):
+                per_round[k].append(float(t.median_ms))
+    else:  # any other backend: only the contract's time(); rotate who goes first each round
+        for r in range(rounds):
+            shift = r % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                per_round[k].append(float(backend.time(models[k], feed, warmup=warmup, repeats=repeats).median_ms))
     out = {k: Measured(median_ms=statistics.median(v), rounds_ms=tuple(v)) for k, v in per_round.items()}
     settings = {"runtime": backend.name, "runtime_version": backend.version(), "threads": backend.threads,
                 "rounds": rounds, "repeats": repeats, "warmup": warmup}

@@ -1,0 +1,60 @@
+"""Latency: measure a model's blocks on a device (``profile``) and predict candidates from the table.
+
+``profile(adapter)`` -> :class:`LatencyTable` (parquet + JSON) -> :class:`LUTPredictor` -> ms per candidate.
+Each model family brings its own measuring module (``_PROFILERS``); the table, fingerprint and
+predictor are shared.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hwprune.errors import HwpruneError
+from hwprune.latency._base import Backend, Timing, backend_names, get_backend, register_backend
+from hwprune.latency.fingerprint import DeviceFingerprint
+from hwprune.latency.predictor import LUTPredictor, Predictor
+from hwprune.latency.table import LatencyTable, default_table_name
+
+if TYPE_CHECKING:
+    from hwprune.models._base import ModelAdapter
+    from hwprune.space import PruningSpace
+
+__all__ = ["profile", "LatencyTable", "LUTPredictor", "Predictor", "DeviceFingerprint", "Backend", "Timing",
+           "get_backend", "register_backend", "backend_names", "default_table_name"]
+
+# family -> module with ``measure(adapter, backend, *, batch, seq, space, progress) -> (frame, meta)``
+_PROFILERS = {"encoder": "hwprune.latency.profile_encoder"}
+
+
+def profile(
+    adapter: "ModelAdapter",
+    *,
+    runtime: str = "ort-cpu",
+    threads: int = 1,
+    batch: int = 1,
+    seq: int = 128,
+    space: "PruningSpace | None" = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> LatencyTable:
+    """Measure every block size of ``space`` (default: the adapter's) on this machine; save to ``out``."""
+    if adapter.family not in _PROFILERS:
+        raise HwpruneError(f"cannot profile model family {adapter.family!r} yet; supported: {', '.join(_PROFILERS)}")
+    if batch < 1 or seq < 1:
+        raise HwpruneError(f"--batch and --seq must be >= 1 (got batch={batch}, seq={seq})")
+    backend = get_backend(runtime, threads=threads)
+    space = space if space is not None else adapter.space()
+    fp = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version())
+    t0 = time.perf_counter()
+    frame, meta = importlib.import_module(_PROFILERS[adapter.family]).measure(
+        adapter, backend, batch=batch, seq=seq, space=space, progress=progress)
+    table = LatencyTable(frame=frame, fingerprint=fp, model=adapter.name, family=adapter.family,
+                         shape_key=adapter.shape_key(), profile_seconds=time.perf_counter() - t0, meta=meta,
+                         settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,
+                                   "dtype": "float32"})
+    if out is not None:
+        table.save(out)
+    return table

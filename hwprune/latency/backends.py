@@ -42,54 +42,84 @@ def timing_of(samples_ms: Sequence[float]) -> Timing:
 
 
 class Runner:
-    """One loaded session plus its feed: call it to run once, :meth:`sample` to time ``n`` calls."""
+    """One loaded session plus its feed: call it to run once, :meth:`sample` to time ``n`` calls.
 
-    def __init__(self, session: Any, feed: Mapping[str, np.ndarray]) -> None:
+    ``cpu_clock``: time a call by the calling thread's CPU time instead of wall time. With one intra-op
+    thread ORT runs the whole graph on the calling thread, so on an idle core the two agree; on a shared
+    machine CPU time leaves out the slices in which the scheduler ran someone else, which wall time
+    would add to our latency at random.
+    """
+
+    def __init__(self, session: Any, feed: Mapping[str, np.ndarray], *, cpu_clock: bool = False) -> None:
         self.session = session
-        self.feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        self.clock = time.thread_time_ns if cpu_clock else time.perf_counter_ns
+        # the exporter drops inputs a graph ignores (the mask of a zero-head block); feed only the rest
+        names = {i.name for i in session.get_inputs()}
+        missing = names - set(feed)
+        if missing:
+            raise HwpruneError(f"the feed lacks graph input {sorted(missing)[0]!r}; pass every model input")
+        self.feed = {k: np.ascontiguousarray(v) for k, v in feed.items() if k in names}
 
     def __call__(self) -> list[np.ndarray]:
         return self.session.run(None, self.feed)
 
     def sample(self, n: int) -> list[float]:
-        run, feed, out = self.session.run, self.feed, []
+        run, feed, clock, out = self.session.run, self.feed, self.clock, []
         for _ in range(n):
-            t0 = time.perf_counter_ns()
+            t0 = clock()
             run(None, feed)
-            out.append((time.perf_counter_ns() - t0) / 1e6)
+            out.append((clock() - t0) / 1e6)
         return out
 
 
 def interleave(
     runners: Sequence[Runner],
     *,
-    rounds: int,
-    per_round: int = 1,
+    rounds: int = 0,
+    seconds: float = 0.0,
+    min_rounds: int = 15,
     warmup: int = 3,
+    common_mode: bool = False,
     seed: int = 0,
-    on_round: Callable[[int], None] | None = None,
+    on_round: Callable[[float], None] | None = None,
 ) -> list[Timing]:
-    """Time every runner ``rounds * per_round`` times, round-robin in a fresh random order each round.
+    """Time every runner once per round, round-robin in a fresh random order each round.
 
-    The order is shuffled so no graph always follows the same neighbour (cache state, frequency
-    ramps); the Python GC is paused so a collection never lands inside a timed call.
+    Runs ``rounds`` rounds, or with ``seconds`` as many as fit (at least ``min_rounds``). The order is
+    shuffled so no graph always follows the same neighbour (cache state); the Python GC is paused so a
+    collection never lands inside a timed call. ``common_mode`` divides each round by its load factor
+    (median over graphs of sample / graph median): when another process slows the whole machine for
+    a round, every graph of that round is scaled back alike. Needs many graphs; ``on_round`` gets the
+    fraction done.
     """
+    if not rounds and not seconds:
+        raise ValueError("give rounds or seconds")
     rng = np.random.default_rng(seed)
-    samples: list[list[float]] = [[] for _ in runners]
+    samples: list[list[float]] = []
     for r in runners:
         r.sample(warmup)
     enabled = gc.isenabled()
     gc.disable()
+    t0 = time.perf_counter()
     try:
-        for i in range(rounds):
+        while True:
+            row = [0.0] * len(runners)
             for j in rng.permutation(len(runners)):
-                samples[j].extend(runners[j].sample(per_round))
+                row[j] = runners[j].sample(1)[0]
+            samples.append(row)
+            elapsed = time.perf_counter() - t0
             if on_round is not None:
-                on_round(i)
+                on_round(min(len(samples) / rounds if rounds else elapsed / seconds, 1.0))
+            if len(samples) >= rounds if rounds else (len(samples) >= min_rounds and elapsed >= seconds):
+                break
     finally:
         if enabled:
             gc.enable()
-    return [timing_of(s) for s in samples]
+    a = np.asarray(samples)  # (rounds, graphs)
+    if common_mode and len(runners) > 1:
+        load = np.median(a / np.median(a, axis=0, keepdims=True), axis=1, keepdims=True)
+        a = a / load
+    return [timing_of(a[:, j]) for j in range(a.shape[1])]
 
 
 @register_backend("ort-cpu")
@@ -127,7 +157,12 @@ class OrtCpuBackend(Backend):
             raise HwpruneError(f"{self.name}: cannot load the ONNX graph ({str(e).splitlines()[0]})") from None
 
     def prepare(self, onnx: bytes, feed: Mapping[str, np.ndarray]) -> Runner:
-        return Runner(self.session(onnx), feed)
+        return Runner(self.session(onnx), feed, cpu_clock=self.cpu_clock)
+
+    @property
+    def cpu_clock(self) -> bool:
+        """Single-threaded CPU runs are timed by thread CPU time (see :class:`Runner`); GPU runs never."""
+        return self.threads == 1 and self.providers[0] == "CPUExecutionProvider"
 
     def time(self, onnx: bytes, feed: Mapping[str, np.ndarray], *, warmup: int = 10, repeats: int = 50) -> Timing:
         if repeats < 1:

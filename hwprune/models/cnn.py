@@ -1,0 +1,262 @@
+"""Adapter for convolutional networks: torchvision's resnet18/resnet50/mobilenet_v2/vgg16_bn (random
+weights unless ``weights=``) or any ``package.module:factory`` returning an ``nn.Module``.
+
+Units are torch-pruning's coupled channel groups (see :mod:`hwprune.surgery.cnn_graph`); the input
+and the classifier output stay whole. Weights come only from safetensors files: nothing a user hands
+us is ever unpickled. The ONNX graph has one input ``input`` (N, C, H, W) and one output ``output``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.models import register_family, register_model, register_resolver
+from hwprune.models._base import ModelAdapter, RawUnit
+from hwprune.space import PruningSpace, build_space, load_space
+from hwprune.surgery.cnn_graph import GraphInfo, analyze
+from hwprune.surgery.plan import Plan
+
+__all__ = ["CNNAdapter", "NAMED_CNNS", "parse_input_shape", "import_factory", "load_weights"]
+
+NAMED_CNNS = ("resnet18", "resnet50", "mobilenet_v2", "vgg16_bn")
+DEFAULT_INPUT = (1, 3, 224, 224)
+
+
+def parse_input_shape(value: str | Sequence[int] | None) -> tuple[int, int, int, int]:
+    """``"1,3,224,224"`` or a sequence -> (N, C, H, W); one clear line when it is not that."""
+    if value is None:
+        return DEFAULT_INPUT
+    try:
+        dims = tuple(int(v) for v in (value.replace("x", ",").split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise HwpruneError(f"--input-shape {value!r} is not a list of integers; use N,C,H,W e.g. 1,3,224,224") from None
+    if len(dims) != 4:
+        raise HwpruneError(f"--input-shape {','.join(map(str, dims))} has rank {len(dims)}; CNN models take a "
+                           "rank-4 N,C,H,W shape, e.g. 1,3,224,224")
+    if min(dims) < 1:
+        raise HwpruneError(f"--input-shape {','.join(map(str, dims))} has a non-positive dimension")
+    return dims  # type: ignore[return-value]
+
+
+def import_factory(path: str) -> Callable[[], nn.Module]:
+    """Resolve ``package.module:factory``; the current folder is searched too (like ``python -m``)."""
+    mod_name, _, attr = path.partition(":")
+    if not mod_name or not attr:
+        raise HwpruneError(f"--model {path!r}: expected package.module:factory")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # ImportError, or the user's module failing at import time
+        raise HwpruneError(f"--model {path!r}: cannot import {mod_name!r} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); is it on PYTHONPATH?") from None
+    fn = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise HwpruneError(f"--model {path!r}: module {mod_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise HwpruneError(f"--model {path!r}: {attr!r} is not callable; it must return an nn.Module")
+    return fn  # type: ignore[return-value]
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict into ``model``, checking every name and shape first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise HwpruneError(f"--weights {path}: only .safetensors files are read (hwprune never unpickles); convert "
+                           "with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
+    if not path.is_file():
+        raise HwpruneError(f"--weights {path} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise HwpruneError(f"--weights {path}: not a readable safetensors file ({e})") from None
+    ours = model.state_dict()
+    for k, t in ours.items():
+        if k not in state:
+            raise HwpruneError(f"--weights {path}: tensor {k!r} is missing; were the weights saved from this model?")
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise HwpruneError(f"--weights {path}: {k!r} has shape {tuple(state[k].shape)}, the model needs "
+                               f"{tuple(t.shape)}")
+    extra = sorted(set(state) - set(ours))
+    if extra:
+        raise HwpruneError(f"--weights {path}: tensor {extra[0]!r} is not in the model; were the weights saved "
+                           "from this model?")
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _build(model: str, *, seed: int, meta: bool = False) -> nn.Module:
+    """A fresh dense model: torchvision by name or a user factory; ``meta`` skips weight init."""
+    if model in NAMED_CNNS:
+        import torchvision
+
+        fn: Callable[[], nn.Module] = lambda: getattr(torchvision.models, model)(weights=None)  # noqa: E731
+    else:
+        fn = import_factory(model)
+    if meta:
+        try:
+            with torch.device("meta"):
+                m = fn()
+            return m.to_empty(device="cpu")
+        except Exception:  # a factory that pins devices: build it for real
+            pass
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = fn()
+    if not isinstance(m, nn.Module):
+        raise HwpruneError(f"--model {model!r} returned a {type(m).__name__}, not a torch nn.Module")
+    return m.float().eval()
+
+
+class CNNAdapter(ModelAdapter):
+    family = "cnn"
+
+    def __init__(self, model: str, *, input_shape: str | Sequence[int] | None = None,
+                 weights: str | Path | None = None, seed: int = 0) -> None:
+        self.model, self.seed = model, seed
+        self.input_shape = parse_input_shape(input_shape)
+        self.weights = Path(weights) if weights is not None else None
+        self.name = model if model in NAMED_CNNS else model.rpartition(":")[2]
+
+    @classmethod
+    def from_arch(cls, arch: Mapping[str, Any]) -> "CNNAdapter":
+        return cls(str(arch["model"]), input_shape=arch["input_shape"])
+
+    # ---- identity -----------------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return {"family": self.family, "model": self.model, "input_shape": list(self.input_shape),
+                "weights": str(self.weights) if self.weights else None, "seed": self.seed}
+
+    def arch(self) -> dict[str, Any]:
+        return {"model": self.model, "input_shape": list(self.input_shape)}
+
+    def shape_key(self) -> str:
+        n, c, h, w = self.input_shape
+        convs = [(l.name, l.c_in, l.c_out, l.kernel, l.stride) for l in self.graph.layers]
+        digest = hashlib.sha1(json.dumps(convs).encode()).hexdigest()[:8]
+        return f"{self.name}-{c}x{h}x{w}-b{n}-{digest}"
+
+    # ---- model --------------------------------------------------------------------------------
+    @cached_property
+    def _dense(self) -> nn.Module:
+        m = _build(self.model, seed=self.seed)
+        first = next((x for x in m.modules() if isinstance(x, nn.Conv2d)), None)
+        if first is not None and first.in_channels != self.input_shape[1]:
+            raise HwpruneError(f"--input-shape {','.join(map(str, self.input_shape))} has {self.input_shape[1]} "
+                               f"channels but the model's first conv takes {first.in_channels}")
+        if self.weights is not None:
+            load_weights(m, self.weights)
+        return m.eval()
+
+    def dense(self) -> nn.Module:
+        return self._dense
+
+    @cached_property
+    def graph(self) -> GraphInfo:
+        """Channel groups and per-layer shapes at ``input_shape`` (traced once)."""
+        return analyze(self.dense(), self.example_inputs(batch=1)["input"])
+
+    def raw_units(self) -> list[RawUnit]:
+        return [(g.name, g.kind, g.full, i, 1) for i, g in enumerate(self.graph.units())]
+
+    def example_inputs(self, *, batch: int | None = None, seq: int = 0) -> dict[str, torch.Tensor]:
+        """Deterministic N(0, 1) images (what normalised photos look like to the first conv)."""
+        n, c, h, w = self.input_shape
+        g = torch.Generator().manual_seed(0)
+        return {"input": torch.randn(batch or n, c, h, w, generator=g)}
+
+    def onnx_io(self) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+        return ["input"], ["output"], {"input": {0: "batch"}, "output": {0: "batch"}}
+
+    # ---- spaces -------------------------------------------------------------------------------
+    def space(self, path: str | Path | None = None) -> PruningSpace:
+        path = path or self.default_space_file()
+        units = self.raw_units()
+        if path is None:
+            sp = build_space(units, default_spec(units), source="<cnn defaults>", model=self.name)
+        else:
+            sp = load_space(path, units, model=self.name)
+        removable = [u.name for u in sp.units if 0 in u.sizes]
+        if removable:
+            raise HwpruneError(f"{sp.source}: unit {removable[0]!r} allows 0 channels; channel groups keep at least "
+                               "one channel, set allow_remove: false")
+        return sp
+
+    # ---- surgery ------------------------------------------------------------------------------
+    def plan(self, kept: Mapping[str, Sequence[int]], **meta: Any) -> Plan:
+        full = {n: f for n, _, f, *_ in self.raw_units()}
+        units: dict[str, tuple[int, ...]] = {}
+        for n, idx in kept.items():
+            if n not in full:
+                raise HwpruneError(f"plan names unit {n!r}, which this model lacks; units look like {next(iter(full))!r}")
+            idx = tuple(sorted(int(i) for i in idx))
+            if not idx or len(set(idx)) != len(idx) or idx[0] < 0 or idx[-1] >= full[n]:
+                raise HwpruneError(f"plan for {n!r}: kept indices must be non-empty, unique and in [0, {full[n]})")
+            units[n] = idx
+        return Plan(family=self.family, arch=self.arch(), units=units, meta=dict(meta))
+
+    def prune(self, model: nn.Module, plan: Plan, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        from hwprune.surgery.cnn import prune_cnn
+
+        return prune_cnn(model, plan, self.example_inputs(batch=1)["input"], overrides)
+
+    def skeleton(self, plan: Plan) -> nn.Module:
+        """Pruned shapes with uninitialised weights (built on meta, so no init cost)."""
+        from hwprune.surgery.cnn import prune_cnn
+
+        m = _build(self.model, seed=self.seed, meta=True).eval()
+        return prune_cnn(m, plan, self.example_inputs(batch=1)["input"], inplace=True)
+
+
+def default_spec(units: Sequence[RawUnit]) -> dict[str, Any]:
+    """Space for a model without YAML: 16 steps per group, multiples of 8 from 64 channels up
+    (vector width of the CPU kernels), at least 1/8 of the group kept."""
+    ov = []
+    for name, _, full, *_ in units:
+        step = max(1, full // 16)
+        if full >= 64:
+            step = max(8, step // 8 * 8)
+        ov.append({"match": name, "step": step, "min": max(1, min(step, full // 8) if full >= 8 else 1)})
+    return {"overrides": ov}
+
+
+# ---- registrations ----------------------------------------------------------------------------
+
+def _named(name: str) -> Callable[..., CNNAdapter]:
+    def make(**kw: Any) -> CNNAdapter:
+        return CNNAdapter(name, **kw)
+    return make
+
+
+for _n in NAMED_CNNS:
+    register_model(_n)(_named(_n))
+
+
+@register_resolver
+def _resolve_factory(model: str, **kw: Any) -> CNNAdapter | None:
+    """``package.module:factory`` -> a CNN adapter (input shape and weights from ``kw``)."""
+    if ":" not in model or Path(model).exists():
+        return None
+    import_factory(model)  # fail now, with one line, if it does not import
+    return CNNAdapter(model, **kw)
+
+
+@register_family("cnn")
+def _cnn_skeleton(plan: Plan) -> nn.Module:
+    return CNNAdapter.from_arch(plan.arch).skeleton(plan)

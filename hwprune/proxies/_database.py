@@ -1,0 +1,147 @@
+"""What every encoder proxy shares: a removal order per unit, an error per kept size, cached levels.
+
+A proxy fits once and keeps, per unit, the order in which it removes elements (heads or neurons)
+and the normalised output error at every kept size. A kept size ``s`` always keeps the elements
+*not* among the first ``full - s`` removed, so levels are nested and many candidates reuse one fit
+(the "database"). Each proxy supplies :meth:`EncoderState._reconstruct`, the tensors of one unit at
+one kept set; results are cached per (unit, size).
+
+Errors all measure one thing, so proxies compare: the mean squared change of the sublayer's output
+per token, divided by the mean squared norm of the residual stream it is added to.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hwprune.errors import HwpruneError
+from hwprune.models._base import ModelAdapter
+from hwprune.proxies._base import CalibData, ProxyState
+from hwprune.proxies._stats import LayerStats, SublayerStats, collect_stats
+from hwprune.space import Candidate, PruningSpace, Unit
+from hwprune.surgery.encoder import kept_columns
+from hwprune.surgery.plan import Plan
+
+__all__ = ["Track", "EncoderState", "sublayer", "prefix_errors", "ensure_stats", "monotone", "curve"]
+
+
+@dataclass
+class Track:
+    """One unit's fit: ``order`` removes elements first to last; ``errors[s]`` is the error at kept size s."""
+
+    unit: Unit
+    order: np.ndarray    # (full,) int64 element ids, least important first
+    errors: np.ndarray   # (full + 1,) float64 indexed by kept size; NaN below the smallest allowed size
+
+    def kept(self, size: int) -> tuple[int, ...]:
+        return tuple(sorted(int(i) for i in self.order[self.unit.full - size:]))
+
+
+def sublayer(adapter: ModelAdapter, stats: list[LayerStats], unit: Unit) -> tuple[str, torch.nn.Linear, SublayerStats]:
+    """(state-dict prefix of the sublayer, its dense output projection, its statistics) for ``unit``."""
+    layer = adapter.dense().layers[unit.layer]
+    if unit.kind == "heads":
+        return f"layers.{unit.layer}.attention.", layer.attention.dense, stats[unit.layer].attn
+    if unit.kind == "ffn":
+        return f"layers.{unit.layer}.ffn.", layer.ffn.output, stats[unit.layer].ffn
+    raise HwpruneError(f"unit {unit.name!r} of kind {unit.kind!r} is not an encoder unit (heads, ffn)")
+
+
+def ensure_stats(adapter: ModelAdapter, calib: CalibData, stats: list[LayerStats] | None, *, batch: int,
+                 progress: bool) -> list[LayerStats]:
+    if stats is not None:
+        return stats
+    return collect_stats(adapter.dense(), calib.calib, batch=batch, progress=progress)
+
+
+def monotone(err_by_size: np.ndarray) -> np.ndarray:
+    """Running max from full size down: the DP needs errors non-increasing in kept size.
+
+    A prefix of removed elements can cancel (removing two correlated neurons hurts less than one),
+    so raw curves may dip; the envelope keeps the conservative value.
+    """
+    out = err_by_size.copy()
+    ok = ~np.isnan(out)
+    out[ok] = np.maximum.accumulate(np.clip(out[ok], 0.0, None)[::-1])[::-1]
+    return out
+
+
+def curve(err_by_removed: np.ndarray, unit: Unit, energy: float) -> np.ndarray:
+    """Errors indexed by removed count (0..k) -> normalised, monotone errors indexed by kept size."""
+    out = np.full(unit.full + 1, np.nan)
+    k = len(err_by_removed) - 1
+    out[unit.full - k:] = np.asarray(err_by_removed, dtype=np.float64)[::-1] / max(energy, 1e-30)
+    return monotone(out)
+
+
+def prefix_errors(weight: torch.Tensor, moment: torch.Tensor, order: np.ndarray, granule: int) -> np.ndarray:
+    """err[k] = trace(W_P M_PP W_P^T) for P = first k elements of ``order``, k = 0..n (plain removal).
+
+    ``weight`` (out, n*granule) and ``moment`` (n*granule, n*granule) in float64; element e owns
+    columns e*granule .. (e+1)*granule - 1.
+    """
+    a = (weight.T @ weight) * moment                         # column-pair contributions
+    n = a.shape[0] // granule
+    g = a.reshape(n, granule, n, granule).sum((1, 3))        # element-pair contributions
+    idx = torch.as_tensor(order, dtype=torch.long)
+    c = g[idx][:, idx].cumsum(0).cumsum(1)
+    return np.concatenate([[0.0], torch.diagonal(c).numpy()])
+
+
+class EncoderState(ProxyState):
+    """Nested levels from removal orders; subclasses say how to rebuild one unit's tensors."""
+
+    def __init__(self, adapter: ModelAdapter, space: PruningSpace, tracks: list[Track], *,
+                 meta: dict[str, Any] | None = None) -> None:
+        super().__init__(adapter, space)
+        self.tracks, self.meta = tracks, dict(meta or {})
+        self._levels: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def unit_errors(self) -> list[np.ndarray]:
+        return [t.errors[list(t.unit.sizes)].astype(np.float64) for t in self.tracks]
+
+    def kept(self, cand: Candidate) -> dict[str, tuple[int, ...]]:
+        self.space.validate(cand)
+        return {t.unit.name: t.kept(s) for t, s in zip(self.tracks, cand.sizes)}
+
+    def level(self, index: int, size: int) -> dict[str, torch.Tensor]:
+        """Overrides (pruned-model names) for unit ``index`` at kept ``size``; cached."""
+        key = (index, size)
+        if key not in self._levels:
+            t = self.tracks[index]
+            if size == t.unit.full:
+                self._levels[key] = {}
+            else:
+                prefix = self._prefix(t.unit)
+                proj = prefix + ("dense." if t.unit.kind == "heads" else "output.")
+                weight, bias = self._reconstruct(index, kept_columns(t.kept(size), t.unit.granule))
+                out: dict[str, torch.Tensor] = {}
+                if size > 0:
+                    if weight is not None:
+                        out[proj + "weight"] = weight.to(torch.float32)
+                    if bias is not None:
+                        out[proj + "bias"] = bias.to(torch.float32)
+                elif bias is not None:  # the sublayer is gone; its bias parameter carries the constant
+                    out[prefix + "bias"] = bias.to(torch.float32)
+                self._levels[key] = out
+        return self._levels[key]
+
+    @staticmethod
+    def _prefix(unit: Unit) -> str:
+        return f"layers.{unit.layer}.{'attention' if unit.kind == 'heads' else 'ffn'}."
+
+    def materialize(self, cand: Candidate) -> tuple[Plan, dict[str, torch.Tensor]]:
+        kept = self.kept(cand)
+        overrides: dict[str, torch.Tensor] = {}
+        for i, s in enumerate(cand.sizes):
+            overrides.update(self.level(i, s))
+        return self.adapter.plan(kept, proxy=self.name, candidate=cand.key()), overrides
+
+    @abstractmethod
+    def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weight (out, len(cols)) or None to slice the dense one, bias (out,) or None to keep it)."""

@@ -1,0 +1,7 @@
+"""Imports the built-in proxies so their ``@register_proxy`` decorators run (loaded lazily by the registry)."""
+
+from __future__ import annotations
+
+from hwprune.proxies import flap, magnitude, obs  # noqa: F401
+
+DEFAULT_PROXY = "obs"

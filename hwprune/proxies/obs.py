@@ -1,0 +1,146 @@
+"""``obs`` (default): structured Optimal Brain Surgeon per output projection, ZipLM-style.
+
+For an output projection ``y = W x + b`` (W: (out, n)) the loss of a kept column set K is
+``E||W x + b - (W' x_K + b')||^2``, a quadratic with Hessian H = E[x x^T] (ZipLM writes 2/N sum x x^T;
+the factor 2 changes neither the order nor the updates, so errors here are plain mean squared errors).
+Greedily remove the group G (a head's head_dim columns, or one neuron) with the least
+``trace(W_G (Hinv_GG)^-1 W_G^T)``, then update ``W -= W_G (Hinv_GG)^-1 Hinv_G,:`` and Hinv alike.
+
+Centred, with bias: the bias is free, so the best (W', b') is the least-squares fit on *centred*
+inputs plus ``b' = b + W mu - W' mu_K`` -- the same as uncentred OBS on inputs augmented by a constant
+1 whose weight (the bias) is never removed. Using the covariance instead of E[x x^T] is therefore
+never worse, and with FLAP's mean term it is the same compensation FLAP uses, taken to optimum.
+
+A quadratic's OBS steps end at the least-squares optimum of the kept set, so a level is rebuilt on
+demand as ``W Hd[:, K] Hd[K, K]^-1`` (Hd the damped covariance) instead of storing every level.
+
+Speed: neurons are removed in rounds. Each round takes the ``block`` fraction of remaining neurons
+with the smallest OBS error, orders them by exact sequential OBS inside that block (only the block's
+rows of W and Hinv change their errors), then applies the block's joint update -- equal to the
+sequential updates -- once. ``block=0`` is the plain one-at-a-time greedy. Heads always go one at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hwprune.models._base import ModelAdapter
+from hwprune.proxies._base import CalibData, register_proxy
+from hwprune.proxies._database import EncoderState, Track, curve, ensure_stats, sublayer
+from hwprune.proxies._stats import LayerStats, progress_bar
+from hwprune.space import PruningSpace
+
+__all__ = ["ObsState", "fit_obs", "obs_order", "ls_weights", "damped"]
+
+
+def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
+    """cov + damp * mean(diag) * I: keeps the inverse finite for dead or collinear channels."""
+    lam = damp * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+    return cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+
+
+def _group_errors(w: torch.Tensor, hinv: torch.Tensor, g: int) -> torch.Tensor:
+    """OBS error of removing each of the k groups of ``g`` columns: trace(W_G (Hinv_GG)^-1 W_G^T)."""
+    if g == 1:
+        return w.square().sum(0) / torch.diagonal(hinv)
+    k = w.shape[1] // g
+    idx = torch.arange(k)
+    blocks = hinv.reshape(k, g, k, g)[idx, :, idx, :]            # (k, g, g)
+    wb = w.reshape(w.shape[0], k, g).permute(1, 0, 2)             # (k, out, g)
+    return (torch.linalg.solve(blocks, wb.transpose(1, 2)).transpose(1, 2) * wb).sum((1, 2))
+
+
+def _remove(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint OBS update removing ``cols``; returns W and Hinv restricted to the remaining columns."""
+    keep = torch.ones(w.shape[1], dtype=torch.bool)
+    keep[cols] = False
+    h_ck = hinv[cols][:, keep]
+    solved = torch.linalg.solve(hinv[cols][:, cols], h_ck)        # (Hinv_CC)^-1 Hinv_C,R
+    w_new = w[:, keep] - w[:, cols] @ solved
+    h_new = hinv[keep][:, keep] - h_ck.T @ solved
+    return w_new, (h_new + h_new.T) / 2
+
+
+def obs_order(weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, stop: int = 0,
+              block: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy structured OBS down to ``stop`` kept groups.
+
+    Returns (order of all groups, least important first; error of each removal step). The steps'
+    errors add up to the least-squares error of the kept set.
+    """
+    w, h = weight.clone(), hinv.clone()
+    alive = list(range(weight.shape[1] // granule))
+    order: list[int] = []
+    steps: list[float] = []
+    while len(alive) > stop:
+        k = len(alive)
+        err = _group_errors(w, h, granule)
+        s = 1 if granule > 1 or block <= 0 else max(1, int(block * k))
+        pick = torch.argsort(err)[: min(s, k - stop)]
+        cols = (pick[:, None] * granule + torch.arange(granule)).reshape(-1)
+        # exact sequential OBS inside the block: its columns' W and Hinv are all that change
+        wl, hl, left = w[:, cols], h[cols][:, cols], list(range(len(pick)))
+        while left:
+            e = _group_errors(wl, hl, granule)
+            j = int(torch.argmin(e))
+            order.append(alive[int(pick[left[j]])])
+            steps.append(max(float(e[j]), 0.0))
+            jc = torch.arange(j * granule, (j + 1) * granule)
+            wl, hl = _remove(wl, hl, jc)
+            left.pop(j)
+        w, h = _remove(w, h, cols)
+        gone = set(int(p) for p in pick)
+        alive = [a for i, a in enumerate(alive) if i not in gone]
+    if alive:  # never removed: least useful first, so the order stays a full permutation
+        rest = torch.argsort(_group_errors(w, h, granule)).tolist()
+        order.extend(alive[i] for i in rest)
+    return np.asarray(order, dtype=np.int64), np.asarray(steps)
+
+
+def ls_weights(weight: torch.Tensor, hd: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """argmin_W' trace((W - W'_K) Hd (W - W'_K)^T) with W' zero outside ``cols``: W Hd[:,K] Hd[K,K]^-1."""
+    chol = torch.linalg.cholesky(hd[cols][:, cols])
+    return torch.cholesky_solve(hd[cols] @ weight.T, chol).T
+
+
+class ObsState(EncoderState):
+    name = "obs"
+
+    def __init__(self, *args: object, params: list[tuple[torch.Tensor, ...] | None], **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self._params = params  # per unit: (W, b, mean, damped covariance) float64
+
+    def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w, b, mu, hd = self._params[index]  # type: ignore[misc]
+        if len(cols) == 0:
+            return None, b + w @ mu
+        new = ls_weights(w, hd, cols)
+        return new, b + w @ mu - new @ mu[cols]
+
+
+@register_proxy("obs", family="encoder")
+def fit_obs(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
+            stats: list[LayerStats] | None = None, damp: float = 0.01, block: float = 0.02,
+            batch: int = 16, progress: bool = True) -> ObsState:
+    stats = ensure_stats(adapter, calib, stats, batch=batch, progress=progress)
+    tracks: list[Track] = []
+    params: list[tuple[torch.Tensor, ...] | None] = []
+    with torch.inference_mode(), progress_bar(progress) as bar:
+        task = bar.add_task("OBS database", total=len(space.units))
+        for u in space.units:
+            bar.update(task, description=f"OBS {u.name}")
+            _, lin, st = sublayer(adapter, stats, u)
+            w, b = lin.weight.detach().double(), lin.bias.detach().double()
+            hd = damped(st.cov(), damp)
+            if len(u.sizes) == 1:  # kept whole: nothing to fit
+                order, err = np.arange(u.full), np.zeros(1)
+            else:
+                hinv = torch.cholesky_inverse(torch.linalg.cholesky(hd))
+                order, steps = obs_order(w, hinv, granule=u.granule, stop=u.sizes[0], block=block)
+                err = np.concatenate([[0.0], np.cumsum(steps)])
+            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+            params.append((w, b, st.mean.clone(), hd))
+            bar.advance(task)
+    return ObsState(adapter, space, tracks, params=params,
+                    meta={"calib": calib.source, "damp": damp, "block": block})

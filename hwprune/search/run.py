@@ -1,0 +1,211 @@
+"""``search``: from a latency predictor and a proxy to one pruned candidate per speedup target.
+
+Flow: budget per target = ``dense_ms / (target * (1 + margin))``; exact DP under the additive model
+(per-unit costs + per-unit errors) per target; NSGA-II on (predicted ms, end-to-end distance) seeded
+with the DP picks, a uniform baseline per target and the dense model; final pick per target = the
+evaluated candidate within its budget with the lowest end-to-end distance, so the measured
+end-to-end score can overrule the DP's additive error estimate.
+
+Writes into ``run_dir``: ``study.db`` (resumable), ``pareto.csv``, ``pareto.png``, ``picks.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from hwprune._io import atomic_path, write_json
+from hwprune.errors import HwpruneError, TargetUnreachableError
+from hwprune.search.dp import DPSolution, fastest_ms, floor2, solve_dp
+from hwprune.search.nsga import Evaluate, Seed, run_nsga, uniform_seed
+from hwprune.search.pareto import Evaluation, ParetoSet
+from hwprune.space import Candidate, PruningSpace
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["SearchConfig", "SearchResult", "search", "budgets_for", "pick_within", "LatencyModel", "ErrorModel",
+           "ScorerLike"]
+
+PICKS_FORMAT = "hwprune.picks/1"
+_BUDGET_TOL = 1e-9  # relative; absorbs float summation order only
+
+
+class LatencyModel(Protocol):
+    """What search needs from a latency predictor (``hwprune.latency.predictor.Predictor``)."""
+
+    def predict(self, cand: Candidate) -> float: ...
+    def unit_costs(self) -> tuple[float, list[np.ndarray]]: ...
+    def dense_ms(self) -> float: ...
+
+
+class ErrorModel(Protocol):
+    """What search needs from a fitted proxy (``hwprune.proxies.ProxyState``)."""
+
+    def unit_errors(self) -> list[np.ndarray]: ...
+    def build(self, cand: Candidate) -> nn.Module: ...
+
+
+class ScorerLike(Protocol):
+    """What search needs from an end-to-end scorer (``hwprune.proxies.e2e.EndToEndScorer``)."""
+
+    def score(self, model: nn.Module) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    targets: tuple[float, ...]   # speedups over dense, each > 1
+    trials: int = 150            # finished trials in the study, seeds included
+    seed: int = 0
+    buckets: int = 4000          # DP time resolution over each budget
+    margin: float = 0.0          # relative safety margin: budget = dense / (target * (1 + margin))
+    population: int = 24         # NSGA-II population size
+
+    def __post_init__(self) -> None:
+        t = self.targets
+        if isinstance(t, (int, float)) or not isinstance(t, Sequence) or not t:
+            raise HwpruneError(f"targets must be a non-empty list of speedups such as [1.5, 2.0] (got {t!r})")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 1 for x in t):
+            raise HwpruneError(f"every target must be a speedup > 1, e.g. 2.0 for twice as fast (got {list(t)})")
+        if len(set(map(float, t))) != len(t):
+            raise HwpruneError(f"targets repeat a value ({list(t)}); list each speedup once")
+        object.__setattr__(self, "targets", tuple(float(x) for x in t))
+        for name, lo in (("trials", 1), ("seed", 0), ("buckets", 10), ("population", 2)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise HwpruneError(f"{name} must be an integer >= {lo} (got {v!r})")
+        m = self.margin
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
+            raise HwpruneError(f"margin must be a fraction in [0, 1), e.g. 0.05 for 5% headroom (got {m!r})")
+        object.__setattr__(self, "margin", float(m))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "SearchConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise HwpruneError(f"search config: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        if "targets" not in obj:
+            raise HwpruneError("search config: 'targets' is required, e.g. {\"targets\": [2.0]}")
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    config: SearchConfig
+    dense_ms: float
+    budgets: dict[float, float]          # target -> budget ms
+    dp: dict[float, DPSolution]          # target -> DP pick under the additive model
+    evaluations: tuple[Evaluation, ...]  # every distinct candidate scored end to end
+    pareto: ParetoSet
+    picks: dict[float, Evaluation]       # target -> final pick
+    run_dir: Path
+
+    @property
+    def front(self) -> tuple[Evaluation, ...]:
+        return self.pareto.front
+
+    def picks_json(self) -> dict[str, Any]:
+        space = self.pareto.space
+        return {"format": PICKS_FORMAT, "dense_ms": self.dense_ms, "config": self.config.to_json(),
+                "picks": {str(t): {"target": t, "budget_ms": self.budgets[t],
+                                   "dp_key": self.dp[t].candidate.key(), "dp_error": self.dp[t].error,
+                                   **e.to_json(space, dense_ms=self.dense_ms)}
+                          for t, e in self.picks.items()}}
+
+
+def budgets_for(config: SearchConfig, dense_ms: float) -> dict[float, float]:
+    return {t: dense_ms / (t * (1 + config.margin)) for t in config.targets}
+
+
+def pick_within(evaluations: Sequence[Evaluation], budget_ms: float) -> Evaluation | None:
+    """Lowest end-to-end distance among evaluations within budget; ties: faster, then key."""
+    ok = [e for e in evaluations if e.predicted_ms <= budget_ms * (1 + _BUDGET_TOL)]
+    return min(ok, key=lambda e: (e.distance, e.predicted_ms, e.key)) if ok else None
+
+
+def _evaluator(proxy_state: ErrorModel, scorer: ScorerLike) -> Evaluate:
+    def evaluate(cand: Candidate) -> dict[str, Any]:
+        model = proxy_state.build(cand)
+        scores = dict(scorer.score(model))
+        scores["params"] = sum(p.numel() for p in model.parameters())
+        return scores
+    return evaluate
+
+
+def _check_reachable(config: SearchConfig, *, dense_ms: float, base_ms: float, costs: list[np.ndarray]) -> None:
+    fast = fastest_ms(base_ms, costs)
+    reach = dense_ms / (fast * (1 + config.margin))
+    too_far = [t for t in config.targets if t > reach]
+    if too_far:
+        with_margin = f" with margin {config.margin:g}" if config.margin else ""
+        raise TargetUnreachableError(
+            f"target {max(too_far):g}x is unreachable: the fastest candidate in this space is predicted at "
+            f"{fast:.4g} ms vs {dense_ms:.4g} ms dense, so the largest reachable speedup is "
+            f"{floor2(reach):.2f}x{with_margin}; lower the target or allow smaller sizes (min, allow_remove) "
+            "in the space")
+
+
+def search(
+    *,
+    space: PruningSpace,
+    predictor: LatencyModel,
+    proxy_state: ErrorModel,
+    scorer: ScorerLike,
+    config: SearchConfig,
+    run_dir: str | Path,
+    progress: bool = True,
+) -> SearchResult:
+    """Search for one candidate per target; see the module docstring for the flow and the files."""
+    run_dir = Path(run_dir)
+    dense_ms = float(predictor.dense_ms())
+    base_ms, costs = predictor.unit_costs()
+    errors = proxy_state.unit_errors()
+    # Everything that can fail on the user's input fails here, before run_dir is touched.
+    _check_reachable(config, dense_ms=dense_ms, base_ms=base_ms, costs=costs)
+    budgets = budgets_for(config, dense_ms)
+    dp = {t: solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=b,
+                      buckets=config.buckets, dense_ms=dense_ms) for t, b in budgets.items()}
+    seeds = [Seed(s.candidate, "dp") for s in dp.values()]
+    for b in budgets.values():
+        u = uniform_seed(space, predictor.predict, b)
+        if u is not None:
+            seeds.append(Seed(u, "uniform"))
+    seeds.append(Seed(space.dense(), "dense"))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = run_nsga(space=space, predict=predictor.predict, evaluate=_evaluator(proxy_state, scorer),
+                           dense_ms=dense_ms, storage_path=run_dir / "study.db", trials=config.trials,
+                           seed=config.seed, population=config.population, seeds=seeds, progress=progress)
+    picks: dict[float, Evaluation] = {}
+    for t, b in budgets.items():
+        p = pick_within(evaluations, b)
+        if p is None:
+            raise HwpruneError(f"no evaluated candidate meets the {t:g}x budget ({b:.4g} ms); raise trials to at "
+                               f"least {2 * len(budgets) + 1} so every DP seed is scored")
+        picks[t] = p
+    pareto = ParetoSet.of(evaluations, space=space, dense_ms=dense_ms)
+    result = SearchResult(config=config, dense_ms=dense_ms, budgets=budgets, dp=dp, evaluations=pareto.evaluations,
+                          pareto=pareto, picks=picks, run_dir=run_dir)
+    _write_outputs(result)
+    return result
+
+
+def _write_outputs(result: SearchResult) -> None:
+    """All three files appear together or not at all: each goes to a temporary name, renamed at the end."""
+    d = result.run_dir
+    with contextlib.ExitStack() as stack:
+        csv, png, picks = (stack.enter_context(atomic_path(d / n)) for n in ("pareto.csv", "pareto.png", "picks.json"))
+        result.pareto.write_csv(csv)
+        result.pareto.plot(png, budgets=result.budgets, picks=result.picks)
+        write_json(picks, result.picks_json())
