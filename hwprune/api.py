@@ -50,7 +50,8 @@ def default_table_path(adapter: ModelAdapter, *, runtime: str, threads: int, bat
 def run_profile(model: str, *, runtime: str = "ort-cpu", threads: int = 1, batch: int = 1, seq: int = 128,
                 out: str | Path | None = None, space_file: str | Path | None = None,
                 weights: str | None = None, input_shape: Sequence[int] | None = None,
-                progress: bool = True) -> tuple[Any, Path]:
+                progress: bool = True) -> tuple[Any, Path, float]:
+    """Profile ``model`` on this machine; returns (table, parquet path, predicted dense ms)."""
     from hwprune.latency import profile
 
     if batch < 1 or seq < 1:
@@ -62,7 +63,7 @@ def run_profile(model: str, *, runtime: str = "ort-cpu", threads: int = 1, batch
         raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
     table = profile(adapter, runtime=runtime, threads=threads, batch=batch, seq=seq, space=space, out=path,
                     progress=progress)
-    return table, path
+    return table, path, make_predictor(table, space, adapter).dense_ms()
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class SearchRequest:
 
 
 def _table_settings(table: Any) -> dict[str, Any]:
-    return dict(table.meta.get("settings", {}))
+    return dict(table.settings)
 
 
 def _resolve_table(adapter: ModelAdapter, req_table: str | None) -> Path:
@@ -122,7 +123,6 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     from hwprune.latency import LatencyTable
     from hwprune.proxies._base import fit_proxy, get_proxy
     from hwprune.proxies.calib import load_calib
-    from hwprune.proxies.e2e import make_scorer
     from hwprune.search.run import SearchConfig, _check_reachable, search
 
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
@@ -132,7 +132,7 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     table.check_model(adapter)
     settings = _table_settings(table)
     for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
-        log(f"{table_path}: {w}; predictions may be off, re-run `hwprune profile` on this machine")
+        log(w)
     predictor = make_predictor(table, space, adapter)
     get_proxy(req.proxy, adapter.family)  # unknown proxy -> error before any work
     config = SearchConfig(targets=tuple(req.targets), trials=req.trials, seed=req.seed, margin=req.margin)
@@ -141,13 +141,13 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     seq = int(settings.get("seq", 128))
     calib = load_calib(adapter, req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.seed)
     state = fit_proxy(req.proxy, adapter, space, calib)
-    scorer = make_scorer(adapter, calib.heldout)
+    scorer = make_scorer(adapter, calib)
     run_dir = Path(req.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "run.json", {"format": "hwprune.run/1", "request": req.to_json(),
                                       "adapter": adapter.spec(), "table": str(table_path),
                                       "space_source": space.source, "settings": settings,
-                                      "fingerprint": table.meta.get("fingerprint"), "calib_source": calib.source})
+                                      "fingerprint": table.fingerprint.to_json(), "calib_source": calib.source})
     result = search(space=space, predictor=predictor, proxy_state=state, scorer=scorer, config=config,
                     run_dir=run_dir, progress=progress)
     _materialize_picks(adapter, state, result, run_dir)
@@ -259,7 +259,7 @@ def run_export(run_dir: str | Path, *, pick: str = "targets", parity_tol: float 
             predicted_ms=predictor.predict(cand), dense_predicted_ms=predictor.dense_ms(),
             target_speedup=row.get("target_speedup"), dense_ms_measured=cmp.dense.median_ms,
             measured_ms=cmp.pruned[key].median_ms, dense_onnx=dense_onnx, scores=row.get("scores"),
-            fingerprint=table.meta.get("fingerprint"), parity_tol=parity_tol,
+            fingerprint=table.fingerprint.to_json(), parity_tol=parity_tol,
             extra={"key": key, "run": str(run_dir), "proxy": req.proxy, "table": run["table"]},
         )
         m.setdefault("key", key)
@@ -286,3 +286,14 @@ def make_predictor(table: Any, space: Any, adapter: ModelAdapter) -> Any:
     from hwprune.latency import LUTPredictor
 
     return LUTPredictor(table, space)
+
+
+def make_scorer(adapter: ModelAdapter, calib: Any) -> Any:
+    """End-to-end distance to the dense model on held-out data, per model family."""
+    if adapter.family == "cnn":
+        from hwprune.proxies.cnn import CnnScorer
+
+        return CnnScorer(adapter, calib.heldout)
+    from hwprune.proxies.e2e import EndToEndScorer
+
+    return EndToEndScorer(adapter, calib.heldout)

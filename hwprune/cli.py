@@ -68,13 +68,13 @@ def profile(
     from hwprune.api import run_profile
 
     try:
-        table, path = run_profile(model, runtime=runtime, threads=threads, batch=batch, seq=seq, out=output,
+        table, path, dense_ms = run_profile(model, runtime=runtime, threads=threads, batch=batch, seq=seq, out=output,
                                   space_file=space, weights=weights, input_shape=_shape(input_shape),
                                   progress=not no_progress)
     except HwpruneError as e:
         _fail(e)
     out.print(f"[green]wrote[/] {path} ({len(table.frame)} rows) and {path.with_suffix('.json')}")
-    out.print(f"dense model predicted at {table.meta.get('dense_predicted_ms', float('nan')):.3f} ms")
+    out.print(f"dense model: {dense_ms:.3f} ms predicted from the table (profiled in {table.profile_seconds:.0f} s)")
 
 
 def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[float, ...]:

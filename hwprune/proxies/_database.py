@@ -53,10 +53,11 @@ def sublayer(adapter: ModelAdapter, stats: list[LayerStats], unit: Unit) -> tupl
 
 
 def ensure_stats(adapter: ModelAdapter, calib: CalibData, stats: list[LayerStats] | None, *, batch: int,
-                 progress: bool) -> list[LayerStats]:
+                 threads: int | None, progress: bool) -> list[LayerStats]:
+    """``stats`` if given (one pass can serve several proxies), else a fresh pass over ``calib.calib``."""
     if stats is not None:
         return stats
-    return collect_stats(adapter.dense(), calib.calib, batch=batch, progress=progress)
+    return collect_stats(adapter.dense(), calib.calib, batch=batch, threads=threads, progress=progress)
 
 
 def monotone(err_by_size: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from hwprune.errors import HwpruneError
 from hwprune.proxies._base import CalibData
 
-__all__ = ["load_calib", "default_corpus", "read_texts", "STDLIB_MODULES"]
+__all__ = ["load_calib", "default_corpus", "read_texts", "split_texts", "STDLIB_MODULES"]
 
 # Pure-Python modules with long prose docstrings; a missing one (minimal builds) is skipped.
 STDLIB_MODULES: tuple[str, ...] = (
@@ -159,7 +159,9 @@ def read_texts(file: str | Path) -> list[str]:
     return texts
 
 
-def _split(texts: Sequence[str], *, n_calib: int, n_heldout: int, seed: int, where: str) -> tuple[list[str], list[str]]:
+def split_texts(texts: Sequence[str], *, n_calib: int, n_heldout: int, seed: int = 0,
+                where: str = "texts") -> tuple[list[str], list[str]]:
+    """(calibration, held-out): disjoint, deduplicated, shuffled by ``seed``; held-out comes first."""
     uniq = list(dict.fromkeys(texts))  # dedupe, keep first occurrence: held-out never repeats a calib text
     need = n_calib + n_heldout
     if len(uniq) < need:
@@ -185,6 +187,6 @@ def load_calib(adapter: Any, file: str | Path | None = None, *, n_calib: int = 1
     else:
         texts, where = read_texts(file), str(file)
         source = str(file)
-    calib, heldout = _split(texts, n_calib=n_calib, n_heldout=n_heldout, seed=seed, where=where)
+    calib, heldout = split_texts(texts, n_calib=n_calib, n_heldout=n_heldout, seed=seed, where=where)
     return CalibData(calib=adapter.tokenize(calib, seq=seq), heldout=adapter.tokenize(heldout, seq=seq),
                      source=f"{source} seed={seed}")

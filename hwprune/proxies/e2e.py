@@ -11,15 +11,14 @@ additive mask, trailing pads change no real token's output, so this is exact and
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from hwprune.models._base import ModelAdapter
 from hwprune.proxies._base import CalibData
-from hwprune.proxies._stats import length_batches
+from hwprune.proxies._stats import length_batches, num_threads
 
 __all__ = ["EndToEndScorer", "sentence_embeddings"]
 
@@ -29,20 +28,6 @@ def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     m = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
     return nn.functional.normalize(pooled, dim=-1)
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op threads (None: leave torch's setting), restoring the old value."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class EndToEndScorer:
@@ -65,7 +50,7 @@ class EndToEndScorer:
 
     def _outputs(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states of real tokens (tokens, d), sentence embeddings (batch, d))."""
-        with torch.inference_mode(), _threads(self.threads):
+        with torch.inference_mode(), num_threads(self.threads):
             hidden = model(ids, mask).float()
         return hidden[mask.bool()], sentence_embeddings(hidden, mask)
 

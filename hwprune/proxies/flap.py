@@ -16,7 +16,7 @@ import torch
 from hwprune.models._base import ModelAdapter
 from hwprune.proxies._base import CalibData, register_proxy
 from hwprune.proxies._database import EncoderState, Track, curve, ensure_stats, prefix_errors, sublayer
-from hwprune.proxies._stats import LayerStats
+from hwprune.proxies._stats import LayerStats, num_threads
 from hwprune.space import PruningSpace
 
 __all__ = ["FlapState", "fit_flap", "compensated_bias"]
@@ -44,16 +44,18 @@ class FlapState(EncoderState):
 
 @register_proxy("flap", family="encoder")
 def fit_flap(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
-             stats: list[LayerStats] | None = None, batch: int = 16, progress: bool = True) -> FlapState:
-    stats = ensure_stats(adapter, calib, stats, batch=batch, progress=progress)
+             stats: list[LayerStats] | None = None, batch: int = 16, threads: int | None = None,
+             progress: bool = True) -> FlapState:
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks, params, scores = [], [], {}
-    for u in space.units:
-        _, lin, st = sublayer(adapter, stats, u)
-        w, b = lin.weight.detach().double(), lin.bias.detach().double()
-        score = (st.var * w.square().sum(0)).reshape(u.full, u.granule).sum(1).numpy()
-        scores[u.name] = (score - score.mean()) / max(float(score.std()), 1e-30)
-        order = np.argsort(score, kind="stable")
-        err = prefix_errors(w, st.cov(), order, u.granule)
-        tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
-        params.append((w, b, st.mean.clone()))
+    with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead
+        for u in space.units:
+            _, lin, st = sublayer(adapter, stats, u)
+            w, b = lin.weight.detach().double(), lin.bias.detach().double()
+            score = (st.var * w.square().sum(0)).reshape(u.full, u.granule).sum(1).numpy()
+            scores[u.name] = (score - score.mean()) / max(float(score.std()), 1e-30)
+            order = np.argsort(score, kind="stable")
+            err = prefix_errors(w, st.cov(), order, u.granule)
+            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+            params.append((w, b, st.mean.clone()))
     return FlapState(adapter, space, tracks, params=params, scores=scores, meta={"calib": calib.source})

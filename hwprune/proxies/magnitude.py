@@ -14,7 +14,7 @@ import torch
 from hwprune.models._base import ModelAdapter
 from hwprune.proxies._base import CalibData, register_proxy
 from hwprune.proxies._database import EncoderState, Track, curve, ensure_stats, prefix_errors, sublayer
-from hwprune.proxies._stats import LayerStats
+from hwprune.proxies._stats import LayerStats, num_threads
 from hwprune.space import PruningSpace
 
 __all__ = ["MagnitudeState", "fit_magnitude"]
@@ -29,14 +29,16 @@ class MagnitudeState(EncoderState):
 
 @register_proxy("magnitude", family="encoder")
 def fit_magnitude(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
-                  stats: list[LayerStats] | None = None, batch: int = 16, progress: bool = True) -> MagnitudeState:
-    stats = ensure_stats(adapter, calib, stats, batch=batch, progress=progress)
+                  stats: list[LayerStats] | None = None, batch: int = 16, threads: int | None = None,
+                  progress: bool = True) -> MagnitudeState:
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks = []
-    for u in space.units:
-        _, lin, st = sublayer(adapter, stats, u)
-        w = lin.weight.detach().double()  # (out, full * granule)
-        score = w.square().sum(0).reshape(u.full, u.granule).sum(1)
-        order = np.argsort(score.numpy(), kind="stable")
-        err = prefix_errors(w, st.second_moment(), order, u.granule)
-        tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+    with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead
+        for u in space.units:
+            _, lin, st = sublayer(adapter, stats, u)
+            w = lin.weight.detach().double()  # (out, full * granule)
+            score = w.square().sum(0).reshape(u.full, u.granule).sum(1)
+            order = np.argsort(score.numpy(), kind="stable")
+            err = prefix_errors(w, st.second_moment(), order, u.granule)
+            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
     return MagnitudeState(adapter, space, tracks, meta={"calib": calib.source})

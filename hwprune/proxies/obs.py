@@ -28,7 +28,7 @@ import torch
 from hwprune.models._base import ModelAdapter
 from hwprune.proxies._base import CalibData, register_proxy
 from hwprune.proxies._database import EncoderState, Track, curve, ensure_stats, sublayer
-from hwprune.proxies._stats import LayerStats, progress_bar
+from hwprune.proxies._stats import LayerStats, num_threads, progress_bar
 from hwprune.space import PruningSpace
 
 __all__ = ["ObsState", "fit_obs", "obs_order", "ls_weights", "damped"]
@@ -51,15 +51,25 @@ def _group_errors(w: torch.Tensor, hinv: torch.Tensor, g: int) -> torch.Tensor:
     return (torch.linalg.solve(blocks, wb.transpose(1, 2)).transpose(1, 2) * wb).sum((1, 2))
 
 
-def _remove(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint OBS update removing ``cols``; returns W and Hinv restricted to the remaining columns."""
-    keep = torch.ones(w.shape[1], dtype=torch.bool)
-    keep[cols] = False
-    h_ck = hinv[cols][:, keep]
-    solved = torch.linalg.solve(hinv[cols][:, cols], h_ck)        # (Hinv_CC)^-1 Hinv_C,R
-    w_new = w[:, keep] - w[:, cols] @ solved
-    h_new = hinv[keep][:, keep] - h_ck.T @ solved
-    return w_new, (h_new + h_new.T) / 2
+def _block_order(w: np.ndarray, h: np.ndarray) -> tuple[list[int], list[float]]:
+    """Exact sequential OBS over a few single columns: only the block's W and Hinv change their errors.
+
+    Small matrices, many steps: numpy's per-call cost is a fraction of torch's here.
+    """
+    w, h = w.copy(), h.copy()
+    alive = np.ones(w.shape[1], dtype=bool)
+    order, errs = [], []
+    for _ in range(w.shape[1]):
+        e = np.where(alive, (w * w).sum(0) / np.diagonal(h), np.inf)
+        j = int(np.argmin(e))
+        order.append(j)
+        errs.append(max(float(e[j]), 0.0))
+        alive[j] = False
+        row = h[j] / h[j, j]
+        w -= np.outer(w[:, j], row)
+        h -= np.outer(h[:, j], row)
+        h[j, j] = 1.0  # column j is now zero in W; a unit pivot keeps its (masked) error finite
+    return order, errs
 
 
 def obs_order(weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, stop: int = 0,
@@ -70,31 +80,36 @@ def obs_order(weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, sto
     errors add up to the least-squares error of the kept set.
     """
     w, h = weight.clone(), hinv.clone()
-    alive = list(range(weight.shape[1] // granule))
+    ids = torch.arange(weight.shape[1] // granule)    # group id of each stored group slot
+    dead = torch.zeros(len(ids), dtype=torch.bool)   # removed groups stay stored until compaction
     order: list[int] = []
     steps: list[float] = []
-    while len(alive) > stop:
-        k = len(alive)
-        err = _group_errors(w, h, granule)
+    while (k := int((~dead).sum())) > stop:
+        err = _group_errors(w, h, granule).masked_fill(dead, float("inf"))
         s = 1 if granule > 1 or block <= 0 else max(1, int(block * k))
         pick = torch.argsort(err)[: min(s, k - stop)]
         cols = (pick[:, None] * granule + torch.arange(granule)).reshape(-1)
-        # exact sequential OBS inside the block: its columns' W and Hinv are all that change
-        wl, hl, left = w[:, cols], h[cols][:, cols], list(range(len(pick)))
-        while left:
-            e = _group_errors(wl, hl, granule)
-            j = int(torch.argmin(e))
-            order.append(alive[int(pick[left[j]])])
-            steps.append(max(float(e[j]), 0.0))
-            jc = torch.arange(j * granule, (j + 1) * granule)
-            wl, hl = _remove(wl, hl, jc)
-            left.pop(j)
-        w, h = _remove(w, h, cols)
-        gone = set(int(p) for p in pick)
-        alive = [a for i, a in enumerate(alive) if i not in gone]
-    if alive:  # never removed: least useful first, so the order stays a full permutation
+        if len(pick) == 1:
+            order.append(int(ids[pick[0]]))
+            steps.append(max(float(err[pick[0]]), 0.0))
+        else:  # single columns only (heads go one at a time)
+            local, errs = _block_order(w[:, cols].numpy(), h[cols][:, cols].numpy())
+            order.extend(int(ids[pick[i]]) for i in local)
+            steps.extend(errs)
+        # joint update, in place over all stored slots (rank len(cols), BLAS-3); dead slots go stale
+        solved = torch.linalg.solve(h[cols][:, cols], h[cols])
+        w.addmm_(w[:, cols], solved, alpha=-1.0)
+        h.addmm_(h[:, cols], solved, alpha=-1.0)
+        dead[pick] = True
+        if int(dead.sum()) * 4 >= len(dead) or k - len(pick) <= stop:  # compact: cost follows live size
+            live = (~dead).nonzero().squeeze(1)
+            lc = (live[:, None] * granule + torch.arange(granule)).reshape(-1)
+            w, h = w[:, lc], h[lc][:, lc]
+            h = (h + h.T) / 2
+            ids, dead = ids[live], dead[live]
+    if len(ids):  # never removed: least useful first, so the order stays a full permutation
         rest = torch.argsort(_group_errors(w, h, granule)).tolist()
-        order.extend(alive[i] for i in rest)
+        order.extend(int(ids[i]) for i in rest)
     return np.asarray(order, dtype=np.int64), np.asarray(steps)
 
 
@@ -115,18 +130,21 @@ class ObsState(EncoderState):
         w, b, mu, hd = self._params[index]  # type: ignore[misc]
         if len(cols) == 0:
             return None, b + w @ mu
-        new = ls_weights(w, hd, cols)
+        with num_threads(1):  # one mid-size Cholesky: threads cost more than they bring (see fit_obs)
+            new = ls_weights(w, hd, cols)
         return new, b + w @ mu - new @ mu[cols]
 
 
 @register_proxy("obs", family="encoder")
 def fit_obs(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
             stats: list[LayerStats] | None = None, damp: float = 0.01, block: float = 0.02,
-            batch: int = 16, progress: bool = True) -> ObsState:
-    stats = ensure_stats(adapter, calib, stats, batch=batch, progress=progress)
+            batch: int = 16, threads: int | None = None, progress: bool = True) -> ObsState:
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks: list[Track] = []
     params: list[tuple[torch.Tensor, ...] | None] = []
-    with torch.inference_mode(), progress_bar(progress) as bar:
+    # one thread: the many small LAPACK/BLAS-2 calls of the greedy loop run 5-20x slower with MKL's
+    # threads (and far worse when other processes share the cores)
+    with torch.inference_mode(), num_threads(1), progress_bar(progress) as bar:
         task = bar.add_task("OBS database", total=len(space.units))
         for u in space.units:
             bar.update(task, description=f"OBS {u.name}")
@@ -136,7 +154,8 @@ def fit_obs(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
             if len(u.sizes) == 1:  # kept whole: nothing to fit
                 order, err = np.arange(u.full), np.zeros(1)
             else:
-                hinv = torch.cholesky_inverse(torch.linalg.cholesky(hd))
+                eye = torch.eye(hd.shape[0], dtype=hd.dtype)
+                hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(hd))  # cholesky_inverse is slow in MKL
                 order, steps = obs_order(w, hinv, granule=u.granule, stop=u.sizes[0], block=block)
                 err = np.concatenate([[0.0], np.cumsum(steps)])
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))

@@ -52,6 +52,7 @@ class LayerInfo:
     in_group: str | None           # unit feeding it (None: model input or a fixed group)
     out_group: str | None          # unit it writes (None: output or fixed)
     in_mult: int = 1               # inputs per group channel (flatten of a CxHxW map into a linear)
+    groups: int = 1                # conv groups (== c_in for depthwise)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def _layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup],
             out.append(LayerInfo(
                 name=name, kind="dw" if _is_dw(m) else "conv", c_in=m.in_channels, c_out=m.out_channels,
                 kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=_pair(m.padding),
-                in_hw=hw.get(name, (1, 1)), in_group=reads.get(name), out_group=writes.get(name)))
+                in_hw=hw.get(name, (1, 1)), in_group=reads.get(name), out_group=writes.get(name),
+                groups=int(m.groups)))
         elif isinstance(m, nn.Linear):
             g_in = reads.get(name)
             mult = m.in_features // unit[g_in].full if g_in else 1

@@ -1,0 +1,222 @@
+"""CNN adapter: coupled channel groups, spaces, surgery replayed from a plan, save/load, bad input.
+
+``tiny_net`` below is also a ``--model test_cnn_adapter:tiny_net`` factory: pytest puts tests/ on the path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import hwprune
+import hwprune.models.cnn  # noqa: F401  (registers resnet18 & co. until builtin.py imports it)
+from hwprune.errors import HwpruneError
+from hwprune.models import resolve_model
+from hwprune.models.cnn import CNNAdapter, parse_input_shape
+from hwprune.surgery.plan import Plan
+
+SHAPE = "1,3,32,32"
+
+
+def cbr(ci: int, co: int, k: int = 3, s: int = 1, g: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+
+class Tiny(nn.Module):
+    """Stem + residual block + inverted residual (depthwise) + two-branch concat + linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16, s=2)
+        self.res1 = cbr(16, 32)
+        self.res2 = nn.Sequential(nn.Conv2d(32, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+        self.expand = cbr(16, 48, k=1)
+        self.dw = cbr(48, 48, g=48, s=2)
+        self.project = nn.Sequential(nn.Conv2d(48, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.left = cbr(24, 8)
+        self.right = cbr(24, 8, k=1)
+        self.mix = cbr(16, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.res2(self.res1(x)))
+        x = self.project(self.dw(self.expand(x)))
+        x = self.mix(torch.cat([self.left(x), self.right(x)], 1))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_net() -> nn.Module:
+    return Tiny()
+
+
+def not_a_module() -> int:
+    return 3
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x).mean((2, 3)))
+
+
+def with_layer_norm() -> nn.Module:
+    return WithLayerNorm()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CNNAdapter:
+    return CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE)
+
+
+def test_groups_keep_couplings(tiny: CNNAdapter) -> None:
+    units = {n: (k, f) for n, k, f, *_ in tiny.raw_units()}
+    assert units == {"group.stem.0": ("residual", 16), "group.res1.0": ("conv", 32), "group.expand.0": ("dw", 48),
+                     "group.project.0": ("conv", 24), "group.left.0": ("conv", 8), "group.right.0": ("conv", 8),
+                     "group.mix.0": ("conv", 32)}
+    g = tiny.graph.group("group.stem.0")
+    assert g.producers == ("stem.0", "res2.0") and g.consumers == ("res1.0", "expand.0")
+    assert tiny.graph.group("group.expand.0").depthwise == ("dw.0",)
+    assert not tiny.graph.group("group.head").prunable  # the logits stay whole
+    layers = {l.name: l for l in tiny.graph.layers}
+    assert layers["stem.0"].in_group is None and layers["stem.0"].in_hw == (32, 32)  # the input stays whole
+    assert (layers["dw.0"].in_group, layers["dw.0"].out_group) == ("group.expand.0", "group.expand.0")
+    assert (layers["head"].in_group, layers["head"].out_group) == ("group.mix.0", None)
+
+
+def test_pruning_dead_channels_leaves_output_unchanged(tiny: CNNAdapter) -> None:
+    model = Tiny().eval()
+    with torch.no_grad():  # channels 1 and 5 of the residual stream: zero after both BNs of the add
+        for bn in (model.stem[1], model.res2[1]):
+            bn.weight[[1, 5]] = 0.0
+            bn.bias[[1, 5]] = 0.0
+        model.dw[1].weight[[0, 7, 40]] = 0.0  # depthwise group: dead after the dw conv's BN + ReLU
+        model.dw[1].bias[[0, 7, 40]] = -1.0
+        model.left[1].weight[3] = 0.0  # one concat branch channel
+        model.left[1].bias[3] = 0.0
+    keep = lambda n, drop: [i for i in range(n) if i not in drop]  # noqa: E731
+    plan = tiny.plan({"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40}),
+                      "group.left.0": keep(8, {3})})
+    pruned = tiny.prune(model, plan)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), model(x), atol=1e-5)
+    assert pruned.stem[0].out_channels == 14 and pruned.res1[0].in_channels == 14
+    assert pruned.dw[0].groups == 45 == pruned.dw[0].in_channels and pruned.mix[0].in_channels == 15
+    assert model.stem[0].out_channels == 16  # the dense model is untouched
+
+
+def test_save_load_round_trip(tiny: CNNAdapter, tmp_path: Path) -> None:
+    plan = tiny.plan({"group.res1.0": range(0, 32, 3), "group.mix.0": [0, 31], "group.project.0": range(12)})
+    m = tiny.prune(tiny.dense(), plan)
+    hwprune.save(m, plan, tmp_path)
+    assert Plan.load(tmp_path / "plan.json").arch == {"model": "test_cnn_adapter:tiny_net", "input_shape": [1, 3, 32, 32]}
+    loaded = hwprune.load(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
+    assert loaded.mix[0].out_channels == 2 and loaded.head.in_features == 2 and not loaded.training
+
+
+def test_resnet18_plan_replays_on_a_fresh_model(tmp_path: Path) -> None:
+    a = resolve_model("resnet18", input_shape="1,3,64,64")
+    space = a.space()
+    assert len(space.units) == 12 and space.unit("group.conv1").sizes == (32, 48, 64)
+    g = torch.Generator().manual_seed(0)
+    kept = {u.name: torch.randperm(u.full, generator=g)[: u.sizes[len(u.sizes) // 2]].tolist() for u in space.units}
+    plan = a.plan(kept)
+    m = a.prune(a.dense(), plan)
+    assert m.layer1[0].conv1.in_channels == 48 and m.fc.in_features == space.unit("group.layer4.0.conv2").sizes[7]
+    hwprune.save(m, plan, tmp_path)
+    x = a.example_inputs(batch=2)["input"]
+    with torch.no_grad():
+        assert torch.equal(hwprune.load(tmp_path)(x), m(x))
+
+
+@pytest.mark.parametrize("name,units", [("resnet50", 37), ("mobilenet_v2", 25), ("vgg16_bn", 15)])
+def test_shipped_spaces_load(name: str, units: int) -> None:
+    a = resolve_model(name, input_shape="1,3,64,64")
+    space = a.space()
+    assert space.source.endswith(f"{name}.yaml") and len(space.units) == units
+    assert all(0 not in u.sizes and u.sizes[-1] == u.full for u in space.units)
+
+
+def test_default_space_for_a_factory(tiny: CNNAdapter) -> None:
+    s = tiny.space()
+    assert s.unit("group.res1.0").sizes == (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32)
+    assert s.unit("group.left.0").sizes[0] == 1
+
+
+def test_input_shape_parsing() -> None:
+    assert parse_input_shape("2,3,64,48") == (2, 3, 64, 48) and parse_input_shape(None) == (1, 3, 224, 224)
+    with pytest.raises(HwpruneError, match="rank 3; CNN models take a rank-4"):
+        parse_input_shape("3,224,224")
+    with pytest.raises(HwpruneError, match="not a list of integers"):
+        parse_input_shape("1,3,a,b")
+
+
+@pytest.mark.parametrize("model,match", [
+    ("no_such_pkg.models:net", "cannot import 'no_such_pkg.models'"),
+    ("test_cnn_adapter:missing", "has no attribute 'missing'"),
+])
+def test_factory_that_does_not_import(model: str, match: str) -> None:
+    with pytest.raises(HwpruneError, match=match):
+        resolve_model(model)
+
+
+def test_factory_not_returning_a_module() -> None:
+    with pytest.raises(HwpruneError, match="returned a int, not a torch nn.Module"):
+        CNNAdapter("test_cnn_adapter:not_a_module").dense()
+
+
+def test_unsupported_layer_is_named() -> None:
+    with pytest.raises(HwpruneError, match=r"module 'norm' \(LayerNorm\) is not supported"):
+        CNNAdapter("test_cnn_adapter:with_layer_norm", input_shape=SHAPE).raw_units()
+
+
+def test_wrong_channels_in_input_shape() -> None:
+    with pytest.raises(HwpruneError, match="has 1 channels but the model's first conv takes 3"):
+        CNNAdapter("resnet18", input_shape="1,1,64,64").dense()
+
+
+def test_weights_are_checked_and_loaded(tmp_path: Path) -> None:
+    ref = Tiny()
+    good = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(good))
+    a = CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=good)
+    assert torch.equal(a.dense().head.weight, ref.head.weight)
+    bad = tmp_path / "bad.safetensors"
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    sd["head.weight"] = torch.zeros(10, 33)
+    save_file(sd, str(bad))
+    with pytest.raises(HwpruneError, match=r"'head.weight' has shape \(10, 33\), the model needs \(10, 32\)"):
+        CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=bad).dense()
+    pt = tmp_path / "w.pt"
+    pt.write_bytes(b"not read")
+    with pytest.raises(HwpruneError, match="only .safetensors files are read"):
+        CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=pt).dense()
+
+
+def test_space_yaml_naming_a_missing_layer(tiny: CNNAdapter, tmp_path: Path) -> None:
+    y = tmp_path / "s.yaml"
+    y.write_text("overrides:\n  - {match: 'group.layer9.conv1', min: 8}\n")
+    with pytest.raises(HwpruneError, match="names no unit of this model; units look like 'group.stem.0'"):
+        tiny.space(y)
+    y.write_text("defaults:\n  conv: {step: 4, allow_remove: true}\n")
+    with pytest.raises(HwpruneError, match="allows 0 channels"):
+        tiny.space(y)
+
+
+def test_plan_with_bad_indices(tiny: CNNAdapter) -> None:
+    with pytest.raises(HwpruneError, match=r"kept indices must be non-empty, unique and in \[0, 8\)"):
+        tiny.plan({"group.left.0": [8]})
+    with pytest.raises(HwpruneError, match="lacks; units look like"):
+        tiny.plan({"group.nope": [0]})

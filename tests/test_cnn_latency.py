@@ -1,0 +1,119 @@
+"""CNN latency: the profiling design covers every conv's width grid; the predictor interpolates exactly,
+its additive unit costs agree with it at the reference; a real (tiny) profile round-trips as a table."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hwprune.errors import HwpruneError
+from hwprune.latency import DeviceFingerprint, LatencyTable, get_backend
+from hwprune.latency import profile_cnn
+from hwprune.latency.predictor_cnn import CNNPredictor
+from hwprune.models.cnn import CNNAdapter
+from hwprune.space import Candidate
+
+FP = DeviceFingerprint.current("ort-cpu", threads=1, batch=1, seq=32, runtime_version="onnxruntime test")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CNNAdapter:
+    return CNNAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
+
+
+def test_design_puts_every_conv_at_every_level_pair(tiny: CNNAdapter) -> None:
+    space = tiny.space()
+    k, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
+    assert k == 5 and len(nets) == 25
+    levels = profile_cnn.unit_levels(space, 5)
+    assert levels["group.res1.0"] == (2, 10, 18, 24, 32)
+    dense = {u.name: u.full for u in space.units}
+    assert dense in nets  # (a, b) = (K-1, 0)
+    for layer in tiny.graph.layers:
+        seen = {profile_cnn.layer_sizes(layer, n) for n in nets}
+        p, q = layer.in_group, layer.out_group
+        want_in = [lv * layer.in_mult for lv in levels[p]] if p else [layer.c_in]
+        want_out = levels[q] if q else (layer.c_out,)
+        want = {(a, a) for a in want_in} if layer.kind == "dw" else set(itertools.product(want_in, want_out))
+        assert seen == want, layer.name
+
+
+def _synthetic_table(tiny: CNNAdapter, f) -> LatencyTable:  # noqa: ANN001
+    """A table as the profiler writes it, with ms = f(layer, c_in, c_out) at every design point."""
+    space = tiny.space()
+    _, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
+    rows = {}
+    for net in nets:
+        for layer in tiny.graph.layers:
+            ci, co = profile_cnn.layer_sizes(layer, net)
+            rows[(layer.name, ci, co)] = {"kind": layer.kind, "key": layer.name, "size": ci, "size2": co,
+                                          "median_ms": f(layer, ci, co), "p10_ms": 0.0, "p90_ms": 0.0, "n": 1}
+    frame = pd.DataFrame([{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": 0.5, "p10_ms": 0.5,
+                           "p90_ms": 0.5, "n": 1}] + list(rows.values()))
+    return LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
+                        settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32},
+                        meta={"layers": profile_cnn.layers_meta(tiny.graph.layers)})
+
+
+def _bilinear(layer, ci: int, co: int) -> float:  # noqa: ANN001
+    w = 1.0 + len(layer.name)  # a different slope per layer
+    if layer.kind == "dw":  # a depthwise conv's MACs grow linearly in its one width
+        return 0.01 + 1e-3 * w * ci
+    return 0.01 + 1e-3 * (ci + 2 * co) + 1e-4 * w * ci * co
+
+
+def test_predict_is_exact_for_bilinear_costs_off_grid(tiny: CNNAdapter) -> None:
+    space = tiny.space()
+    pred = CNNPredictor(_synthetic_table(tiny, _bilinear), space)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cand = Candidate(tuple(int(rng.choice(u.sizes)) for u in space.units))
+        sizes = cand.as_dict(space)
+        want = 0.5 + sum(_bilinear(l, *profile_cnn.layer_sizes(l, sizes)) for l in tiny.graph.layers)
+        assert pred.predict(cand) == pytest.approx(want, rel=1e-12)
+
+
+def test_unit_costs_are_exact_at_the_reference_and_along_one_unit(tiny: CNNAdapter) -> None:
+    space = tiny.space()
+    pred = CNNPredictor(_synthetic_table(tiny, _bilinear), space)
+    base, costs = pred.unit_costs()
+    additive = lambda c: base + sum(k[u.sizes.index(s)] for k, u, s in zip(costs, space.units, c.sizes))  # noqa: E731
+    assert additive(space.dense()) == pytest.approx(pred.dense_ms(), rel=1e-12)
+    for i, u in enumerate(space.units):  # one unit moved: every conv has one free width, so exact
+        c = list(space.dense().sizes)
+        c[i] = u.sizes[0]
+        assert additive(Candidate(tuple(c))) == pytest.approx(pred.predict(Candidate(tuple(c))), rel=1e-12)
+    small = space.smallest()
+    assert additive(small) < pred.predict(small)  # around dense the additive model is optimistic
+    relin = pred.linearized_at(small)
+    b2, c2 = relin.unit_costs()
+    assert b2 + sum(k[0] for k in c2) == pytest.approx(pred.predict(small), rel=1e-12)
+
+
+def test_predictor_refuses_widths_outside_the_profile(tiny: CNNAdapter, tmp_path: Path) -> None:
+    y = tmp_path / "s.yaml"
+    y.write_text("defaults:\n  conv: {step: 1, min: 1}\n")
+    with pytest.raises(HwpruneError, match="outside the measured range"):
+        CNNPredictor(_synthetic_table(tiny, _bilinear), tiny.space(y))
+
+
+def test_profile_tiny_model_round_trips(tiny: CNNAdapter, tmp_path: Path) -> None:
+    space = tiny.space()
+    frame, meta = profile_cnn.measure(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space,
+                                      progress=False, levels=3, budget_s=2.0)
+    assert meta["networks"] == 9 and meta["unmatched_layer_samples"] == 0
+    conv = frame[frame["key"] == "res2.0"]  # reads group.res1.0 (3 levels), writes group.stem.0 (3 levels)
+    lv = profile_cnn.unit_levels(space, 3)
+    assert lv["group.res1.0"] == (2, 18, 32) and lv["group.stem.0"] == (1, 8, 16)
+    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (2, 18, 32) for b in (1, 8, 16)]
+    assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()
+    table = LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
+                         settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
+    table = LatencyTable.load(table.save(tmp_path / "t"))
+    pred = CNNPredictor(table, space)
+    assert pred.dense_ms() == pytest.approx(meta["dense_ms"], rel=1e-9)  # base closes the dense sum
+    assert pred.predict(space.smallest()) < pred.dense_ms()
