@@ -108,8 +108,8 @@ def test_profile_tiny_model_round_trips(tiny: CNNAdapter, tmp_path: Path) -> Non
     assert meta["networks"] == 9 and meta["unmatched_layer_samples"] == 0
     conv = frame[frame["key"] == "res2.0"]  # reads group.res1.0 (3 levels), writes group.stem.0 (3 levels)
     lv = profile_cnn.unit_levels(space, 3)
-    assert lv["group.res1.0"] == (2, 18, 32) and lv["group.stem.0"] == (1, 8, 16)
-    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (2, 18, 32) for b in (1, 8, 16)]
+    assert lv["group.res1.0"] == (2, 18, 32) and lv["group.stem.0"] == (1, 9, 16)
+    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (2, 18, 32) for b in (1, 9, 16)]
     assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()
     table = LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
                          settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)

@@ -27,7 +27,8 @@ from hwprune.space import Candidate, PruningSpace, Unit
 from hwprune.surgery.encoder import kept_columns
 from hwprune.surgery.plan import Plan
 
-__all__ = ["Track", "EncoderState", "sublayer", "prefix_errors", "ensure_stats", "monotone", "curve"]
+__all__ = ["Track", "EncoderState", "sublayer", "prefix_errors", "ensure_stats", "monotone", "curve",
+           "unit_prefix"]
 
 
 @dataclass
@@ -42,14 +43,23 @@ class Track:
         return tuple(sorted(int(i) for i in self.order[self.unit.full - size:]))
 
 
-def sublayer(adapter: ModelAdapter, stats: list[LayerStats], unit: Unit) -> tuple[str, torch.nn.Linear, SublayerStats]:
-    """(state-dict prefix of the sublayer, its dense output projection, its statistics) for ``unit``."""
+def unit_prefix(unit: Unit) -> tuple[str, str]:
+    """State-dict prefixes (sublayer, its output projection) of ``unit``: the names overrides use."""
+    if unit.kind == "heads":
+        return f"layers.{unit.layer}.attention.", f"layers.{unit.layer}.attention.dense."
+    if unit.kind == "ffn":
+        return f"layers.{unit.layer}.ffn.", f"layers.{unit.layer}.ffn.output."
+    raise HwpruneError(f"unit {unit.name!r} of kind {unit.kind!r} is not an encoder unit; "
+                       "encoder proxies prune 'heads' and 'ffn' units")
+
+
+def sublayer(adapter: ModelAdapter, stats: list[LayerStats], unit: Unit) -> tuple[torch.nn.Linear, SublayerStats]:
+    """(dense output projection, statistics of its input) of ``unit``."""
+    unit_prefix(unit)  # rejects foreign unit kinds
     layer = adapter.dense().layers[unit.layer]
     if unit.kind == "heads":
-        return f"layers.{unit.layer}.attention.", layer.attention.dense, stats[unit.layer].attn
-    if unit.kind == "ffn":
-        return f"layers.{unit.layer}.ffn.", layer.ffn.output, stats[unit.layer].ffn
-    raise HwpruneError(f"unit {unit.name!r} of kind {unit.kind!r} is not an encoder unit (heads, ffn)")
+        return layer.attention.dense, stats[unit.layer].attn
+    return layer.ffn.output, stats[unit.layer].ffn
 
 
 def ensure_stats(adapter: ModelAdapter, calib: CalibData, stats: list[LayerStats] | None, *, batch: int,
@@ -118,8 +128,7 @@ class EncoderState(ProxyState):
             if size == t.unit.full:
                 self._levels[key] = {}
             else:
-                prefix = self._prefix(t.unit)
-                proj = prefix + ("dense." if t.unit.kind == "heads" else "output.")
+                prefix, proj = unit_prefix(t.unit)
                 weight, bias = self._reconstruct(index, kept_columns(t.kept(size), t.unit.granule))
                 out: dict[str, torch.Tensor] = {}
                 if size > 0:
@@ -131,10 +140,6 @@ class EncoderState(ProxyState):
                     out[prefix + "bias"] = bias.to(torch.float32)
                 self._levels[key] = out
         return self._levels[key]
-
-    @staticmethod
-    def _prefix(unit: Unit) -> str:
-        return f"layers.{unit.layer}.{'attention' if unit.kind == 'heads' else 'ffn'}."
 
     def materialize(self, cand: Candidate) -> tuple[Plan, dict[str, torch.Tensor]]:
         kept = self.kept(cand)

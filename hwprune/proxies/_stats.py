@@ -93,10 +93,14 @@ def num_threads(n: int | None) -> Iterator[None]:
 
 
 def progress_bar(enabled: bool) -> Any:
+    """A transient rich bar; silent where nobody watches (pipes, CI logs) or when not ``enabled``."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    live = enabled and (console.is_terminal or console.is_jupyter)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, disable=not enabled)
+                    console=console, transient=True, disable=not live)
 
 
 def length_batches(inputs: Mapping[str, torch.Tensor], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

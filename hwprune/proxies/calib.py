@@ -155,7 +155,8 @@ def read_texts(file: str | Path) -> list[str]:
         if obj["text"].strip():
             texts.append(obj["text"].strip())
     if not texts:
-        raise HwpruneError(f"{path}: no texts found; put one text per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
+        raise HwpruneError(f"{path}: no texts found; put one text per line (.txt) "
+                           "or one {\"text\": ...} object per line (.jsonl)")
     return texts
 
 

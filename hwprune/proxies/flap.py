@@ -22,7 +22,8 @@ from hwprune.space import PruningSpace
 __all__ = ["FlapState", "fit_flap", "compensated_bias"]
 
 
-def compensated_bias(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, kept_cols: torch.Tensor) -> torch.Tensor:
+def compensated_bias(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                     kept_cols: torch.Tensor) -> torch.Tensor:
     """b + W[:, P] mean(x_P) for the removed columns P: the removed channels' average contribution."""
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[kept_cols] = False
@@ -50,7 +51,7 @@ def fit_flap(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
     tracks, params, scores = [], [], {}
     with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead
         for u in space.units:
-            _, lin, st = sublayer(adapter, stats, u)
+            lin, st = sublayer(adapter, stats, u)
             w, b = lin.weight.detach().double(), lin.bias.detach().double()
             score = (st.var * w.square().sum(0)).reshape(u.full, u.granule).sum(1).numpy()
             scores[u.name] = (score - score.mean()) / max(float(score.std()), 1e-30)

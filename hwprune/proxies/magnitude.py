@@ -35,7 +35,7 @@ def fit_magnitude(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, 
     tracks = []
     with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead
         for u in space.units:
-            _, lin, st = sublayer(adapter, stats, u)
+            lin, st = sublayer(adapter, stats, u)
             w = lin.weight.detach().double()  # (out, full * granule)
             score = w.square().sum(0).reshape(u.full, u.granule).sum(1)
             order = np.argsort(score.numpy(), kind="stable")

@@ -15,8 +15,8 @@ A quadratic's OBS steps end at the least-squares optimum of the kept set, so a l
 demand as ``W Hd[:, K] Hd[K, K]^-1`` (Hd the damped covariance) instead of storing every level.
 
 Speed: neurons are removed in rounds. Each round takes the ``block`` fraction of remaining neurons
-with the smallest OBS error, orders them by exact sequential OBS inside that block (only the block's
-rows of W and Hinv change their errors), then applies the block's joint update -- equal to the
+with the smallest OBS error, orders them by exact sequential OBS inside that block (their errors
+depend only on the block's columns of W and block of Hinv), then applies the block's joint update -- equal to the
 sequential updates -- once. ``block=0`` is the plain one-at-a-time greedy. Heads always go one at a time.
 """
 
@@ -101,7 +101,9 @@ def obs_order(weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, sto
         w.addmm_(w[:, cols], solved, alpha=-1.0)
         h.addmm_(h[:, cols], solved, alpha=-1.0)
         dead[pick] = True
-        if int(dead.sum()) * 4 >= len(dead) or k - len(pick) <= stop:  # compact: cost follows live size
+        # compact when a quarter is dead, so cost follows the live size; heads at once, since a dead
+        # head's Hinv block is singular and would break the batched solve in _group_errors
+        if granule > 1 or int(dead.sum()) * 4 >= len(dead) or k - len(pick) <= stop:
             live = (~dead).nonzero().squeeze(1)
             lc = (live[:, None] * granule + torch.arange(granule)).reshape(-1)
             w, h = w[:, lc], h[lc][:, lc]
@@ -148,7 +150,7 @@ def fit_obs(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
         task = bar.add_task("OBS database", total=len(space.units))
         for u in space.units:
             bar.update(task, description=f"OBS {u.name}")
-            _, lin, st = sublayer(adapter, stats, u)
+            lin, st = sublayer(adapter, stats, u)
             w, b = lin.weight.detach().double(), lin.bias.detach().double()
             hd = damped(st.cov(), damp)
             if len(u.sizes) == 1:  # kept whole: nothing to fit
