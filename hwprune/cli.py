@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 100)
 
 
 def _fail(e: HwpruneError) -> None:
@@ -152,7 +152,7 @@ def export(
 
 def _print_picks(result: object) -> None:
     t = Table(title="chosen subnet per target (predicted)")
-    for c in ("target", "key", "predicted ms", "predicted speedup", "cosine to dense"):
+    for c in ("target", "key", "pred ms", "pred speedup", "cosine to dense"):
         t.add_column(c, justify="right")
     for target, ev in sorted(result.picks.items()):  # type: ignore[attr-defined]
         t.add_row(f"{target:g}x", ev.candidate.key(), f"{ev.predicted_ms:.2f}",
@@ -162,8 +162,8 @@ def _print_picks(result: object) -> None:
 
 
 def _print_manifests(manifests: list[dict]) -> None:
-    t = Table(title="predicted vs measured")
-    for c in ("target", "key", "predicted ms", "measured ms", "dense ms", "measured speedup", "pred. error", "parity"):
+    t = Table(title="predicted vs measured (speedup = dense / pruned, measured in one process)")
+    for c in ("target", "key", "pred ms", "meas ms", "dense ms", "speedup", "pred err", "parity"):
         t.add_column(c, justify="right")
     for m in manifests:
         tgt = m.get("target_speedup")

@@ -85,6 +85,9 @@ def test_groups_keep_couplings(tiny: CNNAdapter) -> None:
     g = tiny.graph.group("group.stem.0")
     assert g.producers == ("stem.0", "res2.0") and g.consumers == ("res1.0", "expand.0")
     assert tiny.graph.group("group.expand.0").depthwise == ("dw.0",)
+    assert g.norms == ("stem.1", "res2.1")
+    right = tiny.graph.group("group.right.0")  # second half of the concatenation read by mix.0
+    assert right.columns("mix.0")[:, 0].tolist() == list(range(8, 16)) and right.columns("right.0").shape == (8, 1)
     assert not tiny.graph.group("group.head").prunable  # the logits stay whole
     layers = {l.name: l for l in tiny.graph.layers}
     assert layers["stem.0"].in_group is None and layers["stem.0"].in_hw == (32, 32)  # the input stays whole
@@ -151,8 +154,8 @@ def test_shipped_spaces_load(name: str, units: int) -> None:
 
 def test_default_space_for_a_factory(tiny: CNNAdapter) -> None:
     s = tiny.space()
-    assert s.unit("group.res1.0").sizes == (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32)
-    assert s.unit("group.left.0").sizes[0] == 1
+    assert s.unit("group.res1.0").sizes == (8, 16, 24, 32)  # multiples of 8: ORT's kernels stay on their fast path
+    assert s.unit("group.left.0").sizes == (4, 8) and s.unit("group.expand.0").sizes == (8, 16, 24, 32, 40, 48)
 
 
 def test_input_shape_parsing() -> None:

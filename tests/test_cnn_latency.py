@@ -13,7 +13,7 @@ import pytest
 from hwprune.errors import HwpruneError
 from hwprune.latency import DeviceFingerprint, LatencyTable, get_backend
 from hwprune.latency import profile_cnn
-from hwprune.latency.predictor_cnn import CNNPredictor
+from hwprune.latency.predictor_cnn import CNNPredictor, relinearized_dp
 from hwprune.models.cnn import CNNAdapter
 from hwprune.space import Candidate
 
@@ -30,7 +30,7 @@ def test_design_puts_every_conv_at_every_level_pair(tiny: CNNAdapter) -> None:
     k, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
     assert k == 5 and len(nets) == 25
     levels = profile_cnn.unit_levels(space, 5)
-    assert levels["group.res1.0"] == (2, 10, 18, 24, 32)
+    assert levels["group.res1.0"] == (8, 16, 24, 32) and levels["group.expand.0"] == (8, 16, 24, 40, 48)
     dense = {u.name: u.full for u in space.units}
     assert dense in nets  # (a, b) = (K-1, 0)
     for layer in tiny.graph.layers:
@@ -108,8 +108,8 @@ def test_profile_tiny_model_round_trips(tiny: CNNAdapter, tmp_path: Path) -> Non
     assert meta["networks"] == 9 and meta["unmatched_layer_samples"] == 0
     conv = frame[frame["key"] == "res2.0"]  # reads group.res1.0 (3 levels), writes group.stem.0 (3 levels)
     lv = profile_cnn.unit_levels(space, 3)
-    assert lv["group.res1.0"] == (2, 18, 32) and lv["group.stem.0"] == (1, 9, 16)
-    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (2, 18, 32) for b in (1, 9, 16)]
+    assert lv["group.res1.0"] == (8, 24, 32) and lv["group.stem.0"] == (4, 12, 16)
+    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (8, 24, 32) for b in (4, 12, 16)]
     assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()
     table = LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
                          settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
@@ -117,3 +117,16 @@ def test_profile_tiny_model_round_trips(tiny: CNNAdapter, tmp_path: Path) -> Non
     pred = CNNPredictor(table, space)
     assert pred.dense_ms() == pytest.approx(meta["dense_ms"], rel=1e-9)  # base closes the dense sum
     assert pred.predict(space.smallest()) < pred.dense_ms()
+
+
+def test_relinearized_dp_meets_the_budget_exactly(tiny: CNNAdapter) -> None:
+    space = tiny.space()
+    pred = CNNPredictor(_synthetic_table(tiny, _bilinear), space)
+    errors = [np.linspace(1.0, 0.0, len(u.sizes)) ** 2 for u in space.units]  # any non-increasing curves
+    for target in (1.5, 2.5):
+        budget = pred.dense_ms() / target
+        pick, lin = relinearized_dp(pred, errors, budget)
+        assert pred.predict(pick) <= budget * (1 + 1e-9)
+        base, costs = lin.unit_costs()  # the returned predictor is exact at the pick
+        ix = [u.sizes.index(s) for u, s in zip(space.units, pick.sizes)]
+        assert base + sum(c[i] for c, i in zip(costs, ix)) == pytest.approx(pred.predict(pick), rel=1e-12)

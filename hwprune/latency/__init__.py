@@ -26,7 +26,7 @@ __all__ = ["profile", "LatencyTable", "LUTPredictor", "Predictor", "DeviceFinger
            "get_backend", "register_backend", "backend_names", "default_table_name"]
 
 # family -> module with ``measure(adapter, backend, *, batch, seq, space, progress) -> (frame, meta)``
-_PROFILERS = {"encoder": "hwprune.latency.profile_encoder"}
+_PROFILERS = {"encoder": "hwprune.latency.profile_encoder", "cnn": "hwprune.latency.profile_cnn"}
 
 
 def profile(
@@ -39,8 +39,13 @@ def profile(
     space: "PruningSpace | None" = None,
     out: str | Path | None = None,
     progress: bool = True,
+    budget_s: float | None = None,
 ) -> LatencyTable:
-    """Measure every block size of ``space`` (default: the adapter's) on this machine; save to ``out``."""
+    """Measure every block size of ``space`` (default: the adapter's) on this machine; save to ``out``.
+
+    ``budget_s`` bounds the timing phase (default: the family's, 120 s for encoders); ``out`` may be
+    ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory.
+    """
     if adapter.family not in _PROFILERS:
         raise HwpruneError(f"cannot profile model family {adapter.family!r} yet; supported: {', '.join(_PROFILERS)}")
     if batch < 1 or seq < 1:
@@ -49,8 +54,9 @@ def profile(
     space = space if space is not None else adapter.space()
     fp = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version())
     t0 = time.perf_counter()
+    extra = {"budget_s": budget_s} if budget_s is not None else {}
     frame, meta = importlib.import_module(_PROFILERS[adapter.family]).measure(
-        adapter, backend, batch=batch, seq=seq, space=space, progress=progress)
+        adapter, backend, batch=batch, seq=seq, space=space, progress=progress, **extra)
     table = LatencyTable(frame=frame, fingerprint=fp, model=adapter.name, family=adapter.family,
                          shape_key=adapter.shape_key(), profile_seconds=time.perf_counter() - t0, meta=meta,
                          settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,

@@ -76,6 +76,7 @@ def interleave(
     runners: Sequence[Runner],
     *,
     rounds: int = 0,
+    per_round: int = 1,
     seconds: float = 0.0,
     min_rounds: int = 15,
     warmup: int = 3,
@@ -83,9 +84,10 @@ def interleave(
     seed: int = 0,
     on_round: Callable[[float], None] | None = None,
 ) -> list[Timing]:
-    """Time every runner once per round, round-robin in a fresh random order each round.
+    """Time every runner ``per_round`` times per round, round-robin in a fresh random order each round.
 
-    Runs ``rounds`` rounds, or with ``seconds`` as many as fit (at least ``min_rounds``). The order is
+    Stops after ``rounds`` rounds or ``seconds`` (but not before ``min_rounds``), whichever comes
+    first; give one or both. The order is
     shuffled so no graph always follows the same neighbour (cache state); the Python GC is paused so a
     collection never lands inside a timed call. ``common_mode`` divides each round by its load factor
     (median over graphs of sample / graph median): when another process slows the whole machine for
@@ -103,19 +105,21 @@ def interleave(
     t0 = time.perf_counter()
     try:
         while True:
-            row = [0.0] * len(runners)
+            rows = [[0.0] * len(runners) for _ in range(per_round)]
             for j in rng.permutation(len(runners)):
-                row[j] = runners[j].sample(1)[0]
-            samples.append(row)
+                for row, t in zip(rows, runners[j].sample(per_round)):
+                    row[j] = t
+            samples.extend(rows)
             elapsed = time.perf_counter() - t0
+            done = len(samples) // per_round
             if on_round is not None:
-                on_round(min(len(samples) / rounds if rounds else elapsed / seconds, 1.0))
-            if len(samples) >= rounds if rounds else (len(samples) >= min_rounds and elapsed >= seconds):
+                on_round(min(max(done / rounds if rounds else 0.0, elapsed / seconds if seconds else 0.0), 1.0))
+            if (rounds and done >= rounds) or (seconds and elapsed >= seconds and done >= min_rounds):
                 break
     finally:
         if enabled:
             gc.enable()
-    a = np.asarray(samples)  # (rounds, graphs)
+    a = np.asarray(samples)  # (rounds * per_round, graphs)
     if common_mode and len(runners) > 1:
         load = np.median(a / np.median(a, axis=0, keepdims=True), axis=1, keepdims=True)
         a = a / load

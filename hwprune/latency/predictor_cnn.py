@@ -26,7 +26,7 @@ from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["CNNPredictor", "layer_function", "predictor_for"]
+__all__ = ["CNNPredictor", "layer_function", "predictor_for", "relinearized_dp"]
 
 
 def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
@@ -158,6 +158,35 @@ class CNNPredictor(Predictor):
 
     def dense_ms(self) -> float:
         return self.predict(self.space.dense())
+
+
+def relinearized_dp(predictor: CNNPredictor, errors: list[np.ndarray], budget_ms: float, *, rounds: int = 6,
+                    buckets: int = 4000) -> tuple[Candidate, CNNPredictor]:
+    """DP under the additive model, re-linearised around its own pick until :meth:`predict` agrees.
+
+    Returns the lowest-error pick whose *exact* prediction meets ``budget_ms`` and the predictor
+    linearised there (hand that to ``search`` so its DP seed is this pick). When a round's pick is
+    over budget, the next round's budget shrinks by the overshoot. Belongs in ``hwprune.search``.
+    """
+    from hwprune.search.dp import solve_dp
+
+    space, ref, b = predictor.space, predictor.space.dense(), budget_ms
+    best: tuple[float, Candidate, CNNPredictor] | None = None
+    for _ in range(rounds):
+        lin = predictor.linearized_at(ref)
+        base, costs = lin.unit_costs()
+        sol = solve_dp(space, base_ms=base, costs=costs, errors=errors, budget_ms=b, buckets=buckets,
+                       dense_ms=predictor.dense_ms())
+        exact = predictor.predict(sol.candidate)
+        if exact <= budget_ms * (1 + 1e-9):
+            if best is None or sol.error < best[0]:
+                best = (sol.error, sol.candidate, predictor.linearized_at(sol.candidate))
+        else:
+            b *= budget_ms / exact
+        ref = sol.candidate
+    if best is None:
+        raise HwpruneError(f"no pick within {budget_ms:.4g} ms after {rounds} re-linearisations; lower the target")
+    return best[1], best[2]
 
 
 def _where(table: LatencyTable) -> str:

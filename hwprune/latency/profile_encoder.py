@@ -3,28 +3,34 @@
 Method (why it is shaped this way):
 
 * Blocks are the real :class:`~hwprune.models.encoder.Attention` / ``FeedForward`` modules with the kept
-  size, exported by :func:`~hwprune.export.onnx_io.to_onnx` with the model's dynamic axes, so ORT sees
-  (and fuses) the same subgraphs it sees in an exported pruned model. Attention blocks get their mask
-  from ``attention_mask`` through ``Encoder.extended_mask``, as in the model.
+  size behind the real ``Embeddings``, exported by :func:`~hwprune.export.onnx_io.to_onnx` with the
+  model's dynamic axes, so ORT optimizes them as it does an exported pruned model. This matters: a
+  FeedForward fed from a plain graph input gets ``Add + LayerNorm`` fused into SkipLayerNormalization,
+  which inside the model it never does (shapes are unknown after the embeddings), and the fused kernel
+  is ~10 % slower on this CPU. Attention takes its mask through ``Encoder.extended_mask`` as in the model.
 * A block alone is too short to time against the fixed cost of one ``session.run`` (feed copies,
-  output allocation, dispatch). Each size is therefore timed as a *chain* of ``R`` copies with their own
-  random weights (``R`` = layers, capped by a weight budget, so weights stream from cache as they do in
-  the model) behind the model's embeddings, and the embeddings alone are timed for the fixed cost:
-  ``block = (T_chain - T_empty) / R``. The embeddings matter for the graph, see :class:`_Chain`.
-* ``base`` is what is left of the measured *dense model*: ``T_dense - L * (heads(H) + ffn(F))``. It holds
-  embeddings, mask, session overhead and any context effect at the dense point, so the additive model
-  reproduces the dense latency exactly and errors can only come from how sizes *differ* from dense.
-* All graphs are timed interleaved, round-robin in shuffled order, and medians are taken over every
-  round: load from other processes then shifts all sizes alike instead of bending the curve.
+  output allocation, dispatch). Each size is timed as a *chain*: the embeddings, then ``R`` copies of the
+  block with their own random weights (``R`` = the model's layers, capped by a weight budget, so weights
+  stream from cache as in the model); the embeddings alone are timed too, and
+  ``block = (T_chain - T_empty) / R`` counts the per-run cost zero times. (Chains of whole layers, each
+  size beside a full neighbour, were tried: same accuracy on real subnets, but the small sizes come out
+  of differences of long graphs and are several times noisier for the same time budget.)
+* ``base`` is the embeddings with the real vocabulary plus the per-run cost, timed on its own rather
+  than as ``dense - sum(blocks)``: that would push every error of the block sums into the base, and a
+  subnet pruned to almost nothing is mostly base. The dense model is timed too;
+  ``meta.dense_error_pct`` says how well the sum reproduces it. Chains use a small vocabulary (same
+  gather cost, far less memory for ~40 graphs).
+* All graphs are timed interleaved, round-robin in shuffled order, each round divided by its load
+  factor (``interleave(common_mode=True)``), medians over the rounds: load from other processes then
+  shifts all sizes alike instead of bending the curve.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -36,41 +42,17 @@ from hwprune.latency.backends import Runner, interleave
 from hwprune.models.encoder import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
 from hwprune.space import PruningSpace
 
-__all__ = ["measure", "chain_length", "profiled_sizes"]
+__all__ = ["measure", "prepare", "Profiling", "chain_length", "profiled_sizes"]
 
-_CHAIN_WEIGHT_BUDGET = 48 * 2**20  # bytes of fp32 weights per chain: keeps big models' chains in memory
-
-
-class _Chain(nn.Module):
-    """Embeddings, then ``R`` sublayers in sequence; attention chains compute the mask as the model does.
-
-    The embeddings are there for the graph optimizer, not for their cost (the empty chain cancels
-    it): ORT fuses ``Add + LayerNorm`` into SkipLayerNormalization only when it can prove both inputs
-    have the same shape, which it can for a plain (batch, seq, hidden) graph input but not after the
-    model's embeddings. A block fed straight from a graph input would be timed as a different graph.
-    """
-
-    def __init__(self, cfg: EncoderConfig, blocks: list[nn.Module], *, attention: bool) -> None:
-        super().__init__()
-        self.embeddings = Embeddings(cfg)
-        self.blocks = nn.ModuleList(blocks)
-        self.attention = attention
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(input_ids)
-        if self.attention:
-            mask = Encoder.extended_mask(attention_mask)
-            for b in self.blocks:
-                x = b(x, mask)
-        else:
-            for b in self.blocks:
-                x = b(x)
-        return x
+_CHAIN_WEIGHT_BUDGET = 48 * 2**20  # bytes of fp32 layer weights per chain: big models get short chains
+_CHAIN_VOCAB = 2048
+_ROUNDS = 300  # enough for ~0.3 % median noise on a shared core; small models stop here, big ones at budget_s
 
 
 def chain_length(cfg: EncoderConfig) -> int:
-    ffn_bytes = 2 * cfg.hidden_size * cfg.intermediate_size * 4
-    return int(max(2, min(cfg.num_layers, _CHAIN_WEIGHT_BUDGET // max(ffn_bytes, 1))))
+    h, d = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    layer_bytes = 4 * (4 * h * d + 2 * h * cfg.intermediate_size)
+    return int(max(2, min(cfg.num_layers, _CHAIN_WEIGHT_BUDGET // max(layer_bytes, 1))))
 
 
 def profiled_sizes(cfg: EncoderConfig, space: PruningSpace) -> tuple[list[int], list[int]]:
@@ -82,86 +64,116 @@ def profiled_sizes(cfg: EncoderConfig, space: PruningSpace) -> tuple[list[int], 
     return list(range(cfg.num_heads + 1)), sorted(ffn)
 
 
-def _graphs(adapter: Any, heads: list[int], ffn: list[int], *, r: int, batch: int,
-            seq: int) -> list[tuple[str, int, Callable[[], tuple[bytes, dict[str, np.ndarray]]]]]:
-    """(kind, size, build) for every graph to time; ``build`` exports lazily to spread the progress bar."""
-    cfg: EncoderConfig = adapter.config
-    # a small vocabulary: gathering ``seq`` rows costs the same, and 40 graphs need not hold 40 tables
-    small = replace(cfg.dense(), vocab_size=min(cfg.vocab_size, 2048))
-    dense_inputs = adapter.example_inputs(batch=batch, seq=seq)
-    inputs = {"input_ids": dense_inputs["input_ids"] % small.vocab_size, "attention_mask": dense_inputs["attention_mask"]}
-    ax = {0: "batch", 1: "seq"}
+class _Chain(nn.Module):
+    """Embeddings, then ``blocks`` in sequence (the mask computed as :class:`Encoder` does)."""
 
-    def chain(kind: str, size: int) -> tuple[bytes, dict[str, np.ndarray]]:
+    def __init__(self, cfg: EncoderConfig, blocks: list[nn.Module], *, attention: bool) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = attention
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        mask = Encoder.extended_mask(attention_mask) if self.attention else None
+        for b in self.blocks:
+            x = b(x, mask) if self.attention else b(x)
+        return x
+
+
+@dataclass
+class Profiling:
+    """The graphs of one profile, loaded and ready to time: ``kinds[i], sizes[i]`` name ``runners[i]``.
+
+    Kinds: ``dense`` (the real model, for the self-check), ``base``, ``empty``, ``heads``, ``ffn``. Split
+    from :func:`measure` so a benchmark can time these runners in the same rounds as its own.
+    """
+
+    cfg: EncoderConfig
+    r: int
+    kinds: list[str]
+    sizes: list[int]
+    runners: list[Runner]
+
+    def frame(self, timings: list[Timing]) -> pd.DataFrame:
+        by = {(k, s): t for k, s, t in zip(self.kinds, self.sizes, timings, strict=True)}
+        e, b = by[("empty", 0)].median_ms, by[("base", 0)]
+        rows = [{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": b.median_ms, "p10_ms": b.p10_ms,
+                 "p90_ms": b.p90_ms, "n": b.n}]
+        rows += [{"kind": kind, "key": "", "size": size, "size2": -1, "median_ms": (t.median_ms - e) / self.r,
+                  "p10_ms": (t.p10_ms - e) / self.r, "p90_ms": (t.p90_ms - e) / self.r, "n": t.n}
+                 for (kind, size), t in by.items() if kind in ("heads", "ffn")]
+        return pd.DataFrame(rows)
+
+    def meta(self, timings: list[Timing]) -> dict[str, Any]:
+        f = self.frame(timings).set_index(["kind", "size"])["median_ms"]
+        c = self.cfg
+        predicted = f[("base", 0)] + c.num_layers * (f[("heads", c.num_heads)] + f[("ffn", c.intermediate_size)])
+        dense = next(t for k, t in zip(self.kinds, timings) if k == "dense")
+        return {"method": "chains of R blocks behind the embeddings minus the embeddings alone; interleaved rounds, "
+                          "common-mode load removed, medians",
+                "chain_len": self.r, "rounds": dense.n, "dense_ms": dense.to_json(),
+                "dense_predicted_ms": round(float(predicted), 4),
+                "dense_error_pct": round(float(100 * (predicted - dense.median_ms) / dense.median_ms), 3)}
+
+
+def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int, space: PruningSpace,
+            progress: bool = True) -> Profiling:
+    """Export and load every graph of the profile (dense model, base, empty chain, the chains)."""
+    from rich.progress import Progress
+
+    if not hasattr(backend, "prepare"):
+        raise HwpruneError(f"runtime {backend.name} cannot profile yet (it has no prepare()); use --runtime ort-cpu")
+    cfg: EncoderConfig = adapter.config.dense()
+    heads, ffn = profiled_sizes(cfg, space)
+    r = chain_length(cfg)
+    small = replace(cfg, vocab_size=min(cfg.vocab_size, _CHAIN_VOCAB))
+    real = adapter.example_inputs(batch=batch, seq=seq)
+    ids = {"input_ids": real["input_ids"] % small.vocab_size, "attention_mask": real["attention_mask"]}
+    ins, outs, dyn = adapter.onnx_io()
+
+    def chain(kind: str, size: int) -> tuple[bytes, dict[str, torch.Tensor]]:
         torch.manual_seed(size)
         if kind == "heads":
             blocks: list[nn.Module] = [Attention(cfg.hidden_size, size, cfg.head_dim, cfg.layer_norm_eps)
                                        for _ in range(r)]
         else:
             blocks = [FeedForward(cfg.hidden_size, size, cfg.layer_norm_eps) for _ in range(r)] if kind == "ffn" else []
-        model = _Chain(small, blocks, attention=kind == "heads")
-        onnx = to_onnx(model, inputs, output_names=["y"], dynamic_axes={**{k: ax for k in inputs}, "y": ax})
-        return onnx, {k: v.numpy() for k, v in inputs.items()}
+        inputs = real if kind == "base" else ids
+        model = _Chain(cfg if kind == "base" else small, blocks, attention=kind == "heads").eval()
+        return to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn), inputs
 
-    def dense() -> tuple[bytes, dict[str, np.ndarray]]:
-        _, outs, dyn = adapter.onnx_io()
-        onnx = to_onnx(adapter.dense(), dense_inputs, output_names=outs, dynamic_axes=dyn)
-        return onnx, {k: v.numpy() for k, v in dense_inputs.items()}
-
-    out: list[tuple[str, int, Callable[[], tuple[bytes, dict[str, np.ndarray]]]]] = [
-        ("dense", -1, dense), ("empty", 0, lambda: chain("empty", 0))]
-    out += [("heads", k, lambda k=k: chain("heads", k)) for k in heads]
-    out += [("ffn", n, lambda n=n: chain("ffn", n)) for n in ffn]
-    return out
+    todo: list[tuple[str, int, Callable[[], tuple[bytes, dict[str, torch.Tensor]]]]] = [
+        ("dense", -1, lambda: (to_onnx(adapter.dense(), real, output_names=outs, dynamic_axes=dyn), real)),
+        ("base", 0, lambda: chain("base", 0)), ("empty", 0, lambda: chain("empty", 0))]
+    todo += [("heads", k, lambda k=k: chain("heads", k)) for k in heads]
+    todo += [("ffn", n, lambda n=n: chain("ffn", n)) for n in ffn]
+    runners: list[Runner] = []
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"export {len(todo)} graphs", total=len(todo))
+        for _, _, build in todo:
+            onnx, inputs = build()
+            runners.append(backend.prepare(onnx, {k: v.numpy() for k, v in inputs.items()}))  # type: ignore[attr-defined]
+            bar.advance(task)
+    return Profiling(cfg=cfg, r=r, kinds=[k for k, _, _ in todo], sizes=[s for _, s, _ in todo], runners=runners)
 
 
 def measure(adapter: Any, backend: Backend, *, batch: int, seq: int, space: PruningSpace, progress: bool = True,
             budget_s: float = 120.0) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Time every block size of ``adapter`` on ``backend``; returns (table frame, meta)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Time every block size of ``adapter`` on ``backend`` for about ``budget_s`` s; returns (frame, meta).
 
-    cfg: EncoderConfig = adapter.config
-    prepare = getattr(backend, "prepare", None)
-    if prepare is None:
-        raise HwpruneError(f"runtime {backend.name} cannot profile yet (no prepare()); use --runtime ort-cpu")
-    heads, ffn = profiled_sizes(cfg, space)
-    r = chain_length(cfg)
-    specs = _graphs(adapter, heads, ffn, r=r, batch=batch, seq=seq)
-    runners: list[Runner] = []
-    cols = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    Stops after 300 rounds (median noise ~0.3 % on a shared core) or ``budget_s``: MiniLM needs about
+    120 s for 300 rounds on one idle core, which keeps a profile with export under 3 minutes.
+    """
+    from rich.progress import Progress
+
     t0 = time.perf_counter()
-    with Progress(*cols, disable=not progress, transient=False) as bar:
-        t_build = bar.add_task(f"export {len(specs)} graphs", total=len(specs))
-        for kind, size, build in specs:
-            onnx, feed = build()
-            runners.append(prepare(onnx, feed))
-            bar.advance(t_build)
-        t_export = time.perf_counter() - t0
-        t_time = bar.add_task(f"time chains of {r} (~{budget_s:.0f} s)", total=100)
-        timings = interleave(runners, seconds=budget_s, min_rounds=15, common_mode=True,
-                             on_round=lambda f: bar.update(t_time, completed=100 * f))
-    meta = _meta(specs, timings, r=r, rounds=timings[0].n)
+    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress)
+    t_export = time.perf_counter() - t0
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"time {len(prof.runners)} graphs (~{budget_s:.0f} s)", total=100)
+        timings = interleave(prof.runners, rounds=_ROUNDS, seconds=budget_s, common_mode=True,
+                             on_round=lambda f: bar.update(task, completed=100 * f))
+    meta = prof.meta(timings)
     meta.update(export_seconds=round(t_export, 1), clock="thread-cpu" if getattr(backend, "cpu_clock", False) else "wall")
-    return _frame(specs, timings, cfg=cfg, r=r), meta
-
-
-def _frame(specs: list[tuple[str, int, Any]], timings: list[Timing], *, cfg: EncoderConfig, r: int) -> pd.DataFrame:
-    by = {(k, s): t for (k, s, _), t in zip(specs, timings)}
-    over = by[("empty", 0)].median_ms
-    rows: list[dict[str, Any]] = []
-    for (kind, size), t in by.items():
-        if kind in ("heads", "ffn"):
-            rows.append({"kind": kind, "key": "", "size": size, "size2": -1, "median_ms": (t.median_ms - over) / r,
-                         "p10_ms": (t.p10_ms - over) / r, "p90_ms": (t.p90_ms - over) / r, "n": t.n})
-    cost = {(row["kind"], row["size"]): row["median_ms"] for row in rows}
-    layers = cfg.num_layers * (cost[("heads", cfg.num_heads)] + cost[("ffn", cfg.intermediate_size)])
-    d = by[("dense", -1)]
-    rows.insert(0, {"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": d.median_ms - layers,
-                    "p10_ms": d.p10_ms - layers, "p90_ms": d.p90_ms - layers, "n": d.n})
-    return pd.DataFrame(rows)
-
-
-def _meta(specs: list[tuple[str, int, Any]], timings: list[Timing], *, r: int, rounds: int) -> dict[str, Any]:
-    by = {k: t for (k, _, _), t in zip(specs, timings) if k in ("dense", "empty")}
-    return {"method": "chains of R blocks minus an empty graph; base = dense - sum of dense blocks; interleaved",
-            "chain_len": r, "rounds": rounds, "dense_ms": by["dense"].to_json(), "empty_ms": by["empty"].to_json()}
+    return prof.frame(timings), meta

@@ -11,8 +11,10 @@ shape and input resolution): the latency model and the proxies both work from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -34,7 +36,16 @@ class ChannelGroup:
     producers: tuple[str, ...]     # conv/linear layers whose outputs are pruned
     consumers: tuple[str, ...]     # conv/linear layers whose inputs are pruned (depthwise excluded)
     depthwise: tuple[str, ...]     # depthwise convs carried along (their input and output channels)
+    norms: tuple[str, ...]         # BatchNorms whose channels go with the group
     prunable: bool                 # False: reaches the model output or a grouped conv
+    # module -> its channel (consumers: input-channel / feature) indices, ordered by root channel;
+    # len = full * k where a flatten gives k features per channel (vgg's 7x7 before classifier.0)
+    index: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
+
+    def columns(self, module: str) -> np.ndarray:
+        """(full, k) indices of ``module``'s channels (or features) owned by each group channel."""
+        idx = np.asarray(self.index[module], dtype=np.int64)
+        return idx.reshape(self.full, -1)
 
 
 @dataclass(frozen=True)
@@ -132,15 +143,22 @@ def analyze(model: nn.Module, example: torch.Tensor, dg: Any | None = None) -> G
     layer_types = (nn.Conv2d, nn.Linear)
     groups: list[ChannelGroup] = []
     for g in dg.get_all_groups(root_module_types=layer_types):
-        prods, cons, dws = set(), set(), set()
+        prods, cons, dws, norms = set(), set(), set(), set()
+        index: dict[str, tuple[int, ...]] = {}
         reaches_output, grouped = False, False
-        for dep, _ in g:
+        for item in g:
+            dep = item.dep
             mod, node = dep.target.module, dep.target
             if not node.outputs and dg.is_out_channel_pruning_fn(dep.handler):
                 reaches_output = True  # its output channels are the model's output: keep whole
-            if not isinstance(mod, layer_types):
+            if isinstance(mod, nn.BatchNorm2d):
+                norms.add(name_of[mod])
+            if not isinstance(mod, (*layer_types, nn.BatchNorm2d)):
                 continue
             n = name_of[mod]
+            index[n] = tuple(int(i) for _, i in sorted(zip(item.root_idxs, item.idxs)))
+            if isinstance(mod, nn.BatchNorm2d):
+                continue
             if isinstance(mod, nn.Conv2d) and mod.groups > 1 and not _is_dw(mod):
                 grouped = True
             if dg.is_out_channel_pruning_fn(dep.handler):
@@ -158,6 +176,7 @@ def analyze(model: nn.Module, example: torch.Tensor, dg: Any | None = None) -> G
         groups.append(ChannelGroup(name=f"group.{root}", kind=kind, full=full, root=root, producers=prod_sorted,
                                    consumers=tuple(sorted(cons, key=order.__getitem__)),
                                    depthwise=tuple(sorted(dws, key=order.__getitem__)),
+                                   norms=tuple(sorted(norms, key=order.__getitem__)), index=index,
                                    prunable=not reaches_output and not grouped and full > 1))
     groups.sort(key=lambda c: order[c.root])
     return GraphInfo(groups=tuple(groups), layers=tuple(_layers(model, example, groups, order)))

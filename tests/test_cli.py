@@ -1,0 +1,159 @@
+"""The CLI end to end on a tiny BERT folder, and every bad input of the encoder slice.
+
+Each bad input must give one clear line, a nonzero exit, and leave no partial files behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from hwprune.cli import app
+from hwprune.models.bert import minilm_path
+from hwprune.models.encoder import Encoder, _hf_key, from_hf_config
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(res, pattern: str) -> None:
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())  # rich may wrap long lines on narrow terminals
+    assert text.startswith("error:"), res.output
+    assert pattern in text, res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A real (randomly initialised) Hugging Face BERT folder, with MiniLM's tokenizer."""
+    out = tmp_path_factory.mktemp("tinybert")
+    cfg = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128}
+    (out / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    enc = Encoder(from_hf_config(cfg))
+    save_file({"bert." + _hf_key(k): v.contiguous() for k, v in enc.state_dict().items()}, str(out / "model.safetensors"))
+    shutil.copy(minilm_path() / "tokenizer.json", out / "tokenizer.json")
+    (out / "space.yaml").write_text("defaults:\n  heads: {step: 1, min: 1, allow_remove: true}\n"
+                                    "  ffn: {step: 32, min: 32, allow_remove: true}\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tiny_folder, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tables") / "tiny.parquet"
+    res = invoke("profile", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--seq", "32",
+                 "--budget-s", "4", "-o", path, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_folder, tiny_table, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "r"
+    res = invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table,
+                 "--targets", "1.2,1.4", "--trials", "14", "-o", run, "--export", "--no-progress")
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_help_teaches():
+    res = invoke("--help")
+    assert res.exit_code == 0 and "profile" in res.output and "search" in res.output and "export" in res.output
+    for cmd in ("profile", "search", "export"):
+        res = invoke(cmd, "--help")
+        assert res.exit_code == 0 and "Example:" in res.output
+
+
+def test_search_and_export_end_to_end(tiny_run):
+    for f in ("run.json", "study.db", "pareto.csv", "pareto.png", "picks.json", "exports.json"):
+        assert (tiny_run / f).is_file(), f
+    picks = json.loads((tiny_run / "picks.json").read_text())["picks"]
+    assert len(picks) == 2
+    for p in picks.values():
+        folder = tiny_run / "candidates" / p["key"]
+        m = json.loads((folder / "manifest.json").read_text())
+        assert {"plan.json", "model.safetensors", "model.onnx", "manifest.json"} <= {x.name for x in folder.iterdir()}
+        assert m["predicted_ms"] <= p["budget_ms"] * 1.0001
+        assert m["measured_speedup"] == pytest.approx(m["dense_measured_ms"] / m["measured_ms"])
+        assert m["parity_max_abs_diff"] < 1e-3
+        assert m["params"] < m["dense_params"]
+
+
+def test_export_pick_all_reuses_run(tiny_run):
+    res = invoke("export", tiny_run, "--pick", "all", "--no-progress")
+    assert res.exit_code == 0, res.output
+    exported = json.loads((tiny_run / "exports.json").read_text())["manifests"]
+    assert len(exported) >= 2
+
+
+def test_unknown_model():
+    one_line_error(invoke("search", "--model", "gpt-7"), "unknown model 'gpt-7'; supported:")
+
+
+def test_malformed_yaml(tiny_folder, tiny_table, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults:\n  heads: {step: 1\n")
+    run = tmp_path / "run"
+    one_line_error(invoke("search", "--model", tiny_folder, "--table", tiny_table, "--space", bad, "-o", run),
+                   "malformed YAML")
+    assert not run.exists()
+
+
+def test_table_for_another_model(tiny_table, tmp_path):
+    run = tmp_path / "run"
+    one_line_error(invoke("search", "--model", "minilm", "--table", tiny_table, "-o", run),
+                   "was measured for")
+    assert not run.exists()
+
+
+def test_corrupt_table(tiny_folder, tiny_table, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a parquet file at all")
+    shutil.copy(tiny_table.with_suffix(".json"), bad.with_suffix(".json"))
+    run = tmp_path / "run"
+    one_line_error(invoke("search", "--model", tiny_folder, "--table", bad, "-o", run), "not a readable parquet")
+    assert not run.exists()
+
+
+def test_target_unreachable(tiny_folder, tiny_table, tmp_path):
+    run = tmp_path / "run"
+    res = invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table,
+                 "--target-speedup", "100", "-o", run)
+    one_line_error(res, "largest reachable speedup is")
+    assert not run.exists()
+
+
+def test_empty_calibration_file(tiny_folder, tiny_table, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    run = tmp_path / "run"
+    one_line_error(invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table",
+                          tiny_table, "--calib", empty, "-o", run), "empty.txt")
+    assert not run.exists()
+
+
+def test_parity_failure_leaves_no_partial_files(tiny_folder, tiny_table, tmp_path):
+    run = tmp_path / "run"
+    res = invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table,
+                 "--target-speedup", "1.2", "--trials", "6", "-o", run, "--no-progress")
+    assert res.exit_code == 0, res.output
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    # A real, nonzero ORT-vs-torch difference (~1e-7) against a zero tolerance: parity fails honestly.
+    one_line_error(invoke("export", run, "--parity-tol", "0", "--no-progress"), "differs from the pruned torch model")
+    after = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert after == before  # nothing added, nothing half-written
+
+
+def test_export_not_a_run(tmp_path):
+    one_line_error(invoke("export", tmp_path), "is not a search run")
