@@ -50,7 +50,7 @@ def default_table_path(adapter: ModelAdapter, *, runtime: str, threads: int, bat
 def run_profile(model: str, *, runtime: str = "ort-cpu", threads: int = 1, batch: int = 1, seq: int = 128,
                 out: str | Path | None = None, space_file: str | Path | None = None,
                 weights: str | None = None, input_shape: Sequence[int] | None = None,
-                progress: bool = True) -> tuple[Any, Path, float]:
+                progress: bool = True, budget_s: float | None = None) -> tuple[Any, Path, float]:
     """Profile ``model`` on this machine; returns (table, parquet path, predicted dense ms)."""
     from hwprune.latency import profile
 
@@ -61,8 +61,10 @@ def run_profile(model: str, *, runtime: str = "ort-cpu", threads: int = 1, batch
     path = Path(out) if out else default_table_path(adapter, runtime=runtime, threads=threads, batch=batch, seq=seq)
     if path.suffix != ".parquet":
         raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
+    if budget_s is not None and budget_s <= 0:
+        raise HwpruneError(f"--budget-s must be > 0 seconds (got {budget_s})")
     table = profile(adapter, runtime=runtime, threads=threads, batch=batch, seq=seq, space=space, out=path,
-                    progress=progress)
+                    progress=progress, budget_s=budget_s)
     return table, path, make_predictor(table, space, adapter).dense_ms()
 
 

@@ -59,6 +59,7 @@ def profile(
     weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights as .safetensors (never unpickled)."),
     space: Optional[Path] = typer.Option(None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table file (.parquet); a .json fingerprint is written beside it. Default latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet"),
+    budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the timing phase; longer gives steadier medians (default: 120 s for encoders, per-model for CNNs)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Measure this device: time every prunable block shape (attention with k heads, FFN with n neurons, convs over channel grids, and the unprunable rest) in the deployment runtime, median and spread after warm-up, and save a latency table with a device fingerprint.
@@ -70,7 +71,7 @@ def profile(
     try:
         table, path, dense_ms = run_profile(model, runtime=runtime, threads=threads, batch=batch, seq=seq, out=output,
                                   space_file=space, weights=weights, input_shape=_shape(input_shape),
-                                  progress=not no_progress)
+                                  progress=not no_progress, budget_s=budget_s)
     except HwpruneError as e:
         _fail(e)
     out.print(f"[green]wrote[/] {path} ({len(table.frame)} rows) and {path.with_suffix('.json')}")

@@ -10,7 +10,8 @@ search each target speedup (DP re-linearised on the exact predictor, then NSGA-I
 Peer: ``tp.pruner.MagnitudePruner`` (group L2, one uniform ratio for every layer, classifier kept), BN
 re-estimated on the same 256 images. Peer ratios form a grid; all models are exported and timed
 interleaved in one process; the peer's figure at a target is its most accurate model measured at least
-as fast as hwprune's pick (ratios 0.05..0.80, with tp's default rounding and rounded to 8 channels). Accuracy is on the 450 test images, never seen before.
+as fast as hwprune's pick (ratios 0.05..0.80, tp's default rounding and rounded to 8 channels).
+Accuracy is on the 450 test images, never seen before.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from hwprune.export.onnx_io import to_onnx  # noqa: E402
 from hwprune.latency import DeviceFingerprint, LatencyTable, get_backend  # noqa: E402
 from hwprune.latency import profile_cnn  # noqa: E402
 from hwprune.latency.backends import interleave  # noqa: E402
-from hwprune.latency.predictor_cnn import CNNPredictor, relinearized_dp  # noqa: E402
-from hwprune.models.cnn import CNNAdapter  # noqa: E402
+from hwprune.latency.predictor_cnn import CnnPredictor, relinearized_dp  # noqa: E402
+from hwprune.models.cnn import CnnAdapter  # noqa: E402
 from hwprune.proxies._base import CalibData  # noqa: E402
 from hwprune.proxies.cnn import fit_cnn_proxy  # noqa: E402
 from hwprune.proxies.cnn_calib import recalibrate_bn  # noqa: E402
-from hwprune.proxies.cnn_e2e import CNNScorer  # noqa: E402
+from hwprune.proxies.cnn_e2e import CnnScorer  # noqa: E402
 from scripts.train_digits_cnn import accuracy, train  # noqa: E402
 
 MODEL = "scripts.train_digits_cnn:digits_resnet"
@@ -78,7 +79,7 @@ def best_peer(ms: float, peers: list[dict[str, Any]], key: str) -> dict[str, Any
     return max(ok, key=lambda p: p[key]) if ok else {"name": None, key: float("nan"), "measured_ms": float("nan")}
 
 
-def search_cnn(space: Any, pred: CNNPredictor, state: Any, scorer: CNNScorer, targets: list[float], *,
+def search_cnn(space: Any, pred: CnnPredictor, state: Any, scorer: CnnScorer, targets: list[float], *,
                trials: int, seed: int, run_dir: Path) -> dict[float, Any]:
     """``hwprune.search.search``'s flow (DP seeds + uniform seeds + dense -> NSGA-II -> best within budget),
     with the DP re-linearised per target on the exact predictor (see the report: search() should do this)."""
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(a.data)
     t_start = time.perf_counter()
-    adapter = CNNAdapter(MODEL, input_shape=SHAPE, weights=data / "model.safetensors")
+    adapter = CnnAdapter(MODEL, input_shape=SHAPE, weights=data / "model.safetensors")
     xtr, ytr = (torch.from_numpy(np.load(data / f)) for f in ("train.npy", "train_labels.npy"))
     xte, yte = (torch.from_numpy(np.load(data / f)) for f in ("test.npy", "test_labels.npy"))
     perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(a.seed))
@@ -132,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                          profile_seconds=time.perf_counter() - t0)
     out = Path(a.out)
     table.save(out.with_suffix("").as_posix() + "_table")
-    pred = CNNPredictor(table, space)
+    pred = CnnPredictor(table, space)
     state = fit_cnn_proxy(a.proxy, adapter, space, calib, threads=1)
-    scorer = CNNScorer.from_calib(adapter, calib)
+    scorer = CnnScorer.from_calib(adapter, calib)
     dense = adapter.dense()
     models: dict[str, nn.Module] = {"dense": dense}
     picks: dict[str, Any] = {}
@@ -159,16 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     ms = time_all(models, xte[:1], seconds=a.seconds)
     rows = {k: {"measured_ms": ms[k], "speedup": ms["dense"] / ms[k], "accuracy": accuracy(m, xte, yte),
                 "params": sum(p.numel() for p in m.parameters())} for k, m in models.items()}
-    if a.finetune_epochs:
-        for k in [k for k in models if k.startswith("hwprune_") and "no_bn" not in k] + peer_names:
+    peers = [dict(rows[n], name=n) for n in peer_names]
+    if a.finetune_epochs:  # hwprune's picks, and per target the 3 best peers at least as fast (before tuning)
+        tune = {f"hwprune_{t}x" for t in picks}
+        for t in picks:
+            ok = [p for p in peers if p["measured_ms"] <= rows[f"hwprune_{t}x"]["measured_ms"] * 1.01]
+            tune.update(p["name"] for p in sorted(ok, key=lambda p: -p["accuracy"])[:3])
+        for k in sorted(tune):
             m = copy.deepcopy(models[k])
             train(m, xtr, ytr, epochs=a.finetune_epochs, lr=0.01, seed=a.seed, log=False)
             rows[k]["accuracy_finetuned"] = accuracy(m, xte, yte)
-    peers = [dict(rows[n], name=n) for n in peer_names]
+        peers = [dict(rows[n], name=n) for n in peer_names if "accuracy_finetuned" in rows[n]] or peers
     summary = []
     for t in picks:
         h = rows[f"hwprune_{t}x"]
-        p = best_peer(h["measured_ms"], peers, "accuracy")
+        p = best_peer(h["measured_ms"], [dict(rows[n], name=n) for n in peer_names], "accuracy")
         line = {"target": float(t), "hwprune_measured_speedup": h["speedup"], "hwprune_accuracy": h["accuracy"],
                 "peer_accuracy": p["accuracy"], "peer_measured_speedup": rows["dense"]["measured_ms"] / p["measured_ms"],
                 "peer_model": p["name"]}

@@ -16,7 +16,7 @@ import hwprune
 import hwprune.models.cnn  # noqa: F401  (registers resnet18 & co. until builtin.py imports it)
 from hwprune.errors import HwpruneError
 from hwprune.models import resolve_model
-from hwprune.models.cnn import CNNAdapter, parse_input_shape
+from hwprune.models.cnn import CnnAdapter, parse_input_shape
 from hwprune.surgery.plan import Plan
 
 SHAPE = "1,3,32,32"
@@ -73,11 +73,11 @@ def with_layer_norm() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> CNNAdapter:
-    return CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE)
+def tiny() -> CnnAdapter:
+    return CnnAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE)
 
 
-def test_groups_keep_couplings(tiny: CNNAdapter) -> None:
+def test_groups_keep_couplings(tiny: CnnAdapter) -> None:
     units = {n: (k, f) for n, k, f, *_ in tiny.raw_units()}
     assert units == {"group.stem.0": ("residual", 16), "group.res1.0": ("conv", 32), "group.expand.0": ("dw", 48),
                      "group.project.0": ("conv", 24), "group.left.0": ("conv", 8), "group.right.0": ("conv", 8),
@@ -95,7 +95,7 @@ def test_groups_keep_couplings(tiny: CNNAdapter) -> None:
     assert (layers["head"].in_group, layers["head"].out_group) == ("group.mix.0", None)
 
 
-def test_pruning_dead_channels_leaves_output_unchanged(tiny: CNNAdapter) -> None:
+def test_pruning_dead_channels_leaves_output_unchanged(tiny: CnnAdapter) -> None:
     model = Tiny().eval()
     with torch.no_grad():  # channels 1 and 5 of the residual stream: zero after both BNs of the add
         for bn in (model.stem[1], model.res2[1]):
@@ -117,7 +117,7 @@ def test_pruning_dead_channels_leaves_output_unchanged(tiny: CNNAdapter) -> None
     assert model.stem[0].out_channels == 16  # the dense model is untouched
 
 
-def test_save_load_round_trip(tiny: CNNAdapter, tmp_path: Path) -> None:
+def test_save_load_round_trip(tiny: CnnAdapter, tmp_path: Path) -> None:
     plan = tiny.plan({"group.res1.0": range(0, 32, 3), "group.mix.0": [0, 31], "group.project.0": range(12)})
     m = tiny.prune(tiny.dense(), plan)
     hwprune.save(m, plan, tmp_path)
@@ -152,7 +152,7 @@ def test_shipped_spaces_load(name: str, units: int) -> None:
     assert all(0 not in u.sizes and u.sizes[-1] == u.full for u in space.units)
 
 
-def test_default_space_for_a_factory(tiny: CNNAdapter) -> None:
+def test_default_space_for_a_factory(tiny: CnnAdapter) -> None:
     s = tiny.space()
     assert s.unit("group.res1.0").sizes == (8, 16, 24, 32)  # multiples of 8: ORT's kernels stay on their fast path
     assert s.unit("group.left.0").sizes == (4, 8) and s.unit("group.expand.0").sizes == (8, 16, 24, 32, 40, 48)
@@ -177,38 +177,38 @@ def test_factory_that_does_not_import(model: str, match: str) -> None:
 
 def test_factory_not_returning_a_module() -> None:
     with pytest.raises(HwpruneError, match="returned a int, not a torch nn.Module"):
-        CNNAdapter("test_cnn_adapter:not_a_module").dense()
+        CnnAdapter("test_cnn_adapter:not_a_module").dense()
 
 
 def test_unsupported_layer_is_named() -> None:
     with pytest.raises(HwpruneError, match=r"module 'norm' \(LayerNorm\) is not supported"):
-        CNNAdapter("test_cnn_adapter:with_layer_norm", input_shape=SHAPE).raw_units()
+        CnnAdapter("test_cnn_adapter:with_layer_norm", input_shape=SHAPE).raw_units()
 
 
 def test_wrong_channels_in_input_shape() -> None:
     with pytest.raises(HwpruneError, match="has 1 channels but the model's first conv takes 3"):
-        CNNAdapter("resnet18", input_shape="1,1,64,64").dense()
+        CnnAdapter("resnet18", input_shape="1,1,64,64").dense()
 
 
 def test_weights_are_checked_and_loaded(tmp_path: Path) -> None:
     ref = Tiny()
     good = tmp_path / "good.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(good))
-    a = CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=good)
+    a = CnnAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=good)
     assert torch.equal(a.dense().head.weight, ref.head.weight)
     bad = tmp_path / "bad.safetensors"
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     sd["head.weight"] = torch.zeros(10, 33)
     save_file(sd, str(bad))
     with pytest.raises(HwpruneError, match=r"'head.weight' has shape \(10, 33\), the model needs \(10, 32\)"):
-        CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=bad).dense()
+        CnnAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=bad).dense()
     pt = tmp_path / "w.pt"
     pt.write_bytes(b"not read")
     with pytest.raises(HwpruneError, match="only .safetensors files are read"):
-        CNNAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=pt).dense()
+        CnnAdapter("test_cnn_adapter:tiny_net", input_shape=SHAPE, weights=pt).dense()
 
 
-def test_space_yaml_naming_a_missing_layer(tiny: CNNAdapter, tmp_path: Path) -> None:
+def test_space_yaml_naming_a_missing_layer(tiny: CnnAdapter, tmp_path: Path) -> None:
     y = tmp_path / "s.yaml"
     y.write_text("overrides:\n  - {match: 'group.layer9.conv1', min: 8}\n")
     with pytest.raises(HwpruneError, match="names no unit of this model; units look like 'group.stem.0'"):
@@ -218,8 +218,21 @@ def test_space_yaml_naming_a_missing_layer(tiny: CNNAdapter, tmp_path: Path) -> 
         tiny.space(y)
 
 
-def test_plan_with_bad_indices(tiny: CNNAdapter) -> None:
+def test_plan_with_bad_indices(tiny: CnnAdapter) -> None:
     with pytest.raises(HwpruneError, match=r"kept indices must be non-empty, unique and in \[0, 8\)"):
         tiny.plan({"group.left.0": [8]})
     with pytest.raises(HwpruneError, match="lacks; units look like"):
         tiny.plan({"group.nope": [0]})
+
+
+def test_flops_match_torch_counter() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hwprune.export.cnn import cnn_stats
+
+    a = resolve_model("resnet18", input_shape="1,3,64,64")
+    m = a.prune(a.dense(), a.plan({"group.layer1.0.conv1": range(16), "group.conv1": range(32)}))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(torch.zeros(1, 3, 64, 64))
+    st = cnn_stats(m, (1, 3, 64, 64))
+    assert st.flops == fc.get_total_flops() and st.params == sum(p.numel() for p in m.parameters())

@@ -13,19 +13,19 @@ import pytest
 from hwprune.errors import HwpruneError
 from hwprune.latency import DeviceFingerprint, LatencyTable, get_backend
 from hwprune.latency import profile_cnn
-from hwprune.latency.predictor_cnn import CNNPredictor, relinearized_dp
-from hwprune.models.cnn import CNNAdapter
+from hwprune.latency.predictor_cnn import CnnPredictor, relinearized_dp
+from hwprune.models.cnn import CnnAdapter
 from hwprune.space import Candidate
 
 FP = DeviceFingerprint.current("ort-cpu", threads=1, batch=1, seq=32, runtime_version="onnxruntime test")
 
 
 @pytest.fixture(scope="module")
-def tiny() -> CNNAdapter:
-    return CNNAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
+def tiny() -> CnnAdapter:
+    return CnnAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
 
 
-def test_design_puts_every_conv_at_every_level_pair(tiny: CNNAdapter) -> None:
+def test_design_puts_every_conv_at_every_level_pair(tiny: CnnAdapter) -> None:
     space = tiny.space()
     k, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
     assert k == 5 and len(nets) == 25
@@ -42,7 +42,7 @@ def test_design_puts_every_conv_at_every_level_pair(tiny: CNNAdapter) -> None:
         assert seen == want, layer.name
 
 
-def _synthetic_table(tiny: CNNAdapter, f) -> LatencyTable:  # noqa: ANN001
+def _synthetic_table(tiny: CnnAdapter, f) -> LatencyTable:  # noqa: ANN001
     """A table as the profiler writes it, with ms = f(layer, c_in, c_out) at every design point."""
     space = tiny.space()
     _, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
@@ -66,9 +66,9 @@ def _bilinear(layer, ci: int, co: int) -> float:  # noqa: ANN001
     return 0.01 + 1e-3 * (ci + 2 * co) + 1e-4 * w * ci * co
 
 
-def test_predict_is_exact_for_bilinear_costs_off_grid(tiny: CNNAdapter) -> None:
+def test_predict_is_exact_for_bilinear_costs_off_grid(tiny: CnnAdapter) -> None:
     space = tiny.space()
-    pred = CNNPredictor(_synthetic_table(tiny, _bilinear), space)
+    pred = CnnPredictor(_synthetic_table(tiny, _bilinear), space)
     rng = np.random.default_rng(0)
     for _ in range(20):
         cand = Candidate(tuple(int(rng.choice(u.sizes)) for u in space.units))
@@ -77,9 +77,9 @@ def test_predict_is_exact_for_bilinear_costs_off_grid(tiny: CNNAdapter) -> None:
         assert pred.predict(cand) == pytest.approx(want, rel=1e-12)
 
 
-def test_unit_costs_are_exact_at_the_reference_and_along_one_unit(tiny: CNNAdapter) -> None:
+def test_unit_costs_are_exact_at_the_reference_and_along_one_unit(tiny: CnnAdapter) -> None:
     space = tiny.space()
-    pred = CNNPredictor(_synthetic_table(tiny, _bilinear), space)
+    pred = CnnPredictor(_synthetic_table(tiny, _bilinear), space)
     base, costs = pred.unit_costs()
     additive = lambda c: base + sum(k[u.sizes.index(s)] for k, u, s in zip(costs, space.units, c.sizes))  # noqa: E731
     assert additive(space.dense()) == pytest.approx(pred.dense_ms(), rel=1e-12)
@@ -94,14 +94,14 @@ def test_unit_costs_are_exact_at_the_reference_and_along_one_unit(tiny: CNNAdapt
     assert b2 + sum(k[0] for k in c2) == pytest.approx(pred.predict(small), rel=1e-12)
 
 
-def test_predictor_refuses_widths_outside_the_profile(tiny: CNNAdapter, tmp_path: Path) -> None:
+def test_predictor_refuses_widths_outside_the_profile(tiny: CnnAdapter, tmp_path: Path) -> None:
     y = tmp_path / "s.yaml"
     y.write_text("defaults:\n  conv: {step: 1, min: 1}\n")
     with pytest.raises(HwpruneError, match="outside the measured range"):
-        CNNPredictor(_synthetic_table(tiny, _bilinear), tiny.space(y))
+        CnnPredictor(_synthetic_table(tiny, _bilinear), tiny.space(y))
 
 
-def test_profile_tiny_model_round_trips(tiny: CNNAdapter, tmp_path: Path) -> None:
+def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> None:
     space = tiny.space()
     frame, meta = profile_cnn.measure(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space,
                                       progress=False, levels=3, budget_s=2.0)
@@ -114,14 +114,14 @@ def test_profile_tiny_model_round_trips(tiny: CNNAdapter, tmp_path: Path) -> Non
     table = LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
                          settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
     table = LatencyTable.load(table.save(tmp_path / "t"))
-    pred = CNNPredictor(table, space)
+    pred = CnnPredictor(table, space)
     assert pred.dense_ms() == pytest.approx(meta["dense_ms"], rel=1e-9)  # base closes the dense sum
     assert pred.predict(space.smallest()) < pred.dense_ms()
 
 
-def test_relinearized_dp_meets_the_budget_exactly(tiny: CNNAdapter) -> None:
+def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
     space = tiny.space()
-    pred = CNNPredictor(_synthetic_table(tiny, _bilinear), space)
+    pred = CnnPredictor(_synthetic_table(tiny, _bilinear), space)
     errors = [np.linspace(1.0, 0.0, len(u.sizes)) ** 2 for u in space.units]  # any non-increasing curves
     for target in (1.5, 2.5):
         budget = pred.dense_ms() / target

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from hwprune.errors import HwpruneError
-from hwprune.models.cnn import CNNAdapter
+from hwprune.models.cnn import CnnAdapter
 from hwprune.proxies._base import CalibData
 from hwprune.proxies.cnn import _plain_errors, fit_cnn_proxy
 from hwprune.proxies.cnn_calib import load_cnn_calib, read_images, recalibrate_bn
-from hwprune.proxies.cnn_e2e import CNNScorer
+from hwprune.proxies.cnn_e2e import CnnScorer
 from hwprune.space import Candidate, build_space
 
 PROXIES = ("magnitude", "bn_scale", "flap", "obs")
@@ -30,9 +30,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
-def _adapter_with(edit) -> tuple[CNNAdapter, CalibData]:  # noqa: ANN001
+def _adapter_with(edit) -> tuple[CnnAdapter, CalibData]:  # noqa: ANN001
     """The tiny test net with ``edit`` applied and BN statistics of its own data (as if trained)."""
-    a = CNNAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
+    a = CnnAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
     calib = load_cnn_calib(a, None, n_calib=48, n_heldout=16)
     m = a.dense()
     with torch.no_grad():
@@ -99,14 +99,14 @@ def test_refit_never_loses_to_plain_removal_of_the_same_channels() -> None:
         energy = sum(c.energy for c in obs.consumers[i])
         for s in u.sizes:
             assert obs.errors[i][s] <= plain[s] / energy * (1 + 1e-6) + 1e-12, (u.name, s)
-    scorer = CNNScorer.from_calib(a, calib)
+    scorer = CnnScorer.from_calib(a, calib)
     assert scorer.score(a.dense()) == {"distance": 0.0, "rel_mse": 0.0, "cosine": pytest.approx(1.0),
                                        "agreement": 1.0}
     assert scorer.score(obs.build(space.uniform(0.5)))["distance"] > 0
 
 
 def test_bn_recalibration_matches_the_data() -> None:
-    a = CNNAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
+    a = CnnAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
     m = a.prune(a.dense(), a.plan({"group.res1.0": range(12)}))
     x = torch.randn(48, 3, 32, 32)
     recalibrate_bn(m, x, batch=16)  # equal batches: the cumulative average of batch means is the mean
@@ -120,7 +120,7 @@ def test_bn_recalibration_matches_the_data() -> None:
 
 
 def test_calibration_files(tmp_path: Path) -> None:
-    a = CNNAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
+    a = CnnAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
     x = np.random.default_rng(0).normal(size=(10, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     torch.save(torch.from_numpy(x), tmp_path / "x.pt")

@@ -16,14 +16,14 @@ from hwprune.errors import HwpruneError
 from hwprune.latency._base import Backend, Timing, backend_names, get_backend, register_backend
 from hwprune.latency.fingerprint import DeviceFingerprint
 from hwprune.latency.predictor import LUTPredictor, Predictor
-from hwprune.latency.table import LatencyTable, default_table_name
+from hwprune.latency.table import LatencyTable
 
 if TYPE_CHECKING:
     from hwprune.models._base import ModelAdapter
     from hwprune.space import PruningSpace
 
 __all__ = ["profile", "LatencyTable", "LUTPredictor", "Predictor", "DeviceFingerprint", "Backend", "Timing",
-           "get_backend", "register_backend", "backend_names", "default_table_name"]
+           "get_backend", "register_backend", "backend_names"]
 
 # family -> module with ``measure(adapter, backend, *, batch, seq, space, progress) -> (frame, meta)``
 _PROFILERS = {"encoder": "hwprune.latency.profile_encoder", "cnn": "hwprune.latency.profile_cnn"}

@@ -165,8 +165,10 @@ class OrtCpuBackend(Backend):
 
     @property
     def cpu_clock(self) -> bool:
-        """Single-threaded CPU runs are timed by thread CPU time (see :class:`Runner`); GPU runs never."""
-        return self.threads == 1 and self.providers[0] == "CPUExecutionProvider"
+        """Single-threaded CPU runs are timed by thread CPU time (see :class:`Runner`) where that clock is
+        fine-grained (Linux, macOS; Windows ticks in ~16 ms); GPU and multi-threaded runs by wall time."""
+        return (self.threads == 1 and self.providers[0] == "CPUExecutionProvider"
+                and time.get_clock_info("thread_time").resolution <= 1e-6)
 
     def time(self, onnx: bytes, feed: Mapping[str, np.ndarray], *, warmup: int = 10, repeats: int = 50) -> Timing:
         if repeats < 1:

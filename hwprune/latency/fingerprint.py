@@ -52,7 +52,8 @@ def _cpu() -> tuple[str, str, int]:
         import cpuinfo
 
         info = cpuinfo.get_cpu_info()
-        cpu_id = f"{info.get('vendor_id_raw', '?')} {info.get('family', '?')}/{info.get('model', '?')}/{info.get('stepping', '?')}"
+        fms = "/".join(str(info.get(k, "?")) for k in ("family", "model", "stepping"))
+        cpu_id = f"{info.get('vendor_id_raw', '?')} {fms}"
         return str(info.get("brand_raw") or platform.processor() or "unknown"), cpu_id, int(os.cpu_count() or 1)
     except Exception:  # pragma: no cover - exotic platforms
         return platform.processor() or "unknown", "?", int(os.cpu_count() or 1)

@@ -2,7 +2,7 @@
 
 ``predict(c) = base + sum over layers of f_l(c_in, c_out)``, with ``f_l`` bilinearly interpolated in the
 layer's measured (c_in, c_out) grid (exact at measured points; a bilinear least-squares fit where the
-grid is incomplete). That sum is not additive over units, so :meth:`CNNPredictor.unit_costs` gives the
+grid is incomplete). That sum is not additive over units, so :meth:`CnnPredictor.unit_costs` gives the
 DP a first-order model around a reference candidate ``r`` (dense by default)::
 
     f(a, b) ~ f(a, r_b) + f(r_a, b) - f(r_a, r_b)
@@ -26,7 +26,7 @@ from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["CNNPredictor", "layer_function", "predictor_for", "relinearized_dp"]
+__all__ = ["CnnPredictor", "layer_function", "predictor_for", "relinearized_dp"]
 
 
 def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
@@ -70,10 +70,12 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
     return f3
 
 
-class CNNPredictor(Predictor):
+class CnnPredictor(Predictor):
     """Exact sum of per-layer lookups (:meth:`predict`); linearised unit costs for the DP (:meth:`unit_costs`)."""
 
-    def __init__(self, table: LatencyTable, space: PruningSpace, *, reference: Candidate | None = None) -> None:
+    def __init__(self, table: LatencyTable, space: PruningSpace, adapter: Any = None, *,
+                 reference: Candidate | None = None) -> None:
+        """``adapter`` is accepted for symmetry with other families; the layer map lives in the table."""
         super().__init__(space)
         if table.family != "cnn" or "layers" not in table.meta:
             raise HwpruneError(f"{_where(table)} is not a CNN latency table; profile this model: hwprune profile")
@@ -148,10 +150,10 @@ class CNNPredictor(Predictor):
         """Additive model around ``self.reference`` (equal to :meth:`predict` there; see module doc)."""
         return self._costs[0], [c.copy() for c in self._costs[1]]
 
-    def linearized_at(self, reference: Candidate) -> "CNNPredictor":
+    def linearized_at(self, reference: Candidate) -> "CnnPredictor":
         """The same predictor with unit costs linearised around ``reference`` (e.g. the last DP pick)."""
         self.space.validate(reference)
-        out = object.__new__(CNNPredictor)
+        out = object.__new__(CnnPredictor)
         out.__dict__.update(self.__dict__)
         out.reference, out._costs = reference, self._linearize(reference)
         return out
@@ -160,8 +162,8 @@ class CNNPredictor(Predictor):
         return self.predict(self.space.dense())
 
 
-def relinearized_dp(predictor: CNNPredictor, errors: list[np.ndarray], budget_ms: float, *, rounds: int = 6,
-                    buckets: int = 4000) -> tuple[Candidate, CNNPredictor]:
+def relinearized_dp(predictor: CnnPredictor, errors: list[np.ndarray], budget_ms: float, *, rounds: int = 6,
+                    buckets: int = 4000) -> tuple[Candidate, CnnPredictor]:
     """DP under the additive model, re-linearised around its own pick until :meth:`predict` agrees.
 
     Returns the lowest-error pick whose *exact* prediction meets ``budget_ms`` and the predictor
@@ -171,7 +173,7 @@ def relinearized_dp(predictor: CNNPredictor, errors: list[np.ndarray], budget_ms
     from hwprune.search.dp import solve_dp
 
     space, ref, b = predictor.space, predictor.space.dense(), budget_ms
-    best: tuple[float, Candidate, CNNPredictor] | None = None
+    best: tuple[float, Candidate, CnnPredictor] | None = None
     for _ in range(rounds):
         lin = predictor.linearized_at(ref)
         base, costs = lin.unit_costs()
@@ -196,7 +198,7 @@ def _where(table: LatencyTable) -> str:
 def predictor_for(table: LatencyTable, space: PruningSpace) -> Predictor:
     """The predictor a table's family needs (what ``search``/``bench_latency`` should call)."""
     if table.family == "cnn":
-        return CNNPredictor(table, space)
+        return CnnPredictor(table, space)
     from hwprune.latency.predictor import LUTPredictor
 
     return LUTPredictor(table, space)

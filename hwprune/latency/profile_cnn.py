@@ -156,7 +156,7 @@ def _session(backend: Backend, onnx: bytes, prefix: str) -> Any:
 
 def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
             progress: bool = True, levels: int = 5, chunk: int = 9, budget_s: float = 150.0) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CNNAdapter`) on ``backend``: (table frame, meta)."""
+    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CnnAdapter`) on ``backend``: (table frame, meta)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if batch != adapter.input_shape[0]:

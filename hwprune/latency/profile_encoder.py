@@ -50,6 +50,7 @@ _ROUNDS = 300  # enough for ~0.3 % median noise on a shared core; small models s
 
 
 def chain_length(cfg: EncoderConfig) -> int:
+    """Blocks per chain: the model's layer count, fewer when that many layers' weights pass the budget."""
     h, d = cfg.hidden_size, cfg.num_heads * cfg.head_dim
     layer_bytes = 4 * (4 * h * d + 2 * h * cfg.intermediate_size)
     return int(max(2, min(cfg.num_layers, _CHAIN_WEIGHT_BUDGET // max(layer_bytes, 1))))
@@ -100,6 +101,7 @@ class Profiling:
         e, b = by[("empty", 0)].median_ms, by[("base", 0)]
         rows = [{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": b.median_ms, "p10_ms": b.p10_ms,
                  "p90_ms": b.p90_ms, "n": b.n}]
+        # p10/p90 of a block: its chain's, per block (the empty graph's spread is negligible)
         rows += [{"kind": kind, "key": "", "size": size, "size2": -1, "median_ms": (t.median_ms - e) / self.r,
                   "p10_ms": (t.p10_ms - e) / self.r, "p90_ms": (t.p90_ms - e) / self.r, "n": t.n}
                  for (kind, size), t in by.items() if kind in ("heads", "ffn")]
@@ -130,17 +132,19 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int, space: Prun
     small = replace(cfg, vocab_size=min(cfg.vocab_size, _CHAIN_VOCAB))
     real = adapter.example_inputs(batch=batch, seq=seq)
     ids = {"input_ids": real["input_ids"] % small.vocab_size, "attention_mask": real["attention_mask"]}
-    ins, outs, dyn = adapter.onnx_io()
+    _, outs, dyn = adapter.onnx_io()
 
     def chain(kind: str, size: int) -> tuple[bytes, dict[str, torch.Tensor]]:
-        torch.manual_seed(size)
-        if kind == "heads":
-            blocks: list[nn.Module] = [Attention(cfg.hidden_size, size, cfg.head_dim, cfg.layer_norm_eps)
-                                       for _ in range(r)]
-        else:
-            blocks = [FeedForward(cfg.hidden_size, size, cfg.layer_norm_eps) for _ in range(r)] if kind == "ffn" else []
+        with torch.random.fork_rng():  # random weights, without touching the caller's RNG
+            torch.manual_seed(size)
+            if kind == "heads":
+                blocks: list[nn.Module] = [Attention(cfg.hidden_size, size, cfg.head_dim, cfg.layer_norm_eps)
+                                           for _ in range(r)]
+            else:
+                blocks = [FeedForward(cfg.hidden_size, size, cfg.layer_norm_eps)
+                          for _ in range(r if kind == "ffn" else 0)]
+            model = _Chain(cfg if kind == "base" else small, blocks, attention=kind == "heads").eval()
         inputs = real if kind == "base" else ids
-        model = _Chain(cfg if kind == "base" else small, blocks, attention=kind == "heads").eval()
         return to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn), inputs
 
     todo: list[tuple[str, int, Callable[[], tuple[bytes, dict[str, torch.Tensor]]]]] = [
@@ -153,7 +157,8 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int, space: Prun
         task = bar.add_task(f"export {len(todo)} graphs", total=len(todo))
         for _, _, build in todo:
             onnx, inputs = build()
-            runners.append(backend.prepare(onnx, {k: v.numpy() for k, v in inputs.items()}))  # type: ignore[attr-defined]
+            feed = {k: v.numpy() for k, v in inputs.items()}
+            runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
             bar.advance(task)
     return Profiling(cfg=cfg, r=r, kinds=[k for k, _, _ in todo], sizes=[s for _, s, _ in todo], runners=runners)
 
@@ -175,5 +180,6 @@ def measure(adapter: Any, backend: Backend, *, batch: int, seq: int, space: Prun
         timings = interleave(prof.runners, rounds=_ROUNDS, seconds=budget_s, common_mode=True,
                              on_round=lambda f: bar.update(task, completed=100 * f))
     meta = prof.meta(timings)
-    meta.update(export_seconds=round(t_export, 1), clock="thread-cpu" if getattr(backend, "cpu_clock", False) else "wall")
+    clock = "thread-cpu" if getattr(backend, "cpu_clock", False) else "wall"
+    meta.update(export_seconds=round(t_export, 1), clock=clock)
     return prof.frame(timings), meta

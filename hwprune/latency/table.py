@@ -34,7 +34,7 @@ from hwprune.latency.fingerprint import DeviceFingerprint
 if TYPE_CHECKING:
     from hwprune.models._base import ModelAdapter
 
-__all__ = ["LatencyTable", "TABLE_FORMAT", "COLUMNS", "table_paths", "default_table_name"]
+__all__ = ["LatencyTable", "TABLE_FORMAT", "COLUMNS", "table_paths"]
 
 TABLE_FORMAT = "hwprune.table/1"
 COLUMNS = {"kind": "string", "key": "string", "size": "int64", "size2": "int64",
@@ -46,10 +46,6 @@ def table_paths(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".parquet", ".json") else p
     return stem.with_name(stem.name + ".parquet"), stem.with_name(stem.name + ".json")
-
-
-def default_table_name(model: str, runtime: str, *, threads: int, batch: int, seq: int) -> str:
-    return f"{model}_{runtime}_t{threads}_b{batch}_s{seq}.parquet"
 
 
 @dataclass
@@ -130,7 +126,8 @@ class LatencyTable:
         try:
             frame = pd.read_parquet(pq)
         except Exception as e:
-            raise HwpruneError(f"{pq}: not a readable parquet file ({_first_line(e)}); re-profile to rebuild it") from None
+            raise HwpruneError(f"{pq}: not a readable parquet file ({_first_line(e)}); "
+                               "re-profile to rebuild it") from None
         try:
             side = json.loads(js.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -27,7 +27,7 @@ from hwprune.space import PruningSpace, build_space, load_space
 from hwprune.surgery.cnn_graph import GraphInfo, analyze
 from hwprune.surgery.plan import Plan
 
-__all__ = ["CNNAdapter", "NAMED_CNNS", "parse_input_shape", "import_factory", "load_weights"]
+__all__ = ["CnnAdapter", "NAMED_CNNS", "parse_input_shape", "import_factory", "load_weights"]
 
 NAMED_CNNS = ("resnet18", "resnet50", "mobilenet_v2", "vgg16_bn")
 DEFAULT_INPUT = (1, 3, 224, 224)
@@ -124,7 +124,7 @@ def _build(model: str, *, seed: int, meta: bool = False) -> nn.Module:
     return m.float().eval()
 
 
-class CNNAdapter(ModelAdapter):
+class CnnAdapter(ModelAdapter):
     family = "cnn"
 
     def __init__(self, model: str, *, input_shape: str | Sequence[int] | None = None,
@@ -135,8 +135,18 @@ class CNNAdapter(ModelAdapter):
         self.name = model if model in NAMED_CNNS else model.rpartition(":")[2]
 
     @classmethod
-    def from_arch(cls, arch: Mapping[str, Any]) -> "CNNAdapter":
+    def from_arch(cls, arch: Mapping[str, Any]) -> "CnnAdapter":
         return cls(str(arch["model"]), input_shape=arch["input_shape"])
+
+    def configure(self, *, weights: str | Path | None = None,
+                  input_shape: str | Sequence[int] | None = None) -> "CnnAdapter":
+        """The same model with other weights and/or input shape (what ``--weights``/``--input-shape`` set)."""
+        return CnnAdapter(self.model, input_shape=input_shape if input_shape is not None else self.input_shape,
+                          weights=weights if weights is not None else self.weights, seed=self.seed)
+
+    def shape_tag(self) -> str:
+        """Image size for table file names, e.g. ``3x224x224`` (batch is tagged separately)."""
+        return "x".join(map(str, self.input_shape[1:]))
 
     # ---- identity -----------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -240,9 +250,9 @@ def default_spec(units: Sequence[RawUnit]) -> dict[str, Any]:
 
 # ---- registrations ----------------------------------------------------------------------------
 
-def _named(name: str) -> Callable[..., CNNAdapter]:
-    def make(**kw: Any) -> CNNAdapter:
-        return CNNAdapter(name, **kw)
+def _named(name: str) -> Callable[..., CnnAdapter]:
+    def make(**kw: Any) -> CnnAdapter:
+        return CnnAdapter(name, **kw)
     return make
 
 
@@ -251,14 +261,14 @@ for _n in NAMED_CNNS:
 
 
 @register_resolver
-def _resolve_factory(model: str, **kw: Any) -> CNNAdapter | None:
+def _resolve_factory(model: str, **kw: Any) -> CnnAdapter | None:
     """``package.module:factory`` -> a CNN adapter (input shape and weights from ``kw``)."""
     if ":" not in model or Path(model).exists():
         return None
     import_factory(model)  # fail now, with one line, if it does not import
-    return CNNAdapter(model, **kw)
+    return CnnAdapter(model, **kw)
 
 
 @register_family("cnn")
 def _cnn_skeleton(plan: Plan) -> nn.Module:
-    return CNNAdapter.from_arch(plan.arch).skeleton(plan)
+    return CnnAdapter.from_arch(plan.arch).skeleton(plan)

@@ -34,12 +34,13 @@ from hwprune.models._base import ModelAdapter
 from hwprune.proxies._base import CalibData, ProxyState, register_proxy
 from hwprune.proxies._stats import num_threads
 from hwprune.proxies.cnn_calib import recalibrate_bn
+from hwprune.proxies.cnn_e2e import CnnScorer
 from hwprune.proxies.cnn_stats import InputStats, collect_input_stats
 from hwprune.space import Candidate, PruningSpace, Unit
 from hwprune.surgery.cnn_graph import ChannelGroup
 from hwprune.surgery.plan import Plan
 
-__all__ = ["CNNState", "Consumer", "fit_cnn_proxy"]
+__all__ = ["CnnState", "CnnScorer", "Consumer", "fit_cnn_proxy"]
 
 _DAMP = 0.01
 
@@ -59,7 +60,6 @@ class Consumer:
     block: np.ndarray         # (nb,) ascending column indices of the block in the full unfolded input
     cols: np.ndarray          # (full, g): positions in ``block`` owned by each group channel
     energy: float             # E||W x - E W x||^2 of the whole consumer output (normaliser)
-    has_bias: bool
     shape: tuple[int, ...]    # the dense weight's shape, to fold reconstructed matrices back
     out_group: str | None
 
@@ -78,8 +78,7 @@ def _consumers(adapter: ModelAdapter, g: ChannelGroup, stats: dict[str, InputSta
         cov, mu = stats[n].cov(), stats[n].mean()
         b = torch.as_tensor(block)
         out.append(Consumer(n, w[:, b], cov[b][:, b], mu[b], block, np.searchsorted(block, cols),
-                            float(torch.trace(w @ cov @ w.T)), m.bias is not None, tuple(m.weight.shape),
-                            writes.get(n)))
+                            float(torch.trace(w @ cov @ w.T)), tuple(m.weight.shape), writes.get(n)))
     return out
 
 
@@ -110,9 +109,9 @@ def _refit_errors(cons: list[Consumer], order: np.ndarray, unit: Unit) -> np.nda
     return out
 
 
-def _pair_matrix(c: Consumer, cov: torch.Tensor) -> torch.Tensor:
+def _pair_matrix(c: Consumer) -> torch.Tensor:
     """(full, full): trace contributions of channel pairs to E||W_R x_R||^2 (centred)."""
-    a = (c.weight.T @ c.weight) * cov
+    a = (c.weight.T @ c.weight) * c.cov
     flat = torch.as_tensor(c.cols.ravel())
     full, g = c.cols.shape
     return a[flat][:, flat].reshape(full, g, full, g).sum((1, 3))
@@ -129,7 +128,7 @@ def _curve(by_size: np.ndarray, energy: float) -> np.ndarray:
 def _plain_errors(cons: list[Consumer], order: np.ndarray) -> np.ndarray:
     """Removal error of the first k channels of ``order``, k = 0..full (no reconstruction)."""
     idx = torch.as_tensor(order)
-    total = sum(_pair_matrix(c, c.cov)[idx][:, idx].cumsum(0).cumsum(1).diagonal() for c in cons)
+    total = sum(_pair_matrix(c)[idx][:, idx].cumsum(0).cumsum(1).diagonal() for c in cons)
     return np.concatenate([[0.0], np.asarray(total)])
 
 
@@ -192,7 +191,7 @@ def _score(kind: str, adapter: ModelAdapter, g: ChannelGroup, cons: list[Consume
     return s
 
 
-class CNNState(ProxyState):
+class CnnState(ProxyState):
     """One fit, every candidate: nested kept sets per unit, cached reconstructions, BN recalibration."""
 
     def __init__(self, adapter: ModelAdapter, space: PruningSpace, *, name: str, orders: list[np.ndarray],
@@ -288,7 +287,7 @@ class CNNState(ProxyState):
 
 
 def fit_cnn_proxy(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
-                  batch: int = 16, threads: int | None = None, progress: bool = True, **_: Any) -> CNNState:
+                  batch: int = 16, threads: int | None = None, progress: bool = True, **_: Any) -> CnnState:
     """Fit proxy ``kind`` (magnitude | bn_scale | flap | obs) on ``calib.calib['input']``.
 
     ``threads`` pins torch's intra-op threads while fitting and building (None: leave torch's
@@ -299,7 +298,7 @@ def fit_cnn_proxy(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: 
 
 
 def _fit(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *, batch: int,
-         threads: int | None) -> CNNState:
+         threads: int | None) -> CnnState:
     images = calib.calib["input"]
     groups = [adapter.graph.group(u.name) for u in space.units]  # type: ignore[attr-defined]
     names = sorted({c for g in groups for c in g.consumers})
@@ -318,7 +317,7 @@ def _fit(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData
         orders.append(order)
         errors.append(_curve(by_size, energy))
         consumers.append(cons)
-    return CNNState(adapter, space, name=kind, orders=orders, errors=errors, consumers=consumers, calib=images,
+    return CnnState(adapter, space, name=kind, orders=orders, errors=errors, consumers=consumers, calib=images,
                     least_squares=kind == "obs", threads=threads)
 
 

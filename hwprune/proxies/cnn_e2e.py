@@ -17,22 +17,24 @@ from torch import nn
 from hwprune.models._base import ModelAdapter
 from hwprune.proxies._base import CalibData
 
-__all__ = ["CNNScorer"]
+__all__ = ["CnnScorer"]
 
 
-class CNNScorer:
+class CnnScorer:
     """Caches the dense model's outputs on the held-out images; ``score(model)`` compares against them."""
 
-    def __init__(self, adapter: ModelAdapter, images: torch.Tensor, *, labels: torch.Tensor | None = None,
-                 batch: int = 64) -> None:
-        self.images, self.labels, self.batch = images, labels, batch
+    def __init__(self, adapter: ModelAdapter, images: torch.Tensor | Mapping[str, torch.Tensor], *,
+                 labels: torch.Tensor | None = None, batch: int = 64) -> None:
+        """``images``: (N, C, H, W), or the held-out mapping of :class:`CalibData` (its ``input``)."""
+        self.images = images["input"] if isinstance(images, Mapping) else images
+        self.labels, self.batch = labels, batch
         self._dense = self._outputs(adapter.dense())
         centred = self._dense - self._dense.mean(0, keepdim=True)
         self._energy = float(centred.square().sum())
 
     @classmethod
-    def from_calib(cls, adapter: ModelAdapter, calib: CalibData, **kw: int) -> "CNNScorer":
-        return cls(adapter, calib.heldout["input"], **kw)  # type: ignore[arg-type]
+    def from_calib(cls, adapter: ModelAdapter, calib: CalibData, **kw: int) -> "CnnScorer":
+        return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def _outputs(self, model: nn.Module) -> torch.Tensor:
