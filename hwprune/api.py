@@ -262,7 +262,8 @@ def run_export(run_dir: str | Path, *, pick: str = "targets", parity_tol: float 
             target_speedup=row.get("target_speedup"), dense_ms_measured=cmp.dense.median_ms,
             measured_ms=cmp.pruned[key].median_ms, dense_onnx=dense_onnx, scores=row.get("scores"),
             fingerprint=table.fingerprint.to_json(), parity_tol=parity_tol,
-            extra={"key": key, "run": str(run_dir), "proxy": req.proxy, "table": run["table"]},
+            extra={"key": key, "run": str(run_dir), "proxy": req.proxy, "table": run["table"],
+                   "clock": "thread-cpu" if getattr(backend, "cpu_clock", False) else "wall"},
         )
         m.setdefault("key", key)
         manifests.append(m)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from hwprune.errors import HwpruneError
-from hwprune.latency import DeviceFingerprint, LatencyTable, get_backend
-from hwprune.latency import profile_cnn
+from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend
+from hwprune.latency import cnn_design, profile_cnn
 from hwprune.latency.predictor_cnn import CnnPredictor, relinearized_dp
 from hwprune.models.cnn import CnnAdapter
 from hwprune.space import Candidate
@@ -27,14 +27,14 @@ def tiny() -> CnnAdapter:
 
 def test_design_puts_every_conv_at_every_level_pair(tiny: CnnAdapter) -> None:
     space = tiny.space()
-    k, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
+    k, nets = cnn_design.design(space, tiny.graph.layers, levels=5)
     assert k == 5 and len(nets) == 25
-    levels = profile_cnn.unit_levels(space, 5)
+    levels = cnn_design.unit_levels(space, 5)
     assert levels["group.res1.0"] == (8, 16, 24, 32) and levels["group.expand.0"] == (8, 16, 24, 40, 48)
     dense = {u.name: u.full for u in space.units}
     assert dense in nets  # (a, b) = (K-1, 0)
     for layer in tiny.graph.layers:
-        seen = {profile_cnn.layer_sizes(layer, n) for n in nets}
+        seen = {cnn_design.layer_sizes(layer, n) for n in nets}
         p, q = layer.in_group, layer.out_group
         want_in = [lv * layer.in_mult for lv in levels[p]] if p else [layer.c_in]
         want_out = levels[q] if q else (layer.c_out,)
@@ -45,18 +45,18 @@ def test_design_puts_every_conv_at_every_level_pair(tiny: CnnAdapter) -> None:
 def _synthetic_table(tiny: CnnAdapter, f) -> LatencyTable:  # noqa: ANN001
     """A table as the profiler writes it, with ms = f(layer, c_in, c_out) at every design point."""
     space = tiny.space()
-    _, nets = profile_cnn.design(space, tiny.graph.layers, levels=5)
+    _, nets = cnn_design.design(space, tiny.graph.layers, levels=5)
     rows = {}
     for net in nets:
         for layer in tiny.graph.layers:
-            ci, co = profile_cnn.layer_sizes(layer, net)
+            ci, co = cnn_design.layer_sizes(layer, net)
             rows[(layer.name, ci, co)] = {"kind": layer.kind, "key": layer.name, "size": ci, "size2": co,
                                           "median_ms": f(layer, ci, co), "p10_ms": 0.0, "p90_ms": 0.0, "n": 1}
     frame = pd.DataFrame([{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": 0.5, "p10_ms": 0.5,
                            "p90_ms": 0.5, "n": 1}] + list(rows.values()))
     return LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
                         settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32},
-                        meta={"layers": profile_cnn.layers_meta(tiny.graph.layers)})
+                        meta={"layers": cnn_design.layers_meta(tiny.graph.layers)})
 
 
 def _bilinear(layer, ci: int, co: int) -> float:  # noqa: ANN001
@@ -73,7 +73,7 @@ def test_predict_is_exact_for_bilinear_costs_off_grid(tiny: CnnAdapter) -> None:
     for _ in range(20):
         cand = Candidate(tuple(int(rng.choice(u.sizes)) for u in space.units))
         sizes = cand.as_dict(space)
-        want = 0.5 + sum(_bilinear(l, *profile_cnn.layer_sizes(l, sizes)) for l in tiny.graph.layers)
+        want = 0.5 + sum(_bilinear(l, *cnn_design.layer_sizes(l, sizes)) for l in tiny.graph.layers)
         assert pred.predict(cand) == pytest.approx(want, rel=1e-12)
 
 
@@ -107,7 +107,7 @@ def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> Non
                                       progress=False, levels=3, budget_s=2.0)
     assert meta["networks"] == 9 and meta["unmatched_layer_samples"] == 0
     conv = frame[frame["key"] == "res2.0"]  # reads group.res1.0 (3 levels), writes group.stem.0 (3 levels)
-    lv = profile_cnn.unit_levels(space, 3)
+    lv = cnn_design.unit_levels(space, 3)
     assert lv["group.res1.0"] == (8, 24, 32) and lv["group.stem.0"] == (4, 12, 16)
     assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (8, 24, 32) for b in (4, 12, 16)]
     assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()
@@ -115,8 +115,24 @@ def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> Non
                          settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
     table = LatencyTable.load(table.save(tmp_path / "t"))
     pred = CnnPredictor(table, space)
-    assert pred.dense_ms() == pytest.approx(meta["dense_ms"], rel=1e-9)  # base closes the dense sum
+    assert pred.dense_ms() == pytest.approx(meta["dense_ms"]["median_ms"], rel=1e-9)  # base closes the dense sum
     assert pred.predict(space.smallest()) < pred.dense_ms()
+
+
+def test_conv_entries_are_shares_of_network_times(tiny: CnnAdapter) -> None:
+    space = tiny.space()
+    prof = profile_cnn.prepare(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space, progress=False,
+                               levels=3, profile_runs=3)
+    assert len(prof.runners) == 1 + len(prof.nets) == 10 and prof.unmatched == 0
+    for share, other in zip(prof.shares, prof.other_share):  # every node's share is accounted for
+        assert sum(share.values()) + other <= 1.0 + 1e-9 and len(share) == len(tiny.graph.layers)
+    fake = [Timing(median_ms=10.0 + i, p10_ms=9.0 + i, p90_ms=11.0 + i, n=5) for i in range(len(prof.runners))]
+    frame = prof.frame(fake)
+    assert prof.nets[2] == {u.name: u.full for u in space.units}  # (a, b) = (K-1, 0) is the dense network
+    stem = frame[(frame["key"] == "stem.0") & (frame["size2"] == 16)]["median_ms"]  # stem: full output in 3 nets
+    want = np.median([prof.shares[i][("stem.0", 3, 16)] * fake[1 + i].median_ms for i in range(len(prof.nets))
+                      if ("stem.0", 3, 16) in prof.shares[i]])
+    assert float(stem.iloc[0]) == pytest.approx(want)
 
 
 def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:

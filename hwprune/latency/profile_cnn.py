@@ -1,28 +1,25 @@
 """Profile a CNN: every conv's latency over a grid of (input, output) widths, measured *inside* whole
-pruned networks by ONNX Runtime's per-node profiler.
+pruned networks (see :mod:`hwprune.latency.cnn_design` for which networks).
 
 Why inside networks: a conv timed alone pays layout conversions at its graph's edges (ORT's NCHWc
 reorders) and runs on hot caches; summed over resnet50 that overestimates the network by ~20 %. Inside
 the network each conv's kernel time includes what ORT fuses into it there (BatchNorm, activation, the
 residual add) and the cache state it really sees.
 
-Design (why a handful of networks covers every conv's grid): each unit gets K width levels from its
-space sizes (min .. full) and a colour c_u in Z_K such that the input and output units of every conv
-differ. Network (a, b) in Z_K^2 sets unit u to level (a + b c_u) mod K. For a conv reading p and
-writing q, (a + b c_p, a + b c_q) runs over all of Z_K^2 (K prime, c_p != c_q), so K^2 networks put
-every conv at every (c_in, c_out) level pair, however many convs there are; b = 0 are uniform networks
-and (K-1, 0) is the dense model. Repeated shapes (resnet50's blocks) are measured many times over.
-
-``base`` = dense latency in a plain session - the dense convs' entries: pooling, fixed layers outside
-any unit, graph-edge reorders and the per-run overhead, counted once, not per conv.
+How a conv's time is read: each network is timed as a whole by the backend (interleaved rounds,
+common-mode load removed, thread-CPU clock on one thread), and ONNX Runtime's node profiler, run
+separately on a profiling copy, says which *share* of that network's time each node took. A conv's
+entry is its share times the network's time: shares are robust to machine load and the totals are
+timed exactly as exports and benchmarks time models. ``base`` = dense latency - the dense convs'
+entries: pooling, layers outside any unit, graph-edge reorders and per-run overhead, counted once.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,67 +28,15 @@ import pandas as pd
 
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
-from hwprune.latency._base import Backend
+from hwprune.latency._base import Backend, Timing
 from hwprune.latency.backends import Runner, interleave
+from hwprune.latency.cnn_design import design, layer_sizes, layers_meta
 from hwprune.space import PruningSpace
 from hwprune.surgery.cnn_graph import LayerInfo
 
-__all__ = ["measure", "design", "unit_levels", "layer_sizes", "layers_meta"]
+__all__ = ["CnnProfiling", "prepare", "measure"]
 
-_PRIMES = (2, 3, 5, 7, 11, 13)
 _BLOCK = 16  # channel block of ORT's NCHWc kernels on AVX-512; shapes are compared after rounding up to it
-
-
-def unit_levels(space: PruningSpace, k: int) -> dict[str, tuple[int, ...]]:
-    """K sizes per unit spread over its allowed sizes, smallest and full included."""
-    out = {}
-    for u in space.units:
-        s = u.sizes
-        out[u.name] = tuple(sorted({s[round(i * (len(s) - 1) / max(k - 1, 1))] for i in range(k)}))
-    return out
-
-
-def _colour(layers: Sequence[LayerInfo], names: set[str], k: int) -> dict[str, int] | None:
-    """Greedy colouring of units so every conv's input and output units differ; None if K is too few."""
-    nbr: dict[str, set[str]] = {n: set() for n in names}
-    for l in layers:
-        p, q = l.in_group, l.out_group
-        if p in names and q in names and p != q:
-            nbr[p].add(q)
-            nbr[q].add(p)
-    col: dict[str, int] = {}
-    for n in sorted(names, key=lambda n: (-len(nbr[n]), n)):
-        used = {col[m] for m in nbr[n] if m in col}
-        free = [c for c in range(k) if c not in used]
-        if not free:
-            return None
-        col[n] = free[0]
-    return col
-
-
-def design(space: PruningSpace, layers: Sequence[LayerInfo], *, levels: int = 5) -> tuple[int, list[dict[str, int]]]:
-    """(K, networks): each network maps every prunable unit to a kept size (see module doc)."""
-    names = {u.name for u in space.units if len(u.sizes) > 1}
-    for k in (p for p in _PRIMES if p >= min(levels, 13)):
-        col = _colour(layers, names, k)
-        if col is not None:
-            break
-    else:  # pragma: no cover - needs a unit adjacent to 13 others pairwise adjacent
-        raise HwpruneError("cannot colour the conv graph for profiling; report the model")
-    lv = unit_levels(space, k)
-    nets = []
-    for b in range(k):
-        for a in range(k):
-            nets.append({u.name: lv[u.name][min((a + b * col.get(u.name, 0)) % k, len(lv[u.name]) - 1)]
-                         if u.name in names else u.full for u in space.units})
-    return k, nets
-
-
-def layer_sizes(layer: LayerInfo, sizes: dict[str, int]) -> tuple[int, int]:
-    """(c_in, c_out) of ``layer`` when units keep ``sizes`` (units absent from ``sizes`` stay full)."""
-    ci = sizes[layer.in_group] * layer.in_mult if layer.in_group in sizes else layer.c_in
-    co = sizes[layer.out_group] if layer.out_group in sizes else layer.c_out
-    return (ci, ci) if layer.kind == "dw" else (ci, co)
 
 
 def _pad(c: int) -> int:
@@ -118,8 +63,8 @@ def _node_key(op: str, ins: list[list[int]], outs: list[list[int]]) -> tuple[Any
     return None
 
 
-def _node_times(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]], float]:
-    """Median kernel time (ms) of every matched node, by key; plus the summed time of unmatched nodes."""
+def _node_shares(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]], float]:
+    """Each matched node's median kernel time as a share of the sum over all nodes, by key; + the rest."""
     events = json.loads(Path(path).read_text())
     durs: dict[str, list[float]] = defaultdict(list)
     info: dict[str, tuple[Any, ...] | None] = {}
@@ -127,26 +72,71 @@ def _node_times(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
             continue
         n = e["name"]
-        durs[n].append(e["dur"] / 1000.0)
+        durs[n].append(float(e["dur"]))
         if n not in info:
             a = e.get("args", {})
             shapes = [[list(d.values())[0] for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
             info[n] = _node_key(str(a.get("op_name", "")), shapes[0], shapes[1])
+    med = {n: float(np.median(d[skip:] if len(d) > skip else d)) for n, d in durs.items()}
+    total = max(sum(med.values()), 1e-9)
     by: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     rest = 0.0
-    for n, d in durs.items():
-        med = float(np.median(d[skip:] if len(d) > skip else d))
-        if info[n] is None:
-            rest += med
+    for n, m in med.items():
+        key = info[n]
+        if key is None:
+            rest += m / total
         else:
-            by[info[n]].append(med)  # type: ignore[index]
+            by[key].append(m / total)
     return by, rest
 
 
-def _session(backend: Backend, onnx: bytes, prefix: str) -> Any:
-    if not hasattr(backend, "session_options"):
-        raise HwpruneError(f"runtime {backend.name} cannot profile CNNs (needs ONNX Runtime's node profiler); "
-                           "use --runtime ort-cpu or ort-cuda")
+@dataclass
+class CnnProfiling:
+    """The networks of one profile, loaded: ``runners[0]`` is the dense model, ``runners[1 + i]``
+    network ``nets[i]``; ``shares[i]`` maps (layer, c_in, c_out) to its share of network i's time.
+
+    Split from :func:`measure` so a benchmark can time these runners in the same rounds as its own.
+    """
+
+    layers: list[LayerInfo]
+    nets: list[dict[str, int]]
+    levels: int
+    runners: list[Runner]
+    shares: list[dict[tuple[str, int, int], float]]
+    other_share: list[float]
+    unmatched: int
+    dense_key: dict[str, int]
+
+    def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
+        samples: dict[tuple[str, int, int], list[tuple[float, float, float]]] = defaultdict(list)
+        for share, t in zip(self.shares, timings[1:], strict=True):
+            for key, s in share.items():
+                samples[key].append((s * t.median_ms, s * t.p10_ms, s * t.p90_ms))
+        kind = {l.name: l.kind for l in self.layers}
+        rows = [{"kind": kind[n], "key": n, "size": ci, "size2": co,
+                 "median_ms": float(np.median([v[0] for v in vals])), "p10_ms": float(np.median([v[1] for v in vals])),
+                 "p90_ms": float(np.median([v[2] for v in vals])), "n": len(vals) * timings[0].n}
+                for (n, ci, co), vals in sorted(samples.items())]
+        at_dense = {(r["key"], r["size"], r["size2"]): r["median_ms"] for r in rows}
+        missing = [l.name for l in self.layers if (l.name, *layer_sizes(l, self.dense_key)) not in at_dense]
+        if missing:
+            raise HwpruneError(f"profiling matched no ONNX Runtime node to layer {missing[0]!r}; this runtime fuses "
+                               "it in a way hwprune does not read yet (report the model)")
+        d = timings[0]
+        convs = sum(at_dense[(l.name, *layer_sizes(l, self.dense_key))] for l in self.layers)
+        rows.insert(0, {"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": d.median_ms - convs,
+                        "p10_ms": d.p10_ms - convs, "p90_ms": d.p90_ms - convs, "n": d.n})
+        return pd.DataFrame(rows)
+
+    def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
+        return {"method": "ORT node shares x interleaved whole-network times of K^2 pruned networks covering "
+                          "every conv's (c_in, c_out) level grid; common-mode load removed; base = dense - convs",
+                "levels": self.levels, "networks": len(self.nets), "rounds": timings[0].n,
+                "dense_ms": timings[0].to_json(), "unmatched_layer_samples": self.unmatched,
+                "other_nodes_share_median": float(np.median(self.other_share)), "layers": layers_meta(self.layers)}
+
+
+def _profiled_session(backend: Backend, onnx: bytes, prefix: str) -> Any:
     import onnxruntime as ort
 
     so = backend.session_options()  # type: ignore[attr-defined]
@@ -154,96 +144,78 @@ def _session(backend: Backend, onnx: bytes, prefix: str) -> Any:
     return ort.InferenceSession(onnx, so, providers=list(backend.providers))  # type: ignore[attr-defined]
 
 
-def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
-            progress: bool = True, levels: int = 5, chunk: int = 9, budget_s: float = 150.0) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CnnAdapter`) on ``backend``: (table frame, meta)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
+            progress: bool = True, levels: int = 5, chunk: int = 8, profile_runs: int = 12) -> CnnProfiling:
+    """Export every network of the design, load a timing runner for each, and read node shares."""
+    from rich.progress import Progress
 
+    if not hasattr(backend, "session_options"):
+        raise HwpruneError(f"runtime {backend.name} cannot profile CNNs (needs ONNX Runtime's node profiler); "
+                           "use --runtime ort-cpu or ort-cuda")
     if batch != adapter.input_shape[0]:
-        raise HwpruneError(f"--batch {batch} differs from the batch of --input-shape "
-                           f"{','.join(map(str, adapter.input_shape))}; set the batch in --input-shape")
+        shape = ",".join(map(str, adapter.input_shape))
+        raise HwpruneError(f"--batch {batch} differs from --input-shape {shape}; pass --batch {adapter.input_shape[0]}")
     layers = list(adapter.graph.layers)
     k, nets = design(space, layers, levels=levels)
-    dense_model = adapter.dense()
+    dense = adapter.dense()
     inputs = adapter.example_inputs(batch=batch)
     names_in, names_out, dyn = adapter.onnx_io()
     feed = {n: inputs[n].numpy() for n in names_in}
 
     def export(sizes: dict[str, int] | None) -> bytes:
-        m = dense_model
+        m = dense
         if sizes is not None and any(sizes[u.name] != u.full for u in space.units):
-            m = adapter.prune(dense_model, adapter.plan({n: range(s) for n, s in sizes.items()}))
+            m = adapter.prune(dense, adapter.plan({n: range(s) for n, s in sizes.items()}))
         return to_onnx(m, inputs, output_names=names_out, dynamic_axes=dyn)
 
-    dense_onnx = export(None)
-    samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
-    dense_rounds: list[float] = []
-    unmatched, rest_ms, total_rounds = 0, [], 0
-    cols = (TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    n_chunks = -(-len(nets) // chunk)
-    with Progress(*cols, disable=not progress) as bar, tempfile.TemporaryDirectory(prefix="hwprune-prof-") as tmp:
-        t_exp = bar.add_task(f"prune+export {len(nets)} networks", total=len(nets))
-        t_time = bar.add_task(f"time {n_chunks} chunks", total=n_chunks)
+    runners = [backend.prepare(export(None), feed)]  # type: ignore[attr-defined]
+    shares: list[dict[tuple[str, int, int], float]] = []
+    other: list[float] = []
+    unmatched = 0
+    with Progress(disable=not progress, transient=False) as bar, tempfile.TemporaryDirectory() as tmp:
+        task = bar.add_task(f"export + node-profile {len(nets)} networks", total=len(nets))
         for c0 in range(0, len(nets), chunk):
-            part = nets[c0:c0 + chunk]
-            sessions = []
-            for i, sizes in enumerate(part):
-                sessions.append(_session(backend, export(sizes), f"{tmp}/n{c0 + i}"))
-                bar.advance(t_exp)
-            runners = [Runner(s, feed) for s in sessions] + [backend.prepare(dense_onnx, feed)]  # type: ignore[attr-defined]
-            t0 = time.perf_counter()
-            interleave(runners, rounds=1, warmup=2)
-            rounds = int(np.clip(budget_s / n_chunks / max(time.perf_counter() - t0, 1e-3), 8, 200))
-            timings = interleave(runners, rounds=rounds, warmup=0, seed=c0)
-            total_rounds += rounds
-            dense_rounds.append(timings[-1].median_ms)
-            for sizes, sess in zip(part, sessions):
-                by, rest = _node_times(sess.end_profiling(), skip=3)
-                rest_ms.append(rest)
-                unmatched += _assign(layers, sizes, by, samples)
-            del sessions, runners
-            bar.advance(t_time)
-    return _frame(layers, samples, dense_ms=float(np.median(dense_rounds)), space=space), {
-        "method": "per-node ORT profiler inside K^2 pruned networks covering every conv's (c_in, c_out) level grid; "
-                  "base = plain dense latency - dense convs",
-        "levels": k, "networks": len(nets), "rounds": total_rounds, "dense_ms": float(np.median(dense_rounds)),
-        "dense_rounds_ms": dense_rounds, "unmatched_layer_samples": unmatched,
-        "other_nodes_ms_median": float(np.median(rest_ms)), "input_shape": list(adapter.input_shape),
-        "layers": layers_meta(layers)}
+            profiled = []
+            for i, sizes in enumerate(nets[c0:c0 + chunk]):
+                onnx = export(sizes)
+                runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
+                profiled.append(_profiled_session(backend, onnx, f"{tmp}/n{c0 + i}"))
+                bar.advance(task)
+            # node shares under the same interleaving (cache state) the timed rounds will see
+            interleave([Runner(s, feed) for s in profiled], rounds=profile_runs, warmup=2, seed=c0)
+            for i, s in enumerate(profiled):
+                by, rest = _node_shares(s.end_profiling(), skip=2)
+                share, miss = _assign(layers, nets[c0 + i], by)
+                shares.append(share)
+                other.append(rest)
+                unmatched += miss
+    return CnnProfiling(layers=layers, nets=nets, levels=k, runners=runners, shares=shares, other_share=other,
+                        unmatched=unmatched, dense_key={u.name: u.full for u in space.units})
 
 
-def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int], by: dict[tuple[Any, ...], list[float]],
-            samples: dict[tuple[str, int, int], list[float]]) -> int:
-    """Give each layer the mean time of the ORT nodes with its shape; returns layers left without one."""
+def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
+            by: dict[tuple[Any, ...], list[float]]) -> tuple[dict[tuple[str, int, int], float], int]:
+    """Each layer's share: the mean share of the ORT nodes with its shape (equal shapes cost the same)."""
+    out: dict[tuple[str, int, int], float] = {}
     missing = 0
-    for l in layers:
-        ci, co = layer_sizes(l, sizes)
-        t = by.get(_layer_key(l, ci, co))
-        if not t:
+    for layer in layers:
+        ci, co = layer_sizes(layer, sizes)
+        t = by.get(_layer_key(layer, ci, co))
+        if t:
+            out[(layer.name, ci, co)] = float(np.mean(t))
+        else:
             missing += 1
-            continue
-        samples[(l.name, ci, co)].append(float(np.mean(t)))
-    return missing
+    return out, missing
 
 
-def _frame(layers: Sequence[LayerInfo], samples: dict[tuple[str, int, int], list[float]], *, dense_ms: float,
-           space: PruningSpace) -> pd.DataFrame:
-    kind = {l.name: l.kind for l in layers}
-    rows = [{"kind": kind[n], "key": n, "size": ci, "size2": co, "median_ms": float(np.median(v)),
-             "p10_ms": float(np.percentile(v, 10)), "p90_ms": float(np.percentile(v, 90)), "n": len(v)}
-            for (n, ci, co), v in sorted(samples.items())]
-    dense = {u.name: u.full for u in space.units}
-    missing = [l.name for l in layers if (l.name, *layer_sizes(l, dense)) not in samples]
-    if missing:
-        raise HwpruneError(f"profiling matched no ONNX Runtime node to layer {missing[0]!r}; this runtime fuses it "
-                           "in a way hwprune does not read yet (report the model)")
-    dense_sum = sum(float(np.median(samples[(l.name, *layer_sizes(l, dense))])) for l in layers)
-    rows.insert(0, {"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": dense_ms - dense_sum,
-                    "p10_ms": dense_ms - dense_sum, "p90_ms": dense_ms - dense_sum, "n": 1})
-    return pd.DataFrame(rows)
+def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
+            progress: bool = True, levels: int = 5, budget_s: float = 120.0) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CnnAdapter`) on ``backend``: (table frame, meta)."""
+    from rich.progress import Progress
 
-
-def layers_meta(layers: Sequence[LayerInfo]) -> list[dict[str, Any]]:
-    """What the predictor needs about each layer (stored in the table's sidecar)."""
-    return [{"name": l.name, "kind": l.kind, "in_group": l.in_group, "out_group": l.out_group, "c_in": l.c_in,
-             "c_out": l.c_out, "in_mult": l.in_mult} for l in layers]
+    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels)
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"time {len(prof.runners)} networks (~{budget_s:.0f} s)", total=100)
+        timings = interleave(prof.runners, seconds=budget_s, min_rounds=10, common_mode=True,
+                             on_round=lambda f: bar.update(task, completed=100 * f))
+    return prof.frame(timings), prof.meta(timings)
