@@ -60,7 +60,15 @@ def _node_key(op: str, ins: list[list[int]], outs: list[list[int]]) -> tuple[Any
         return ("conv", _pad(x[1]), _pad(x[1] if dw else w[0]), (w[2], w[3]), (x[2], x[3]), (y[2], y[3]), dw)
     if op in ("Gemm", "MatMul", "FusedMatMul", "FusedGemm") and ins and outs and len(ins[0]) == 2:
         return ("linear", _pad(ins[0][1]), _pad(outs[0][-1]))
+    if op in ("ReorderInput", "ReorderOutput") and ins and len(ins[0]) == 4:
+        return ("output", _pad(ins[0][1]), (ins[0][2], ins[0][3]))  # a layout change of some layer's output
     return None
+
+
+def _output_key(layer: LayerInfo, co: int) -> tuple[Any, ...]:
+    """Key of a layout conversion (NCHW <-> NCHWc) of ``layer``'s output tensor."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = layer.in_hw, layer.kernel, layer.stride, layer.padding
+    return ("output", _pad(co), ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1))
 
 
 def _node_shares(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]], float]:
@@ -185,27 +193,46 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
             interleave([Runner(s, feed) for s in profiled], rounds=profile_runs, warmup=2, seed=c0)
             for i, s in enumerate(profiled):
                 by, rest = _node_shares(s.end_profiling(), skip=2)
-                share, miss = _assign(layers, nets[c0 + i], by)
+                share, miss, left = _assign(layers, nets[c0 + i], by)
                 shares.append(share)
-                other.append(rest)
+                other.append(rest + left)
                 unmatched += miss
     return CnnProfiling(layers=layers, nets=nets, levels=k, runners=runners, shares=shares, other_share=other,
                         unmatched=unmatched, dense_key={u.name: u.full for u in space.units})
 
 
 def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
-            by: dict[tuple[Any, ...], list[float]]) -> tuple[dict[tuple[str, int, int], float], int]:
-    """Each layer's share: the mean share of the ORT nodes with its shape (equal shapes cost the same)."""
+            by: dict[tuple[Any, ...], list[float]]) -> tuple[dict[tuple[str, int, int], float], int, float]:
+    """Each layer's share: the mean share of the ORT nodes with its shape (equal shapes cost the same),
+    plus an equal part of the layout conversions of outputs shaped like its own.
+
+    ORT leaves its blocked NCHWc layout around convs too narrow for it (< 16 channels) and converts
+    there: a cost that appears only at some widths, so it belongs to the layer whose output is
+    converted, not to the width-independent base. Returns (shares, layers unmatched, unassigned share).
+    """
     out: dict[tuple[str, int, int], float] = {}
     missing = 0
+    by_output: dict[tuple[Any, ...], list[tuple[str, int, int]]] = defaultdict(list)
     for layer in layers:
         ci, co = layer_sizes(layer, sizes)
         t = by.get(_layer_key(layer, ci, co))
         if t:
             out[(layer.name, ci, co)] = float(np.mean(t))
+            if layer.kind != "linear":
+                by_output[_output_key(layer, co)].append((layer.name, ci, co))
         else:
             missing += 1
-    return out, missing
+    left = 0.0
+    for key, shares in by.items():
+        if key[0] != "output":
+            continue
+        owners = by_output.get(key)
+        if not owners:
+            left += sum(shares)  # e.g. the graph input's conversion: width-independent, stays in base
+            continue
+        for o in owners:
+            out[o] += sum(shares) / len(owners)
+    return out, missing, left
 
 
 def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
