@@ -15,9 +15,9 @@ venv: $(STAMP)
 
 # Profile this CPU for MiniLM, search 1.5x/2x/3x, export, print predicted vs measured.
 demo: $(STAMP)
-	$(BIN)/hwprune profile --model minilm -o latency_tables/local/minilm_ort-cpu_t1_b1_s128.parquet
+	$(BIN)/hwprune profile --model minilm --budget-s 60 -o latency_tables/local/minilm_ort-cpu_t1_b1_s128.parquet
 	$(BIN)/hwprune search --model minilm --table latency_tables/local/minilm_ort-cpu_t1_b1_s128.parquet \
-		--target-speedup 2 -o runs/demo --export
+		--target-speedup 2 --trials 100 -o runs/demo --export
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -57,6 +57,8 @@ def run_profile(model: str, *, runtime: str = "ort-cpu", threads: int = 1, batch
     if batch < 1 or seq < 1:
         raise HwpruneError(f"--batch and --seq must be >= 1 (got batch={batch}, seq={seq})")
     adapter = load_adapter(model, weights=weights, input_shape=input_shape)
+    if adapter.family == "cnn":  # images: batch comes from --input-shape, there is no sequence
+        batch, seq = int(getattr(adapter, "input_shape")[0]), 0
     space = adapter.space(space_file)
     path = Path(out) if out else default_table_path(adapter, runtime=runtime, threads=threads, batch=batch, seq=seq)
     if path.suffix != ".parquet":
@@ -124,7 +126,6 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     """
     from hwprune.latency import LatencyTable
     from hwprune.proxies._base import fit_proxy, get_proxy
-    from hwprune.proxies.calib import load_calib
     from hwprune.search.run import SearchConfig, _check_reachable, search
 
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
@@ -139,9 +140,10 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     get_proxy(req.proxy, adapter.family)  # unknown proxy -> error before any work
     config = SearchConfig(targets=tuple(req.targets), trials=req.trials, seed=req.seed, margin=req.margin)
     base_ms, costs = predictor.unit_costs()
-    _check_reachable(config, dense_ms=predictor.dense_ms(), base_ms=base_ms, costs=costs)
+    _check_reachable(config, dense_ms=predictor.dense_ms(), base_ms=base_ms, costs=costs,
+                     smallest_ms=None if getattr(predictor, "additive", True) else predictor.predict(space.smallest()))
     seq = int(settings.get("seq", 128))
-    calib = load_calib(adapter, req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.seed)
+    calib = _load_calib(adapter, req, seq=seq)
     state = fit_proxy(req.proxy, adapter, space, calib)
     scorer = make_scorer(adapter, calib)
     run_dir = Path(req.out)
@@ -271,21 +273,32 @@ def run_export(run_dir: str | Path, *, pick: str = "targets", parity_tol: float 
     return manifests
 
 
-def _refit(adapter: ModelAdapter, space: Any, req: SearchRequest, *, seq: int) -> Any:
-    from hwprune.proxies._base import fit_proxy
+def _load_calib(adapter: ModelAdapter, req: SearchRequest, *, seq: int) -> Any:
+    """Calibration + held-out data: text for encoders, images (.npy/.pt or generated) for CNNs."""
+    if adapter.family == "cnn":
+        from hwprune.proxies.cnn_calib import load_cnn_calib
+
+        return load_cnn_calib(adapter, req.calib, n_calib=min(req.n_calib, 64), n_heldout=req.n_heldout,
+                              seed=req.seed)
     from hwprune.proxies.calib import load_calib
 
-    calib = load_calib(adapter, req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout,
-                       seq=seq, seed=req.seed)
-    return fit_proxy(req.proxy, adapter, space, calib)
+    return load_calib(adapter, req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.seed)
+
+
+def _refit(adapter: ModelAdapter, space: Any, req: SearchRequest, *, seq: int) -> Any:
+    from hwprune.proxies._base import fit_proxy
+
+    return fit_proxy(req.proxy, adapter, space, _load_calib(adapter, req, seq=seq))
 
 
 def make_predictor(table: Any, space: Any, adapter: ModelAdapter) -> Any:
     """The table's predictor for this model family (encoders: LUT sum; CNNs: per-conv lookups)."""
+    if table.family != adapter.family:
+        raise HwpruneError(f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}")
     if adapter.family == "cnn":
         from hwprune.latency.predictor_cnn import CnnPredictor
 
-        return CnnPredictor(table, space, adapter)
+        return CnnPredictor(table, space)
     from hwprune.latency import LUTPredictor
 
     return LUTPredictor(table, space)

@@ -100,7 +100,7 @@ def search(
     table: Optional[Path] = typer.Option(None, "--table", "-t", help="Latency table from `hwprune profile`; default: the shipped/last table for this model and settings."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="One target, e.g. 2 = twice as fast as dense."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Several targets, comma-separated: 1.5,2,3."),
-    proxy: str = typer.Option("obs", "--proxy", help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn."),
+    proxy: str = typer.Option("obs", "--proxy", help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images."),
     space: Optional[Path] = typer.Option(None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."),
     trials: int = typer.Option(150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."),
@@ -164,14 +164,19 @@ def _print_picks(result: object) -> None:
 
 def _print_manifests(manifests: list[dict]) -> None:
     t = Table(title="predicted vs measured (speedup = dense / pruned, measured in one process)")
-    for c in ("target", "key", "pred ms", "meas ms", "dense ms", "speedup", "pred err", "parity"):
+    for c in ("target", "key", "pred ms", "meas ms", "dense ms", "speedup", "pred err", "drift", "parity"):
         t.add_column(c, justify="right")
     for m in manifests:
         tgt = m.get("target_speedup")
         t.add_row(f"{tgt:g}x" if tgt else "-", m["key"], f"{m['predicted_ms']:.2f}", f"{m['measured_ms']:.2f}",
                   f"{m['dense_measured_ms']:.2f}", f"{m['measured_speedup']:.2f}x",
-                  f"{m['prediction_error_pct']:+.1f}%", f"{m['parity_max_abs_diff']:.1e}")
+                  f"{m['prediction_error_pct']:+.1f}%", f"{m.get('dense_drift_pct') or 0:+.1f}%",
+                  f"{m['parity_max_abs_diff']:.1e}")
     out.print(t)
+    if any(abs(m.get("dense_drift_pct") or 0) > 5 for m in manifests):
+        out.print("drift: the dense model now runs at a different speed than when the table was profiled "
+                  "(machine load or clocks); the prediction error includes it. Re-profile for absolute ms; "
+                  "speedups are unaffected.")
 
 
 def main() -> None:  # pragma: no cover

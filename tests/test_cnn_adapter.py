@@ -154,8 +154,8 @@ def test_shipped_spaces_load(name: str, units: int) -> None:
 
 def test_default_space_for_a_factory(tiny: CnnAdapter) -> None:
     s = tiny.space()
-    assert s.unit("group.res1.0").sizes == (8, 16, 24, 32)  # multiples of 8: ORT's kernels stay on their fast path
-    assert s.unit("group.left.0").sizes == (4, 8) and s.unit("group.expand.0").sizes == (8, 16, 24, 32, 40, 48)
+    assert s.unit("group.res1.0").sizes == (16, 24, 32)  # multiples of 8, >= 16: ORT's kernels stay on their fast path
+    assert s.unit("group.left.0").sizes == (4, 8) and s.unit("group.expand.0").sizes == (16, 24, 32, 40, 48)
 
 
 def test_input_shape_parsing() -> None:

@@ -30,7 +30,7 @@ def test_design_puts_every_conv_at_every_level_pair(tiny: CnnAdapter) -> None:
     k, nets = cnn_design.design(space, tiny.graph.layers, levels=5)
     assert k == 5 and len(nets) == 25
     levels = cnn_design.unit_levels(space, 5)
-    assert levels["group.res1.0"] == (8, 16, 24, 32) and levels["group.expand.0"] == (8, 16, 24, 40, 48)
+    assert levels["group.res1.0"] == (16, 24, 32) and levels["group.expand.0"] == (16, 24, 32, 40, 48)
     dense = {u.name: u.full for u in space.units}
     assert dense in nets  # (a, b) = (K-1, 0)
     for layer in tiny.graph.layers:
@@ -108,8 +108,8 @@ def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> Non
     assert meta["networks"] == 9 and meta["unmatched_layer_samples"] == 0
     conv = frame[frame["key"] == "res2.0"]  # reads group.res1.0 (3 levels), writes group.stem.0 (3 levels)
     lv = cnn_design.unit_levels(space, 3)
-    assert lv["group.res1.0"] == (8, 24, 32) and lv["group.stem.0"] == (4, 12, 16)
-    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (8, 24, 32) for b in (4, 12, 16)]
+    assert lv["group.res1.0"] == (16, 24, 32) and lv["group.stem.0"] == (4, 12, 16)
+    assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (16, 24, 32) for b in (4, 12, 16)]
     assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()
     table = LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
                          settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
@@ -119,27 +119,33 @@ def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> Non
     assert pred.predict(space.smallest()) < pred.dense_ms()
 
 
-def test_conv_entries_are_shares_of_network_times(tiny: CnnAdapter) -> None:
+def test_conv_entries_are_calibrated_node_times(tiny: CnnAdapter) -> None:
     space = tiny.space()
     prof = profile_cnn.prepare(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space, progress=False,
                                levels=3, profile_runs=3)
     assert len(prof.runners) == 1 + len(prof.nets) == 10 and prof.unmatched == 0
-    for share, other in zip(prof.shares, prof.other_share):  # every node's share is accounted for
-        assert sum(share.values()) + other <= 1.0 + 1e-9 and len(share) == len(tiny.graph.layers)
-    fake = [Timing(median_ms=10.0 + i, p10_ms=9.0 + i, p90_ms=11.0 + i, n=5) for i in range(len(prof.runners))]
+    for kern, total in zip(prof.kernels, prof.node_sum):  # every layer found, within its network's node sum
+        assert len(kern) == len(tiny.graph.layers) and 0 < sum(kern.values()) <= total + 1e-9
+    # fake whole-network times that follow T = 0.2 + 1.5 * node_sum exactly: the fit recovers both
+    fake = [Timing(median_ms=0.2 + 1.5 * s, p10_ms=0.2 + 1.4 * s, p90_ms=0.2 + 1.6 * s, n=5)
+            for s in [prof.node_sum[2]] + prof.node_sum]
+    assert prof.calibration(fake) == pytest.approx((1.5, 0.2))
     frame = prof.frame(fake)
     assert prof.nets[2] == {u.name: u.full for u in space.units}  # (a, b) = (K-1, 0) is the dense network
-    stem = frame[(frame["key"] == "stem.0") & (frame["size2"] == 16)]["median_ms"]  # stem: full output in 3 nets
-    want = np.median([prof.shares[i][("stem.0", 3, 16)] * fake[1 + i].median_ms for i in range(len(prof.nets))
-                      if ("stem.0", 3, 16) in prof.shares[i]])
-    assert float(stem.iloc[0]) == pytest.approx(want)
+    row = frame[(frame["key"] == "res2.0") & (frame["size"] == 16) & (frame["size2"] == 4)]  # seen in one network
+    i = next(i for i, k in enumerate(prof.kernels) if ("res2.0", 16, 4) in k)
+    assert float(row["median_ms"].iloc[0]) == pytest.approx(1.5 * prof.kernels[i][("res2.0", 16, 4)])
+    base = float(frame[frame["kind"] == "base"]["median_ms"].iloc[0])
+    entry = {(r.key, r.size, r.size2): r.median_ms for r in frame.itertuples()}
+    dense = sum(entry[(k[0], k[1], k[2])] for k in prof.kernels[2])  # each layer's entry at the dense widths
+    assert base + dense == pytest.approx(fake[0].median_ms)  # base closes the dense network's time
 
 
 def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
     space = tiny.space()
     pred = CnnPredictor(_synthetic_table(tiny, _bilinear), space)
     errors = [np.linspace(1.0, 0.0, len(u.sizes)) ** 2 for u in space.units]  # any non-increasing curves
-    for target in (1.5, 2.5):
+    for target in (1.5, 2.0):
         budget = pred.dense_ms() / target
         pick, lin = relinearized_dp(pred, errors, budget)
         assert pred.predict(pick) <= budget * (1 + 1e-9)

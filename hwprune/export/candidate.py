@@ -90,7 +90,7 @@ def check_parity(adapter: ModelAdapter, model: nn.Module, data: bytes, *, backen
     inputs = parity_inputs(adapter, seq=seq)
     names = adapter.onnx_io()[0]
     with torch.no_grad():
-        ref = model.eval()(**{k: inputs[k] for k in names})
+        ref = model.eval()(*[inputs[k] for k in names])  # positional: CNNs take forward(x)
     ref_np = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
     got = backend.run(data, {k: inputs[k].numpy() for k in names})[0]
     if got.shape != ref_np.shape:

@@ -101,6 +101,11 @@ def build_manifest(
         "predicted_speedup": _ratio(dense_predicted_ms, predicted_ms),
         "measured_speedup": dense_measured_ms / measured_ms,
         "prediction_error_pct": pred_err,
+        # the device's speed now vs when the table was measured (load, clocks): >0 means slower now.
+        # Dividing it out isolates the predictor's own error from the machine's drift.
+        "dense_drift_pct": None if dense_predicted_ms is None else 100 * (dense_measured_ms / dense_predicted_ms - 1),
+        "prediction_error_drift_adjusted_pct": None if predicted_ms is None or dense_predicted_ms is None else
+        100 * (predicted_ms * dense_measured_ms / dense_predicted_ms - measured_ms) / measured_ms,
         "parity_max_abs_diff": parity_max_abs_diff,
         "parity_tol": parity_tol,
         "scores": dict(scores or {}),

@@ -48,7 +48,7 @@ def profile(
     """
     if adapter.family not in _PROFILERS:
         raise HwpruneError(f"cannot profile model family {adapter.family!r} yet; supported: {', '.join(_PROFILERS)}")
-    if batch < 1 or seq < 1:
+    if batch < 1 or (seq < 1 and adapter.family == "encoder"):
         raise HwpruneError(f"--batch and --seq must be >= 1 (got batch={batch}, seq={seq})")
     backend = get_backend(runtime, threads=threads)
     space = space if space is not None else adapter.space()

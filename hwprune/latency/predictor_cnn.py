@@ -73,6 +73,8 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
 class CnnPredictor(Predictor):
     """Exact sum of per-layer lookups (:meth:`predict`); linearised unit costs for the DP (:meth:`unit_costs`)."""
 
+    additive = False  # a conv's time depends on two groups; search re-linearises the DP (search/run.py)
+
     def __init__(self, table: LatencyTable, space: PruningSpace, adapter: Any = None, *,
                  reference: Candidate | None = None) -> None:
         """``adapter`` is accepted for symmetry with other families; the layer map lives in the table."""

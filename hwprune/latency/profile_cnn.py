@@ -7,11 +7,12 @@ the network each conv's kernel time includes what ORT fuses into it there (Batch
 residual add) and the cache state it really sees.
 
 How a conv's time is read: each network is timed as a whole by the backend (interleaved rounds,
-common-mode load removed, thread-CPU clock on one thread), and ONNX Runtime's node profiler, run
-separately on a profiling copy, says which *share* of that network's time each node took. A conv's
-entry is its share times the network's time: shares are robust to machine load and the totals are
-timed exactly as exports and benchmarks time models. ``base`` = dense latency - the dense convs'
-entries: pooling, layers outside any unit, graph-edge reorders and per-run overhead, counted once.
+common-mode load removed, thread-CPU clock on one thread), exactly as exports and benchmarks time
+models; ONNX Runtime's node profiler, run on a profiling copy, gives each node's kernel time (fastest
+of 20 runs, so the scheduler's interruptions do not count). One line fitted over the K^2 networks,
+``T = overhead + alpha * sum(node times)``, maps node times onto the backend's clock; a conv's entry
+is ``alpha *`` its node time. ``base`` = dense latency - the dense convs' entries: the per-run and
+per-node executor overhead, pooling, layers outside any unit, graph-edge reorders, counted once.
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ def _output_key(layer: LayerInfo, co: int) -> tuple[Any, ...]:
     return ("output", _pad(co), ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1))
 
 
-def _node_shares(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]], float]:
-    """Each matched node's median kernel time as a share of the sum over all nodes, by key; + the rest."""
+def _node_times(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]], float, float]:
+    """Each matched node's fastest kernel time in ms, by key; the unmatched nodes' sum; the sum of all.
+
+    The node profiler reads the wall clock: a node the scheduler interrupted looks longer, and long
+    nodes are interrupted more often, so on a shared machine medians skew the split towards them.
+    The fastest of 20 runs is each node's uninterrupted time.
+    """
     events = json.loads(Path(path).read_text())
     durs: dict[str, list[float]] = defaultdict(list)
     info: dict[str, tuple[Any, ...] | None] = {}
@@ -85,23 +91,23 @@ def _node_shares(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float
             a = e.get("args", {})
             shapes = [[list(d.values())[0] for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
             info[n] = _node_key(str(a.get("op_name", "")), shapes[0], shapes[1])
-    med = {n: float(np.median(d[skip:] if len(d) > skip else d)) for n, d in durs.items()}
-    total = max(sum(med.values()), 1e-9)
+    fast = {n: float(np.min(d[skip:] if len(d) > skip else d)) / 1000.0 for n, d in durs.items()}
     by: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     rest = 0.0
-    for n, m in med.items():
+    for n, m in fast.items():
         key = info[n]
         if key is None:
-            rest += m / total
+            rest += m
         else:
-            by[key].append(m / total)
-    return by, rest
+            by[key].append(m)
+    return by, rest, sum(fast.values())
 
 
 @dataclass
 class CnnProfiling:
     """The networks of one profile, loaded: ``runners[0]`` is the dense model, ``runners[1 + i]``
-    network ``nets[i]``; ``shares[i]`` maps (layer, c_in, c_out) to its share of network i's time.
+    network ``nets[i]``; ``kernels[i]`` maps (layer, c_in, c_out) to its kernel ms in network i
+    (node profiler) and ``node_sum[i]`` is the sum over all of network i's nodes.
 
     Split from :func:`measure` so a benchmark can time these runners in the same rounds as its own.
     """
@@ -110,16 +116,33 @@ class CnnProfiling:
     nets: list[dict[str, int]]
     levels: int
     runners: list[Runner]
-    shares: list[dict[tuple[str, int, int], float]]
-    other_share: list[float]
+    kernels: list[dict[tuple[str, int, int], float]]
+    node_sum: list[float]
     unmatched: int
     dense_key: dict[str, int]
 
+    def calibration(self, timings: Sequence[Timing]) -> tuple[float, float]:
+        """(alpha, overhead_ms) of ``T_net = overhead + alpha * sum of its node times`` over the networks.
+
+        The executor's per-node work (allocation, dispatch) is in a network's time but in no node's:
+        a constant per run, it belongs to ``base``; spreading it over the convs in proportion to their
+        time would overcharge wide convs and undercharge narrow ones. ``alpha`` maps the profiler's
+        wall-clock node times onto the backend's clock.
+        """
+        t = np.array([x.median_ms for x in timings[1:]])
+        s = np.array(self.node_sum)
+        alpha, over = np.polyfit(s, t, 1)
+        if not (alpha > 0 and np.isfinite(over)):  # degenerate design (a tiny model): proportional
+            alpha, over = float(np.median(t / s)), 0.0
+        return float(alpha), float(over)
+
     def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
+        alpha, _ = self.calibration(timings)
         samples: dict[tuple[str, int, int], list[tuple[float, float, float]]] = defaultdict(list)
-        for share, t in zip(self.shares, timings[1:], strict=True):
-            for key, s in share.items():
-                samples[key].append((s * t.median_ms, s * t.p10_ms, s * t.p90_ms))
+        for kern, t in zip(self.kernels, timings[1:], strict=True):
+            lo, hi = t.p10_ms / t.median_ms, t.p90_ms / t.median_ms
+            for key, ms in kern.items():
+                samples[key].append((alpha * ms, alpha * ms * lo, alpha * ms * hi))
         kind = {l.name: l.kind for l in self.layers}
         rows = [{"kind": kind[n], "key": n, "size": ci, "size2": co,
                  "median_ms": float(np.median([v[0] for v in vals])), "p10_ms": float(np.median([v[1] for v in vals])),
@@ -137,11 +160,13 @@ class CnnProfiling:
         return pd.DataFrame(rows)
 
     def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
-        return {"method": "ORT node shares x interleaved whole-network times of K^2 pruned networks covering "
-                          "every conv's (c_in, c_out) level grid; common-mode load removed; base = dense - convs",
+        alpha, over = self.calibration(timings)
+        return {"method": "ORT node times (fastest of 20) inside K^2 pruned networks covering every conv's (c_in, "
+                          "c_out) level grid, mapped onto interleaved whole-network times (common-mode load removed) "
+                          "by T = overhead + alpha * sum(nodes); base = dense - convs",
                 "levels": self.levels, "networks": len(self.nets), "rounds": timings[0].n,
-                "dense_ms": timings[0].to_json(), "unmatched_layer_samples": self.unmatched,
-                "other_nodes_share_median": float(np.median(self.other_share)), "layers": layers_meta(self.layers)}
+                "dense_ms": timings[0].to_json(), "alpha": round(alpha, 4), "overhead_ms": round(over, 4),
+                "unmatched_layer_samples": self.unmatched, "layers": layers_meta(self.layers)}
 
 
 def _profiled_session(backend: Backend, onnx: bytes, prefix: str) -> Any:
@@ -153,8 +178,8 @@ def _profiled_session(backend: Backend, onnx: bytes, prefix: str) -> Any:
 
 
 def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
-            progress: bool = True, levels: int = 5, chunk: int = 8, profile_runs: int = 12) -> CnnProfiling:
-    """Export every network of the design, load a timing runner for each, and read node shares."""
+            progress: bool = True, levels: int = 5, chunk: int = 8, profile_runs: int = 20) -> CnnProfiling:
+    """Export every network of the design, load a timing runner for each, and read its node times."""
     from rich.progress import Progress
 
     if not hasattr(backend, "session_options"):
@@ -177,8 +202,8 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
         return to_onnx(m, inputs, output_names=names_out, dynamic_axes=dyn)
 
     runners = [backend.prepare(export(None), feed)]  # type: ignore[attr-defined]
-    shares: list[dict[tuple[str, int, int], float]] = []
-    other: list[float] = []
+    kernels: list[dict[tuple[str, int, int], float]] = []
+    node_sum: list[float] = []
     unmatched = 0
     with Progress(disable=not progress, transient=False) as bar, tempfile.TemporaryDirectory() as tmp:
         task = bar.add_task(f"export + node-profile {len(nets)} networks", total=len(nets))
@@ -189,26 +214,26 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
                 runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
                 profiled.append(_profiled_session(backend, onnx, f"{tmp}/n{c0 + i}"))
                 bar.advance(task)
-            # node shares under the same interleaving (cache state) the timed rounds will see
+            # node times under the same interleaving (cache state) the timed rounds will see
             interleave([Runner(s, feed) for s in profiled], rounds=profile_runs, warmup=2, seed=c0)
             for i, s in enumerate(profiled):
-                by, rest = _node_shares(s.end_profiling(), skip=2)
-                share, miss, left = _assign(layers, nets[c0 + i], by)
-                shares.append(share)
-                other.append(rest + left)
+                by, _, total = _node_times(s.end_profiling(), skip=2)
+                kern, miss, _ = _assign(layers, nets[c0 + i], by)
+                kernels.append(kern)
+                node_sum.append(total)
                 unmatched += miss
-    return CnnProfiling(layers=layers, nets=nets, levels=k, runners=runners, shares=shares, other_share=other,
+    return CnnProfiling(layers=layers, nets=nets, levels=k, runners=runners, kernels=kernels, node_sum=node_sum,
                         unmatched=unmatched, dense_key={u.name: u.full for u in space.units})
 
 
 def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
             by: dict[tuple[Any, ...], list[float]]) -> tuple[dict[tuple[str, int, int], float], int, float]:
-    """Each layer's share: the mean share of the ORT nodes with its shape (equal shapes cost the same),
+    """Each layer's time: the mean of the ORT nodes with its shape (equal shapes cost the same),
     plus an equal part of the layout conversions of outputs shaped like its own.
 
     ORT leaves its blocked NCHWc layout around convs too narrow for it (< 16 channels) and converts
     there: a cost that appears only at some widths, so it belongs to the layer whose output is
-    converted, not to the width-independent base. Returns (shares, layers unmatched, unassigned share).
+    converted, not to the width-independent base. Returns (times, layers unmatched, unassigned time).
     """
     out: dict[tuple[str, int, int], float] = {}
     missing = 0
@@ -223,15 +248,15 @@ def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
         else:
             missing += 1
     left = 0.0
-    for key, shares in by.items():
+    for key, times in by.items():
         if key[0] != "output":
             continue
         owners = by_output.get(key)
         if not owners:
-            left += sum(shares)  # e.g. the graph input's conversion: width-independent, stays in base
+            left += sum(times)  # e.g. the graph input's conversion: width-independent, stays in base
             continue
         for o in owners:
-            out[o] += sum(shares) / len(owners)
+            out[o] += sum(times) / len(owners)
     return out, missing, left
 
 

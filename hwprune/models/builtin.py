@@ -26,3 +26,7 @@ def _encoder_skeleton(plan: Plan) -> object:
     heads = tuple(s.get(f"layer.{i}.heads", c.num_heads) for i in range(c.num_layers))
     ffn = tuple(s.get(f"layer.{i}.ffn", c.intermediate_size) for i in range(c.num_layers))
     return skeleton(c.with_sizes(heads, ffn))
+
+
+# CNNs (torchvision models, package.module:factory) register themselves on import.
+import hwprune.models.cnn  # noqa: E402,F401

@@ -238,13 +238,14 @@ def default_spec(units: Sequence[RawUnit]) -> dict[str, Any]:
     """Space for a model without YAML, aligned to ONNX Runtime's CPU conv kernels.
 
     Those kernels work on blocks of 16 channels (AVX-512 NCHWc) and fall back to a much slower path
-    when a width is not a multiple of 4: a conv at 18 or 30 channels runs ~40 % slower than at 32. So
-    wide groups step by 16 (or 1/16 of the width when larger), narrow ones by 8 or 4.
+    when a width is not a multiple of 4 (a conv at 18 or 30 channels runs ~40 % slower than at 32), or
+    is below 16 (layout conversions around the conv). So wide groups step by 16 (or 1/16 of the width
+    when larger) and keep at least 16; groups of 16 or fewer step by 4.
     """
     ov = []
     for name, _, full, *_ in units:
         step = 4 if full <= 16 else 8 if full <= 48 else max(16, -(-full // 16 // 16) * 16)
-        ov.append({"match": name, "step": step, "min": min(step, full)})
+        ov.append({"match": name, "step": step, "min": step if full <= 16 else max(16, step)})
     return {"overrides": ov}
 
 

@@ -119,7 +119,8 @@ class SearchResult:
         space = self.pareto.space
         return {"format": PICKS_FORMAT, "dense_ms": self.dense_ms, "config": self.config.to_json(),
                 "picks": {str(t): {"target": t, "budget_ms": self.budgets[t],
-                                   "dp_key": self.dp[t].candidate.key(), "dp_error": self.dp[t].error,
+                                   "dp_key": self.dp[t].candidate.key() if t in self.dp else None,
+                                   "dp_error": self.dp[t].error if t in self.dp else None,
                                    **e.to_json(space, dense_ms=self.dense_ms)}
                           for t, e in self.picks.items()}}
 
@@ -143,8 +144,38 @@ def _evaluator(proxy_state: ErrorModel, scorer: ScorerLike) -> Evaluate:
     return evaluate
 
 
-def _check_reachable(config: SearchConfig, *, dense_ms: float, base_ms: float, costs: list[np.ndarray]) -> None:
-    fast = fastest_ms(base_ms, costs)
+def _dp_pick(space: PruningSpace, predictor: LatencyModel, errors: list[np.ndarray], budget_ms: float, *,
+             buckets: int, dense_ms: float, rounds: int = 6) -> DPSolution | None:
+    """Exact DP for an additive predictor; for a non-additive one (CNN convs depend on two groups),
+    DP on a linearisation re-centred on its own pick until the exact ``predict`` meets the budget
+    (the budget shrinks by the overshoot each round). None when no round meets it: NSGA-II and the
+    uniform seeds then carry the target."""
+    if getattr(predictor, "additive", True):
+        base_ms, costs = predictor.unit_costs()
+        return solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=budget_ms, buckets=buckets,
+                        dense_ms=dense_ms)
+    ref, b, best = space.dense(), budget_ms, None
+    for _ in range(rounds):
+        base_ms, costs = predictor.linearized_at(ref).unit_costs()  # type: ignore[attr-defined]
+        try:
+            sol = solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=b, buckets=buckets,
+                           dense_ms=dense_ms)
+        except HwpruneError:
+            break
+        exact = predictor.predict(sol.candidate)
+        if exact <= budget_ms * (1 + _BUDGET_TOL):
+            if best is None or sol.error < best.error:
+                best = DPSolution(sol.candidate, exact, sol.error, budget_ms)
+        else:
+            b *= budget_ms / exact
+        ref = sol.candidate
+    return best
+
+
+def _check_reachable(config: SearchConfig, *, dense_ms: float, base_ms: float, costs: list[np.ndarray],
+                     smallest_ms: float | None = None) -> None:
+    """``smallest_ms``: exact prediction of the smallest candidate, for non-additive predictors."""
+    fast = fastest_ms(base_ms, costs) if smallest_ms is None else smallest_ms
     reach = dense_ms / (fast * (1 + config.margin))
     too_far = [t for t in config.targets if t > reach]
     if too_far:
@@ -172,10 +203,14 @@ def search(
     base_ms, costs = predictor.unit_costs()
     errors = proxy_state.unit_errors()
     # Everything that can fail on the user's input fails here, before run_dir is touched.
-    _check_reachable(config, dense_ms=dense_ms, base_ms=base_ms, costs=costs)
+    _check_reachable(config, dense_ms=dense_ms, base_ms=base_ms, costs=costs,
+                     smallest_ms=None if getattr(predictor, "additive", True) else predictor.predict(space.smallest()))
     budgets = budgets_for(config, dense_ms)
-    dp = {t: solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=b,
-                      buckets=config.buckets, dense_ms=dense_ms) for t, b in budgets.items()}
+    dp = {}
+    for t, b in budgets.items():
+        sol = _dp_pick(space, predictor, errors, b, buckets=config.buckets, dense_ms=dense_ms)
+        if sol is not None:
+            dp[t] = sol
     seeds = [Seed(s.candidate, "dp") for s in dp.values()]
     for b in budgets.values():
         u = uniform_seed(space, predictor.predict, b)
