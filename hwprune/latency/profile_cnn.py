@@ -9,16 +9,14 @@ residual add) and the cache state it really sees.
 How a conv's time is read: each network is timed as a whole by the backend (interleaved rounds,
 common-mode load removed, thread-CPU clock on one thread), exactly as exports and benchmarks time
 models; ONNX Runtime's node profiler, run on a profiling copy of each network, splits that time over
-its nodes (median of 20 runs each). The split is in proportion to node times after taking out a
-per-run executor overhead, fitted so that the table rebuilds the profiled networks' own times.
-``base`` = dense latency - the dense convs' entries: executor overhead, pooling, layers outside any
-unit, graph-edge layout conversions, counted once.
+its nodes (median of 20 runs each): a conv's entry is its share of the node time times the network's
+time. ``base`` = dense latency - the dense convs' entries: pooling, layers outside any unit,
+graph-edge layout conversions and the executor's per-run time, counted once.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -120,60 +118,40 @@ class CnnProfiling:
     unmatched: int
     dense_key: dict[str, int]
 
-    def _entries(self, timings: Sequence[Timing], overhead: float) -> tuple[dict[tuple[str, int, int], list[
-            tuple[float, float, float]]], float]:
-        """Per (layer, c_in, c_out): samples (ms, p10, p90) over the networks that ran it; and base."""
+    def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
+        """The table: each conv's entry is its share of the network's node time x the network's time.
+
+        (Taking a per-run executor overhead out before splitting was tried: it helps mobilenet_v2's
+        smallest networks and hurts resnet50's by as much, so the split stays plainly proportional.)
+        """
         samples: dict[tuple[str, int, int], list[tuple[float, float, float]]] = defaultdict(list)
         for kern, total, t in zip(self.kernels, self.node_sum, timings[1:], strict=True):
-            scale = (t.median_ms - overhead) / total  # node profiler's clock -> the backend's, per network
-            lo, hi = t.p10_ms / t.median_ms, t.p90_ms / t.median_ms
             for key, ms in kern.items():
-                samples[key].append((scale * ms, scale * ms * lo, scale * ms * hi))
+                share = ms / total
+                samples[key].append((share * t.median_ms, share * t.p10_ms, share * t.p90_ms))
         missing = [l.name for l in self.layers if (l.name, *layer_sizes(l, self.dense_key)) not in samples]
         if missing:
             raise HwpruneError(f"profiling matched no ONNX Runtime node to layer {missing[0]!r}; this runtime fuses "
                                "it in a way hwprune does not read yet (report the model)")
-        med = {k: float(np.median([v[0] for v in vals])) for k, vals in samples.items()}
-        base = timings[0].median_ms - sum(med[(l.name, *layer_sizes(l, self.dense_key))] for l in self.layers)
-        return samples, base
-
-    def overhead(self, timings: Sequence[Timing]) -> float:
-        """The per-run executor time outside every node (ms), chosen so the table reproduces its networks.
-
-        A network's time is its nodes plus a constant (dispatch, allocation, the run call). Split in
-        proportion to node times, that constant would land in the convs and grow with their width;
-        so it is taken out first, at the value whose table best rebuilds the profiled networks' own
-        times (each conv's entry pools several networks, so a wrong constant shows as disagreement).
-        """
-        t_min = min(t.median_ms for t in timings[1:])
-        best = (math.inf, 0.0)
-        for o in np.linspace(0.0, 0.6 * t_min, 31):
-            samples, base = self._entries(timings, float(o))
-            med = {k: float(np.median([v[0] for v in vals])) for k, vals in samples.items()}
-            err = np.mean([abs(base + sum(med[(l.name, *layer_sizes(l, net))] for l in self.layers) - t.median_ms)
-                           / t.median_ms for net, t in zip(self.nets, timings[1:])])
-            best = min(best, (float(err), float(o)))
-        return best[1]
-
-    def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
-        samples, base = self._entries(timings, self.overhead(timings))
         kind = {l.name: l.kind for l in self.layers}
         rows = [{"kind": kind[n], "key": n, "size": ci, "size2": co,
                  "median_ms": float(np.median([v[0] for v in vals])), "p10_ms": float(np.median([v[1] for v in vals])),
                  "p90_ms": float(np.median([v[2] for v in vals])), "n": len(vals) * timings[0].n}
                 for (n, ci, co), vals in sorted(samples.items())]
+        entry = {(r["key"], r["size"], r["size2"]): r for r in rows}
         d = timings[0]
-        rows.insert(0, {"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": base,
-                        "p10_ms": base + d.p10_ms - d.median_ms, "p90_ms": base + d.p90_ms - d.median_ms, "n": d.n})
+        at = [entry[(l.name, *layer_sizes(l, self.dense_key))] for l in self.layers]
+        base = {f: getattr(d, f) - sum(r[f] for r in at) for f in ("median_ms", "p10_ms", "p90_ms")}
+        rows.insert(0, {"kind": "base", "key": "", "size": 0, "size2": -1, **base, "n": d.n})
         return pd.DataFrame(rows)
 
     def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
-        return {"method": "ORT node-time split (median of 20 runs) of the whole-network times (interleaved, "
-                          "common-mode load removed) of K^2 pruned networks covering every conv's (c_in, c_out) "
-                          "level grid, less a per-run overhead fitted to rebuild them; base = dense - convs",
+        return {"method": "ORT node-time shares (median of 20 runs) x whole-network times (interleaved, common-mode "
+                          "load removed) of K^2 pruned networks covering every conv's (c_in, c_out) level grid; "
+                          "base = dense - convs",
                 "levels": self.levels, "networks": len(self.nets), "rounds": timings[0].n,
-                "dense_ms": timings[0].to_json(), "overhead_ms": round(self.overhead(timings), 4),
-                "unmatched_layer_samples": self.unmatched, "layers": layers_meta(self.layers)}
+                "dense_ms": timings[0].to_json(), "unmatched_layer_samples": self.unmatched,
+                "layers": layers_meta(self.layers)}
 
 
 def _profiled_session(backend: Backend, onnx: bytes, prefix: str) -> Any:
