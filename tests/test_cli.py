@@ -157,3 +157,11 @@ def test_parity_failure_leaves_no_partial_files(tiny_folder, tiny_table, tmp_pat
 
 def test_export_not_a_run(tmp_path):
     one_line_error(invoke("export", tmp_path), "is not a search run")
+
+
+def test_cnn_bad_inputs_via_cli(tmp_path):
+    one_line_error(invoke("profile", "--model", "no_such_pkg.nets:build", "-o", tmp_path / "t.parquet"),
+                   "no_such_pkg")
+    one_line_error(invoke("profile", "--model", "resnet18", "--input-shape", "3,224,224", "-o", tmp_path / "t.parquet"),
+                   "3,224,224")
+    assert not any(tmp_path.iterdir())  # nothing half-written
