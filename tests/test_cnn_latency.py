@@ -150,3 +150,11 @@ def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
         base, costs = lin.unit_costs()  # the returned predictor is exact at the pick
         ix = [u.sizes.index(s) for u, s in zip(space.units, pick.sizes)]
         assert base + sum(c[i] for c, i in zip(costs, ix)) == pytest.approx(pred.predict(pick), rel=1e-12)
+
+
+def test_chunked_timing_for_big_models(tiny: CnnAdapter) -> None:
+    space = tiny.space()  # a 1-byte budget forces one network per chunk, each timed beside the dense model
+    frame, meta = profile_cnn.measure(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space,
+                                      progress=False, levels=3, budget_s=1.0, max_live_bytes=1)
+    assert meta["networks"] == 9 and set(frame["key"]) - {""} == {l.name for l in tiny.graph.layers}
+    assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()

@@ -21,7 +21,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,16 +88,16 @@ def _node_times(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]
             a = e.get("args", {})
             shapes = [[list(d.values())[0] for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
             info[n] = _node_key(str(a.get("op_name", "")), shapes[0], shapes[1])
-    fast = {n: float(np.median(d[skip:] if len(d) > skip else d)) / 1000.0 for n, d in durs.items()}
+    med = {n: float(np.median(d[skip:] if len(d) > skip else d)) / 1000.0 for n, d in durs.items()}
     by: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     rest = 0.0
-    for n, m in fast.items():
+    for n, m in med.items():
         key = info[n]
         if key is None:
             rest += m
         else:
             by[key].append(m)
-    return by, rest, sum(fast.values())
+    return by, rest, sum(med.values())
 
 
 @dataclass
@@ -117,6 +117,7 @@ class CnnProfiling:
     node_sum: list[float]
     unmatched: int
     dense_key: dict[str, int]
+    make_runner: Callable[[int], Runner] | None = None  # network i -> a fresh runner (runners not kept)
 
     def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
         """The table: each conv's entry is its share of the network's node time x the network's time.
@@ -163,8 +164,13 @@ def _profiled_session(backend: Backend, onnx: bytes, prefix: str) -> Any:
 
 
 def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
-            progress: bool = True, levels: int = 5, chunk: int = 8, profile_runs: int = 20) -> CnnProfiling:
-    """Export every network of the design, load a timing runner for each, and read its node times."""
+            progress: bool = True, levels: int = 5, chunk: int = 8, profile_runs: int = 20,
+            keep_runners: bool = True) -> CnnProfiling:
+    """Export every network of the design, load a timing runner for each, and read its node times.
+
+    ``keep_runners=False`` keeps only the dense model's runner and rebuilds the others on demand
+    (``make_runner``): vgg16_bn's 25 networks would hold ~10 GB of weights at once.
+    """
     from rich.progress import Progress
 
     if not hasattr(backend, "session_options"):
@@ -196,7 +202,8 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
             profiled = []
             for i, sizes in enumerate(nets[c0:c0 + chunk]):
                 onnx = export(sizes)
-                runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
+                if keep_runners:
+                    runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
                 profiled.append(_profiled_session(backend, onnx, f"{tmp}/n{c0 + i}"))
                 bar.advance(task)
             # node times under the same interleaving (cache state) the timed rounds will see
@@ -207,8 +214,10 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
                 kernels.append(kern)
                 node_sum.append(total)
                 unmatched += miss
+            del profiled
     return CnnProfiling(layers=layers, nets=nets, levels=k, runners=runners, kernels=kernels, node_sum=node_sum,
-                        unmatched=unmatched, dense_key={u.name: u.full for u in space.units})
+                        unmatched=unmatched, dense_key={u.name: u.full for u in space.units},
+                        make_runner=lambda i: backend.prepare(export(nets[i]), feed))  # type: ignore[attr-defined]
 
 
 def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
@@ -246,13 +255,48 @@ def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
 
 
 def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
-            progress: bool = True, levels: int = 5, budget_s: float = 120.0) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CnnAdapter`) on ``backend``: (table frame, meta)."""
+            progress: bool = True, levels: int = 5, budget_s: float = 120.0,
+            max_live_bytes: int = 3 << 30) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CnnAdapter`) on ``backend``: (table frame, meta).
+
+    All networks are timed in the same interleaved rounds when their weights fit ``max_live_bytes``;
+    otherwise in chunks that each include the dense model, every chunk rescaled so that its dense
+    time matches the first chunk's (the common reference).
+    """
     from rich.progress import Progress
 
-    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels)
+    weight_bytes = 4 * sum(p.numel() for p in adapter.dense().parameters())
+    per_chunk = max(2, int(max_live_bytes // max(weight_bytes, 1)))
+    keep = per_chunk >= levels * levels + 1
+    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels,
+                   keep_runners=keep)
     with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"time {len(prof.runners)} networks (~{budget_s:.0f} s)", total=100)
-        timings = interleave(prof.runners, seconds=budget_s, min_rounds=10, common_mode=True,
-                             on_round=lambda f: bar.update(task, completed=100 * f))
+        task = bar.add_task(f"time {len(prof.nets) + 1} networks (~{budget_s:.0f} s)", total=100)
+        if keep:
+            timings = interleave(prof.runners, seconds=budget_s, min_rounds=10, common_mode=True,
+                                 on_round=lambda f: bar.update(task, completed=100 * f))
+        else:
+            timings = _chunked(prof, budget_s=budget_s, per_chunk=per_chunk - 1,
+                               on_chunk=lambda f: bar.update(task, completed=100 * f))
     return prof.frame(timings), prof.meta(timings)
+
+
+def _chunked(prof: CnnProfiling, *, budget_s: float, per_chunk: int, on_chunk: Callable[[float], None]) -> list[Timing]:
+    assert prof.make_runner is not None
+    n = len(prof.nets)
+    starts = list(range(0, n, per_chunk))
+    out: list[Timing | None] = [None] * (n + 1)
+    ref = 0.0
+    for j, c0 in enumerate(starts):
+        idx = list(range(c0, min(n, c0 + per_chunk)))
+        runners = [prof.runners[0]] + [prof.make_runner(i) for i in idx]
+        t = interleave(runners, seconds=budget_s / len(starts), min_rounds=10, common_mode=True, seed=j)
+        ref = ref or t[0].median_ms
+        f = ref / t[0].median_ms  # this chunk's load relative to the first chunk's, read off the dense model
+        scaled = [Timing(median_ms=x.median_ms * f, p10_ms=x.p10_ms * f, p90_ms=x.p90_ms * f, n=x.n) for x in t]
+        out[0] = out[0] or scaled[0]
+        for i, x in zip(idx, scaled[1:]):
+            out[1 + i] = x
+        del runners
+        on_chunk((j + 1) / len(starts))
+    return [x for x in out if x is not None]
