@@ -1,11 +1,15 @@
 """Benchmark the latency predictor: predicted vs measured ms of physically pruned, exported subnets.
 
     python scripts/bench_latency.py --model minilm --subnets 30 -o bench_out/latency_minilm.json
+    python scripts/bench_latency.py --model resnet50 --subnets 30 -o bench_out/latency_resnet50.json
+    python scripts/bench_latency.py --model mypkg.nets:build --weights w.safetensors --input-shape 1,3,224,224
     python scripts/bench_latency.py --model minilm --table latency_tables/minilm_ort-cpu_t1_b1_s128.parquet
 
-Subnets are random (plus a few extremes: dense, all removed, attention removed, FFN removed, uniform
-half); each is pruned with random kept indices, exported with ``to_onnx`` and timed with the table's
-backend settings, interleaved and repeated (``interleave(common_mode=True)``, medians).
+Works for every model family hwprune profiles: encoders (named or a Hugging Face folder) and CNNs
+(named torchvision models or ``package.module:factory``; ``--input-shape`` default 1,3,224,224).
+Subnets are random (plus a few extremes: dense, smallest, uniform half, and for encoders attention
+removed / FFN removed); each is pruned with random kept indices, exported with ``to_onnx`` and timed
+with the table's backend settings, interleaved and repeated (``interleave(common_mode=True)``, medians).
 
 Without ``--table`` the model is profiled *in the same rounds* as the subnets: every round times the
 profile's graphs and the subnets alike, so the other tenants' load cannot make the prediction and the
@@ -29,9 +33,11 @@ import numpy as np
 from hwprune._io import write_json
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
-from hwprune.latency import DeviceFingerprint, LatencyTable, LUTPredictor, Timing, get_backend, profile_encoder
+from hwprune.api import load_adapter, make_predictor
+from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend, profile_cnn, profile_encoder
 from hwprune.latency.backends import Runner, interleave
-from hwprune.models import ModelAdapter, resolve_model
+from hwprune.models import ModelAdapter
+from hwprune.models.cnn import parse_input_shape
 from hwprune.space import Candidate, PruningSpace
 
 
@@ -41,8 +47,10 @@ def sample_subnets(space: PruningSpace, n: int, rng: np.random.Generator) -> lis
         pick = {"full": lambda u: u.full, "min": lambda u: u.sizes[0]}
         return Candidate(tuple(pick[heads if u.kind == "heads" else ffn](u) for u in space.units))
 
-    out = [("dense", space.dense()), ("smallest", space.smallest()), ("heads-min", by_kind("min", "full")),
-           ("ffn-min", by_kind("full", "min")), ("uniform-0.5", space.uniform(0.5))][:n]
+    out = [("dense", space.dense()), ("smallest", space.smallest()), ("uniform-0.5", space.uniform(0.5))]
+    if {u.kind for u in space.units} == {"heads", "ffn"}:  # encoders: one sublayer kind removed, the other whole
+        out += [("heads-min", by_kind("min", "full")), ("ffn-min", by_kind("full", "min"))]
+    out = out[:n]
     while len(out) < n:
         ratio = rng.uniform(0.05, 1.0)  # per-subnet level, per-unit jitter around it
         sizes = []
@@ -57,9 +65,22 @@ def export_subnet(adapter: ModelAdapter, space: PruningSpace, cand: Candidate, r
                   batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     model = adapter.prune(adapter.dense(), adapter.plan(kept))
+    return onnx_and_feed(adapter, model, batch=batch, seq=seq)
+
+
+def onnx_and_feed(adapter: ModelAdapter, model: Any, *, batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
     inputs = adapter.example_inputs(batch=batch, seq=seq)
-    _, outs, dyn = adapter.onnx_io()
-    return to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn), {k: v.numpy() for k, v in inputs.items()}
+    names, outs, dyn = adapter.onnx_io()
+    return (to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn),
+            {k: v.numpy() for k, v in inputs.items() if k in names})
+
+
+def check_memory(adapter: ModelAdapter, chunk: int, *, limit: int = 8 << 30) -> None:
+    """Same-rounds mode keeps the profile's 25+ networks and a chunk of subnets loaded at once."""
+    need = 4 * sum(p.numel() for p in adapter.dense().parameters()) * (27 + chunk)
+    if need > limit:
+        raise HwpruneError(f"{adapter.name}: profiling in the same rounds would hold ~{need / 2**30:.0f} GiB of "
+                           f"weights; profile first (hwprune profile --model {adapter.name}) and pass --table")
 
 
 def time_chunk(adapter: ModelAdapter, space: PruningSpace, subnets: list[tuple[str, Candidate]], *, backend: Any,
@@ -82,22 +103,28 @@ def time_chunk(adapter: ModelAdapter, space: PruningSpace, subnets: list[tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minilm", help="named model or local Hugging Face folder")
+    ap.add_argument("--model", default="minilm",
+                    help="named model (minilm, bert-base, resnet18, resnet50, mobilenet_v2, vgg16_bn), a local "
+                         "Hugging Face folder, or package.module:factory returning a torch CNN")
+    ap.add_argument("--input-shape", help="CNNs: N,C,H,W (default 1,3,224,224); N is the batch")
+    ap.add_argument("--weights", help="CNNs: .safetensors weights for the model (default: its random init)")
     ap.add_argument("--table", help="latency table to test (default: profile in the same rounds as the subnets)")
     ap.add_argument("--space", help="pruning space YAML (default: the model's)")
     ap.add_argument("--subnets", type=int, default=30, help="number of subnets, extremes included")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=15, help="subnets loaded at once (~100 MB each for MiniLM)")
+    ap.add_argument("--chunk", type=int, default=15, help="subnets loaded at once (~100 MB each for MiniLM/resnet50)")
     ap.add_argument("--seconds", type=float, default=120.0, help="timing budget per chunk")
     ap.add_argument("--runtime", default="ort-cpu", help="without --table: runtime to profile and time")
     ap.add_argument("--threads", type=int, default=1, help="without --table: intra-op threads")
-    ap.add_argument("--seq", type=int, default=128, help="without --table: sequence length")
+    ap.add_argument("--seq", type=int, default=128, help="without --table, encoders: sequence length")
     ap.add_argument("-o", "--out", help="write the JSON report here")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     try:
-        adapter = resolve_model(a.model)
+        shape = parse_input_shape(a.input_shape) if a.input_shape else None
+        adapter = load_adapter(a.model, weights=a.weights, input_shape=shape)
         space = adapter.space(a.space)
+        cnn = adapter.family == "cnn"
         table = LatencyTable.load(a.table) if a.table else None
         if table is not None:
             table.check_model(adapter)
@@ -107,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
             runtime, threads, batch, seq = s["runtime"], int(s["threads"]), int(s["batch"]), int(s["seq"])
         else:
             runtime, threads, batch, seq = a.runtime, a.threads, 1, a.seq
+            if cnn:  # images: the batch is the input shape's, there is no sequence
+                batch, seq = int(getattr(adapter, "input_shape")[0]), 0
         backend = get_backend(runtime, threads=threads)
         rng = np.random.default_rng(a.seed)
         subnets = sample_subnets(space, a.subnets, rng)
         if table is not None:  # the table against this machine now: dense model as the drift reference
-            inputs = adapter.example_inputs(batch=batch, seq=seq)
-            _, outs, dyn = adapter.onnx_io()
-            fixed = [backend.prepare(to_onnx(adapter.dense(), inputs, output_names=outs, dynamic_axes=dyn),
-                                     {k: v.numpy() for k, v in inputs.items()})]
+            fixed = [backend.prepare(*onnx_and_feed(adapter, adapter.dense(), batch=batch, seq=seq))]
             prof = None
         else:  # profile graphs timed in the same rounds as the subnets: the predictor, not the load, is tested
-            prof = profile_encoder.prepare(adapter, backend, batch=batch, seq=seq, space=space)
+            if cnn:
+                check_memory(adapter, a.chunk)
+            prof = (profile_cnn if cnn else profile_encoder).prepare(adapter, backend, batch=batch, seq=seq,
+                                                                     space=space)
             fixed = prof.runners
         rows: list[dict[str, Any]] = []
         for i in range(0, len(subnets), a.chunk):
@@ -125,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             ft, st = time_chunk(adapter, space, chunk, backend=backend, fixed=fixed, batch=batch, seq=seq,
                                 seconds=a.seconds, rng=rng)
             if prof is not None:
+                meta = prof.meta(ft) if cnn else {}  # a CNN table carries its layer map
                 table = LatencyTable(frame=prof.frame(ft), fingerprint=DeviceFingerprint.current(
                     runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version()),
-                    model=adapter.name, family=adapter.family, shape_key=adapter.shape_key(), settings={})
+                    model=adapter.name, family=adapter.family, shape_key=adapter.shape_key(), settings={},
+                    meta=meta)
             dense = ft[0].median_ms  # both modes put the dense model first
             assert table is not None
-            pred = LUTPredictor(table, space)
+            pred = make_predictor(table, space, adapter)
             for (name, cand), t in zip(chunk, st):
                 p, m = pred.predict(cand), t.median_ms
                 rows.append({"name": name, "key": cand.key(), "sizes": list(cand.sizes), "predicted_ms": round(p, 4),
@@ -146,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     report.update({"command": shlex.join(["python", "scripts/bench_latency.py",
                                           *(argv if argv is not None else sys.argv[1:])]),
                    "mode": "table" if a.table else "profiled in the same rounds",
-                   "model": adapter.name, "table": a.table or None, "seconds": round(time.perf_counter() - t_start, 1),
+                   "model": adapter.name, "family": adapter.family,
+                   "input_shape": list(getattr(adapter, "input_shape", ())) or None, "table": a.table or None, "seconds": round(time.perf_counter() - t_start, 1),
                    "settings": {"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,
                                 "seconds_per_chunk": a.seconds, "chunk": a.chunk, "seed": a.seed},
                    "machine": here.to_json(),
