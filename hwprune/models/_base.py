@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from hwprune.errors import HwpruneError
 from hwprune.space import PruningSpace, build_space, load_space
 from hwprune.surgery.plan import Plan
 
@@ -64,8 +65,21 @@ class ModelAdapter(ABC):
     def onnx_io(self) -> tuple[list[str], list[str], dict[str, dict[int, str]]]: ...
 
     # ---- surgery ----------------------------------------------------------------------------
-    @abstractmethod
-    def plan(self, kept: Mapping[str, Sequence[int]], **meta: Any) -> Plan: ...
+    min_kept: int = 0  # fewest indices a unit may keep (CNN channel groups keep at least one)
+
+    def plan(self, kept: Mapping[str, Sequence[int]], **meta: Any) -> Plan:
+        """Validated unit -> sorted kept indices; one line naming the unit when an entry is wrong."""
+        full = {n: f for n, _, f, *_ in self.raw_units()}
+        units: dict[str, tuple[int, ...]] = {}
+        for n, idx in kept.items():
+            if n not in full:
+                raise HwpruneError(f"plan names unit {n!r}, which this model lacks; units look like {next(iter(full))!r}")
+            idx = tuple(sorted(int(i) for i in idx))
+            if len(idx) < self.min_kept or len(set(idx)) != len(idx) or (idx and (idx[0] < 0 or idx[-1] >= full[n])):
+                least = "non-empty, " if self.min_kept else ""
+                raise HwpruneError(f"plan for {n!r}: kept indices must be {least}unique and in [0, {full[n]})")
+            units[n] = idx
+        return Plan(family=self.family, arch=self.arch(), units=units, meta=dict(meta))
 
     @abstractmethod
     def prune(self, model: nn.Module, plan: Plan, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module: ...

@@ -150,19 +150,6 @@ class EncoderAdapter(ModelAdapter):
         return ["input_ids", "attention_mask"], ["last_hidden_state"], dyn
 
     # ---- surgery ------------------------------------------------------------------------------
-    def plan(self, kept: Mapping[str, Sequence[int]], **meta: Any) -> Plan:
-        names = {n for n, *_ in self.raw_units()}
-        full = {n: f for n, _, f, *_ in self.raw_units()}
-        units: dict[str, tuple[int, ...]] = {}
-        for n, idx in kept.items():
-            if n not in names:
-                raise HwpruneError(f"plan names unit {n!r}, which this model lacks; units look like 'layer.0.heads'")
-            idx = tuple(sorted(int(i) for i in idx))
-            if len(set(idx)) != len(idx) or (idx and (idx[0] < 0 or idx[-1] >= full[n])):
-                raise HwpruneError(f"plan for {n!r}: kept indices must be unique and in [0, {full[n]})")
-            units[n] = idx
-        return Plan(family=self.family, arch=self.arch(), units=units, meta=dict(meta))
-
     def pruned_config(self, plan: Plan) -> EncoderConfig:
         c = EncoderConfig.from_json(plan.arch)
         s = plan.sizes()

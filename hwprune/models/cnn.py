@@ -126,6 +126,7 @@ def _build(model: str, *, seed: int, meta: bool = False) -> nn.Module:
 
 class CnnAdapter(ModelAdapter):
     family = "cnn"
+    min_kept = 1  # a channel group keeps at least one channel
 
     def __init__(self, model: str, *, input_shape: str | Sequence[int] | None = None,
                  weights: str | Path | None = None, seed: int = 0) -> None:
@@ -209,18 +210,6 @@ class CnnAdapter(ModelAdapter):
         return sp
 
     # ---- surgery ------------------------------------------------------------------------------
-    def plan(self, kept: Mapping[str, Sequence[int]], **meta: Any) -> Plan:
-        full = {n: f for n, _, f, *_ in self.raw_units()}
-        units: dict[str, tuple[int, ...]] = {}
-        for n, idx in kept.items():
-            if n not in full:
-                raise HwpruneError(f"plan names unit {n!r}, which this model lacks; units look like {next(iter(full))!r}")
-            idx = tuple(sorted(int(i) for i in idx))
-            if not idx or len(set(idx)) != len(idx) or idx[0] < 0 or idx[-1] >= full[n]:
-                raise HwpruneError(f"plan for {n!r}: kept indices must be non-empty, unique and in [0, {full[n]})")
-            units[n] = idx
-        return Plan(family=self.family, arch=self.arch(), units=units, meta=dict(meta))
-
     def prune(self, model: nn.Module, plan: Plan, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         from hwprune.surgery.cnn import prune_cnn
 
