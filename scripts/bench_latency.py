@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=120.0, help="timing budget per chunk")
     ap.add_argument("--runtime", default="ort-cpu", help="without --table: runtime to profile and time")
     ap.add_argument("--threads", type=int, default=1, help="without --table: intra-op threads")
+    ap.add_argument("--levels", type=int, default=5, help="without --table, CNNs: width levels per group "
+                    "(hwprune profile's default 5 -> 25 networks)")
     ap.add_argument("--seq", type=int, default=128, help="without --table, encoders: sequence length")
     ap.add_argument("-o", "--out", help="write the JSON report here")
     a = ap.parse_args(argv)
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         else:  # profile graphs timed in the same rounds as the subnets: the predictor, not the load, is tested
             if cnn:
                 check_memory(adapter, a.chunk)
+            kw = {"levels": a.levels} if cnn else {}
             prof = (profile_cnn if cnn else profile_encoder).prepare(adapter, backend, batch=batch, seq=seq,
-                                                                     space=space)
+                                                                     space=space, **kw)
             fixed = prof.runners
         rows: list[dict[str, Any]] = []
         for i in range(0, len(subnets), a.chunk):
