@@ -160,6 +160,11 @@ def test_pareto_mask_and_flags() -> None:
     assert df["predicted_speedup"].tolist() == pytest.approx([3.0, 2.0, 1.5, 1.5, 1.0, 1.0])
     assert pick_within(evs, 1.9).key == Candidate((0,)).key()  # 5.0 beats 6.0 within 1.9 ms
     assert pick_within(evs, 2.0).distance == 1.0 and pick_within(evs, 0.9) is None
+    near = [Evaluation(Candidate((i,)), m, {"distance": x}, source="nsga")
+            for i, (m, x) in enumerate([(1.0, 1.0), (1.9, 2.0), (2.0, 3.0)])]
+    assert pick_within(near, 2.0).predicted_ms == 1.0  # best score anywhere under the budget
+    assert pick_within(near, 2.0, band=0.15).predicted_ms == 1.9  # best near the speedup asked for
+    assert pick_within(near, 1.5, band=0.15).predicted_ms == 1.0  # nothing in the band: whole budget
 
 
 # ---- config ----------------------------------------------------------------------------------

@@ -173,6 +173,14 @@ class CnnAdapter(ModelAdapter):
                                f"channels but the model's first conv takes {first.in_channels}")
         if self.weights is not None:
             load_weights(m, self.weights)
+        elif self.model in NAMED_CNNS:
+            # random init: BatchNorm's default statistics (mean 0, var 1) make a deep random net's
+            # activations explode, while every pruned subnet gets its statistics re-estimated. Give
+            # the dense model statistics from generated inputs too, so the reference that subnets are
+            # scored against is the same kind of function (latency is unaffected).
+            from hwprune.proxies.cnn_calib import generated_images, recalibrate_bn
+
+            recalibrate_bn(m, generated_images(self.input_shape, 16, seed=10_000 + self.seed), batch=16)
         return m.eval()
 
     def dense(self) -> nn.Module:

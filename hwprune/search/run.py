@@ -65,6 +65,7 @@ class SearchConfig:
     buckets: int = 4000          # DP time resolution over each budget
     margin: float = 0.0          # relative safety margin: budget = dense / (target * (1 + margin))
     population: int = 24         # NSGA-II population size
+    pick_band: float = 0.15      # a target's pick comes from within 15 % of its budget when any is there
 
     def __post_init__(self) -> None:
         t = self.targets
@@ -75,6 +76,8 @@ class SearchConfig:
         if len(set(map(float, t))) != len(t):
             raise HwpruneError(f"targets repeat a value ({list(t)}); list each speedup once")
         object.__setattr__(self, "targets", tuple(float(x) for x in t))
+        if not (isinstance(self.pick_band, (int, float)) and 0 < self.pick_band <= 1):
+            raise HwpruneError(f"pick_band must be in (0, 1] (got {self.pick_band!r}); 1 = anywhere under the budget")
         for name, lo in (("trials", 1), ("seed", 0), ("buckets", 10), ("population", 2)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -129,10 +132,18 @@ def budgets_for(config: SearchConfig, dense_ms: float) -> dict[float, float]:
     return {t: dense_ms / (t * (1 + config.margin)) for t in config.targets}
 
 
-def pick_within(evaluations: Sequence[Evaluation], budget_ms: float) -> Evaluation | None:
-    """Lowest end-to-end distance among evaluations within budget; ties: faster, then key."""
+def pick_within(evaluations: Sequence[Evaluation], budget_ms: float, *, band: float = 1.0) -> Evaluation | None:
+    """Lowest end-to-end distance among evaluations within budget; ties: faster, then key.
+
+    ``band`` < 1 prefers the speedup asked for: only candidates predicted within ``band`` of the
+    budget (``predicted_ms >= budget * (1 - band)``) compete, and the whole budget only when none is
+    there. Without it a flat or noisy score (random weights, few held-out samples) can hand a 1.5x
+    request a 2.3x subnet; the Pareto front still lists every trade-off.
+    """
     ok = [e for e in evaluations if e.predicted_ms <= budget_ms * (1 + _BUDGET_TOL)]
-    return min(ok, key=lambda e: (e.distance, e.predicted_ms, e.key)) if ok else None
+    near = [e for e in ok if e.predicted_ms >= budget_ms * (1 - band)]
+    pool = near or ok
+    return min(pool, key=lambda e: (e.distance, e.predicted_ms, e.key)) if pool else None
 
 
 def _evaluator(proxy_state: ErrorModel, scorer: ScorerLike) -> Evaluate:
@@ -224,7 +235,7 @@ def search(
                            seed=config.seed, population=config.population, seeds=seeds, progress=progress)
     picks: dict[float, Evaluation] = {}
     for t, b in budgets.items():
-        p = pick_within(evaluations, b)
+        p = pick_within(evaluations, b, band=config.pick_band)
         if p is None:
             raise HwpruneError(f"no evaluated candidate meets the {t:g}x budget ({b:.4g} ms); raise trials to at "
                                f"least {2 * len(budgets) + 1} so every DP seed is scored")
