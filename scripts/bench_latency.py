@@ -75,6 +75,15 @@ def onnx_and_feed(adapter: ModelAdapter, model: Any, *, batch: int, seq: int) ->
             {k: v.numpy() for k, v in inputs.items() if k in names})
 
 
+def same_graph_timings(prof: Any, timings: list[Timing], space: PruningSpace) -> dict[tuple[int, ...], float]:
+    """Measured ms of the profile's own networks (dense first), by unit sizes: a subnet with the same
+    sizes is the same graph in a session created later, so the two differ only by the session."""
+    out = {space.dense().sizes: timings[0].median_ms}
+    for net, t in zip(prof.nets, timings[1:]):
+        out.setdefault(tuple(net[u.name] for u in space.units), t.median_ms)
+    return out
+
+
 def check_memory(adapter: ModelAdapter, chunk: int, *, limit: int = 8 << 30) -> None:
     """Same-rounds mode keeps the profile's 25+ networks and a chunk of subnets loaded at once."""
     need = 4 * sum(p.numel() for p in adapter.dense().parameters()) * (27 + chunk)
@@ -165,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             dense = ft[0].median_ms  # both modes put the dense model first
             assert table is not None
             pred = make_predictor(table, space, adapter)
+            twins = same_graph_timings(prof, ft, space) if cnn and prof is not None else {}
             for (name, cand), t in zip(chunk, st):
                 p, m = pred.predict(cand), t.median_ms
                 rows.append({"name": name, "key": cand.key(), "sizes": list(cand.sizes), "predicted_ms": round(p, 4),
                              "measured_ms": round(m, 4), "error_pct": round(100 * (p - m) / m, 3),
                              "dense_predicted_ms": round(pred.dense_ms(), 4), "dense_measured_ms": round(dense, 4),
                              "chunk": i // a.chunk})
+                if cand.sizes in twins:  # the same graph is one of the profile's networks: a session control
+                    rows[-1]["profile_twin_measured_ms"] = round(twins[cand.sizes], 4)
             print(f"chunk {i // a.chunk + 1}: " + ", ".join(f"{r['error_pct']:+.1f}%" for r in rows[i:]), flush=True)
     except HwpruneError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -200,12 +212,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     adj = np.array([100 * (r["predicted_ms"] * r["dense_measured_ms"] / r["dense_predicted_ms"] - r["measured_ms"])
                     / r["measured_ms"] for r in rows])
     drift = [100 * (r["dense_measured_ms"] - r["dense_predicted_ms"]) / r["dense_predicted_ms"] for r in rows]
+    twins = {r["name"]: round(100 * (r["measured_ms"] - r["profile_twin_measured_ms"]) / r["profile_twin_measured_ms"], 3)
+             for r in rows if "profile_twin_measured_ms" in r}
     return {"n": len(rows), "mape_pct": round(float(np.abs(err).mean()), 3),
             "max_abs_error_pct": round(float(np.abs(err).max()), 3), "within_5pct": int((np.abs(err) <= 5).sum()),
             "mean_error_pct": round(float(err.mean()), 3),
             "dense_drift_pct": round(float(np.median(drift)), 3),
             "mape_dense_adjusted_pct": round(float(np.abs(adj).mean()), 3),
-            "max_abs_error_dense_adjusted_pct": round(float(np.abs(adj).max()), 3)}
+            "max_abs_error_dense_adjusted_pct": round(float(np.abs(adj).max()), 3),
+            # same graph, later session, same rounds: how much a session alone moves a measurement
+            "session_effect_pct": twins}
 
 
 if __name__ == "__main__":

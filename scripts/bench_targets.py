@@ -73,7 +73,8 @@ def main() -> int:
     for m in sorted(manifests, key=lambda m: m["target_speedup"]):
         ok = m["measured_speedup"] >= 0.97 * m["target_speedup"]
         rows.append({k: m.get(k) for k in ("target_speedup", "predicted_ms", "measured_ms", "dense_measured_ms",
-                                           "predicted_speedup", "measured_speedup", "prediction_error_pct",
+                                           "predicted_speedup", "measured_speedup", "prediction_error_pct", "dense_drift_pct",
+                                           "prediction_error_drift_adjusted_pct",
                                            "parity_max_abs_diff", "params", "dense_params", "flops", "dense_flops")}
                     | {"key": m["key"], "cosine": (m.get("scores") or {}).get("cosine"), "meets_0.97": ok})
         print(f"{m['target_speedup']:g}x: measured {m['measured_speedup']:.3f}x (pred {m['predicted_speedup']:.3f}x) "
