@@ -84,12 +84,28 @@ def same_graph_timings(prof: Any, timings: list[Timing], space: PruningSpace) ->
     return out
 
 
-def check_memory(adapter: ModelAdapter, chunk: int, *, limit: int = 8 << 30) -> None:
-    """Same-rounds mode keeps the profile's 25+ networks and a chunk of subnets loaded at once."""
-    need = 4 * sum(p.numel() for p in adapter.dense().parameters()) * (27 + chunk)
-    if need > limit:
-        raise HwpruneError(f"{adapter.name}: profiling in the same rounds would hold ~{need / 2**30:.0f} GiB of "
-                           f"weights; profile first (hwprune profile --model {adapter.name}) and pass --table")
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); 8 GiB where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def check_memory(adapter: ModelAdapter, levels: int, chunk: int) -> None:
+    """Same-rounds mode keeps the dense model, the profile's networks and a chunk of subnets loaded at
+    once (each session holds its weights about twice: initializers and prepacked copies); pruned
+    networks are counted at half the dense weights, their average over the level grid."""
+    dense = 4 * sum(p.numel() for p in adapter.dense().parameters())
+    need = 2 * dense * (1 + 0.5 * (levels ** 2 + chunk))
+    have = int(0.7 * available_bytes())
+    if need > have:
+        raise HwpruneError(f"{adapter.name}: profiling in the same rounds would hold ~{need / 2**30:.0f} GiB and "
+                           f"{have / 2**30:.0f} GiB is free; pass --levels 3 --chunk 4, or profile first (hwprune profile "
+                           f"--model {adapter.name}) and pass --table")
 
 
 def time_chunk(adapter: ModelAdapter, space: PruningSpace, subnets: list[tuple[str, Candidate]], *, backend: Any,
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             prof = None
         else:  # profile graphs timed in the same rounds as the subnets: the predictor, not the load, is tested
             if cnn:
-                check_memory(adapter, a.chunk)
+                check_memory(adapter, a.levels, a.chunk)
             kw = {"levels": a.levels} if cnn else {}
             prof = (profile_cnn if cnn else profile_encoder).prepare(adapter, backend, batch=batch, seq=seq,
                                                                      space=space, **kw)

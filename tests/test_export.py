@@ -197,3 +197,17 @@ def test_minilm_half_pruned_is_measurably_faster(backend: Any, tmp_path: Path) -
     assert man["parity_max_abs_diff"] < 1e-3
     assert man["flops"] * 2 == man["dense_flops"]  # every matmul halves at half heads and half FFN
     assert man["measured_speedup"] > 1.3, man["timings"]
+
+
+def test_unexportable_model_is_one_clear_line(tmp_path: Path) -> None:
+    """An op the ONNX exporter cannot write (adaptive pooling 3x3 -> 2x2) is a HwpruneError, not a traceback."""
+    import torch
+    from torch import nn
+
+    from hwprune.errors import HwpruneError
+    from hwprune.export.onnx_io import to_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(2))
+    with pytest.raises(HwpruneError, match=r"cannot export Sequential to ONNX for inputs input \(1, 3, 3, 3\)") as e:
+        to_onnx(model, {"input": torch.zeros(1, 3, 3, 3)}, tmp_path / "m.onnx", output_names=["output"])
+    assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()

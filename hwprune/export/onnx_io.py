@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hwprune._io import atomic_path
+from hwprune.errors import HwpruneError
 
 __all__ = ["to_onnx", "OPSET"]
 
@@ -35,12 +36,18 @@ def to_onnx(
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, tuple(inputs.values()), buf, dynamo=False, opset_version=OPSET,
-            input_names=list(inputs), output_names=list(output_names),
-            dynamic_axes={k: dict(v) for k, v in (dynamic_axes or {}).items()} or None,
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                model, tuple(inputs.values()), buf, dynamo=False, opset_version=OPSET,
+                input_names=list(inputs), output_names=list(output_names),
+                dynamic_axes={k: dict(v) for k, v in (dynamic_axes or {}).items()} or None,
+                do_constant_folding=True,
+            )
+        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:  # unsupported op or shape
+            msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+            raise HwpruneError(f"cannot export {type(model).__name__} to ONNX for inputs {shapes}: "
+                               f"{msg[:300]}") from None
     data = buf.getvalue()
     if path is not None:
         with atomic_path(path) as tmp:
