@@ -24,12 +24,14 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def one_line_error(res, pattern: str) -> None:
+def one_line_error(res, pattern: str) -> str:
+    """Checks the CLI's one-line error contract; returns the message (unwrapped) for further checks."""
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())  # rich may wrap long lines on narrow terminals
     assert text.startswith("error:"), res.output
     assert pattern in text, res.output
     assert "Traceback" not in res.output
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,8 @@ def test_export_pick_all_reuses_run(tiny_run):
 
 
 def test_unknown_model():
-    one_line_error(invoke("search", "--model", "gpt-7"), "unknown model 'gpt-7'; supported:")
+    msg = one_line_error(invoke("search", "--model", "gpt-7"), "unknown model 'gpt-7'; supported:")
+    assert "minilm" in msg and "resnet50" in msg  # the line lists what would work
 
 
 def test_malformed_yaml(tiny_folder, tiny_table, tmp_path):
@@ -156,7 +159,8 @@ def test_parity_failure_leaves_no_partial_files(tiny_folder, tiny_table, tmp_pat
 
 
 def test_export_not_a_run(tmp_path):
-    one_line_error(invoke("export", tmp_path), "is not a search run")
+    msg = one_line_error(invoke("export", tmp_path), "is not a search run")
+    assert str(tmp_path.name) in msg and not any(tmp_path.iterdir())  # names the folder, writes nothing into it
 
 
 def test_cnn_bad_inputs_via_cli(tmp_path):
