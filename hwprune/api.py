@@ -7,7 +7,6 @@ and writes its outputs atomically, so a bad input never leaves a half-written ru
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -106,14 +105,21 @@ def _table_settings(table: Any) -> dict[str, Any]:
     return dict(table.settings)
 
 
+def find_table(adapter: ModelAdapter) -> tuple[Path | None, Path]:
+    """(the table search uses by default if one exists, where a fresh local profile belongs):
+    ``latency_tables/local/<name>`` (this machine's) first, then the shipped ``latency_tables/<name>``."""
+    path = default_table_path(adapter, runtime="ort-cpu", threads=1, batch=1, seq=128)
+    local = TABLES_DIR / "local" / path.name
+    return next((p for p in (local, path) if p.is_file()), None), local
+
+
 def _resolve_table(adapter: ModelAdapter, req_table: str | None) -> Path:
     if req_table:
         return Path(req_table)
+    found, _ = find_table(adapter)
+    if found is not None:
+        return found
     path = default_table_path(adapter, runtime="ort-cpu", threads=1, batch=1, seq=128)
-    local = TABLES_DIR / "local" / path.name
-    for p in (local, path):
-        if p.is_file():
-            return p
     raise HwpruneError(f"no latency table for {adapter.name} at {path}; run `hwprune profile --model "
                        f"{adapter.name}` first or pass --table FILE")
 

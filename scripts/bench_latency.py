@@ -8,7 +8,7 @@
 Works for every model family hwprune profiles: encoders (named or a Hugging Face folder) and CNNs
 (named torchvision models or ``package.module:factory``; ``--input-shape`` default 1,3,224,224).
 Subnets are random (plus a few extremes: dense, smallest, uniform half, and for encoders attention
-removed / FFN removed); each is pruned with random kept indices, exported with ``to_onnx`` and timed
+removed / FFN removed); each is pruned with random kept indices, exported as ``hwprune export`` does and timed
 with the table's backend settings, interleaved and repeated (``interleave(common_mode=True)``, medians).
 
 Without ``--table`` the model is profiled *in the same rounds* as the subnets: every round times the
@@ -32,7 +32,7 @@ import numpy as np
 
 from hwprune._io import write_json
 from hwprune.errors import HwpruneError
-from hwprune.export.onnx_io import to_onnx
+from hwprune.export.candidate import candidate_onnx, timing_feed
 from hwprune.api import load_adapter, make_predictor
 from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend, profile_cnn, profile_encoder
 from hwprune.latency.backends import Runner, interleave
@@ -65,14 +65,7 @@ def export_subnet(adapter: ModelAdapter, space: PruningSpace, cand: Candidate, r
                   batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     model = adapter.prune(adapter.dense(), adapter.plan(kept))
-    return onnx_and_feed(adapter, model, batch=batch, seq=seq)
-
-
-def onnx_and_feed(adapter: ModelAdapter, model: Any, *, batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
-    inputs = adapter.example_inputs(batch=batch, seq=seq)
-    names, outs, dyn = adapter.onnx_io()
-    return (to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn),
-            {k: v.numpy() for k, v in inputs.items() if k in names})
+    return candidate_onnx(adapter, model, batch=batch, seq=seq), timing_feed(adapter, batch=batch, seq=seq)
 
 
 def same_graph_timings(prof: Any, timings: list[Timing], space: PruningSpace) -> dict[tuple[int, ...], float]:
@@ -167,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(a.seed)
         subnets = sample_subnets(space, a.subnets, rng)
         if table is not None:  # the table against this machine now: dense model as the drift reference
-            fixed = [backend.prepare(*onnx_and_feed(adapter, adapter.dense(), batch=batch, seq=seq))]
+            fixed = [backend.prepare(candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
+                                     timing_feed(adapter, batch=batch, seq=seq))]
             prof = None
         else:  # profile graphs timed in the same rounds as the subnets: the predictor, not the load, is tested
             if cnn:

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, write_result  # noqa: E402
 
-from hwprune.api import (TABLES_DIR, SearchRequest, default_table_path, load_adapter, run_export,  # noqa: E402
-                         run_profile, run_search)
+from hwprune.api import SearchRequest, find_table, load_adapter, run_export, run_profile, run_search  # noqa: E402
 from hwprune.errors import HwpruneError  # noqa: E402
 from hwprune.models.cnn import parse_input_shape  # noqa: E402
 
@@ -50,11 +49,9 @@ def main() -> int:
     table, t_profile = a.table, None
     try:
         if table is None:  # the table search would use, or a fresh profile of this machine
-            adapter = load_adapter(a.model, weights=a.weights, input_shape=shape)
-            path = default_table_path(adapter, runtime="ort-cpu", threads=1, batch=1, seq=128)
-            local = TABLES_DIR / "local" / path.name
-            table = str(next((p for p in (local, path) if p.is_file()), local))
-            if not Path(table).is_file():
+            found, local = find_table(load_adapter(a.model, weights=a.weights, input_shape=shape))
+            table = str(found or local)
+            if found is None:
                 t0 = time.perf_counter()
                 run_profile(a.model, weights=a.weights, input_shape=shape, out=table, progress=False,
                             budget_s=a.profile_budget_s)
