@@ -36,7 +36,7 @@ def load(folder: str | Path) -> "nn.Module":
     from safetensors.torch import load_file
 
     from hwprune.errors import HwpruneError
-    from hwprune.models import skeleton_for_plan
+    from hwprune.families import skeleton_for_plan
     from hwprune.surgery.plan import Plan
 
     folder = Path(folder)

@@ -1,111 +1,60 @@
-"""The three jobs as Python functions: profile, search, export. The CLI is a thin layer over these.
+"""The three jobs as Python functions over typed requests: profile, search, export.
 
-Each takes plain arguments (or a config), validates everything it can *before* writing anything,
-and writes its outputs atomically, so a bad input never leaves a half-written run behind.
+The CLI is a thin layer over these. Each validates everything it can *before* writing anything and
+writes its outputs atomically, so a bad input never leaves a half-written run behind::
+
+    from hwprune.api import ProfileRequest, SearchRequest, ExportRequest, run_profile, run_search, run_export
+    from hwprune.search import SearchConfig
+
+    prof = run_profile(ProfileRequest(model="minilm", out="latency_tables/local/minilm.parquet"))
+    res = run_search(SearchRequest(model="minilm", table=str(prof.path), out="runs/minilm",
+                                   search=SearchConfig(targets=(2.0,), trials=100)))
+    manifests = run_export(ExportRequest(run="runs/minilm"))
+
+Nothing here names a model family: every family-specific step goes through the adapter's
+:class:`~hwprune.families.Family` hooks.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hwprune._io import read_json, write_json
 from hwprune.errors import HwpruneError
-from hwprune.models import ModelAdapter, resolve_model
+from hwprune.families import Family, resolve_model
+from hwprune.latency.predictor import Predictor
+from hwprune.latency.table import LatencyTable
+from hwprune.proxies._base import CalibData, ProxyState
+from hwprune.search.run import SearchConfig, SearchResult
+from hwprune.space import PruningSpace
 
-__all__ = ["default_table_path", "run_profile", "SearchRequest", "run_search", "run_export", "load_adapter"]
+__all__ = ["ProfileRequest", "ProfileResult", "SearchRequest", "ExportRequest", "Manifest", "run_profile",
+           "run_search", "run_export", "load_adapter", "default_table_path", "find_table", "make_predictor"]
 
 Log = Callable[[str], None]
+Manifest = dict[str, Any]  # a manifest.json document (see hwprune.export.manifest)
 TABLES_DIR = Path("latency_tables")
+RUN_FORMAT = "hwprune.run/2"
 
 
 def _noop(msg: str) -> None:
     pass
 
 
-def load_adapter(model: str, *, weights: str | None = None, input_shape: Sequence[int] | None = None) -> ModelAdapter:
-    kw: dict[str, Any] = {}
-    if weights is not None:
-        kw["weights"] = weights
-    if input_shape is not None:
-        kw["input_shape"] = tuple(input_shape)
-    adapter = resolve_model(model)
-    if kw:
-        configure = getattr(adapter, "configure", None)
-        if configure is None:
-            raise HwpruneError(f"--weights/--input-shape apply to CNN models; {model!r} does not take them")
-        adapter = configure(**kw)
-    return adapter
+def load_adapter(model: str, *, weights: str | None = None, input_shape: Sequence[int] | None = None) -> Family:
+    """``--model`` (+ ``--weights`` / ``--input-shape`` for families that take them) -> its adapter."""
+    return resolve_model(model).configure(weights=weights,
+                                          input_shape=tuple(input_shape) if input_shape is not None else None)
 
 
-def default_table_path(adapter: ModelAdapter, *, runtime: str, threads: int, batch: int, seq: int) -> Path:
-    tag = getattr(adapter, "shape_tag", None)
-    shape = tag() if callable(tag) else f"s{seq}"
-    return TABLES_DIR / f"{adapter.name}_{runtime}_t{threads}_b{batch}_{shape}.parquet"
+def default_table_path(adapter: Family, *, runtime: str, threads: int, batch: int, seq: int) -> Path:
+    return TABLES_DIR / f"{adapter.name}_{runtime}_t{threads}_b{batch}_{adapter.shape_tag(seq=seq)}.parquet"
 
 
-def run_profile(model: str, *, runtime: str = "ort-cpu", threads: int = 1, batch: int = 1, seq: int = 128,
-                out: str | Path | None = None, space_file: str | Path | None = None,
-                weights: str | None = None, input_shape: Sequence[int] | None = None,
-                progress: bool = True, budget_s: float | None = None) -> tuple[Any, Path, float]:
-    """Profile ``model`` on this machine; returns (table, parquet path, predicted dense ms)."""
-    from hwprune.latency import profile
-
-    if batch < 1 or seq < 1:
-        raise HwpruneError(f"--batch and --seq must be >= 1 (got batch={batch}, seq={seq})")
-    adapter = load_adapter(model, weights=weights, input_shape=input_shape)
-    if adapter.family == "cnn":  # images: batch comes from --input-shape, there is no sequence
-        batch, seq = int(getattr(adapter, "input_shape")[0]), 0
-    space = adapter.space(space_file)
-    path = Path(out) if out else default_table_path(adapter, runtime=runtime, threads=threads, batch=batch, seq=seq)
-    if path.suffix != ".parquet":
-        raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
-    if budget_s is not None and budget_s <= 0:
-        raise HwpruneError(f"--budget-s must be > 0 seconds (got {budget_s})")
-    table = profile(adapter, runtime=runtime, threads=threads, batch=batch, seq=seq, space=space, out=path,
-                    progress=progress, budget_s=budget_s)
-    return table, path, make_predictor(table, space, adapter).dense_ms()
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    model: str = "minilm"
-    table: str | None = None
-    targets: tuple[float, ...] = (2.0,)
-    proxy: str = "obs"
-    calib: str | None = None
-    space: str | None = None
-    trials: int = 150
-    seed: int = 0
-    margin: float = 0.01
-    n_calib: int = 128
-    n_heldout: int = 64
-    out: str = "runs/latest"
-    weights: str | None = None
-    input_shape: tuple[int, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "SearchRequest":
-        d = dict(d)
-        d["targets"] = tuple(d["targets"])
-        if d.get("input_shape") is not None:
-            d["input_shape"] = tuple(d["input_shape"])
-        return cls(**d)
-
-
-def _table_settings(table: Any) -> dict[str, Any]:
-    return dict(table.settings)
-
-
-def find_table(adapter: ModelAdapter) -> tuple[Path | None, Path]:
+def find_table(adapter: Family) -> tuple[Path | None, Path]:
     """(the table search uses by default if one exists, where a fresh local profile belongs):
     ``latency_tables/local/<name>`` (this machine's) first, then the shipped ``latency_tables/<name>``."""
     path = default_table_path(adapter, runtime="ort-cpu", threads=1, batch=1, seq=128)
@@ -113,7 +62,101 @@ def find_table(adapter: ModelAdapter) -> tuple[Path | None, Path]:
     return next((p for p in (local, path) if p.is_file()), None), local
 
 
-def _resolve_table(adapter: ModelAdapter, req_table: str | None) -> Path:
+def make_predictor(table: LatencyTable, space: PruningSpace, adapter: Family) -> Predictor:
+    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...)."""
+    if table.family != adapter.family:
+        raise HwpruneError(f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}")
+    return adapter.predictor(table, space)
+
+
+# ---- profile ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """``hwprune profile``: which model, how to time it, where the table goes."""
+
+    model: str = "minilm"
+    runtime: str = "ort-cpu"
+    threads: int = 1
+    batch: int = 1
+    seq: int = 128
+    out: str | None = None            # default: latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet
+    space: str | None = None
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise HwpruneError(f"--budget-s must be > 0 seconds (got {self.budget_s})")
+        if self.threads < 1:
+            raise HwpruneError(f"--threads must be >= 1 (got {self.threads})")
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    table: LatencyTable
+    path: Path
+    dense_ms: float  # the dense model as the table predicts it
+
+
+def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
+    """Profile ``req.model`` on this machine and save the table (parquet + JSON fingerprint)."""
+    from hwprune.latency import profile
+
+    adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
+    batch, seq = adapter.io_settings(batch=req.batch, seq=req.seq)
+    space = adapter.space(req.space)
+    path = Path(req.out) if req.out else default_table_path(adapter, runtime=req.runtime, threads=req.threads,
+                                                            batch=batch, seq=seq)
+    if path.suffix != ".parquet":
+        raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
+    table = profile(adapter, runtime=req.runtime, threads=req.threads, batch=batch, seq=seq, space=space, out=path,
+                    progress=progress, budget_s=req.budget_s)
+    return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
+
+
+# ---- search -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """``hwprune search``: the model, its table, the proxy and data, and the search settings (embedded)."""
+
+    model: str = "minilm"
+    table: str | None = None
+    proxy: str = "obs"
+    calib: str | None = None
+    space: str | None = None
+    n_calib: int = 128
+    n_heldout: int = 64
+    out: str = "runs/latest"
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(targets=(2.0,), margin=0.01))
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "search"}
+        d["input_shape"] = list(self.input_shape) if self.input_shape is not None else None
+        d["search"] = self.search.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SearchRequest":
+        d = dict(d)
+        if "search" not in d:  # hwprune.run/1: search settings were top-level keys
+            d.pop("extra", None)
+            d["search"] = {k: d.pop(k) for k in ("targets", "trials", "seed", "margin") if k in d}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise HwpruneError(f"search request: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        d["search"] = SearchConfig.from_json(d["search"])
+        if d.get("input_shape") is not None:
+            d["input_shape"] = tuple(d["input_shape"])
+        return cls(**d)
+
+
+def _resolve_table(adapter: Family, req_table: str | None) -> Path:
     if req_table:
         return Path(req_table)
     found, _ = find_table(adapter)
@@ -124,57 +167,78 @@ def _resolve_table(adapter: ModelAdapter, req_table: str | None) -> Path:
                        f"{adapter.name}` first or pass --table FILE")
 
 
-def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -> Any:
+def _calib(adapter: Family, req: SearchRequest, *, seq: int) -> CalibData:
+    return adapter.load_calib(req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq,
+                              seed=req.search.seed)
+
+
+def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -> SearchResult:
     """Validate every input, then: table -> predictor, calibration -> proxy + scorer, DP + NSGA-II.
 
     Nothing is written to ``req.out`` until all inputs have been checked and every target is known to
     be reachable; the chosen subnet per target is then materialised under ``candidates/<key>/``.
     """
-    from hwprune.latency import LatencyTable
-    from hwprune.proxies._base import fit_proxy, get_proxy
-    from hwprune.search.run import SearchConfig, _check_reachable, search
+    from hwprune.proxies._base import get_proxy
+    from hwprune.search.run import check_reachable, search
 
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
     space = adapter.space(req.space)
     table_path = _resolve_table(adapter, req.table)
     table = LatencyTable.load(table_path)
     table.check_model(adapter)
-    settings = _table_settings(table)
+    settings = dict(table.settings)
     for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
         log(w)
     predictor = make_predictor(table, space, adapter)
     get_proxy(req.proxy, adapter.family)  # unknown proxy -> error before any work
-    config = SearchConfig(targets=tuple(req.targets), trials=req.trials, seed=req.seed, margin=req.margin)
-    base_ms, costs = predictor.unit_costs()
-    _check_reachable(config, dense_ms=predictor.dense_ms(), base_ms=base_ms, costs=costs,
-                     smallest_ms=None if getattr(predictor, "additive", True) else predictor.predict(space.smallest()))
-    seq = int(settings.get("seq", 128))
-    calib = _load_calib(adapter, req, seq=seq)
-    state = fit_proxy(req.proxy, adapter, space, calib)
-    scorer = make_scorer(adapter, calib)
+    check_reachable(req.search, predictor)
+    calib = _calib(adapter, req, seq=int(settings.get("seq", 128)))
+    state = adapter.fit_proxy(req.proxy, space, calib)
+    scorer = adapter.scorer(calib)
     run_dir = Path(req.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run.json", {"format": "hwprune.run/1", "request": req.to_json(),
+    write_json(run_dir / "run.json", {"format": RUN_FORMAT, "request": req.to_json(),
                                       "adapter": adapter.spec(), "table": str(table_path),
                                       "space_source": space.source, "settings": settings,
                                       "fingerprint": table.fingerprint.to_json(), "calib_source": calib.source})
-    result = search(space=space, predictor=predictor, proxy_state=state, scorer=scorer, config=config,
+    result = search(space=space, predictor=predictor, proxy_state=state, scorer=scorer, config=req.search,
                     run_dir=run_dir, progress=progress)
     _materialize_picks(adapter, state, result, run_dir)
     return result
 
 
-def _materialize_picks(adapter: ModelAdapter, state: Any, result: Any, run_dir: Path) -> None:
+def _materialize_picks(adapter: Family, state: ProxyState, result: SearchResult, run_dir: Path) -> None:
     import hwprune
     from hwprune._io import atomic_dir
 
-    for target, ev in result.picks.items():
-        key = ev.candidate.key()
-        dest = run_dir / "candidates" / key
+    for ev in result.picks.values():
+        dest = run_dir / "candidates" / ev.candidate.key()
         plan, overrides = state.materialize(ev.candidate)
         model = adapter.prune(adapter.dense(), plan, overrides)
         with atomic_dir(dest) as tmp:
             hwprune.save(model, plan, tmp)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """``hwprune export``: which candidates of a run, the parity tolerance, how long to time."""
+
+    run: str
+    pick: str = "targets"        # targets | all (the Pareto front) | a candidate key from pareto.csv
+    parity_tol: float = 1e-3
+    rounds: int = 5
+    repeats: int = 20
+
+    def __post_init__(self) -> None:
+        if self.parity_tol < 0:
+            raise HwpruneError(f"--parity-tol must be >= 0 (got {self.parity_tol})")
+        if self.rounds < 1 or self.repeats < 1:
+            raise HwpruneError(f"rounds and repeats must be >= 1 (got {self.rounds}, {self.repeats})")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
@@ -217,8 +281,7 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_export(run_dir: str | Path, *, pick: str = "targets", parity_tol: float = 1e-3, progress: bool = True,
-               rounds: int = 5, repeats: int = 20) -> list[dict[str, Any]]:
+def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     """Export the selected candidates of a run: plan + safetensors + ONNX + parity + measured latency.
 
     All selected candidates and the dense model are timed together, interleaved, in one process, so
@@ -226,96 +289,51 @@ def run_export(run_dir: str | Path, *, pick: str = "targets", parity_tol: float 
     """
     import hwprune
     from hwprune.export.candidate import candidate_onnx, export_candidate, timing_feed
-    from hwprune.export.measure import measure_dense_and_pruned
-    from hwprune.latency import LatencyTable, get_backend
+    from hwprune.export.manifest import Prediction
+    from hwprune.export.measure import Measurement, measure_dense_and_pruned
+    from hwprune.latency import get_backend
     from hwprune.space import Candidate
+    from hwprune.surgery.plan import Plan
 
-    run_dir = Path(run_dir)
+    run_dir = Path(req.run)
     run = _read_run(run_dir)
-    req = SearchRequest.from_json(run["request"])
-    rows = _selection(run_dir, pick)
-    adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
-    space = adapter.space(req.space)
+    sreq = SearchRequest.from_json(run["request"])
+    rows = _selection(run_dir, req.pick)
+    adapter = load_adapter(sreq.model, weights=sreq.weights, input_shape=sreq.input_shape)
+    space = adapter.space(sreq.space)
     table = LatencyTable.load(run["table"])
-    settings = _table_settings(table)
+    settings = dict(table.settings)
     predictor = make_predictor(table, space, adapter)
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
     batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
-    state = None
-    models: dict[str, tuple[Any, Any]] = {}
+    state: ProxyState | None = None
+    models = {}
     for row in rows:
         key, folder = row["key"], run_dir / "candidates" / row["key"]
         if (folder / "model.safetensors").is_file():
-            from hwprune.surgery.plan import Plan
-
             models[key] = (hwprune.load(folder), Plan.load(folder / "plan.json"))
             continue
         if state is None:
-            state = _refit(adapter, space, req, seq=seq)
-        cand = Candidate.from_json({"sizes": row["sizes"]}, space)
-        plan, overrides = state.materialize(cand)
+            state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=seq))
+        plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
     onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
     dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
     cmp = measure_dense_and_pruned(backend, dense=dense_onnx, pruned=onnx, feed=timing_feed(adapter, batch=batch, seq=seq),
-                                   rounds=rounds, repeats=repeats)
+                                   rounds=req.rounds, repeats=req.repeats)
     manifests = []
     for row in rows:
         key = row["key"]
         model, plan = models[key]
-        cand = plan.candidate(space)
+        prediction = Prediction(predicted_ms=predictor.predict(plan.candidate(space)),
+                                dense_predicted_ms=predictor.dense_ms(), target_speedup=row.get("target_speedup"))
         m = export_candidate(
             adapter, model, plan, run_dir / "candidates" / key, backend=backend, batch=batch, seq=seq,
-            predicted_ms=predictor.predict(cand), dense_predicted_ms=predictor.dense_ms(),
-            target_speedup=row.get("target_speedup"), dense_ms_measured=cmp.dense.median_ms,
-            measured_ms=cmp.pruned[key].median_ms, dense_onnx=dense_onnx, scores=row.get("scores"),
-            fingerprint=table.fingerprint.to_json(), parity_tol=parity_tol,
-            extra={"key": key, "run": str(run_dir), "proxy": req.proxy, "table": run["table"],
-                   "clock": "thread-cpu" if getattr(backend, "cpu_clock", False) else "wall"},
+            measurement=Measurement.of(cmp, key, clock=backend.clock), prediction=prediction,
+            scores=row.get("scores"), fingerprint=table.fingerprint.to_json(), parity_tol=req.parity_tol,
+            extra={"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]},
         )
         m.setdefault("key", key)
         manifests.append(m)
-    write_json(run_dir / "exports.json", {"pick": pick, "manifests": manifests})
+    write_json(run_dir / "exports.json", {"pick": req.pick, "manifests": manifests})
     return manifests
-
-
-def _load_calib(adapter: ModelAdapter, req: SearchRequest, *, seq: int) -> Any:
-    """Calibration + held-out data: text for encoders, images (.npy/.pt or generated) for CNNs."""
-    if adapter.family == "cnn":
-        from hwprune.proxies.cnn_calib import load_cnn_calib
-
-        return load_cnn_calib(adapter, req.calib, n_calib=min(req.n_calib, 64), n_heldout=req.n_heldout,
-                              seed=req.seed)
-    from hwprune.proxies.calib import load_calib
-
-    return load_calib(adapter, req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.seed)
-
-
-def _refit(adapter: ModelAdapter, space: Any, req: SearchRequest, *, seq: int) -> Any:
-    from hwprune.proxies._base import fit_proxy
-
-    return fit_proxy(req.proxy, adapter, space, _load_calib(adapter, req, seq=seq))
-
-
-def make_predictor(table: Any, space: Any, adapter: ModelAdapter) -> Any:
-    """The table's predictor for this model family (encoders: LUT sum; CNNs: per-conv lookups)."""
-    if table.family != adapter.family:
-        raise HwpruneError(f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}")
-    if adapter.family == "cnn":
-        from hwprune.latency.predictor_cnn import CnnPredictor
-
-        return CnnPredictor(table, space)
-    from hwprune.latency import LUTPredictor
-
-    return LUTPredictor(table, space)
-
-
-def make_scorer(adapter: ModelAdapter, calib: Any) -> Any:
-    """End-to-end distance to the dense model on held-out data, per model family."""
-    if adapter.family == "cnn":
-        from hwprune.proxies.cnn import CnnScorer
-
-        return CnnScorer(adapter, calib.heldout)
-    from hwprune.proxies.e2e import EndToEndScorer
-
-    return EndToEndScorer(adapter, calib.heldout)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from hwprune.errors import HwpruneError
+
+if TYPE_CHECKING:
+    from hwprune.api import Manifest
+    from hwprune.search.run import SearchResult
 
 app = typer.Typer(
     name="hwprune",
@@ -66,16 +70,18 @@ def profile(
 
     Example:  hwprune profile --model minilm --threads 1 --seq 128
     """
-    from hwprune.api import run_profile
+    from hwprune.api import ProfileRequest, run_profile
 
     try:
-        table, path, dense_ms = run_profile(model, runtime=runtime, threads=threads, batch=batch, seq=seq, out=output,
-                                  space_file=space, weights=weights, input_shape=_shape(input_shape),
-                                  progress=not no_progress, budget_s=budget_s)
+        res = run_profile(ProfileRequest(model=model, runtime=runtime, threads=threads, batch=batch, seq=seq,
+                                         out=str(output) if output else None, space=str(space) if space else None,
+                                         weights=weights, input_shape=_shape(input_shape), budget_s=budget_s),
+                          progress=not no_progress)
     except HwpruneError as e:
         _fail(e)
-    out.print(f"[green]wrote[/] {path} ({len(table.frame)} rows) and {path.with_suffix('.json')}")
-    out.print(f"dense model: {dense_ms:.3f} ms predicted from the table (profiled in {table.profile_seconds:.0f} s)")
+    out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
+    out.print(f"dense model: {res.dense_ms:.3f} ms predicted from the table "
+              f"(profiled in {res.table.profile_seconds:.0f} s)")
 
 
 def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[float, ...]:
@@ -116,18 +122,18 @@ def search(
 
     Example:  hwprune search --model minilm --targets 1.5,2,3 -o runs/minilm --export
     """
-    from hwprune.api import SearchRequest, run_export, run_search
+    from hwprune.api import ExportRequest, SearchRequest, run_export, run_search
+    from hwprune.search import SearchConfig
 
     try:
-        req = SearchRequest(model=model, table=str(table) if table else None,
-                            targets=_targets(target_speedup, targets), proxy=proxy,
+        cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
+        req = SearchRequest(model=model, table=str(table) if table else None, proxy=proxy,
                             calib=str(calib) if calib else None, space=str(space) if space else None,
-                            trials=trials, seed=seed, margin=margin, out=str(output), weights=weights,
-                            input_shape=_shape(input_shape))
+                            out=str(output), weights=weights, input_shape=_shape(input_shape), search=cfg)
         result = run_search(req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress)
         _print_picks(result)
         if export:
-            _print_manifests(run_export(output, pick="targets", progress=not no_progress))
+            _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress))
     except HwpruneError as e:
         _fail(e)
 
@@ -143,26 +149,27 @@ def export(
 
     Example:  hwprune export runs/minilm --pick targets
     """
-    from hwprune.api import run_export
+    from hwprune.api import ExportRequest, run_export
 
     try:
-        _print_manifests(run_export(run_dir, pick=pick, parity_tol=parity_tol, progress=not no_progress))
+        _print_manifests(run_export(ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol),
+                                    progress=not no_progress))
     except HwpruneError as e:
         _fail(e)
 
 
-def _print_picks(result: object) -> None:
+def _print_picks(result: "SearchResult") -> None:
     t = Table(title="chosen subnet per target (predicted)")
     for c in ("target", "key", "pred ms", "pred speedup", "cosine to dense"):
         t.add_column(c, justify="right")
-    for target, ev in sorted(result.picks.items()):  # type: ignore[attr-defined]
+    for target, ev in sorted(result.picks.items()):
         t.add_row(f"{target:g}x", ev.candidate.key(), f"{ev.predicted_ms:.2f}",
-                  f"{result.dense_ms / ev.predicted_ms:.2f}x",  # type: ignore[attr-defined]
+                  f"{result.dense_ms / ev.predicted_ms:.2f}x",
                   f"{ev.scores.get('cosine', float('nan')):.4f}")
     out.print(t)
 
 
-def _print_manifests(manifests: list[dict]) -> None:
+def _print_manifests(manifests: "list[Manifest]") -> None:
     t = Table(title="predicted vs measured (speedup = dense / pruned, measured in one process)")
     for c in ("target", "key", "pred ms", "meas ms", "dense ms", "speedup", "pred err", "drift", "parity"):
         t.add_column(c, justify="right")

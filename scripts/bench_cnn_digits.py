@@ -57,12 +57,12 @@ from hwprune.export.onnx_io import to_onnx  # noqa: E402
 from hwprune.latency import DeviceFingerprint, LatencyTable, get_backend  # noqa: E402
 from hwprune.latency import profile_cnn  # noqa: E402
 from hwprune.latency.backends import interleave  # noqa: E402
-from hwprune.latency.predictor_cnn import CnnPredictor, relinearized_dp  # noqa: E402
-from hwprune.models.cnn import CnnAdapter  # noqa: E402
+from hwprune.families.cnn.predictor import CnnPredictor, relinearized_dp  # noqa: E402
+from hwprune.families.cnn.adapter import CnnAdapter  # noqa: E402
 from hwprune.proxies._base import CalibData  # noqa: E402
-from hwprune.proxies.cnn import fit_cnn_proxy  # noqa: E402
-from hwprune.proxies.cnn_calib import recalibrate_bn  # noqa: E402
-from hwprune.proxies.cnn_e2e import CnnScorer  # noqa: E402
+from hwprune.families.cnn.proxies import fit_cnn_proxy  # noqa: E402
+from hwprune.families.cnn.calib import recalibrate_bn  # noqa: E402
+from hwprune.families.cnn.scorer import CnnScorer  # noqa: E402
 from scripts.train_digits_cnn import accuracy, train  # noqa: E402
 
 MODEL = "scripts.train_digits_cnn:digits_resnet"

@@ -36,8 +36,8 @@ from hwprune.export.candidate import candidate_onnx, timing_feed
 from hwprune.api import load_adapter, make_predictor
 from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend, profile_cnn, profile_encoder
 from hwprune.latency.backends import Runner, interleave
-from hwprune.models import ModelAdapter
-from hwprune.models.cnn import parse_input_shape
+from hwprune.families import Family
+from hwprune.families.cnn.adapter import parse_input_shape
 from hwprune.space import Candidate, PruningSpace
 
 
@@ -61,7 +61,7 @@ def sample_subnets(space: PruningSpace, n: int, rng: np.random.Generator) -> lis
     return out
 
 
-def export_subnet(adapter: ModelAdapter, space: PruningSpace, cand: Candidate, rng: np.random.Generator, *,
+def export_subnet(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator, *,
                   batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     model = adapter.prune(adapter.dense(), adapter.plan(kept))
@@ -88,7 +88,7 @@ def available_bytes() -> int:
     return 8 << 30
 
 
-def check_memory(adapter: ModelAdapter, levels: int, chunk: int) -> None:
+def check_memory(adapter: Family, levels: int, chunk: int) -> None:
     """Same-rounds mode keeps the dense model, the profile's networks and a chunk of subnets loaded at
     once (each session holds its weights about twice: initializers and prepacked copies); pruned
     networks are counted at half the dense weights, their average over the level grid."""
@@ -101,7 +101,7 @@ def check_memory(adapter: ModelAdapter, levels: int, chunk: int) -> None:
                            f"--model {adapter.name}) and pass --table")
 
 
-def time_chunk(adapter: ModelAdapter, space: PruningSpace, subnets: list[tuple[str, Candidate]], *, backend: Any,
+def time_chunk(adapter: Family, space: PruningSpace, subnets: list[tuple[str, Candidate]], *, backend: Any,
                fixed: list[Runner], batch: int, seq: int, seconds: float,
                rng: np.random.Generator) -> tuple[list[Timing], list[Timing]]:
     """Export ``subnets`` and time them in the same interleaved rounds as the ``fixed`` runners."""

@@ -22,7 +22,7 @@ from _common import machine, write_result  # noqa: E402
 
 from hwprune.api import SearchRequest, find_table, load_adapter, run_export, run_profile, run_search  # noqa: E402
 from hwprune.errors import HwpruneError  # noqa: E402
-from hwprune.models.cnn import parse_input_shape  # noqa: E402
+from hwprune.families.cnn.adapter import parse_input_shape  # noqa: E402
 
 
 def main() -> int:

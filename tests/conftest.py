@@ -12,13 +12,13 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="session")
 def minilm():
-    from hwprune.models import resolve_model
+    from hwprune.families import resolve_model
 
     return resolve_model("minilm")
 
 
 @pytest.fixture()
 def tiny():
-    from hwprune.models.bert import EncoderAdapter
+    from hwprune.families.encoder.adapter import EncoderAdapter
 
     return EncoderAdapter.tiny(layers=2, heads=4, head_dim=8, ffn=32)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from hwprune.errors import HwpruneError
-from hwprune.models.bert import EncoderAdapter
-from hwprune.proxies.calib import default_corpus, load_calib, read_texts, split_texts
+from hwprune.families.encoder.adapter import EncoderAdapter
+from hwprune.families.encoder.calib import load_calib
+from hwprune.proxies.calib import default_corpus, read_texts, split_texts
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from hwprune.cli import app
-from hwprune.models.bert import minilm_path
-from hwprune.models.encoder import Encoder, _hf_key, from_hf_config
+from hwprune.families.encoder.adapter import minilm_path
+from hwprune.families.encoder.model import Encoder, _hf_key, from_hf_config
 
 runner = CliRunner()
 

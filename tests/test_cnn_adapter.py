@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import hwprune
-import hwprune.models.cnn  # noqa: F401  (registers resnet18 & co. until builtin.py imports it)
+import hwprune.families.cnn.adapter  # noqa: F401  (registers resnet18 & co. until builtin.py imports it)
 from hwprune.errors import HwpruneError
-from hwprune.models import resolve_model
-from hwprune.models.cnn import CnnAdapter, parse_input_shape
+from hwprune.families import resolve_model
+from hwprune.families.cnn.adapter import CnnAdapter, parse_input_shape
 from hwprune.surgery.plan import Plan
 
 SHAPE = "1,3,32,32"
@@ -130,7 +130,7 @@ def test_save_load_round_trip(tiny: CnnAdapter, tmp_path: Path) -> None:
 
 
 def test_resnet18_plan_replays_on_a_fresh_model(tmp_path: Path) -> None:
-    a = resolve_model("resnet18", input_shape="1,3,64,64")
+    a = resolve_model("resnet18").configure(input_shape=(1, 3, 64, 64))
     space = a.space()
     assert len(space.units) == 12 and space.unit("group.conv1").sizes == (32, 48, 64)
     g = torch.Generator().manual_seed(0)
@@ -146,7 +146,7 @@ def test_resnet18_plan_replays_on_a_fresh_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,units", [("resnet50", 37), ("mobilenet_v2", 25), ("vgg16_bn", 15)])
 def test_shipped_spaces_load(name: str, units: int) -> None:
-    a = resolve_model(name, input_shape="1,3,64,64")
+    a = resolve_model(name).configure(input_shape=(1, 3, 64, 64))
     space = a.space()
     assert space.source.endswith(f"{name}.yaml") and len(space.units) == units
     assert all(0 not in u.sizes and u.sizes[-1] == u.full for u in space.units)
@@ -228,9 +228,9 @@ def test_plan_with_bad_indices(tiny: CnnAdapter) -> None:
 def test_flops_match_torch_counter() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hwprune.export.cnn import cnn_stats
+    from hwprune.families.cnn.stats import cnn_stats
 
-    a = resolve_model("resnet18", input_shape="1,3,64,64")
+    a = resolve_model("resnet18").configure(input_shape=(1, 3, 64, 64))
     m = a.prune(a.dense(), a.plan({"group.layer1.0.conv1": range(16), "group.conv1": range(32)}))
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(torch.zeros(1, 3, 64, 64))

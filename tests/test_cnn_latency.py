@@ -12,9 +12,11 @@ import pytest
 
 from hwprune.errors import HwpruneError
 from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend
-from hwprune.latency import cnn_design, profile_cnn
-from hwprune.latency.predictor_cnn import CnnPredictor, relinearized_dp
-from hwprune.models.cnn import CnnAdapter
+from hwprune.families.cnn import design as cnn_design
+from hwprune.families.cnn import profile as profile_cnn
+from hwprune.families.cnn.predictor import CnnPredictor
+from hwprune.search.run import dp_pick
+from hwprune.families.cnn.adapter import CnnAdapter
 from hwprune.space import Candidate
 
 FP = DeviceFingerprint.current("ort-cpu", threads=1, batch=1, seq=32, runtime_version="onnxruntime test")
@@ -145,9 +147,11 @@ def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
     errors = [np.linspace(1.0, 0.0, len(u.sizes)) ** 2 for u in space.units]  # any non-increasing curves
     for target in (1.5, 2.0):
         budget = pred.dense_ms() / target
-        pick, lin = relinearized_dp(pred, errors, budget)
-        assert pred.predict(pick) <= budget * (1 + 1e-9)
-        base, costs = lin.unit_costs()  # the returned predictor is exact at the pick
+        sol = dp_pick(space, pred, errors, budget, buckets=4000, dense_ms=pred.dense_ms())
+        assert sol is not None
+        pick = sol.candidate
+        assert pred.predict(pick) <= budget * (1 + 1e-9) and sol.predicted_ms == pytest.approx(pred.predict(pick))
+        base, costs = pred.linearized_at(pick).unit_costs()  # the linearisation is exact at the pick
         ix = [u.sizes.index(s) for u, s in zip(space.units, pick.sizes)]
         assert base + sum(c[i] for c, i in zip(costs, ix)) == pytest.approx(pred.predict(pick), rel=1e-12)
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from hwprune.errors import HwpruneError
-from hwprune.models.cnn import CnnAdapter
+from hwprune.families.cnn.adapter import CnnAdapter
 from hwprune.proxies._base import CalibData
-from hwprune.proxies.cnn import _plain_errors, fit_cnn_proxy
-from hwprune.proxies.cnn_calib import load_cnn_calib, read_images, recalibrate_bn
-from hwprune.proxies.cnn_e2e import CnnScorer
+from hwprune.families.cnn.proxies import _plain_errors, fit_cnn_proxy
+from hwprune.families.cnn.calib import load_cnn_calib, read_images, recalibrate_bn
+from hwprune.families.cnn.scorer import CnnScorer
 from hwprune.space import Candidate, build_space
 
 PROXIES = ("magnitude", "bn_scale", "flap", "obs")

@@ -6,8 +6,8 @@ import torch
 
 import hwprune
 from hwprune.errors import HwpruneError
-from hwprune.models import resolve_model
-from hwprune.models.encoder import from_hf_config
+from hwprune.families import resolve_model
+from hwprune.families.encoder.model import from_hf_config
 
 TEXTS = ["A man is playing a guitar.", "The quick brown fox jumps over the lazy dog near the river bank."]
 
@@ -92,8 +92,8 @@ def test_local_folder_roberta_positions(tmp_path, minilm):
 
     from safetensors.torch import save_file
 
-    from hwprune.models.bert import EncoderAdapter
-    from hwprune.models.encoder import Encoder, from_hf_config
+    from hwprune.families.encoder.adapter import EncoderAdapter
+    from hwprune.families.encoder.model import Encoder, from_hf_config
 
     cfg = {"model_type": "roberta", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 40,
@@ -101,7 +101,7 @@ def test_local_folder_roberta_positions(tmp_path, minilm):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     enc = Encoder(from_hf_config(cfg))
     hf = {}
-    from hwprune.models.encoder import _hf_key
+    from hwprune.families.encoder.model import _hf_key
     for k, v in enc.state_dict().items():
         hf["roberta." + _hf_key(k)] = v
     save_file(hf, str(tmp_path / "model.safetensors"))

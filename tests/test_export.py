@@ -16,13 +16,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hwprune.errors import HwpruneError, ParityError
 from hwprune.export.candidate import candidate_onnx, check_parity, export_candidate, timing_feed
-from hwprune.export.manifest import MANIFEST_FORMAT, read_manifest
-from hwprune.export.measure import measure_dense_and_pruned
-from hwprune.export.stats import count_params, encoder_flops, encoder_params, model_stats
+from hwprune.export.manifest import MANIFEST_FORMAT, Prediction, read_manifest
+from hwprune.export.measure import Measurement, measure_dense_and_pruned
+from hwprune.export.stats import count_params
+from hwprune.families.encoder.stats import encoder_flops, encoder_params
 from hwprune.export.tensorrt import TRT_MISSING, build_engine
 from hwprune.latency._base import get_backend
-from hwprune.models.bert import EncoderAdapter
-from hwprune.models.encoder import Encoder
+from hwprune.families.encoder.adapter import EncoderAdapter
+from hwprune.families.encoder.model import Encoder
 
 SEQ = 32
 FAST = {"rounds": 2, "repeats": 5, "warmup": 2}
@@ -45,9 +46,10 @@ def backend() -> Any:
 def exported(tiny: Any, backend: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     a, plan, m = tiny
     out = tmp_path_factory.mktemp("export") / "cand"
-    man = export_candidate(a, m, plan, out, backend=backend, batch=1, seq=SEQ, predicted_ms=0.09,
-                           dense_predicted_ms=0.18, target_speedup=2.0, scores={"proxy": 0.12, "e2e": 0.05},
-                           fingerprint={"cpu": "test", "threads": 1}, extra={"note": "tiny"}, **FAST)
+    man = export_candidate(a, m, plan, out, backend=backend, batch=1, seq=SEQ,
+                           prediction=Prediction(predicted_ms=0.09, dense_predicted_ms=0.18, target_speedup=2.0),
+                           scores={"proxy": 0.12, "e2e": 0.05}, fingerprint={"cpu": "test", "threads": 1},
+                           extra={"note": "tiny"}, timing=FAST)
     return out, man
 
 
@@ -71,7 +73,9 @@ def test_params_analytic_equals_module_count(tiny: Any) -> None:
     assert encoder_params(m.config) == count_params(m) == 1_000_896
     assert encoder_params(a.dense().config) == count_params(a.dense()) == 1_010_304
     other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    assert model_stats(other, batch=1, seq=1).to_json() == {"params": 26, "flops": None, "batch": 1, "seq": 1}
+    assert count_params(other) == 26
+    assert a.stats(m, batch=1, seq=7).to_json() == {"params": count_params(m), "flops": encoder_flops(
+        m.config, batch=1, seq=7), "batch": 1, "seq": 7}
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -105,7 +109,8 @@ def test_manifest_numbers_are_consistent(exported: Any, tiny: Any) -> None:
     assert man["dense_flops"] == encoder_flops(a.dense().config, batch=1, seq=SEQ) == 1_310_720
     assert 0.0 < man["parity_max_abs_diff"] < 1e-5 and man["parity_tol"] == 1e-3
     assert man["settings"] == {"runtime": "ort-cpu", "runtime_version": man["settings"]["runtime_version"],
-                               "threads": 1, "batch": 1, "seq": SEQ, **FAST}
+                               "threads": 1, "batch": 1, "seq": SEQ, "clock": "thread-cpu"}
+    assert {k: man["timings"][k] for k in FAST} == FAST
     assert set(man["versions"]) == {"hwprune", "torch", "onnx", "onnxruntime", "python"}
     assert (man["plan"]["heads"], man["plan"]["ffn"]) == ([2, 0], [16, 64])
     assert man["scores"] == {"proxy": 0.12, "e2e": 0.05} and man["fingerprint"]["cpu"] == "test"
@@ -122,7 +127,7 @@ def test_reported_parity_is_the_real_diff(exported: Any, tiny: Any, backend: Any
 def test_parity_failure_at_zero_tolerance_leaves_nothing(tiny: Any, backend: Any, tmp_path: Path) -> None:
     a, plan, m = tiny  # the real ORT-vs-torch diff is ~1e-7, not 0: tolerance 0 must refuse it
     with pytest.raises(ParityError) as e:
-        export_candidate(a, m, plan, tmp_path / "cand", backend=backend, seq=SEQ, parity_tol=0.0, **FAST)
+        export_candidate(a, m, plan, tmp_path / "cand", backend=backend, seq=SEQ, parity_tol=0.0, timing=FAST)
     msg = str(e.value)
     assert "\n" not in msg and "> tolerance 0" in msg
     assert float(msg.split(" by ")[1].split()[0]) > 0
@@ -145,7 +150,7 @@ def test_parity_failure_keeps_previous_export_intact(exported: Any, tiny: Any, b
     bad = a.prune(a.dense(), plan)
     bad.__class__ = _EagerOnly
     with pytest.raises(ParityError, match=r"by 0\.01 .*> tolerance 0\.001"):
-        export_candidate(a, bad, plan, prev, backend=backend, seq=SEQ, **FAST)
+        export_candidate(a, bad, plan, prev, backend=backend, seq=SEQ, timing=FAST)
     assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["cand"]
 
@@ -161,12 +166,12 @@ def test_several_candidates_share_one_dense_measurement(tiny: Any, backend: Any,
     assert cmp.dense.median_ms == float(np.median(cmp.dense.rounds_ms))
     assert cmp.speedup("c1") == cmp.dense.median_ms / cmp.pruned["c1"].median_ms
     man = export_candidate(a, m2, plan2, tmp_path / "c2", backend=backend, seq=SEQ,
-                           measured_ms=cmp.pruned["c2"].median_ms, dense_ms_measured=cmp.dense.median_ms)
+                           measurement=Measurement.of(cmp, "c2", clock=backend.clock))
     assert man["measured_speedup"] == pytest.approx(cmp.speedup("c2"), rel=1e-12)
-    assert man["timings"] == {"source": "supplied"} and "rounds" not in man["settings"]
-    with pytest.raises(HwpruneError, match="both measured_ms and dense_ms_measured"):
-        export_candidate(a, m, plan, tmp_path / "c1", backend=backend, dense_ms_measured=1.0)
-    assert not (tmp_path / "c1").exists()
+    assert man["timings"]["source"] == "interleaved" and man["timings"]["rounds"] == 3
+    assert man["timings"]["pruned"]["median_ms"] == cmp.pruned["c2"].median_ms
+    with pytest.raises(HwpruneError, match="must be > 0 ms"):
+        Measurement(measured_ms=0.0, dense_ms=1.0)
 
 
 def test_read_manifest_rejects_foreign_json(tmp_path: Path) -> None:
@@ -192,7 +197,7 @@ def test_minilm_half_pruned_is_measurably_faster(backend: Any, tmp_path: Path) -
             for k, n in (("heads", c.num_heads), ("ffn", c.intermediate_size))}
     plan = a.plan(kept)
     man = export_candidate(a, a.prune(a.dense(), plan), plan, tmp_path / "half", backend=backend, batch=1, seq=128,
-                           rounds=5, repeats=10, warmup=3)
+                           timing={"rounds": 5, "repeats": 10, "warmup": 3})
     assert man["plan"]["heads"] == [6] * 6 and man["plan"]["ffn"] == [768] * 6
     assert man["parity_max_abs_diff"] < 1e-3
     assert man["flops"] * 2 == man["dense_flops"]  # every matmul halves at half heads and half FFN

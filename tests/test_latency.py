@@ -16,7 +16,7 @@ from hwprune.export.onnx_io import to_onnx
 from hwprune.latency import DeviceFingerprint, LatencyTable, LUTPredictor, get_backend, profile
 from hwprune.latency.backends import interleave
 from hwprune.latency.table import table_paths
-from hwprune.models.bert import EncoderAdapter
+from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.space import Candidate, build_space
 
 FP = DeviceFingerprint.current("ort-cpu", threads=1, batch=1, seq=16)

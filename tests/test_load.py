@@ -9,9 +9,9 @@ import torch
 
 import hwprune
 from hwprune.errors import HwpruneError
-from hwprune.export.candidate import export_candidate, parity_inputs
+from hwprune.export.candidate import export_candidate
 from hwprune.latency._base import get_backend
-from hwprune.models.bert import EncoderAdapter
+from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.surgery.plan import Plan
 
 
@@ -23,7 +23,7 @@ def _out(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tenso
 def _assert_round_trip(a: EncoderAdapter, model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     loaded = hwprune.load(folder)
     assert type(loaded) is type(model) and loaded.config == model.config and not loaded.training
-    x = parity_inputs(a, seq=32)
+    x = a.parity_inputs(seq=32)
     assert torch.equal(_out(loaded, x), _out(model, x))  # same weights, same ops: bit-identical
     return loaded
 
@@ -44,7 +44,7 @@ def test_exported_candidate_loads(tmp_path: Path) -> None:
     plan = a.plan({"layer.0.heads": [3], "layer.1.ffn": list(range(0, 64, 2))})
     m = a.prune(a.dense(), plan)
     export_candidate(a, m, plan, tmp_path / "c", backend=get_backend("ort-cpu", threads=1), seq=16,
-                     rounds=1, repeats=2, warmup=1)
+                     timing={"rounds": 1, "repeats": 2, "warmup": 1})
     _assert_round_trip(a, m, tmp_path / "c")
 
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from hwprune.errors import HwpruneError
-from hwprune.models import resolve_model
-from hwprune.models.bert import EncoderAdapter
+from hwprune.families import resolve_model
+from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.proxies._base import fit_proxy, get_proxy, proxy_names
-from hwprune.proxies._stats import collect_stats
-from hwprune.proxies.calib import load_calib
-from hwprune.proxies.e2e import EndToEndScorer
+from hwprune.families.encoder.collect import collect_stats
+from hwprune.families.encoder.calib import load_calib
+from hwprune.families.encoder.scorer import EndToEndScorer
 from hwprune.proxies.flap import compensated_bias
 from hwprune.proxies.obs import damped, obs_order
 from hwprune.space import Candidate, PruningSpace
-from hwprune.surgery.encoder import kept_columns
+from hwprune.families.encoder.surgery import kept_columns
 
 PROXIES = ["magnitude", "flap", "obs"]
 

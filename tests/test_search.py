@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from hwprune.latency.predictor import Predictor
 from hwprune.errors import HwpruneError, TargetUnreachableError
 from hwprune.search import (Evaluation, ParetoSet, SearchConfig, pareto_mask, pick_within, search,
                             solve_dp)
@@ -29,9 +30,10 @@ def _space(n_units: int, rng: np.random.Generator, *, max_levels: int = 4) -> Pr
     return PruningSpace(units=tuple(units))
 
 
-class AdditivePredictor:
+class AdditivePredictor(Predictor):
     def __init__(self, space: PruningSpace, base: float, costs: list[np.ndarray]) -> None:
-        self.space, self.base, self.costs = space, base, costs
+        super().__init__(space)
+        self.base, self.costs = base, costs
 
     def predict(self, cand: Candidate) -> float:
         return self.base + sum(float(c[u.sizes.index(s)]) for u, c, s in zip(self.space.units, self.costs, cand.sizes))
@@ -39,8 +41,6 @@ class AdditivePredictor:
     def unit_costs(self) -> tuple[float, list[np.ndarray]]:
         return self.base, self.costs
 
-    def dense_ms(self) -> float:
-        return self.predict(self.space.dense())
 
 
 class _Sized(nn.Module):

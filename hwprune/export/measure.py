@@ -21,7 +21,7 @@ import numpy as np
 from hwprune.errors import HwpruneError
 from hwprune.latency._base import Backend
 
-__all__ = ["Measured", "Comparison", "measure_dense_and_pruned", "DENSE"]
+__all__ = ["Measured", "Comparison", "Measurement", "measure_dense_and_pruned", "DENSE"]
 
 DENSE = "dense"
 
@@ -54,6 +54,37 @@ class Comparison:
         return self.dense.median_ms / self.pruned[key].median_ms
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """What a manifest states about one candidate's measured latency: its time and the dense model's,
+    from the same process and rounds, the clock, and (optionally) the per-round evidence."""
+
+    measured_ms: float
+    dense_ms: float
+    clock: str = "wall"                 # "thread-cpu" or "wall" (``Backend.clock``)
+    timing: Comparison | None = None    # the interleaved run both came from
+    key: str | None = None              # the candidate's key in ``timing.pruned``
+
+    def __post_init__(self) -> None:
+        if not (self.measured_ms > 0 and self.dense_ms > 0):
+            raise HwpruneError(f"measured latencies must be > 0 ms (got {self.measured_ms}, {self.dense_ms})")
+
+    @classmethod
+    def of(cls, cmp: Comparison, key: str, *, clock: str = "wall") -> "Measurement":
+        return cls(measured_ms=cmp.pruned[key].median_ms, dense_ms=cmp.dense.median_ms, clock=clock, timing=cmp,
+                   key=key)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.measured_ms
+
+    def timings_json(self) -> dict[str, Any]:
+        if self.timing is None or self.key is None:
+            return {"source": "supplied"}
+        return {"dense": self.timing.dense.to_json(), "pruned": self.timing.pruned[self.key].to_json(),
+                "source": "interleaved", **{k: self.timing.settings[k] for k in ("rounds", "repeats", "warmup")}}
+
+
 def measure_dense_and_pruned(
     backend: Backend,
     *,
@@ -76,13 +107,12 @@ def measure_dense_and_pruned(
     models: dict[str, bytes] = {DENSE: dense, **pruned}
     keys = list(models)
     per_round: dict[str, list[float]] = {k: [] for k in keys}
-    prepare = getattr(backend, "prepare", None)
-    if callable(prepare):
+    runners = [backend.prepare(models[k], feed) for k in keys]
+    if all(r is not None for r in runners):
         # ORT backends: one session per graph for all rounds; within a round the graphs alternate
         # call by call in a shuffled order (latency.backends.interleave), so a burst of load lands on all.
         from hwprune.latency.backends import interleave
 
-        runners = [prepare(models[k], feed) for k in keys]
         for r in range(rounds):
             ts = interleave(runners, rounds=repeats, per_round=1, warmup=warmup if r == 0 else 0, seed=r)
             for k, t in zip(keys, ts):

@@ -1,36 +1,30 @@
 """Latency: measure a model's blocks on a device (``profile``) and predict candidates from the table.
 
 ``profile(adapter)`` -> :class:`LatencyTable` (parquet + JSON) -> :class:`LUTPredictor` -> ms per candidate.
-Each model family brings its own measuring module (``_PROFILERS``); the table, fingerprint and
-predictor are shared.
+Each model family measures its own blocks (``Family.measure_latency``) and picks its predictor
+(``Family.predictor``); the table, fingerprint, backends and predictor base are shared.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hwprune.errors import HwpruneError
 from hwprune.latency._base import Backend, Timing, backend_names, get_backend, register_backend
 from hwprune.latency.fingerprint import DeviceFingerprint
 from hwprune.latency.predictor import LUTPredictor, Predictor
 from hwprune.latency.table import LatencyTable
 
 if TYPE_CHECKING:
-    from hwprune.models._base import ModelAdapter
+    from hwprune.families._base import Family
     from hwprune.space import PruningSpace
 
 __all__ = ["profile", "LatencyTable", "LUTPredictor", "Predictor", "DeviceFingerprint", "Backend", "Timing",
            "get_backend", "register_backend", "backend_names"]
 
-# family -> module with ``measure(adapter, backend, *, batch, seq, space, progress) -> (frame, meta)``
-_PROFILERS = {"encoder": "hwprune.latency.profile_encoder", "cnn": "hwprune.latency.profile_cnn"}
-
-
 def profile(
-    adapter: "ModelAdapter",
+    adapter: "Family",
     *,
     runtime: str = "ort-cpu",
     threads: int = 1,
@@ -46,17 +40,13 @@ def profile(
     ``budget_s`` bounds the timing phase (default: the family's, 120 s for encoders); ``out`` may be
     ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory.
     """
-    if adapter.family not in _PROFILERS:
-        raise HwpruneError(f"cannot profile model family {adapter.family!r} yet; supported: {', '.join(_PROFILERS)}")
-    if batch < 1 or (seq < 1 and adapter.family == "encoder"):
-        raise HwpruneError(f"--batch and --seq must be >= 1 (got batch={batch}, seq={seq})")
+    batch, seq = adapter.io_settings(batch=batch, seq=seq)
     backend = get_backend(runtime, threads=threads)
     space = space if space is not None else adapter.space()
     fp = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version())
     t0 = time.perf_counter()
-    extra = {"budget_s": budget_s} if budget_s is not None else {}
-    frame, meta = importlib.import_module(_PROFILERS[adapter.family]).measure(
-        adapter, backend, batch=batch, seq=seq, space=space, progress=progress, **extra)
+    frame, meta = adapter.measure_latency(backend, batch=batch, seq=seq, space=space, progress=progress,
+                                          budget_s=budget_s)
     table = LatencyTable(frame=frame, fingerprint=fp, model=adapter.name, family=adapter.family,
                          shape_key=adapter.shape_key(), profile_seconds=time.perf_counter() - t0, meta=meta,
                          settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,

@@ -8,6 +8,7 @@ reads the costs from a measured :class:`~hwprune.latency.table.LatencyTable`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,11 +20,19 @@ __all__ = ["Predictor", "LUTPredictor"]
 
 
 class Predictor(ABC):
-    """Additive latency model over one :class:`PruningSpace`.
+    """Latency model over one :class:`PruningSpace`: ``predict(candidate) -> ms``.
 
     ``unit_costs()`` returns ``(base_ms, costs)`` where ``costs[i][j]`` is the latency in ms that unit
-    ``i`` adds when kept at ``space.units[i].sizes[j]``; ``predict`` must equal ``base + sum`` of them.
+    ``i`` adds when kept at ``space.units[i].sizes[j]``: the additive model the exact DP solves.
+
+    - ``additive = True`` (default): ``predict`` equals ``base + sum`` of the unit costs everywhere,
+      so the DP's pick is exact and :meth:`linearized_at` is the predictor itself.
+    - ``additive = False`` (e.g. a conv whose time depends on two channel groups): ``unit_costs`` is a
+      first-order model around a reference candidate, exact there; :meth:`linearized_at` re-centres
+      it, and the search re-linearises around its own DP pick until ``predict`` meets the budget.
     """
+
+    additive: ClassVar[bool] = True
 
     def __init__(self, space: PruningSpace) -> None:
         self.space = space
@@ -34,8 +43,22 @@ class Predictor(ABC):
     @abstractmethod
     def predict(self, cand: Candidate) -> float: ...
 
+    def linearized_at(self, reference: Candidate) -> "Predictor":
+        """This predictor with unit costs exact at ``reference``. Additive predictors: itself."""
+        if self.additive:
+            return self
+        raise NotImplementedError(f"{type(self).__name__} is not additive and must implement linearized_at")
+
     def dense_ms(self) -> float:
         return self.predict(self.space.dense())
+
+    def fastest_ms(self) -> float:
+        """The fastest prediction in the space: exact for additive predictors (every unit at its cheapest
+        size); otherwise the prediction of the smallest candidate."""
+        if self.additive:
+            base, costs = self.unit_costs()
+            return base + float(sum(float(c.min()) for c in costs))
+        return self.predict(self.space.smallest())
 
 
 class LUTPredictor(Predictor):

@@ -32,7 +32,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.fingerprint import DeviceFingerprint
 
 if TYPE_CHECKING:
-    from hwprune.models._base import ModelAdapter
+    from hwprune.families._base import Family
 
 __all__ = ["LatencyTable", "TABLE_FORMAT", "COLUMNS", "table_paths"]
 
@@ -82,7 +82,7 @@ class LatencyTable:
         return float(self.rows("base")["median_ms"].sum())
 
     # ---- checks -------------------------------------------------------------------------------
-    def check_model(self, adapter: "ModelAdapter") -> None:
+    def check_model(self, adapter: "Family") -> None:
         """Raise if this table was measured for another dense shape than ``adapter``'s."""
         mine = adapter.shape_key()
         if self.shape_key != mine:

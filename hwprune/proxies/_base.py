@@ -1,8 +1,8 @@
 """Accuracy proxies: per-unit error curves (additive, for DP) and materialised pruned weights.
 
 Contract (every proxy runs ``tests/test_proxies.py``'s shared checks):
-- A proxy is a function registered with ``@register_proxy(name, family=...)`` (one per model family):
-  ``fit(adapter, space, calib: CalibData) -> ProxyState``. It may keep whatever it computed
+- A proxy is a function registered with ``@register_proxy(name, family=...)`` in the family's folder
+  (the same pattern for every family): ``fit(adapter, space, calib: CalibData, **kw) -> ProxyState``. It may keep whatever it computed
   (orders, Hessians, statistics): one fit serves every candidate (the "database").
 - ``ProxyState.unit_errors()`` -> one float64 array per unit of ``space`` (space order), aligned with
   ``unit.sizes``: the estimated output error when that unit alone keeps that size; 0 at full size,
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hwprune.errors import HwpruneError
-from hwprune.models._base import ModelAdapter
+from hwprune.families._base import Family
 from hwprune.space import Candidate, PruningSpace
 from hwprune.surgery.plan import Plan
 
@@ -47,7 +47,7 @@ class CalibData:
 class ProxyState(ABC):
     name: str = ""
 
-    def __init__(self, adapter: ModelAdapter, space: PruningSpace) -> None:
+    def __init__(self, adapter: Family, space: PruningSpace) -> None:
         self.adapter, self.space = adapter, space
 
     @abstractmethod
@@ -72,19 +72,24 @@ def register_proxy(name: str, *, family: str) -> Callable[[ProxyFit], ProxyFit]:
     return deco
 
 
-def proxy_names(family: str | None = None) -> list[str]:
-    from hwprune.proxies import builtin  # noqa: F401
+def _load_families() -> None:
+    from hwprune.families import family_names
 
+    family_names()  # imports the built-in families, whose modules register their proxies
+
+
+def proxy_names(family: str | None = None) -> list[str]:
+    _load_families()
     return sorted({n for n, f in _PROXIES if family is None or f == family})
 
 
 def get_proxy(name: str, family: str) -> ProxyFit:
-    from hwprune.proxies import builtin  # noqa: F401
-
+    _load_families()
     if (name, family) not in _PROXIES:
         raise HwpruneError(f"unknown proxy {name!r} for {family} models; supported: {', '.join(proxy_names(family))}")
     return _PROXIES[(name, family)]
 
 
-def fit_proxy(name: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> ProxyState:
-    return get_proxy(name, adapter.family)(adapter, space, calib, **kw)
+def fit_proxy(name: str, adapter: Family, space: PruningSpace, calib: CalibData, **kw: Any) -> ProxyState:
+    """Fit proxy ``name`` of ``adapter``'s family (same as ``adapter.fit_proxy``)."""
+    return adapter.fit_proxy(name, space, calib, **kw)

@@ -1,4 +1,5 @@
-"""Calibration and held-out text: a default corpus every machine has, or the user's ``--calib FILE``.
+"""Calibration, selection and held-out text for text families: a default corpus every machine has, or
+the user's ``--calib FILE``. Each text family tokenises these its own way (``families/<name>/calib.py``).
 
 The default corpus is the docstrings of a fixed list of Python standard-library modules: English
 prose about software, present without any download. It depends on the Python version (docstrings
@@ -21,9 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from hwprune.errors import HwpruneError
-from hwprune.proxies._base import CalibData
 
-__all__ = ["load_calib", "default_corpus", "read_texts", "split_texts", "STDLIB_MODULES"]
+__all__ = ["default_corpus", "read_texts", "split_texts", "STDLIB_MODULES"]
 
 # Pure-Python modules with long prose docstrings; a missing one (minimal builds) is skipped.
 STDLIB_MODULES: tuple[str, ...] = (
@@ -170,24 +170,3 @@ def split_texts(texts: Sequence[str], *, n_calib: int, n_heldout: int, seed: int
                            f"= {need} are needed; add texts or lower --n-calib / --n-heldout")
     random.Random(seed).shuffle(uniq)
     return uniq[n_heldout:need], uniq[:n_heldout]
-
-
-def load_calib(adapter: Any, file: str | Path | None = None, *, n_calib: int = 128, n_heldout: int = 64,
-               seq: int = 128, seed: int = 0) -> CalibData:
-    """Tokenised calibration and held-out inputs (disjoint) for ``adapter`` (needs ``adapter.tokenize``)."""
-    if n_calib < 1 or n_heldout < 1 or seq < 8:
-        raise HwpruneError(f"n_calib={n_calib}, n_heldout={n_heldout}, seq={seq}: need n_calib >= 1, "
-                           "n_heldout >= 1 and seq >= 8")
-    if not hasattr(adapter, "tokenize"):
-        raise HwpruneError(f"model {getattr(adapter, 'name', adapter)!r} takes no text; calibration text "
-                           "is for encoder models")
-    if file is None:
-        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-        texts, where = default_corpus(), f"default corpus (Python {ver} stdlib docstrings)"
-        source = f"stdlib-docstrings-py{ver}"
-    else:
-        texts, where = read_texts(file), str(file)
-        source = str(file)
-    calib, heldout = split_texts(texts, n_calib=n_calib, n_heldout=n_heldout, seed=seed, where=where)
-    return CalibData(calib=adapter.tokenize(calib, seq=seq), heldout=adapter.tokenize(heldout, seq=seq),
-                     source=f"{source} seed={seed}")

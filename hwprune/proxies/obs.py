@@ -1,4 +1,4 @@
-"""``obs`` (default): structured Optimal Brain Surgeon per output projection, ZipLM-style.
+"""Structured Optimal Brain Surgeon maths (ZipLM-style), shared by every family's ``obs`` proxy.
 
 For an output projection ``y = W x + b`` (W: (out, n)) the loss of a kept column set K is
 ``E||W x + b - (W' x_K + b')||^2``, a quadratic with Hessian H = E[x x^T] (ZipLM writes 2/N sum x x^T;
@@ -25,13 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hwprune.models._base import ModelAdapter
-from hwprune.proxies._base import CalibData, register_proxy
-from hwprune.proxies._database import EncoderState, Track, curve, ensure_stats, sublayer
-from hwprune.proxies._stats import LayerStats, num_threads, progress_bar
-from hwprune.space import PruningSpace
-
-__all__ = ["ObsState", "fit_obs", "obs_order", "ls_weights", "damped"]
+__all__ = ["obs_order", "ls_weights", "damped"]
 
 
 def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
@@ -121,47 +115,3 @@ def ls_weights(weight: torch.Tensor, hd: torch.Tensor, cols: torch.Tensor) -> to
     return torch.cholesky_solve(hd[cols] @ weight.T, chol).T
 
 
-class ObsState(EncoderState):
-    name = "obs"
-
-    def __init__(self, *args: object, params: list[tuple[torch.Tensor, ...] | None], **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self._params = params  # per unit: (W, b, mean, damped covariance) float64
-
-    def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        w, b, mu, hd = self._params[index]  # type: ignore[misc]
-        if len(cols) == 0:
-            return None, b + w @ mu
-        with num_threads(1):  # one mid-size Cholesky: threads cost more than they bring (see fit_obs)
-            new = ls_weights(w, hd, cols)
-        return new, b + w @ mu - new @ mu[cols]
-
-
-@register_proxy("obs", family="encoder")
-def fit_obs(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
-            stats: list[LayerStats] | None = None, damp: float = 0.01, block: float = 0.02,
-            batch: int = 16, threads: int | None = None, progress: bool = True) -> ObsState:
-    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
-    tracks: list[Track] = []
-    params: list[tuple[torch.Tensor, ...] | None] = []
-    # one thread: the many small LAPACK/BLAS-2 calls of the greedy loop run 5-20x slower with MKL's
-    # threads (and far worse when other processes share the cores)
-    with torch.inference_mode(), num_threads(1), progress_bar(progress) as bar:
-        task = bar.add_task("OBS database", total=len(space.units))
-        for u in space.units:
-            bar.update(task, description=f"OBS {u.name}")
-            lin, st = sublayer(adapter, stats, u)
-            w, b = lin.weight.detach().double(), lin.bias.detach().double()
-            hd = damped(st.cov(), damp)
-            if len(u.sizes) == 1:  # kept whole: nothing to fit
-                order, err = np.arange(u.full), np.zeros(1)
-            else:
-                eye = torch.eye(hd.shape[0], dtype=hd.dtype)
-                hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(hd))  # cholesky_inverse is slow in MKL
-                order, steps = obs_order(w, hinv, granule=u.granule, stop=u.sizes[0], block=block)
-                err = np.concatenate([[0.0], np.cumsum(steps)])
-            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
-            params.append((w, b, st.mean.clone(), hd))
-            bar.advance(task)
-    return ObsState(adapter, space, tracks, params=params,
-                    meta={"calib": calib.source, "damp": damp, "block": block})

@@ -21,7 +21,7 @@ import numpy as np
 
 from hwprune._io import atomic_path, write_json
 from hwprune.errors import HwpruneError, TargetUnreachableError
-from hwprune.search.dp import DPSolution, fastest_ms, floor2, solve_dp
+from hwprune.search.dp import DPSolution, floor2, solve_dp
 from hwprune.search.nsga import Evaluate, Seed, run_nsga, uniform_seed
 from hwprune.search.pareto import Evaluation, ParetoSet
 from hwprune.space import Candidate, PruningSpace
@@ -29,8 +29,8 @@ from hwprune.space import Candidate, PruningSpace
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["SearchConfig", "SearchResult", "search", "budgets_for", "pick_within", "LatencyModel", "ErrorModel",
-           "ScorerLike"]
+__all__ = ["SearchConfig", "SearchResult", "search", "budgets_for", "pick_within", "check_reachable", "dp_pick", "LatencyModel",
+           "ErrorModel", "ScorerLike"]
 
 PICKS_FORMAT = "hwprune.picks/1"
 _BUDGET_TOL = 1e-9  # relative; absorbs float summation order only
@@ -39,9 +39,13 @@ _BUDGET_TOL = 1e-9  # relative; absorbs float summation order only
 class LatencyModel(Protocol):
     """What search needs from a latency predictor (``hwprune.latency.predictor.Predictor``)."""
 
+    @property
+    def additive(self) -> bool: ...
     def predict(self, cand: Candidate) -> float: ...
     def unit_costs(self) -> tuple[float, list[np.ndarray]]: ...
+    def linearized_at(self, reference: Candidate) -> "LatencyModel": ...
     def dense_ms(self) -> float: ...
+    def fastest_ms(self) -> float: ...
 
 
 class ErrorModel(Protocol):
@@ -52,7 +56,7 @@ class ErrorModel(Protocol):
 
 
 class ScorerLike(Protocol):
-    """What search needs from an end-to-end scorer (``hwprune.proxies.e2e.EndToEndScorer``)."""
+    """What search needs from an end-to-end scorer (``hwprune.families.encoder.scorer.EndToEndScorer``)."""
 
     def score(self, model: nn.Module) -> Mapping[str, Any]: ...
 
@@ -155,19 +159,19 @@ def _evaluator(proxy_state: ErrorModel, scorer: ScorerLike) -> Evaluate:
     return evaluate
 
 
-def _dp_pick(space: PruningSpace, predictor: LatencyModel, errors: list[np.ndarray], budget_ms: float, *,
+def dp_pick(space: PruningSpace, predictor: LatencyModel, errors: list[np.ndarray], budget_ms: float, *,
              buckets: int, dense_ms: float, rounds: int = 6) -> DPSolution | None:
     """Exact DP for an additive predictor; for a non-additive one (CNN convs depend on two groups),
     DP on a linearisation re-centred on its own pick until the exact ``predict`` meets the budget
     (the budget shrinks by the overshoot each round). None when no round meets it: NSGA-II and the
     uniform seeds then carry the target."""
-    if getattr(predictor, "additive", True):
+    if predictor.additive:
         base_ms, costs = predictor.unit_costs()
         return solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=budget_ms, buckets=buckets,
                         dense_ms=dense_ms)
     ref, b, best = space.dense(), budget_ms, None
     for _ in range(rounds):
-        base_ms, costs = predictor.linearized_at(ref).unit_costs()  # type: ignore[attr-defined]
+        base_ms, costs = predictor.linearized_at(ref).unit_costs()
         try:
             sol = solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=b, buckets=buckets,
                            dense_ms=dense_ms)
@@ -183,10 +187,9 @@ def _dp_pick(space: PruningSpace, predictor: LatencyModel, errors: list[np.ndarr
     return best
 
 
-def _check_reachable(config: SearchConfig, *, dense_ms: float, base_ms: float, costs: list[np.ndarray],
-                     smallest_ms: float | None = None) -> None:
-    """``smallest_ms``: exact prediction of the smallest candidate, for non-additive predictors."""
-    fast = fastest_ms(base_ms, costs) if smallest_ms is None else smallest_ms
+def check_reachable(config: SearchConfig, predictor: LatencyModel) -> None:
+    """One line naming the largest reachable speedup when a target is beyond the space's fastest candidate."""
+    dense_ms, fast = predictor.dense_ms(), predictor.fastest_ms()
     reach = dense_ms / (fast * (1 + config.margin))
     too_far = [t for t in config.targets if t > reach]
     if too_far:
@@ -211,15 +214,13 @@ def search(
     """Search for one candidate per target; see the module docstring for the flow and the files."""
     run_dir = Path(run_dir)
     dense_ms = float(predictor.dense_ms())
-    base_ms, costs = predictor.unit_costs()
     errors = proxy_state.unit_errors()
     # Everything that can fail on the user's input fails here, before run_dir is touched.
-    _check_reachable(config, dense_ms=dense_ms, base_ms=base_ms, costs=costs,
-                     smallest_ms=None if getattr(predictor, "additive", True) else predictor.predict(space.smallest()))
+    check_reachable(config, predictor)
     budgets = budgets_for(config, dense_ms)
     dp = {}
     for t, b in budgets.items():
-        sol = _dp_pick(space, predictor, errors, b, buckets=config.buckets, dense_ms=dense_ms)
+        sol = dp_pick(space, predictor, errors, b, buckets=config.buckets, dense_ms=dense_ms)
         if sol is not None:
             dp[t] = sol
     seeds = [Seed(s.candidate, "dp") for s in dp.values()]

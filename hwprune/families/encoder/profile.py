@@ -2,7 +2,7 @@
 
 Method (why it is shaped this way):
 
-* Blocks are the real :class:`~hwprune.models.encoder.Attention` / ``FeedForward`` modules with the kept
+* Blocks are the real :class:`~hwprune.families.encoder.model.Attention` / ``FeedForward`` modules with the kept
   size behind the real ``Embeddings``, exported by :func:`~hwprune.export.onnx_io.to_onnx` with the
   model's dynamic axes, so ORT optimizes them as it does an exported pruned model. This matters: a
   FeedForward fed from a plain graph input gets ``Add + LayerNorm`` fused into SkipLayerNormalization,
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -39,7 +39,7 @@ from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
 from hwprune.latency._base import Backend, Timing
 from hwprune.latency.backends import Runner, interleave
-from hwprune.models.encoder import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
+from hwprune.families.encoder.model import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
 from hwprune.space import PruningSpace
 
 __all__ = ["measure", "prepare", "Profiling", "chain_length", "profiled_sizes"]
@@ -96,7 +96,7 @@ class Profiling:
     sizes: list[int]
     runners: list[Runner]
 
-    def frame(self, timings: list[Timing]) -> pd.DataFrame:
+    def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
         by = {(k, s): t for k, s, t in zip(self.kinds, self.sizes, timings, strict=True)}
         e, b = by[("empty", 0)].median_ms, by[("base", 0)]
         rows = [{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": b.median_ms, "p10_ms": b.p10_ms,
@@ -107,7 +107,14 @@ class Profiling:
                  for (kind, size), t in by.items() if kind in ("heads", "ffn")]
         return pd.DataFrame(rows)
 
-    def meta(self, timings: list[Timing]) -> dict[str, Any]:
+    def networks(self) -> list[dict[str, int] | None]:
+        """Only the dense model is a whole network of the space; the rest are chains of blocks."""
+        c = self.cfg
+        dense = {f"layer.{i}.{k}": n for i in range(c.num_layers)
+                 for k, n in (("heads", c.num_heads), ("ffn", c.intermediate_size))}
+        return [dict(dense) if k == "dense" else None for k in self.kinds]
+
+    def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
         f = self.frame(timings).set_index(["kind", "size"])["median_ms"]
         c = self.cfg
         predicted = f[("base", 0)] + c.num_layers * (f[("heads", c.num_heads)] + f[("ffn", c.intermediate_size)])
@@ -180,6 +187,6 @@ def measure(adapter: Any, backend: Backend, *, batch: int, seq: int, space: Prun
         timings = interleave(prof.runners, rounds=_ROUNDS, seconds=budget_s, common_mode=True,
                              on_round=lambda f: bar.update(task, completed=100 * f))
     meta = prof.meta(timings)
-    clock = "thread-cpu" if getattr(backend, "cpu_clock", False) else "wall"
+    clock = backend.clock
     meta.update(export_seconds=round(t_export, 1), clock=clock)
     return prof.frame(timings), meta

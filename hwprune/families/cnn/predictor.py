@@ -10,7 +10,7 @@ DP a first-order model around a reference candidate ``r`` (dense by default)::
 exact at ``r``, and exact for every layer with one free unit (stems, depthwise convs, the classifier).
 Its error is ``(a - r_a)(b - r_b)`` times the conv's MAC slope: around dense it is *optimistic* (it
 underestimates latency of candidates that prune both sides of a conv), so the search should verify DP
-picks with :meth:`predict` and re-linearise around the pick (:meth:`linearized_at`); two or three
+picks with :meth:`predict` and re-linearise around the pick (:meth:`linearized_at`, done by ``hwprune.search``); two or three
 rounds converge.
 """
 
@@ -26,7 +26,7 @@ from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["CnnPredictor", "layer_function", "predictor_for", "relinearized_dp"]
+__all__ = ["CnnPredictor", "layer_function"]
 
 
 def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
@@ -73,7 +73,7 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
 class CnnPredictor(Predictor):
     """Exact sum of per-layer lookups (:meth:`predict`); linearised unit costs for the DP (:meth:`unit_costs`)."""
 
-    additive = False  # a conv's time depends on two groups; search re-linearises the DP (search/run.py)
+    additive = False  # a conv's time depends on two groups; the search re-linearises its DP
 
     def __init__(self, table: LatencyTable, space: PruningSpace, adapter: Any = None, *,
                  reference: Candidate | None = None) -> None:
@@ -160,48 +160,7 @@ class CnnPredictor(Predictor):
         out.reference, out._costs = reference, self._linearize(reference)
         return out
 
-    def dense_ms(self) -> float:
-        return self.predict(self.space.dense())
-
-
-def relinearized_dp(predictor: CnnPredictor, errors: list[np.ndarray], budget_ms: float, *, rounds: int = 6,
-                    buckets: int = 4000) -> tuple[Candidate, CnnPredictor]:
-    """DP under the additive model, re-linearised around its own pick until :meth:`predict` agrees.
-
-    Returns the lowest-error pick whose *exact* prediction meets ``budget_ms`` and the predictor
-    linearised there (hand that to ``search`` so its DP seed is this pick). When a round's pick is
-    over budget, the next round's budget shrinks by the overshoot. Belongs in ``hwprune.search``.
-    """
-    from hwprune.search.dp import solve_dp
-
-    space, ref, b = predictor.space, predictor.space.dense(), budget_ms
-    best: tuple[float, Candidate, CnnPredictor] | None = None
-    for _ in range(rounds):
-        lin = predictor.linearized_at(ref)
-        base, costs = lin.unit_costs()
-        sol = solve_dp(space, base_ms=base, costs=costs, errors=errors, budget_ms=b, buckets=buckets,
-                       dense_ms=predictor.dense_ms())
-        exact = predictor.predict(sol.candidate)
-        if exact <= budget_ms * (1 + 1e-9):
-            if best is None or sol.error < best[0]:
-                best = (sol.error, sol.candidate, predictor.linearized_at(sol.candidate))
-        else:
-            b *= budget_ms / exact
-        ref = sol.candidate
-    if best is None:
-        raise HwpruneError(f"no pick within {budget_ms:.4g} ms after {rounds} re-linearisations; lower the target")
-    return best[1], best[2]
 
 
 def _where(table: LatencyTable) -> str:
     return f"latency table {table.path}" if table.path else "the latency table"
-
-
-def predictor_for(table: LatencyTable, space: PruningSpace) -> Predictor:
-    """The predictor a table's family needs (what ``search``/``bench_latency`` should call)."""
-    if table.family == "cnn":
-        return CnnPredictor(table, space)
-    from hwprune.latency.predictor import LUTPredictor
-
-    return LUTPredictor(table, space)
-

@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hwprune.models._base import ModelAdapter
+from hwprune.families._base import Family
+from hwprune.families.encoder.collect import LayerStats
+from hwprune.families.encoder.database import EncoderState, ensure_stats, sublayer
 from hwprune.proxies._base import CalibData, register_proxy
-from hwprune.proxies._database import EncoderState, Track, curve, ensure_stats, prefix_errors, sublayer
-from hwprune.proxies._stats import LayerStats, num_threads
+from hwprune.proxies.database import Track, curve, prefix_errors
+from hwprune.proxies.stats import num_threads
 from hwprune.space import PruningSpace
 
 __all__ = ["MagnitudeState", "fit_magnitude"]
@@ -28,7 +30,7 @@ class MagnitudeState(EncoderState):
 
 
 @register_proxy("magnitude", family="encoder")
-def fit_magnitude(adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
+def fit_magnitude(adapter: Family, space: PruningSpace, calib: CalibData, *,
                   stats: list[LayerStats] | None = None, batch: int = 16, threads: int | None = None,
                   progress: bool = True) -> MagnitudeState:
     stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)

@@ -1,7 +1,7 @@
-"""Adapter for convolutional networks: torchvision's resnet18/resnet50/mobilenet_v2/vgg16_bn (random
+"""The ``cnn`` family's adapter: convolutional networks: torchvision's resnet18/resnet50/mobilenet_v2/vgg16_bn (random
 weights unless ``weights=``) or any ``package.module:factory`` returning an ``nn.Module``.
 
-Units are torch-pruning's coupled channel groups (see :mod:`hwprune.surgery.cnn_graph`); the input
+Units are torch-pruning's coupled channel groups (see :mod:`hwprune.families.cnn.graph`); the input
 and the classifier output stay whole. Weights come only from safetensors files: nothing a user hands
 us is ever unpickled. The ONNX graph has one input ``input`` (N, C, H, W) and one output ``output``.
 """
@@ -15,17 +15,27 @@ import os
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from hwprune.errors import HwpruneError
-from hwprune.models import register_family, register_model, register_resolver
-from hwprune.models._base import ModelAdapter, RawUnit
-from hwprune.space import PruningSpace, build_space, load_space
-from hwprune.surgery.cnn_graph import GraphInfo, analyze
+from hwprune.families import register_family
+from hwprune.families._base import Family, RawUnit
+from hwprune.families.cnn.graph import GraphInfo, analyze
+from hwprune.space import PruningSpace
 from hwprune.surgery.plan import Plan
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hwprune.export.stats import ModelStats
+    from hwprune.families.cnn.predictor import CnnPredictor
+    from hwprune.families.cnn.scorer import CnnScorer
+    from hwprune.latency._base import Backend, Profiling
+    from hwprune.latency.table import LatencyTable
+    from hwprune.proxies._base import CalibData
 
 __all__ = ["CnnAdapter", "NAMED_CNNS", "parse_input_shape", "import_factory", "load_weights"]
 
@@ -124,9 +134,13 @@ def _build(model: str, *, seed: int, meta: bool = False) -> nn.Module:
     return m.float().eval()
 
 
-class CnnAdapter(ModelAdapter):
+@register_family
+class CnnAdapter(Family):
     family = "cnn"
     min_kept = 1  # a channel group keeps at least one channel
+    #: calibration images by default: the OBS fit and BN re-estimation cost grows with each image,
+    #: and 64 images of 224x224 give stable input covariances for every conv of the named models
+    default_n_calib = 64
 
     def __init__(self, model: str, *, input_shape: str | Sequence[int] | None = None,
                  weights: str | Path | None = None, seed: int = 0) -> None:
@@ -139,15 +153,18 @@ class CnnAdapter(ModelAdapter):
     def from_arch(cls, arch: Mapping[str, Any]) -> "CnnAdapter":
         return cls(str(arch["model"]), input_shape=arch["input_shape"])
 
-    def configure(self, *, weights: str | Path | None = None,
-                  input_shape: str | Sequence[int] | None = None) -> "CnnAdapter":
+    def configure(self, *, weights: str | None = None, input_shape: Sequence[int] | None = None) -> "CnnAdapter":
         """The same model with other weights and/or input shape (what ``--weights``/``--input-shape`` set)."""
         return CnnAdapter(self.model, input_shape=input_shape if input_shape is not None else self.input_shape,
                           weights=weights if weights is not None else self.weights, seed=self.seed)
 
-    def shape_tag(self) -> str:
+    def shape_tag(self, *, seq: int = 0) -> str:
         """Image size for table file names, e.g. ``3x224x224`` (batch is tagged separately)."""
         return "x".join(map(str, self.input_shape[1:]))
+
+    def io_settings(self, *, batch: int, seq: int) -> tuple[int, int]:
+        """Images: the batch comes from ``--input-shape``; there is no sequence."""
+        return int(self.input_shape[0]), 0
 
     # ---- identity -----------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -178,7 +195,7 @@ class CnnAdapter(ModelAdapter):
             # activations explode, while every pruned subnet gets its statistics re-estimated. Give
             # the dense model statistics from generated inputs too, so the reference that subnets are
             # scored against is the same kind of function (latency is unaffected).
-            from hwprune.proxies.cnn_calib import generated_images, recalibrate_bn
+            from hwprune.families.cnn.calib import generated_images, recalibrate_bn
 
             recalibrate_bn(m, generated_images(self.input_shape, 16, seed=10_000 + self.seed), batch=16)
         return m.eval()
@@ -204,13 +221,11 @@ class CnnAdapter(ModelAdapter):
         return ["input"], ["output"], {"input": {0: "batch"}, "output": {0: "batch"}}
 
     # ---- spaces -------------------------------------------------------------------------------
+    def default_space_spec(self) -> dict[str, Any]:
+        return default_spec(self.raw_units())
+
     def space(self, path: str | Path | None = None) -> PruningSpace:
-        path = path or self.default_space_file()
-        units = self.raw_units()
-        if path is None:
-            sp = build_space(units, default_spec(units), source="<cnn defaults>", model=self.name)
-        else:
-            sp = load_space(path, units, model=self.name)
+        sp = super().space(path)
         removable = [u.name for u in sp.units if 0 in u.sizes]
         if removable:
             raise HwpruneError(f"{sp.source}: unit {removable[0]!r} allows 0 channels; channel groups keep at least "
@@ -219,16 +234,56 @@ class CnnAdapter(ModelAdapter):
 
     # ---- surgery ------------------------------------------------------------------------------
     def prune(self, model: nn.Module, plan: Plan, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-        from hwprune.surgery.cnn import prune_cnn
+        from hwprune.families.cnn.surgery import prune_cnn
 
         return prune_cnn(model, plan, self.example_inputs(batch=1)["input"], overrides)
 
     def skeleton(self, plan: Plan) -> nn.Module:
         """Pruned shapes with uninitialised weights (built on meta, so no init cost)."""
-        from hwprune.surgery.cnn import prune_cnn
+        from hwprune.families.cnn.surgery import prune_cnn
 
         m = _build(self.model, seed=self.seed, meta=True).eval()
         return prune_cnn(m, plan, self.example_inputs(batch=1)["input"], inplace=True)
+
+    # ---- latency, accuracy, reports ------------------------------------------------------------
+    def measure_latency(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
+                        progress: bool = True, budget_s: float | None = None) -> tuple["pd.DataFrame", dict[str, Any]]:
+        from hwprune.families.cnn.profile import measure
+
+        extra = {"budget_s": budget_s} if budget_s is not None else {}
+        return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, **extra)
+
+    def predictor(self, table: "LatencyTable", space: PruningSpace) -> "CnnPredictor":
+        """Per-conv bilinear lookups (a conv depends on two groups): not additive, linearised for the DP."""
+        from hwprune.families.cnn.predictor import CnnPredictor
+
+        return CnnPredictor(table, space)
+
+    def prepare_profiling(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
+                          progress: bool = True, levels: int | None = None) -> "Profiling":
+        from hwprune.families.cnn.profile import prepare
+
+        return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress, **({"levels": levels} if levels is not None else {}))
+
+    def load_calib(self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int = 0,
+                   seed: int = 0) -> "CalibData":
+        """Images from ``source`` (.npy/.pt/.safetensors) or generated; at most :attr:`default_n_calib`
+        calibration images (see there)."""
+        from hwprune.families.cnn.calib import load_cnn_calib
+
+        return load_cnn_calib(self, source, n_calib=min(n_calib, self.default_n_calib), n_heldout=n_heldout,
+                              seed=seed)
+
+    def scorer(self, calib: "CalibData") -> "CnnScorer":
+        from hwprune.families.cnn.scorer import CnnScorer
+
+        return CnnScorer(self, calib.heldout)
+
+    def stats(self, model: nn.Module, *, batch: int, seq: int = 0) -> "ModelStats":
+        """FLOPs by forward hooks at ``input_shape`` with the given batch."""
+        from hwprune.families.cnn.stats import cnn_stats
+
+        return cnn_stats(model, (batch, *self.input_shape[1:]))
 
 
 def default_spec(units: Sequence[RawUnit]) -> dict[str, Any]:
@@ -244,29 +299,3 @@ def default_spec(units: Sequence[RawUnit]) -> dict[str, Any]:
         step = 4 if full <= 16 else 8 if full <= 48 else max(16, -(-full // 16 // 16) * 16)
         ov.append({"match": name, "step": step, "min": step if full <= 16 else max(16, step)})
     return {"overrides": ov}
-
-
-# ---- registrations ----------------------------------------------------------------------------
-
-def _named(name: str) -> Callable[..., CnnAdapter]:
-    def make(**kw: Any) -> CnnAdapter:
-        return CnnAdapter(name, **kw)
-    return make
-
-
-for _n in NAMED_CNNS:
-    register_model(_n)(_named(_n))
-
-
-@register_resolver
-def _resolve_factory(model: str, **kw: Any) -> CnnAdapter | None:
-    """``package.module:factory`` -> a CNN adapter (input shape and weights from ``kw``)."""
-    if ":" not in model or Path(model).exists():
-        return None
-    import_factory(model)  # fail now, with one line, if it does not import
-    return CnnAdapter(model, **kw)
-
-
-@register_family("cnn")
-def _cnn_skeleton(plan: Plan) -> nn.Module:
-    return CnnAdapter.from_arch(plan.arch).skeleton(plan)

@@ -1,5 +1,5 @@
 """Profile a CNN: every conv's latency over a grid of (input, output) widths, measured *inside* whole
-pruned networks (see :mod:`hwprune.latency.cnn_design` for which networks).
+pruned networks (see :mod:`hwprune.families.cnn.design` for which networks).
 
 Why inside networks: a conv timed alone pays layout conversions at its graph's edges (ORT's NCHWc
 reorders) and runs on hot caches; summed over resnet50 that overestimates the network by ~20 %. Inside
@@ -31,9 +31,9 @@ from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
 from hwprune.latency._base import Backend, Timing
 from hwprune.latency.backends import Runner, interleave
-from hwprune.latency.cnn_design import design, layer_sizes, layers_meta
+from hwprune.families.cnn.design import design, layer_sizes, layers_meta
 from hwprune.space import PruningSpace
-from hwprune.surgery.cnn_graph import LayerInfo
+from hwprune.families.cnn.graph import LayerInfo
 
 __all__ = ["CnnProfiling", "prepare", "measure"]
 
@@ -119,6 +119,10 @@ class CnnProfiling:
     unmatched: int
     dense_key: dict[str, int]
     make_runner: Callable[[int], Runner] | None = None  # network i -> a fresh runner (runners not kept)
+
+    def networks(self) -> list[dict[str, int] | None]:
+        """Every runner is a whole network: the dense model, then the design's networks."""
+        return [dict(self.dense_key), *(dict(n) for n in self.nets)]
 
     def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
         """The table: each conv's entry is its share of the network's node time x the network's time.
@@ -263,7 +267,7 @@ def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
 def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
             progress: bool = True, levels: int = 5, budget_s: float = 120.0,
             max_live_bytes: int = 3 << 30) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Profile ``adapter`` (a :class:`~hwprune.models.cnn.CnnAdapter`) on ``backend``: (table frame, meta).
+    """Profile ``adapter`` (a :class:`~hwprune.families.cnn.adapter.CnnAdapter`) on ``backend``: (table frame, meta).
 
     All networks are timed in the same interleaved rounds when their weights fit ``max_live_bytes``;
     otherwise in chunks that each include the dense model, every chunk rescaled so that its dense

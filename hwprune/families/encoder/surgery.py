@@ -1,4 +1,4 @@
-"""Physical surgery on :class:`~hwprune.models.encoder.Encoder`: slice, rebuild, check shapes."""
+"""Physical surgery on :class:`~hwprune.families.encoder.model.Encoder`: slice, rebuild, check shapes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Mapping
 
 import torch
 
-from hwprune.models.encoder import Encoder, EncoderConfig
+from hwprune.families.encoder.model import Encoder, EncoderConfig
 from hwprune.surgery.plan import Plan
 
 __all__ = ["prune_encoder", "skeleton", "kept_columns"]

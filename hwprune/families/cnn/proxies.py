@@ -16,7 +16,7 @@ proxy, so the DP can add them. Removal orders:
   ``W' = W C[:, K] C[K, K]^-1`` (C the damped input covariance), per consumer.
 
 After surgery every BatchNorm is re-estimated on the calibration images (see
-:func:`~hwprune.proxies.cnn_calib.recalibrate_bn`); ``materialize`` returns those statistics as overrides
+:func:`~hwprune.families.cnn.calib.recalibrate_bn`); ``materialize`` returns those statistics as overrides
 too, so whoever applies the plan + overrides gets the recalibrated model.
 """
 
@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwprune.models._base import ModelAdapter
+from hwprune.families.cnn.adapter import CnnAdapter
 from hwprune.proxies._base import CalibData, ProxyState, register_proxy
-from hwprune.proxies._stats import num_threads
-from hwprune.proxies.cnn_calib import recalibrate_bn
-from hwprune.proxies.cnn_e2e import CnnScorer
-from hwprune.proxies.cnn_stats import InputStats, collect_input_stats
+from hwprune.proxies.stats import num_threads
+from hwprune.families.cnn.calib import recalibrate_bn
+from hwprune.families.cnn.scorer import CnnScorer
+from hwprune.proxies.unfold import InputStats, collect_input_stats
 from hwprune.space import Candidate, PruningSpace, Unit
-from hwprune.surgery.cnn_graph import ChannelGroup
+from hwprune.families.cnn.graph import ChannelGroup
 from hwprune.surgery.plan import Plan
 
-__all__ = ["CnnState", "CnnScorer", "Consumer", "fit_cnn_proxy"]
+__all__ = ["CnnState", "CnnScorer", "Consumer", "fit_cnn_proxy", "fit_magnitude", "fit_bn_scale", "fit_flap", "fit_obs"]
 
 _DAMP = 0.01
 
@@ -64,9 +64,9 @@ class Consumer:
     out_group: str | None
 
 
-def _consumers(adapter: ModelAdapter, g: ChannelGroup, stats: dict[str, InputStats]) -> list[Consumer]:
+def _consumers(adapter: CnnAdapter, g: ChannelGroup, stats: dict[str, InputStats]) -> list[Consumer]:
     dense = adapter.dense()
-    writes = {l.name: l.out_group for l in adapter.graph.layers}  # type: ignore[attr-defined]
+    writes = {l.name: l.out_group for l in adapter.graph.layers}
     out = []
     for n in g.consumers:
         m = dense.get_submodule(n)
@@ -168,7 +168,7 @@ def _obs_order(cons: list[Consumer], full: int) -> np.ndarray:
     return np.asarray(order)
 
 
-def _score(kind: str, adapter: ModelAdapter, g: ChannelGroup, cons: list[Consumer]) -> np.ndarray:
+def _score(kind: str, adapter: CnnAdapter, g: ChannelGroup, cons: list[Consumer]) -> np.ndarray:
     """Importance per group channel (higher = keep) for the ranking proxies."""
     dense = adapter.dense()
     s = np.zeros(g.full)
@@ -194,7 +194,7 @@ def _score(kind: str, adapter: ModelAdapter, g: ChannelGroup, cons: list[Consume
 class CnnState(ProxyState):
     """One fit, every candidate: nested kept sets per unit, cached reconstructions, BN recalibration."""
 
-    def __init__(self, adapter: ModelAdapter, space: PruningSpace, *, name: str, orders: list[np.ndarray],
+    def __init__(self, adapter: CnnAdapter, space: PruningSpace, *, name: str, orders: list[np.ndarray],
                  errors: list[np.ndarray], consumers: list[list[Consumer]], calib: torch.Tensor,
                  least_squares: bool, threads: int | None = None) -> None:
         super().__init__(adapter, space)
@@ -230,7 +230,7 @@ class CnnState(ProxyState):
 
     def _consumer_overrides(self, kept: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         """Pruned-model tensors of every consumer whose input lost channels (several groups compose)."""
-        dense, graph = self.adapter.dense(), self.adapter.graph  # type: ignore[attr-defined]
+        dense, graph = self.adapter.dense(), self.adapter.graph
         acc: dict[str, tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
         for i, u in enumerate(self.space.units):
             if u.name not in kept:
@@ -286,7 +286,7 @@ class CnnState(ProxyState):
         return copy.deepcopy(self._build(cand)[0])
 
 
-def fit_cnn_proxy(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *,
+def fit_cnn_proxy(kind: str, adapter: CnnAdapter, space: PruningSpace, calib: CalibData, *,
                   batch: int = 16, threads: int | None = None, progress: bool = True, **_: Any) -> CnnState:
     """Fit proxy ``kind`` (magnitude | bn_scale | flap | obs) on ``calib.calib['input']``.
 
@@ -297,10 +297,10 @@ def fit_cnn_proxy(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: 
         return _fit(kind, adapter, space, calib, batch=batch, threads=threads)
 
 
-def _fit(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData, *, batch: int,
+def _fit(kind: str, adapter: CnnAdapter, space: PruningSpace, calib: CalibData, *, batch: int,
          threads: int | None) -> CnnState:
     images = calib.calib["input"]
-    groups = [adapter.graph.group(u.name) for u in space.units]  # type: ignore[attr-defined]
+    groups = [adapter.graph.group(u.name) for u in space.units]
     names = sorted({c for g in groups for c in g.consumers})
     with torch.no_grad():
         stats = collect_input_stats(adapter.dense(), names, images, batch=batch)
@@ -321,6 +321,25 @@ def _fit(kind: str, adapter: ModelAdapter, space: PruningSpace, calib: CalibData
                     least_squares=kind == "obs", threads=threads)
 
 
-for _kind in ("magnitude", "bn_scale", "flap", "obs"):
-    register_proxy(_kind, family="cnn")(lambda adapter, space, calib, _k=_kind, **kw: fit_cnn_proxy(
-        _k, adapter, space, calib, **kw))
+@register_proxy("magnitude", family="cnn")
+def fit_magnitude(adapter: CnnAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> CnnState:
+    """Group L2 norm of every coupled weight slice; plain removal."""
+    return fit_cnn_proxy("magnitude", adapter, space, calib, **kw)
+
+
+@register_proxy("bn_scale", family="cnn")
+def fit_bn_scale(adapter: CnnAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> CnnState:
+    """Sum of |gamma| of the group's BatchNorms (network slimming); plain removal."""
+    return fit_cnn_proxy("bn_scale", adapter, space, calib, **kw)
+
+
+@register_proxy("flap", family="cnn")
+def fit_flap(adapter: CnnAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> CnnState:
+    """Fluctuation of the consumers' inputs; the removed mean is compensated."""
+    return fit_cnn_proxy("flap", adapter, space, calib, **kw)
+
+
+@register_proxy("obs", family="cnn")
+def fit_obs(adapter: CnnAdapter, space: PruningSpace, calib: CalibData, **kw: Any) -> CnnState:
+    """Structured OBS order over the consumers' unfolded inputs, least-squares refit (default)."""
+    return fit_cnn_proxy("obs", adapter, space, calib, **kw)

@@ -21,9 +21,9 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["EncoderConfig", "Encoder", "Attention", "FeedForward", "EncoderLayer", "from_hf_config"]
+__all__ = ["SUPPORTED_TYPES", "EncoderConfig", "Encoder", "Attention", "FeedForward", "EncoderLayer", "from_hf_config"]
 
-_SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ class EncoderConfig:
 def from_hf_config(cfg: Mapping[str, Any], *, where: str = "config.json") -> EncoderConfig:
     """Map a Hugging Face ``config.json`` of a BERT-family encoder to :class:`EncoderConfig`."""
     mt = str(cfg.get("model_type", "bert"))
-    if mt not in _SUPPORTED_TYPES:
-        raise HwpruneError(f"{where}: model_type {mt!r} is not a BERT-family encoder; supported: {', '.join(_SUPPORTED_TYPES)}")
+    if mt not in SUPPORTED_TYPES:
+        raise HwpruneError(f"{where}: model_type {mt!r} is not a BERT-family encoder; supported: {', '.join(SUPPORTED_TYPES)}")
     act = cfg.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_new", "gelu_python"):
         raise HwpruneError(f"{where}: hidden_act {act!r} is not supported yet; supported: gelu")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hwprune.errors import HwpruneError
-from hwprune.surgery.cnn_graph import build_graph
+from hwprune.families.cnn.graph import build_graph
 from hwprune.surgery.plan import Plan
 
 __all__ = ["prune_cnn", "apply_overrides", "check_shapes"]

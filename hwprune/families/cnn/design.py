@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from hwprune.errors import HwpruneError
 from hwprune.space import PruningSpace
-from hwprune.surgery.cnn_graph import LayerInfo
+from hwprune.families.cnn.graph import LayerInfo
 
 __all__ = ["unit_levels", "design", "layer_sizes", "layers_meta"]
 

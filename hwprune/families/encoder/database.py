@@ -1,4 +1,4 @@
-"""What every encoder proxy shares: a removal order per unit, an error per kept size, cached levels.
+"""What every encoder proxy shares: tracks per unit (:mod:`hwprune.proxies.database`), cached levels.
 
 A proxy fits once and keeps, per unit, the order in which it removes elements (heads or neurons)
 and the normalised output error at every kept size. A kept size ``s`` always keeps the elements
@@ -13,34 +13,22 @@ per token, divided by the mean squared norm of the residual stream it is added t
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from hwprune.errors import HwpruneError
-from hwprune.models._base import ModelAdapter
+from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData, ProxyState
-from hwprune.proxies._stats import LayerStats, SublayerStats, collect_stats
+from hwprune.families.encoder.collect import LayerStats, collect_stats
+from hwprune.proxies.database import Track
+from hwprune.proxies.stats import SublayerStats
 from hwprune.space import Candidate, PruningSpace, Unit
-from hwprune.surgery.encoder import kept_columns
+from hwprune.families.encoder.surgery import kept_columns
 from hwprune.surgery.plan import Plan
 
-__all__ = ["Track", "EncoderState", "sublayer", "prefix_errors", "ensure_stats", "monotone", "curve",
-           "unit_prefix"]
-
-
-@dataclass
-class Track:
-    """One unit's fit: ``order`` removes elements first to last; ``errors[s]`` is the error at kept size s."""
-
-    unit: Unit
-    order: np.ndarray    # (full,) int64 element ids, least important first
-    errors: np.ndarray   # (full + 1,) float64 indexed by kept size; NaN below the smallest allowed size
-
-    def kept(self, size: int) -> tuple[int, ...]:
-        return tuple(sorted(int(i) for i in self.order[self.unit.full - size:]))
+__all__ = ["EncoderState", "sublayer", "ensure_stats", "unit_prefix"]
 
 
 def unit_prefix(unit: Unit) -> tuple[str, str]:
@@ -53,7 +41,7 @@ def unit_prefix(unit: Unit) -> tuple[str, str]:
                        "encoder proxies prune 'heads' and 'ffn' units")
 
 
-def sublayer(adapter: ModelAdapter, stats: list[LayerStats], unit: Unit) -> tuple[torch.nn.Linear, SublayerStats]:
+def sublayer(adapter: Family, stats: list[LayerStats], unit: Unit) -> tuple[torch.nn.Linear, SublayerStats]:
     """(dense output projection, statistics of its input) of ``unit``."""
     unit_prefix(unit)  # rejects foreign unit kinds
     layer = adapter.dense().layers[unit.layer]
@@ -62,7 +50,7 @@ def sublayer(adapter: ModelAdapter, stats: list[LayerStats], unit: Unit) -> tupl
     return layer.ffn.output, stats[unit.layer].ffn
 
 
-def ensure_stats(adapter: ModelAdapter, calib: CalibData, stats: list[LayerStats] | None, *, batch: int,
+def ensure_stats(adapter: Family, calib: CalibData, stats: list[LayerStats] | None, *, batch: int,
                  threads: int | None, progress: bool) -> list[LayerStats]:
     """``stats`` if given (one pass can serve several proxies), else a fresh pass over ``calib.calib``."""
     if stats is not None:
@@ -70,44 +58,10 @@ def ensure_stats(adapter: ModelAdapter, calib: CalibData, stats: list[LayerStats
     return collect_stats(adapter.dense(), calib.calib, batch=batch, threads=threads, progress=progress)
 
 
-def monotone(err_by_size: np.ndarray) -> np.ndarray:
-    """Running max from full size down: the DP needs errors non-increasing in kept size.
-
-    A prefix of removed elements can cancel (removing two correlated neurons hurts less than one),
-    so raw curves may dip; the envelope keeps the conservative value.
-    """
-    out = err_by_size.copy()
-    ok = ~np.isnan(out)
-    out[ok] = np.maximum.accumulate(np.clip(out[ok], 0.0, None)[::-1])[::-1]
-    return out
-
-
-def curve(err_by_removed: np.ndarray, unit: Unit, energy: float) -> np.ndarray:
-    """Errors indexed by removed count (0..k) -> normalised, monotone errors indexed by kept size."""
-    out = np.full(unit.full + 1, np.nan)
-    k = len(err_by_removed) - 1
-    out[unit.full - k:] = np.asarray(err_by_removed, dtype=np.float64)[::-1] / max(energy, 1e-30)
-    return monotone(out)
-
-
-def prefix_errors(weight: torch.Tensor, moment: torch.Tensor, order: np.ndarray, granule: int) -> np.ndarray:
-    """err[k] = trace(W_P M_PP W_P^T) for P = first k elements of ``order``, k = 0..n (plain removal).
-
-    ``weight`` (out, n*granule) and ``moment`` (n*granule, n*granule) in float64; element e owns
-    columns e*granule .. (e+1)*granule - 1.
-    """
-    a = (weight.T @ weight) * moment                         # column-pair contributions
-    n = a.shape[0] // granule
-    g = a.reshape(n, granule, n, granule).sum((1, 3))        # element-pair contributions
-    idx = torch.as_tensor(order, dtype=torch.long)
-    c = g[idx][:, idx].cumsum(0).cumsum(1)
-    return np.concatenate([[0.0], torch.diagonal(c).numpy()])
-
-
 class EncoderState(ProxyState):
     """Nested levels from removal orders; subclasses say how to rebuild one unit's tensors."""
 
-    def __init__(self, adapter: ModelAdapter, space: PruningSpace, tracks: list[Track], *,
+    def __init__(self, adapter: Family, space: PruningSpace, tracks: list[Track], *,
                  meta: dict[str, Any] | None = None) -> None:
         super().__init__(adapter, space)
         self.tracks, self.meta = tracks, dict(meta or {})

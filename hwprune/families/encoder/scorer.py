@@ -16,9 +16,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from hwprune.models._base import ModelAdapter
+from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData
-from hwprune.proxies._stats import length_batches, num_threads
+from hwprune.proxies.stats import length_batches, num_threads
 
 __all__ = ["EndToEndScorer", "sentence_embeddings"]
 
@@ -33,7 +33,7 @@ def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 class EndToEndScorer:
     """Caches the dense model's outputs on ``heldout_inputs``; ``score(model)`` compares against them."""
 
-    def __init__(self, adapter: ModelAdapter, heldout_inputs: Mapping[str, torch.Tensor], *, batch: int = 32,
+    def __init__(self, adapter: Family, heldout_inputs: Mapping[str, torch.Tensor], *, batch: int = 32,
                  threads: int | None = None) -> None:
         self.adapter, self.threads = adapter, threads
         self._batches = length_batches(heldout_inputs, batch)
@@ -41,7 +41,7 @@ class EndToEndScorer:
         self._dense_energy = sum(float(h.double().square().sum()) for h, _ in self._dense)
 
     @classmethod
-    def from_calib(cls, adapter: ModelAdapter, calib: CalibData, **kw: int | None) -> "EndToEndScorer":
+    def from_calib(cls, adapter: Family, calib: CalibData, **kw: int | None) -> "EndToEndScorer":
         return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]
 
     @property

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from hwprune.models._base import ModelAdapter
+from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData
 
 __all__ = ["CnnScorer"]
@@ -23,7 +23,7 @@ __all__ = ["CnnScorer"]
 class CnnScorer:
     """Caches the dense model's outputs on the held-out images; ``score(model)`` compares against them."""
 
-    def __init__(self, adapter: ModelAdapter, images: torch.Tensor | Mapping[str, torch.Tensor], *,
+    def __init__(self, adapter: Family, images: torch.Tensor | Mapping[str, torch.Tensor], *,
                  labels: torch.Tensor | None = None, batch: int = 64) -> None:
         """``images``: (N, C, H, W), or the held-out mapping of :class:`CalibData` (its ``input``)."""
         self.images = images["input"] if isinstance(images, Mapping) else images
@@ -33,7 +33,7 @@ class CnnScorer:
         self._energy = float(centred.square().sum())
 
     @classmethod
-    def from_calib(cls, adapter: ModelAdapter, calib: CalibData, **kw: int) -> "CnnScorer":
+    def from_calib(cls, adapter: Family, calib: CalibData, **kw: int) -> "CnnScorer":
         return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]
 
     @torch.no_grad()
