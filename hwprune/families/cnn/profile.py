@@ -156,7 +156,10 @@ class CnnProfiling:
         return pd.DataFrame(rows)
 
     def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
-        return {"method": "ORT node-time shares (median of 20 runs) x whole-network times (interleaved, common-mode "
+        f = self.frame(timings)
+        entry = {(r.key, r.size, r.size2): r.median_ms for r in f.itertuples()}
+        predicted = entry[("", 0, -1)] + sum(entry[(l.name, *layer_sizes(l, self.dense_key))] for l in self.layers)
+        return {"dense_predicted_ms": round(float(predicted), 4), "method": "ORT node-time shares (median of 20 runs) x whole-network times (interleaved, common-mode "
                           "load removed) of K^2 pruned networks covering every conv's (c_in, c_out) level grid; "
                           "base = median unexplained time",
                 "levels": self.levels, "networks": len(self.nets), "rounds": timings[0].n,

@@ -28,102 +28,78 @@ from .model import Decoder, materialize
 __all__ = ["from_hf_config", "hf_config", "hf_unloadable_reason", "to_hf_state", "from_hf_state",
            "load_hf_folder", "save_hf_folder", "load_tokenizer"]
 
-_LLAMA_NAMES = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn",
-                "mlp": "mlp"}
-_GPT2_NAMES = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
-               "mlp.down_proj": "mlp.c_proj"}
+_LLAMA_SUB = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
+_GPT2_SUB = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
+             "mlp.down_proj": "mlp.c_proj"}
+_GPT2_QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 
 
-def _kept_layers(cfg: DecoderConfig) -> list[int]:
-    return [i for i in range(cfg.num_layers) if not cfg.block_removed(i)]
+def _hf_name(arch: str, key: str, layer_index: int | None = None) -> tuple[str, bool]:
+    """Our key -> (HF key, whether the tensor is stored transposed); ``layer_index`` renumbers the layer.
+
+    GPT-2's q/k/v map to the fused ``attn.c_attn`` (split by the caller).
+    """
+    gpt2 = arch == "gpt2"
+    if key == "embed_tokens.weight":
+        return ("transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"), False
+    if key == "embed_positions.weight":
+        return "transformer.wpe.weight", False
+    if key == "lm_head.weight":
+        return key, False
+    if key.startswith("norm."):
+        return ("transformer.ln_f." if gpt2 else "model.norm.") + key[5:], False
+    _, i, rest = key.split(".", 2)  # layers.{i}.{module path}.{weight|bias}
+    i = str(layer_index) if layer_index is not None else i
+    head, _, tail = rest.rpartition(".")
+    if not gpt2:
+        first, _, sub = head.partition(".")
+        return f"model.layers.{i}.{_LLAMA_SUB[first]}" + (f".{sub}" if sub else "") + f".{tail}", False
+    if head in _GPT2_QKV:
+        return f"transformer.h.{i}.attn.c_attn.{tail}", tail == "weight"
+    name = next((new + head[len(old):] for old, new in _GPT2_SUB.items() if head.startswith(old)), head)
+    return f"transformer.h.{i}.{name}.{tail}", tail == "weight" and "proj" in head  # Conv1D: (in, out)
 
 
 def to_hf_state(model: Decoder) -> dict[str, torch.Tensor]:
     """Our state dict -> the checkpoint of ``hf_config(model.config)`` (removed blocks dropped, renumbered)."""
     cfg = model.config
-    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    renumber = {i: n for n, i in enumerate(i for i in range(cfg.num_layers) if not cfg.block_removed(i))}
     out: dict[str, torch.Tensor] = {}
-    gpt2 = cfg.arch == "gpt2"
-    top = {"embed_tokens.weight": "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight",
-           "embed_positions.weight": "transformer.wpe.weight", "lm_head.weight": "lm_head.weight"}
-    for k, v in ours.items():
-        if k in top:
-            out[top[k]] = v
-        elif k.startswith("norm."):
-            out[("transformer.ln_f." if gpt2 else "model.norm.") + k[5:]] = v
-    for new_i, i in enumerate(_kept_layers(cfg)):
-        pre, layer = f"layers.{i}.", {k[len(f"layers.{i}."):]: v for k, v in ours.items() if k.startswith(f"layers.{i}.")}
-        hp = f"transformer.h.{new_i}." if gpt2 else f"model.layers.{new_i}."
-        if gpt2:
-            for kind in ("weight", "bias"):
-                qkv = [layer.pop(f"attn.{n}_proj.{kind}") for n in "qkv"]
-                fused = torch.cat(qkv, 0)
-                out[hp + f"attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
-        for k, v in layer.items():
-            head, _, tail = k.rpartition(".")  # e.g. ("attn.q_proj", "weight")
-            if gpt2:
-                name = next((_GPT2_NAMES[p] + head[len(p):] for p in _GPT2_NAMES if head.startswith(p)), head)
-                v = v.t().contiguous() if tail == "weight" and ("proj" in head) else v
-            else:
-                first, _, rest = head.partition(".")
-                name = _LLAMA_NAMES[first] + (f".{rest}" if rest else "")
-            out[hp + f"{name}.{tail}"] = v
-        del pre
+    fused: dict[str, list[torch.Tensor]] = {}
+    for k, v in model.state_dict().items():
+        idx = int(k.split(".")[1]) if k.startswith("layers.") else None
+        if idx is not None and idx not in renumber:
+            continue
+        name, transposed = _hf_name(cfg.arch, k, renumber.get(idx) if idx is not None else None)
+        if cfg.arch == "gpt2" and ".attn.c_attn." in name:
+            fused.setdefault(name, []).append(v.detach())  # state_dict order is q, k, v
+            continue
+        out[name] = v.detach().t().contiguous() if transposed else v.detach()
+    for name, parts in fused.items():
+        cat = torch.cat(parts, 0)
+        out[name] = cat.t().contiguous() if name.endswith("weight") else cat
     return out
 
 
 def from_hf_state(cfg: DecoderConfig, state: Mapping[str, torch.Tensor], *, where: str) -> dict[str, torch.Tensor]:
-    """A Hugging Face checkpoint of a dense-per-layer ``cfg`` (any of our archs) -> our state dict (float32)."""
-    model = materialize(cfg, "meta")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    hf_names = to_hf_state(model)  # names and shapes of the checkpoint we expect
+    """A Hugging Face checkpoint whose layers all have ``cfg``'s kept shape -> our state dict (float32)."""
     gpt2 = cfg.arch == "gpt2"
-    prefixes = ("",) if not gpt2 else ("", "transformer.")
-    fetched: dict[str, torch.Tensor] = {}
-    for hk, t in hf_names.items():
-        if hk == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        cand = [hk, hk.removeprefix("transformer.")] if gpt2 else [hk]
-        src = next((c for c in cand if c in state), None)
+    out: dict[str, torch.Tensor] = {}
+    for k, t in materialize(cfg, "meta").state_dict().items():
+        hk, transposed = _hf_name(cfg.arch, k)
+        src = next((c for c in ((hk, hk.removeprefix("transformer.")) if gpt2 else (hk,)) if c in state), None)
         if src is None:
             raise HwpruneError(f"{where}: weight {hk!r} not found; is this a {cfg.arch} checkpoint?")
-        if tuple(state[src].shape) != tuple(t.shape):
-            raise HwpruneError(f"{where}: weight {src!r} has shape {tuple(state[src].shape)}, "
-                               f"expected {tuple(t.shape)}")
-        fetched[hk] = state[src].to(torch.float32)
-    del prefixes
-    out: dict[str, torch.Tensor] = {}
-    for k in expected:
-        out[k] = _pick(k, cfg, fetched)
+        v = state[src].to(torch.float32)
+        v = v.t() if transposed else v
+        if gpt2 and ".attn.c_attn." in hk:  # fused (3*inner, ...) -> this projection's third
+            n = v.shape[0] // 3
+            j = _GPT2_QKV.index(".".join(k.split(".")[2:4]))  # layers.{i}.attn.q_proj.weight
+            v = v[j * n:(j + 1) * n]
+        if tuple(v.shape) != tuple(t.shape):
+            raise HwpruneError(f"{where}: weight {src!r} gives shape {tuple(v.shape)}, expected {tuple(t.shape)}")
+        out[k] = v.contiguous()
     return out
-
-
-def _pick(ours: str, cfg: DecoderConfig, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor of our key ``ours`` inside the (renamed, dense-layer) HF state ``hf``."""
-    gpt2 = cfg.arch == "gpt2"
-    if ours == "embed_tokens.weight":
-        return hf["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"]
-    if ours == "embed_positions.weight":
-        return hf["transformer.wpe.weight"]
-    if ours == "lm_head.weight":
-        return hf["lm_head.weight"]
-    if ours.startswith("norm."):
-        return hf[("transformer.ln_f." if gpt2 else "model.norm.") + ours[5:]]
-    _, i, rest = ours.split(".", 2)
-    head, _, tail = rest.rpartition(".")
-    if not gpt2:
-        first, _, sub = head.partition(".")
-        return hf[f"model.layers.{i}.{_LLAMA_NAMES[first]}" + (f".{sub}" if sub else "") + f".{tail}"]
-    hp = f"transformer.h.{i}."
-    if head in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
-        fused = hf[hp + f"attn.c_attn.{tail}"]
-        fused = fused.t() if tail == "weight" else fused  # (3*inner, hidden) / (3*inner,)
-        n = fused.shape[0] // 3
-        j = "qkv".index(head[5])
-        return fused[j * n:(j + 1) * n].contiguous()
-    name = next((_GPT2_NAMES[p] + head[len(p):] for p in _GPT2_NAMES if head.startswith(p)), head)
-    t = hf[hp + f"{name}.{tail}"]
-    return t.t().contiguous() if tail == "weight" and "proj" in head else t
 
 
 def _read_json(path: Path, fix: str) -> Any:

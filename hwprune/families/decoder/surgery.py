@@ -1,0 +1,151 @@
+"""Physical pruning of a :class:`Decoder`: slice whole KV groups, query-head slots, FFN neurons and blocks.
+
+Unit names (indices count the units of the model being pruned, i.e. the dense numbering for a dense model):
+
+* ``layer.{i}.attn``  -> kept KV groups, in ``[0, kv_groups[i])``; a group is its K/V head plus the
+  query heads that read it (query head ``j * per_group + s`` reads KV head ``j``, transformers' layout);
+* ``layer.{i}.qpg``   -> kept query-head slots within every kept group, in ``[0, heads_per_group[i])``;
+* ``layer.{i}.ffn``   -> kept FFN neurons, in ``[0, ffn[i])``;
+* ``layer.{i}.block`` -> ``[]`` removes the whole block (same as ``attn=[]`` and ``ffn=[]``).
+
+Units not named are kept whole. An empty ``attn`` or ``qpg`` removes the attention sublayer, an empty
+``ffn`` the FFN; what is left is the function they compute with every unit gone (see ``model``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+
+from hwprune.errors import HwpruneError
+
+from .config import DecoderConfig
+from .model import Decoder, materialize
+
+__all__ = ["prune_decoder", "skeleton", "decoder_units", "UNIT_KINDS"]
+
+UNIT_KINDS = ("attn", "qpg", "ffn", "block")
+_UNIT = re.compile(r"layer\.(\d+)\.(attn|qpg|ffn|block)")
+
+
+def decoder_units(cfg: DecoderConfig) -> dict[str, int]:
+    """Every prunable unit name of ``cfg`` -> how many units it has now (layers with a removed part excluded)."""
+    units: dict[str, int] = {}
+    for i in range(cfg.num_layers):
+        g, p, f = cfg.layer_shape(i)
+        if g:
+            units[f"layer.{i}.attn"], units[f"layer.{i}.qpg"] = g, p
+        if f:
+            units[f"layer.{i}.ffn"] = f
+    return units
+
+
+def skeleton(cfg: DecoderConfig, device: str | torch.device = "cpu") -> Decoder:
+    """An uninitialised Decoder of ``cfg``'s (pruned) shapes, to ``load_state_dict`` a saved pruned model into."""
+    return materialize(cfg, device)
+
+
+def _indices(name: str, idx: Iterable[int], n: int) -> torch.Tensor:
+    kept = sorted(int(i) for i in idx)
+    if len(set(kept)) != len(kept):
+        raise HwpruneError(f"{name}: duplicate indices in {kept}")
+    if kept and not (0 <= kept[0] and kept[-1] < n):
+        raise HwpruneError(f"{name}: indices must lie in [0, {n}), got {kept}")
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def _parse(cfg: DecoderConfig, kept: Mapping[str, Iterable[int]]) -> dict[tuple[int, str], torch.Tensor]:
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    for name, idx in kept.items():
+        m = _UNIT.fullmatch(name)
+        if m is None or int(m.group(1)) >= cfg.num_layers:
+            raise HwpruneError(f"unknown unit {name!r}; expected layer.{{0..{cfg.num_layers - 1}}}.{{{','.join(UNIT_KINDS)}}}")
+        i, kind = int(m.group(1)), m.group(2)
+        g, p, f = cfg.layer_shape(i)
+        idx = list(idx)
+        if kind == "block":
+            if idx:
+                raise HwpruneError(f"{name}: a block is removed with [] (keep it by leaving it out), got {idx}")
+            out[(i, "attn")] = out[(i, "ffn")] = torch.zeros(0, dtype=torch.long)
+            continue
+        n = {"attn": g, "qpg": p, "ffn": f}[kind]
+        if n == 0 and idx:
+            raise HwpruneError(f"{name}: layer {i} has no {kind} units left to keep")
+        out.setdefault((i, kind), _indices(name, idx, n))
+    return out
+
+
+def _head_rows(groups: torch.Tensor, slots: torch.Tensor, per_group: int, d: int) -> torch.Tensor:
+    """Rows of q_proj (columns of o_proj) of query heads ``g * per_group + s`` for g in groups, s in slots."""
+    heads = (groups[:, None] * per_group + slots[None, :]).reshape(-1)
+    return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+
+
+def _group_rows(groups: torch.Tensor, d: int) -> torch.Tensor:
+    return (groups[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+
+
+def prune_decoder(model: Decoder, kept: Mapping[str, Iterable[int]],
+                  overrides: Mapping[str, torch.Tensor] | None = None) -> Decoder:
+    """A new Decoder keeping only the named units of ``model`` (each kept weight copied once, no sharing).
+
+    ``overrides`` maps state-dict names of the result to tensors that replace the sliced ones
+    (e.g. reconstructed ``layers.3.mlp.down_proj.weight``); shapes must match.
+    """
+    cfg = model.config
+    sel = _parse(cfg, kept)
+    d = cfg.head_dim
+    src = model.state_dict()
+    state: dict[str, torch.Tensor] = {k: v for k, v in src.items() if not k.startswith("layers.")}
+    sizes: list[tuple[int, int, int]] = []
+    for i in range(cfg.num_layers):
+        g, p, f = cfg.layer_shape(i)
+        pre = f"layers.{i}."
+        groups = sel.get((i, "attn"), torch.arange(g))
+        slots = sel.get((i, "qpg"), torch.arange(p))
+        neurons = sel.get((i, "ffn"), torch.arange(f))
+        ng, npg, nf = (len(groups), len(slots), len(neurons)) if len(groups) and len(slots) else (0, 0, len(neurons))
+        sizes.append((ng, npg, nf))
+        if ng:
+            q, kv = _head_rows(groups, slots, p, d), _group_rows(groups, d)
+            for n, rows in (("q", q), ("k", kv), ("v", kv)):
+                for kind in ("weight", "bias"):
+                    if f"{pre}attn.{n}_proj.{kind}" in src:
+                        state[f"{pre}attn.{n}_proj.{kind}"] = src[f"{pre}attn.{n}_proj.{kind}"][rows]
+            state[f"{pre}attn.o_proj.weight"] = src[f"{pre}attn.o_proj.weight"][:, q]
+            for k in (f"{pre}attn.o_proj.bias", f"{pre}attn_norm.weight", f"{pre}attn_norm.bias"):
+                if k in src:
+                    state[k] = src[k]
+        elif cfg.o_proj_bias:  # all heads gone: the output projection leaves its bias
+            state[f"{pre}attn.out_bias"] = src.get(f"{pre}attn.o_proj.bias", src.get(f"{pre}attn.out_bias"))
+        if nf:
+            for n in ("gate", "up"):
+                for kind in ("weight", "bias"):
+                    if f"{pre}mlp.{n}_proj.{kind}" in src:
+                        state[f"{pre}mlp.{n}_proj.{kind}"] = src[f"{pre}mlp.{n}_proj.{kind}"][neurons]
+            state[f"{pre}mlp.down_proj.weight"] = src[f"{pre}mlp.down_proj.weight"][:, neurons]
+            for k in (f"{pre}mlp.down_proj.bias", f"{pre}mlp_norm.weight", f"{pre}mlp_norm.bias"):
+                if k in src:
+                    state[k] = src[k]
+        elif cfg.mlp_bias:
+            state[f"{pre}mlp.out_bias"] = src.get(f"{pre}mlp.down_proj.bias", src.get(f"{pre}mlp.out_bias"))
+    new_cfg = cfg.with_sizes(*(tuple(s[j] for s in sizes) for j in range(3)))
+    for name, t in (overrides or {}).items():
+        if name not in state:
+            raise HwpruneError(f"override {name!r} is not a tensor of the pruned model")
+        state[name] = t
+    with torch.device("meta"):
+        out = Decoder(new_cfg)
+    expected = out.state_dict()
+    for k, t in expected.items():
+        if k not in state:
+            raise HwpruneError(f"pruned model lacks {k!r}")  # a bug in this function, not in the input
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise HwpruneError(f"{k}: got shape {tuple(state[k].shape)}, the pruned model needs {tuple(t.shape)}")
+    # sliced tensors are fresh copies; clone the rest so the two models never share storage
+    fresh = {k for k in expected if state[k] is not src.get(k) and k not in (overrides or {})}
+    out.load_state_dict({k: state[k] if k in fresh else state[k].clone() for k in expected}, assign=True)
+    out.reset_buffers()
+    return out.train(model.training)
