@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo lint test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,13 @@ demo: $(STAMP)
 	$(BIN)/hwprune search --model minilm --table latency_tables/local/minilm_ort-cpu_t1_b1_s128.parquet \
 		--target-speedup 2 --trials 100 -o runs/demo --export
 
-test: $(STAMP)
+# ruff (lint + format) and mypy, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q -x --durations=15
 
 clean:

@@ -47,8 +47,8 @@ def load(folder: str | Path) -> "nn.Module":
     model = skeleton_for_plan(plan)
     state = load_file(str(wpath))
     try:
-        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise HwpruneError(f"{wpath}: weights do not match plan.json ({first})") from None
-    return model.eval()  # type: ignore[attr-defined]
+    return model.eval()

@@ -18,9 +18,10 @@ Nothing here names a model family: every family-specific step goes through the a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from hwprune._io import read_json, write_json
 from hwprune.errors import HwpruneError
@@ -31,8 +32,20 @@ from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.search.run import SearchConfig, SearchResult
 from hwprune.space import PruningSpace
 
-__all__ = ["ProfileRequest", "ProfileResult", "SearchRequest", "ExportRequest", "Manifest", "run_profile",
-           "run_search", "run_export", "load_adapter", "default_table_path", "find_table", "make_predictor"]
+__all__ = [
+    "ProfileRequest",
+    "ProfileResult",
+    "SearchRequest",
+    "ExportRequest",
+    "Manifest",
+    "run_profile",
+    "run_search",
+    "run_export",
+    "load_adapter",
+    "default_table_path",
+    "find_table",
+    "make_predictor",
+]
 
 Log = Callable[[str], None]
 Manifest = dict[str, Any]  # a manifest.json document (see hwprune.export.manifest)
@@ -46,8 +59,9 @@ def _noop(msg: str) -> None:
 
 def load_adapter(model: str, *, weights: str | None = None, input_shape: Sequence[int] | None = None) -> Family:
     """``--model`` (+ ``--weights`` / ``--input-shape`` for families that take them) -> its adapter."""
-    return resolve_model(model).configure(weights=weights,
-                                          input_shape=tuple(input_shape) if input_shape is not None else None)
+    return resolve_model(model).configure(
+        weights=weights, input_shape=tuple(input_shape) if input_shape is not None else None
+    )
 
 
 def default_table_path(adapter: Family, *, runtime: str, threads: int, batch: int, seq: int) -> Path:
@@ -65,11 +79,14 @@ def find_table(adapter: Family) -> tuple[Path | None, Path]:
 def make_predictor(table: LatencyTable, space: PruningSpace, adapter: Family) -> Predictor:
     """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...)."""
     if table.family != adapter.family:
-        raise HwpruneError(f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}")
+        raise HwpruneError(
+            f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}"
+        )
     return adapter.predictor(table, space)
 
 
 # ---- profile ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ProfileRequest:
@@ -80,7 +97,7 @@ class ProfileRequest:
     threads: int = 1
     batch: int = 1
     seq: int = 128
-    out: str | None = None            # default: latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet
+    out: str | None = None  # default: latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet
     space: str | None = None
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
@@ -107,16 +124,29 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
     batch, seq = adapter.io_settings(batch=req.batch, seq=req.seq)
     space = adapter.space(req.space)
-    path = Path(req.out) if req.out else default_table_path(adapter, runtime=req.runtime, threads=req.threads,
-                                                            batch=batch, seq=seq)
+    path = (
+        Path(req.out)
+        if req.out
+        else default_table_path(adapter, runtime=req.runtime, threads=req.threads, batch=batch, seq=seq)
+    )
     if path.suffix != ".parquet":
         raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
-    table = profile(adapter, runtime=req.runtime, threads=req.threads, batch=batch, seq=seq, space=space, out=path,
-                    progress=progress, budget_s=req.budget_s)
+    table = profile(
+        adapter,
+        runtime=req.runtime,
+        threads=req.threads,
+        batch=batch,
+        seq=seq,
+        space=space,
+        out=path,
+        progress=progress,
+        budget_s=req.budget_s,
+    )
     return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
 
 
 # ---- search -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SearchRequest:
@@ -163,13 +193,14 @@ def _resolve_table(adapter: Family, req_table: str | None) -> Path:
     if found is not None:
         return found
     path = default_table_path(adapter, runtime="ort-cpu", threads=1, batch=1, seq=128)
-    raise HwpruneError(f"no latency table for {adapter.name} at {path}; run `hwprune profile --model "
-                       f"{adapter.name}` first or pass --table FILE")
+    raise HwpruneError(
+        f"no latency table for {adapter.name} at {path}; run `hwprune profile --model "
+        f"{adapter.name}` first or pass --table FILE"
+    )
 
 
 def _calib(adapter: Family, req: SearchRequest, *, seq: int) -> CalibData:
-    return adapter.load_calib(req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq,
-                              seed=req.search.seed)
+    return adapter.load_calib(req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.search.seed)
 
 
 def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -> SearchResult:
@@ -197,12 +228,28 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     scorer = adapter.scorer(calib)
     run_dir = Path(req.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run.json", {"format": RUN_FORMAT, "request": req.to_json(),
-                                      "adapter": adapter.spec(), "table": str(table_path),
-                                      "space_source": space.source, "settings": settings,
-                                      "fingerprint": table.fingerprint.to_json(), "calib_source": calib.source})
-    result = search(space=space, predictor=predictor, proxy_state=state, scorer=scorer, config=req.search,
-                    run_dir=run_dir, progress=progress)
+    write_json(
+        run_dir / "run.json",
+        {
+            "format": RUN_FORMAT,
+            "request": req.to_json(),
+            "adapter": adapter.spec(),
+            "table": str(table_path),
+            "space_source": space.source,
+            "settings": settings,
+            "fingerprint": table.fingerprint.to_json(),
+            "calib_source": calib.source,
+        },
+    )
+    result = search(
+        space=space,
+        predictor=predictor,
+        proxy_state=state,
+        scorer=scorer,
+        config=req.search,
+        run_dir=run_dir,
+        progress=progress,
+    )
     _materialize_picks(adapter, state, result, run_dir)
     return result
 
@@ -221,12 +268,13 @@ def _materialize_picks(adapter: Family, state: ProxyState, result: SearchResult,
 
 # ---- export -------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ExportRequest:
     """``hwprune export``: which candidates of a run, the parity tolerance, how long to time."""
 
     run: str
-    pick: str = "targets"        # targets | all (the Pareto front) | a candidate key from pareto.csv
+    pick: str = "targets"  # targets | all (the Pareto front) | a candidate key from pareto.csv
     parity_tol: float = 1e-3
     rounds: int = 5
     repeats: int = 20
@@ -270,14 +318,23 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     df = pd.read_csv(csv, dtype={"key": str})
     rows = df[df["pareto"]] if pick == "all" else df[df["key"] == pick]
     if rows.empty:
-        raise HwpruneError(f"--pick {pick!r} matches no candidate in {csv}; use targets, all or a key from its 'key' column")
+        raise HwpruneError(
+            f"--pick {pick!r} matches no candidate in {csv}; use targets, all or a key from its 'key' column"
+        )
     by_key = {p["key"]: p for p in picks}
     out = []
     for _, r in rows.iterrows():
         sc = {k: float(r[k]) for k in ("distance", "cosine") if k in r and r[k] == r[k]}
-        out.append(by_key.get(r["key"]) or {"key": r["key"], "sizes": json.loads(r["sizes"]),
-                                            "predicted_ms": float(r["predicted_ms"]), "target_speedup": None,
-                                            "scores": sc})
+        out.append(
+            by_key.get(r["key"])
+            or {
+                "key": r["key"],
+                "sizes": json.loads(r["sizes"]),
+                "predicted_ms": float(r["predicted_ms"]),
+                "target_speedup": None,
+                "scores": sc,
+            }
+        )
     return out
 
 
@@ -319,18 +376,36 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
     onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
     dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
-    cmp = measure_dense_and_pruned(backend, dense=dense_onnx, pruned=onnx, feed=timing_feed(adapter, batch=batch, seq=seq),
-                                   rounds=req.rounds, repeats=req.repeats)
+    cmp = measure_dense_and_pruned(
+        backend,
+        dense=dense_onnx,
+        pruned=onnx,
+        feed=timing_feed(adapter, batch=batch, seq=seq),
+        rounds=req.rounds,
+        repeats=req.repeats,
+    )
     manifests = []
     for row in rows:
         key = row["key"]
         model, plan = models[key]
-        prediction = Prediction(predicted_ms=predictor.predict(plan.candidate(space)),
-                                dense_predicted_ms=predictor.dense_ms(), target_speedup=row.get("target_speedup"))
+        prediction = Prediction(
+            predicted_ms=predictor.predict(plan.candidate(space)),
+            dense_predicted_ms=predictor.dense_ms(),
+            target_speedup=row.get("target_speedup"),
+        )
         m = export_candidate(
-            adapter, model, plan, run_dir / "candidates" / key, backend=backend, batch=batch, seq=seq,
-            measurement=Measurement.of(cmp, key, clock=backend.clock), prediction=prediction,
-            scores=row.get("scores"), fingerprint=table.fingerprint.to_json(), parity_tol=req.parity_tol,
+            adapter,
+            model,
+            plan,
+            run_dir / "candidates" / key,
+            backend=backend,
+            batch=batch,
+            seq=seq,
+            measurement=Measurement.of(cmp, key, clock=backend.clock),
+            prediction=prediction,
+            scores=row.get("scores"),
+            fingerprint=table.fingerprint.to_json(),
+            parity_tol=req.parity_tol,
             extra={"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]},
         )
         m.setdefault("key", key)

@@ -47,23 +47,40 @@ def _shape(s: Optional[str]) -> Optional[tuple[int, ...]]:
         raise HwpruneError(f"--input-shape {s!r} must be comma-separated integers, e.g. 1,3,224,224") from None
 
 
-MODEL_HELP = ("minilm (all-MiniLM-L6-v2, real weights, offline), bert-base (random weights, bert-base shape), "
-              "a local Hugging Face folder of a BERT-family encoder, a torchvision CNN (resnet18, resnet50, "
-              "mobilenet_v2, vgg16_bn) or package.module:factory")
+MODEL_HELP = (
+    "minilm (all-MiniLM-L6-v2, real weights, offline), bert-base (random weights, bert-base shape), "
+    "a local Hugging Face folder of a BERT-family encoder, a torchvision CNN (resnet18, resnet50, "
+    "mobilenet_v2, vgg16_bn) or package.module:factory"
+)
 
 
 @app.command()
 def profile(
     model: str = typer.Option("minilm", "--model", "-m", help=MODEL_HELP),
-    runtime: str = typer.Option("ort-cpu", "--runtime", help="Deployment runtime to time in: ort-cpu (ort-cuda, tensorrt where installed)."),
-    threads: int = typer.Option(1, "--threads", help="Intra-op threads, as you will deploy; 1 gives the steadiest numbers."),
+    runtime: str = typer.Option(
+        "ort-cpu", "--runtime", help="Deployment runtime to time in: ort-cpu (ort-cuda, tensorrt where installed)."
+    ),
+    threads: int = typer.Option(
+        1, "--threads", help="Intra-op threads, as you will deploy; 1 gives the steadiest numbers."
+    ),
     batch: int = typer.Option(1, "--batch", help="Batch size to time."),
     seq: int = typer.Option(128, "--seq", help="Sequence length (encoders)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W, e.g. 1,3,224,224."),
     weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights as .safetensors (never unpickled)."),
-    space: Optional[Path] = typer.Option(None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table file (.parquet); a .json fingerprint is written beside it. Default latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet"),
-    budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the timing phase; longer gives steadier medians (default: 120 s for encoders, per-model for CNNs)."),
+    space: Optional[Path] = typer.Option(
+        None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
+    ),
+    output: Optional[Path] = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Table file (.parquet); a .json fingerprint is written beside it. Default latency_tables/<model>_<runtime>_t<threads>_b<batch>_<shape>.parquet",
+    ),
+    budget_s: Optional[float] = typer.Option(
+        None,
+        "--budget-s",
+        help="Seconds for the timing phase; longer gives steadier medians (default: 120 s for encoders, per-model for CNNs).",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Measure this device: time every prunable block shape (attention with k heads, FFN with n neurons, convs over channel grids, and the unprunable rest) in the deployment runtime, median and spread after warm-up, and save a latency table with a device fingerprint.
@@ -73,15 +90,27 @@ def profile(
     from hwprune.api import ProfileRequest, run_profile
 
     try:
-        res = run_profile(ProfileRequest(model=model, runtime=runtime, threads=threads, batch=batch, seq=seq,
-                                         out=str(output) if output else None, space=str(space) if space else None,
-                                         weights=weights, input_shape=_shape(input_shape), budget_s=budget_s),
-                          progress=not no_progress)
+        res = run_profile(
+            ProfileRequest(
+                model=model,
+                runtime=runtime,
+                threads=threads,
+                batch=batch,
+                seq=seq,
+                out=str(output) if output else None,
+                space=str(space) if space else None,
+                weights=weights,
+                input_shape=_shape(input_shape),
+                budget_s=budget_s,
+            ),
+            progress=not no_progress,
+        )
     except HwpruneError as e:
         _fail(e)
     out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
-    out.print(f"dense model: {res.dense_ms:.3f} ms predicted from the table "
-              f"(profiled in {res.table.profile_seconds:.0f} s)")
+    out.print(
+        f"dense model: {res.dense_ms:.3f} ms predicted from the table (profiled in {res.table.profile_seconds:.0f} s)"
+    )
 
 
 def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[float, ...]:
@@ -103,16 +132,37 @@ def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[f
 @app.command()
 def search(
     model: str = typer.Option("minilm", "--model", "-m", help=MODEL_HELP),
-    table: Optional[Path] = typer.Option(None, "--table", "-t", help="Latency table from `hwprune profile`; default: the shipped/last table for this model and settings."),
-    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="One target, e.g. 2 = twice as fast as dense."),
+    table: Optional[Path] = typer.Option(
+        None,
+        "--table",
+        "-t",
+        help="Latency table from `hwprune profile`; default: the shipped/last table for this model and settings.",
+    ),
+    target_speedup: Optional[float] = typer.Option(
+        None, "--target-speedup", help="One target, e.g. 2 = twice as fast as dense."
+    ),
     targets: Optional[str] = typer.Option(None, "--targets", help="Several targets, comma-separated: 1.5,2,3."),
-    proxy: str = typer.Option("obs", "--proxy", help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images."),
-    space: Optional[Path] = typer.Option(None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."),
-    trials: int = typer.Option(150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."),
+    proxy: str = typer.Option(
+        "obs",
+        "--proxy",
+        help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale.",
+    ),
+    calib: Optional[Path] = typer.Option(
+        None,
+        "--calib",
+        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images.",
+    ),
+    space: Optional[Path] = typer.Option(
+        None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
+    ),
+    trials: int = typer.Option(
+        150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same front)."),
     margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
-    output: Path = typer.Option(Path("runs/latest"), "-o", "--output", help="Run directory (resumable: rerun to continue the study)."),
+    output: Path = typer.Option(
+        Path("runs/latest"), "-o", "--output", help="Run directory (resumable: rerun to continue the study)."
+    ),
     export: bool = typer.Option(False, "--export", help="Export the chosen subnet per target right away."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W."),
     weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights (.safetensors)."),
@@ -127,9 +177,17 @@ def search(
 
     try:
         cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
-        req = SearchRequest(model=model, table=str(table) if table else None, proxy=proxy,
-                            calib=str(calib) if calib else None, space=str(space) if space else None,
-                            out=str(output), weights=weights, input_shape=_shape(input_shape), search=cfg)
+        req = SearchRequest(
+            model=model,
+            table=str(table) if table else None,
+            proxy=proxy,
+            calib=str(calib) if calib else None,
+            space=str(space) if space else None,
+            out=str(output),
+            weights=weights,
+            input_shape=_shape(input_shape),
+            search=cfg,
+        )
         result = run_search(req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress)
         _print_picks(result)
         if export:
@@ -141,8 +199,14 @@ def search(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="Run directory written by `hwprune search`."),
-    pick: str = typer.Option("targets", "--pick", help="targets (the chosen subnet per target), all (the whole Pareto front) or a candidate key from pareto.csv."),
-    parity_tol: float = typer.Option(1e-3, "--parity-tol", help="Max abs difference allowed between ONNX Runtime and torch outputs."),
+    pick: str = typer.Option(
+        "targets",
+        "--pick",
+        help="targets (the chosen subnet per target), all (the whole Pareto front) or a candidate key from pareto.csv.",
+    ),
+    parity_tol: float = typer.Option(
+        1e-3, "--parity-tol", help="Max abs difference allowed between ONNX Runtime and torch outputs."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Cut the chosen subnets physically (smaller dense tensors, never masks), save plan.json + model.safetensors (reload with hwprune.load), export model.onnx, check ONNX Runtime parity, and measure dense vs pruned latency in one process: manifest.json states predicted vs measured.
@@ -152,8 +216,9 @@ def export(
     from hwprune.api import ExportRequest, run_export
 
     try:
-        _print_manifests(run_export(ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol),
-                                    progress=not no_progress))
+        _print_manifests(
+            run_export(ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol), progress=not no_progress)
+        )
     except HwpruneError as e:
         _fail(e)
 
@@ -163,9 +228,13 @@ def _print_picks(result: "SearchResult") -> None:
     for c in ("target", "key", "pred ms", "pred speedup", "cosine to dense"):
         t.add_column(c, justify="right")
     for target, ev in sorted(result.picks.items()):
-        t.add_row(f"{target:g}x", ev.candidate.key(), f"{ev.predicted_ms:.2f}",
-                  f"{result.dense_ms / ev.predicted_ms:.2f}x",
-                  f"{ev.scores.get('cosine', float('nan')):.4f}")
+        t.add_row(
+            f"{target:g}x",
+            ev.candidate.key(),
+            f"{ev.predicted_ms:.2f}",
+            f"{result.dense_ms / ev.predicted_ms:.2f}x",
+            f"{ev.scores.get('cosine', float('nan')):.4f}",
+        )
     out.print(t)
 
 
@@ -175,19 +244,29 @@ def _print_manifests(manifests: "list[Manifest]") -> None:
         t.add_column(c, justify="right")
     for m in manifests:
         tgt = m.get("target_speedup")
-        t.add_row(f"{tgt:g}x" if tgt else "-", m["key"], f"{m['predicted_ms']:.2f}", f"{m['measured_ms']:.2f}",
-                  f"{m['dense_measured_ms']:.2f}", f"{m['measured_speedup']:.2f}x",
-                  f"{m['prediction_error_pct']:+.1f}%", f"{m.get('dense_drift_pct') or 0:+.1f}%",
-                  f"{m['parity_max_abs_diff']:.1e}")
+        t.add_row(
+            f"{tgt:g}x" if tgt else "-",
+            m["key"],
+            f"{m['predicted_ms']:.2f}",
+            f"{m['measured_ms']:.2f}",
+            f"{m['dense_measured_ms']:.2f}",
+            f"{m['measured_speedup']:.2f}x",
+            f"{m['prediction_error_pct']:+.1f}%",
+            f"{m.get('dense_drift_pct') or 0:+.1f}%",
+            f"{m['parity_max_abs_diff']:.1e}",
+        )
     out.print(t)
     if any(abs(m.get("dense_drift_pct") or 0) > 5 for m in manifests):
-        out.print("drift: the dense model now runs at a different speed than when the table was profiled "
-                  "(machine load or clocks); the prediction error includes it. Re-profile for absolute ms; "
-                  "speedups are unaffected.")
+        out.print(
+            "drift: the dense model now runs at a different speed than when the table was profiled "
+            "(machine load or clocks); the prediction error includes it. Re-profile for absolute ms; "
+            "speedups are unaffected."
+        )
 
 
-def main() -> None:  # pragma: no cover
+def main() -> int:  # pragma: no cover
     app()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

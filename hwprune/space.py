@@ -22,9 +22,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -121,7 +122,7 @@ class Candidate:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], space: "PruningSpace") -> "Candidate":
-        sizes = obj["sizes"] if "sizes" in obj else obj
+        sizes = obj.get("sizes", obj)
         missing = [u.name for u in space.units if u.name not in sizes]
         if missing:
             raise HwpruneError(f"candidate lacks unit {missing[0]!r}; it was made for another space")
@@ -193,8 +194,10 @@ def build_space(
         raise HwpruneError(f"{where}: top level must be a mapping with 'defaults', 'overrides', 'ignore'")
     unknown = set(spec) - {"model", "defaults", "overrides", "ignore", "description"}
     if unknown:
-        raise HwpruneError(f"{where}: unknown top-level key {sorted(unknown)[0]!r}; "
-                           "use model, description, defaults, overrides, ignore")
+        raise HwpruneError(
+            f"{where}: unknown top-level key {sorted(unknown)[0]!r}; "
+            "use model, description, defaults, overrides, ignore"
+        )
     kinds = sorted({k for _, k, *_ in raw_units})
     defaults = spec.get("defaults") or {}
     if not isinstance(defaults, Mapping):
@@ -234,7 +237,9 @@ def build_space(
     return PruningSpace(units=tuple(units), model=model or str(spec.get("model", "")), source=source)
 
 
-def load_space(path: str | Path, raw_units: Sequence[tuple[str, str, int, int, int]], *, model: str = "") -> PruningSpace:
+def load_space(
+    path: str | Path, raw_units: Sequence[tuple[str, str, int, int, int]], *, model: str = ""
+) -> PruningSpace:
     path = Path(path)
     if not path.exists():
         raise HwpruneError(f"space file {path} does not exist; pick one from search_spaces/ or write one")

@@ -5,51 +5,72 @@
     python scripts/bench_latency.py --model mypkg.nets:build --weights w.safetensors --input-shape 1,3,224,224
     python scripts/bench_latency.py --model minilm --table latency_tables/minilm_ort-cpu_t1_b1_s128.parquet
 
-Works for every model family hwprune profiles: encoders (named or a Hugging Face folder) and CNNs
-(named torchvision models or ``package.module:factory``; ``--input-shape`` default 1,3,224,224).
-Subnets are random (plus a few extremes: dense, smallest, uniform half, and for encoders attention
-removed / FFN removed); each is pruned with random kept indices, exported as ``hwprune export`` does and timed
-with the table's backend settings, interleaved and repeated (``interleave(common_mode=True)``, medians).
+Works for every model hwprune profiles (any ``--model`` form: a named model, a local Hugging Face
+folder, ``package.module:factory``); everything model-specific goes through the family's hooks. Subnets
+are random (plus a few extremes: dense, smallest, uniform half, and where a unit kind may be removed
+entirely, e.g. an encoder's attention or FFN, that kind removed with the rest whole); each is pruned
+with random kept indices, exported as ``hwprune export`` does and timed with the table's backend
+settings, interleaved and repeated (``interleave(common_mode=True)``, medians).
 
-Without ``--table`` the model is profiled *in the same rounds* as the subnets: every round times the
-profile's graphs and the subnets alike, so the other tenants' load cannot make the prediction and the
-measurement disagree; this tests the method. With ``--table`` that table is tested against this
-machine now; ``dense_drift_pct`` (dense measured now vs the table's prediction) says how much of the
-error is the machine having changed since profiling, and the ``dense_adjusted`` figures remove it.
+Without ``--table`` the model is profiled *in the same rounds* as the subnets: the family's profile
+graphs are loaded untimed (``Family.prepare_profiling``; ``--levels`` is passed through to families
+that sample a grid) and every round times them and the subnets alike, so the other tenants' load
+cannot make the prediction and the measurement disagree; this tests the method. With ``--table`` that
+table is tested against this machine now; ``dense_drift_pct`` (dense measured now vs the table's
+prediction) says how much of the error is the machine having changed since profiling, and the
+``dense_adjusted`` figures remove it.
+
+Session control: a subnet whose sizes equal one of the fixed graphs' (the profile's whole networks,
+``Profiling.networks()``; in ``--table`` mode the dense reference) is the same graph in a session created
+later, timed in the same rounds; ``session_effect_pct`` reports how much the session alone moved it.
+
+Memory: every session loaded is checked against the memory free at that moment, keeping room for the
+subnets still to come (see :class:`MemoryGuard`); the script refuses with one line only when the next
+session would not fit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hwprune._io import write_json
-from hwprune.errors import HwpruneError
-from hwprune.export.candidate import candidate_onnx, timing_feed
-from hwprune.api import load_adapter, make_predictor
-from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend, profile_cnn, profile_encoder
-from hwprune.latency.backends import Runner, interleave
-from hwprune.families import Family
-from hwprune.families.cnn.adapter import parse_input_shape
-from hwprune.space import Candidate, PruningSpace
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import OUT_DIR, fail, machine, parse_shape, stem, write_result  # noqa: E402
+
+from hwprune.api import load_adapter, make_predictor  # noqa: E402
+from hwprune.errors import HwpruneError  # noqa: E402
+from hwprune.export.candidate import candidate_onnx, timing_feed  # noqa: E402
+from hwprune.families import Family  # noqa: E402
+from hwprune.latency import Backend, DeviceFingerprint, LatencyTable, Timing, get_backend  # noqa: E402
+from hwprune.latency.backends import Runner, interleave  # noqa: E402
+from hwprune.space import Candidate, PruningSpace  # noqa: E402
+
+SESSION_FACTOR = 2  # an ORT session holds its weights about twice: initializers and prepacked copies
+HEADROOM = 256 << 20  # left free for Python, torch and the OS page cache of the session being built
 
 
 def sample_subnets(space: PruningSpace, n: int, rng: np.random.Generator) -> list[tuple[str, Candidate]]:
-    """A few extremes, then random subnets whose overall keep ratio is spread over (0, 1)."""
-    def by_kind(heads: str, ffn: str) -> Candidate:
-        pick = {"full": lambda u: u.full, "min": lambda u: u.sizes[0]}
-        return Candidate(tuple(pick[heads if u.kind == "heads" else ffn](u) for u in space.units))
+    """A few extremes, then random subnets whose overall keep ratio is spread over (0, 1).
 
+    Extremes: dense, smallest, uniform half and, for every unit kind that may be removed entirely (0 is
+    one of its sizes) in a space of several kinds, that kind removed with the others whole: an encoder's
+    ``heads-min`` (attention removed) and ``ffn-min``. Read off the space, not the family, so a new
+    family with removable sublayers gets them too.
+    """
     out = [("dense", space.dense()), ("smallest", space.smallest()), ("uniform-0.5", space.uniform(0.5))]
-    if {u.kind for u in space.units} == {"heads", "ffn"}:  # encoders: one sublayer kind removed, the other whole
-        out += [("heads-min", by_kind("min", "full")), ("ffn-min", by_kind("full", "min"))]
+    kinds = list(dict.fromkeys(u.kind for u in space.units))
+    if len(kinds) > 1:
+        for kind in kinds:
+            if all(u.sizes[0] == 0 for u in space.units if u.kind == kind):
+                out.append((f"{kind}-min", Candidate(tuple(u.sizes[0] if u.kind == kind else u.full
+                                                           for u in space.units))))
     out = out[:n]
     while len(out) < n:
         ratio = rng.uniform(0.05, 1.0)  # per-subnet level, per-unit jitter around it
@@ -63,17 +84,22 @@ def sample_subnets(space: PruningSpace, n: int, rng: np.random.Generator) -> lis
 
 def export_subnet(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator, *,
                   batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The subnet with random kept indices (latency must not depend on which ones), as ``hwprune export``
+    would write it, and the feed it is timed on."""
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     model = adapter.prune(adapter.dense(), adapter.plan(kept))
     return candidate_onnx(adapter, model, batch=batch, seq=seq), timing_feed(adapter, batch=batch, seq=seq)
 
 
-def same_graph_timings(prof: Any, timings: list[Timing], space: PruningSpace) -> dict[tuple[int, ...], float]:
-    """Measured ms of the profile's own networks (dense first), by unit sizes: a subnet with the same
-    sizes is the same graph in a session created later, so the two differ only by the session."""
-    out = {space.dense().sizes: timings[0].median_ms}
-    for net, t in zip(prof.nets, timings[1:]):
-        out.setdefault(tuple(net[u.name] for u in space.units), t.median_ms)
+def session_twins(networks: Sequence[Mapping[str, int] | None], timings: Sequence[Timing],
+                  space: PruningSpace) -> dict[tuple[int, ...], float]:
+    """Measured ms of the fixed runners that are whole networks of the space, by unit sizes (the first
+    runner wins when two share sizes). A subnet with the same sizes is the same graph in a session
+    created later, so the two differ only by the session."""
+    out: dict[tuple[int, ...], float] = {}
+    for net, t in zip(networks, timings):
+        if net is not None and all(u.name in net for u in space.units):
+            out.setdefault(tuple(int(net[u.name]) for u in space.units), t.median_ms)
     return out
 
 
@@ -88,17 +114,51 @@ def available_bytes() -> int:
     return 8 << 30
 
 
-def check_memory(adapter: Family, levels: int, chunk: int) -> None:
-    """Same-rounds mode keeps the dense model, the profile's networks and a chunk of subnets loaded at
-    once (each session holds its weights about twice: initializers and prepacked copies); pruned
-    networks are counted at half the dense weights, their average over the level grid."""
-    dense = 4 * sum(p.numel() for p in adapter.dense().parameters())
-    need = 2 * dense * (1 + 0.5 * (levels ** 2 + chunk))
-    have = int(0.7 * available_bytes())
-    if need > have:
-        raise HwpruneError(f"{adapter.name}: profiling in the same rounds would hold ~{need / 2**30:.0f} GiB and "
-                           f"{have / 2**30:.0f} GiB is free; pass --levels 3 --chunk 4, or profile first (hwprune profile "
-                           f"--model {adapter.name}) and pass --table")
+def weight_bytes(model: Any) -> int:
+    """Bytes of a torch model's parameters and buffers: what its exported graph's initializers hold."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def subnet_bytes(dense_bytes: int, space: PruningSpace, subnets: Sequence[tuple[str, Candidate]]) -> int:
+    """Estimated session memory of ``subnets``: dense weights x each one's mean kept fraction per unit
+    (an upper estimate: a layer between two pruned units shrinks by the product of their fractions)."""
+    frac = [float(np.mean([s / u.full if u.full else 1.0 for u, s in zip(space.units, c.sizes)])) for _, c in subnets]
+    return int(SESSION_FACTOR * dense_bytes * sum(frac))
+
+
+class MemoryGuard:
+    """The backend, but every ``prepare`` first checks that the session fits in the memory free now while
+    leaving ``reserve`` bytes for the sessions still to come (the subnets of the first chunk).
+
+    Why a guard instead of an estimate up front: how many graphs a profile loads, and how big they are,
+    is the family's business (a CNN's level grid of whole networks, an encoder's block chains), so the
+    script cannot count them without naming the family. Checking each session as it is created, against
+    MemAvailable at that moment, is exact for everything already loaded and refuses only when the next
+    session really would not fit, before the machine starts swapping. Everything else is delegated, so
+    families that ask the backend for more (session options, providers) see the real one.
+    """
+
+    def __init__(self, backend: Backend, *, reserve: int, advice: str) -> None:
+        self.backend, self.reserve, self.advice = backend, reserve, advice
+        self.sessions, self.loaded = 0, 0
+
+    def prepare(self, onnx: bytes, feed: Mapping[str, np.ndarray]) -> Any:
+        need, free = SESSION_FACTOR * len(onnx) + self.reserve, available_bytes() - HEADROOM
+        if need > free:
+            raise HwpruneError(
+                f"out of memory ahead: {self.sessions} sessions loaded (~{self.loaded / 2**30:.1f} GiB), the next "
+                f"needs ~{SESSION_FACTOR * len(onnx) / 2**30:.2f} GiB and the subnets still to come "
+                f"~{self.reserve / 2**30:.1f} GiB, but {max(free, 0) / 2**30:.1f} GiB is free; {self.advice}")
+        runner = self.backend.prepare(onnx, feed)
+        if runner is None:
+            raise HwpruneError(f"runtime {self.backend.name} cannot time graphs call by call in interleaved rounds "
+                               "(its backend has no prepare()); use --runtime ort-cpu")
+        self.sessions += 1
+        self.loaded += SESSION_FACTOR * len(onnx)
+        return runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
 
 
 def time_chunk(adapter: Family, space: PruningSpace, subnets: list[tuple[str, Candidate]], *, backend: Any,
@@ -119,13 +179,14 @@ def time_chunk(adapter: Family, space: PruningSpace, subnets: list[tuple[str, Ca
     return timings[:len(fixed)], timings[len(fixed):]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm",
                     help="named model (minilm, bert-base, resnet18, resnet50, mobilenet_v2, vgg16_bn), a local "
-                         "Hugging Face folder, or package.module:factory returning a torch CNN")
-    ap.add_argument("--input-shape", help="CNNs: N,C,H,W (default 1,3,224,224); N is the batch")
-    ap.add_argument("--weights", help="CNNs: .safetensors weights for the model (default: its random init)")
+                         "Hugging Face folder, or package.module:factory returning a torch model")
+    ap.add_argument("--input-shape", help="for models that take one (CNNs): N,C,H,W (default 1,3,224,224); N is "
+                                          "the batch")
+    ap.add_argument("--weights", help="for models that take them (CNNs): .safetensors weights (default: random init)")
     ap.add_argument("--table", help="latency table to test (default: profile in the same rounds as the subnets)")
     ap.add_argument("--space", help="pruning space YAML (default: the model's)")
     ap.add_argument("--subnets", type=int, default=30, help="number of subnets, extremes included")
@@ -134,88 +195,99 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=120.0, help="timing budget per chunk")
     ap.add_argument("--runtime", default="ort-cpu", help="without --table: runtime to profile and time")
     ap.add_argument("--threads", type=int, default=1, help="without --table: intra-op threads")
-    ap.add_argument("--levels", type=int, default=5, help="without --table, CNNs: width levels per group "
-                    "(hwprune profile's default 5 -> 25 networks)")
-    ap.add_argument("--seq", type=int, default=128, help="without --table, encoders: sequence length")
-    ap.add_argument("-o", "--out", help="write the JSON report here")
+    ap.add_argument("--levels", type=int, default=None,
+                    help="without --table: sizes per unit where the family samples a grid (CNNs: width levels per "
+                         "group, default hwprune profile's 5 -> 25 networks); families without a grid ignore it")
+    ap.add_argument("--batch", type=int, default=1, help="without --table: batch (image models take it from "
+                                                         "--input-shape)")
+    ap.add_argument("--seq", type=int, default=128, help="without --table: sequence length (models that have one)")
+    ap.add_argument("-o", "--out", help="JSON report (default bench_out/latency_<model>.json)")
     a = ap.parse_args(argv)
+    if a.subnets < 1 or a.chunk < 1 or not a.seconds > 0:
+        ap.error("--subnets and --chunk must be >= 1 and --seconds > 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     t_start = time.perf_counter()
     try:
-        shape = parse_input_shape(a.input_shape) if a.input_shape else None
-        adapter = load_adapter(a.model, weights=a.weights, input_shape=shape)
+        adapter = load_adapter(a.model, weights=a.weights, input_shape=parse_shape(a.input_shape))
         space = adapter.space(a.space)
-        cnn = adapter.family == "cnn"
         table = LatencyTable.load(a.table) if a.table else None
         if table is not None:
             table.check_model(adapter)
-            for w in table.machine_warnings(table.settings["runtime"], int(table.settings["threads"])):
-                print(f"warning: {w}", file=sys.stderr)
             s = table.settings
             runtime, threads, batch, seq = s["runtime"], int(s["threads"]), int(s["batch"]), int(s["seq"])
+            for w in table.machine_warnings(runtime, threads):
+                print(f"warning: {w}", file=sys.stderr)
         else:
-            runtime, threads, batch, seq = a.runtime, a.threads, 1, a.seq
-            if cnn:  # images: the batch is the input shape's, there is no sequence
-                batch, seq = int(getattr(adapter, "input_shape")[0]), 0
-        backend = get_backend(runtime, threads=threads)
+            runtime, threads = a.runtime, a.threads
+            batch, seq = adapter.io_settings(batch=a.batch, seq=a.seq)
         rng = np.random.default_rng(a.seed)
         subnets = sample_subnets(space, a.subnets, rng)
+        dense_bytes = weight_bytes(adapter.dense())
+        advice = (f"pass a smaller --chunk (now {a.chunk})" + ("" if a.table else
+                  f" or --levels, or profile first (hwprune profile --model {a.model}) and pass --table"))
+        backend = MemoryGuard(get_backend(runtime, threads=threads), advice=advice,
+                              reserve=subnet_bytes(dense_bytes, space, subnets[:a.chunk]))
         if table is not None:  # the table against this machine now: dense model as the drift reference
             fixed = [backend.prepare(candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
                                      timing_feed(adapter, batch=batch, seq=seq))]
+            networks: list[Mapping[str, int] | None] = [space.dense().as_dict(space)]
             prof = None
         else:  # profile graphs timed in the same rounds as the subnets: the predictor, not the load, is tested
-            if cnn:
-                check_memory(adapter, a.levels, a.chunk)
-            kw = {"levels": a.levels} if cnn else {}
-            prof = (profile_cnn if cnn else profile_encoder).prepare(adapter, backend, batch=batch, seq=seq,
-                                                                     space=space, **kw)
-            fixed = prof.runners
+            prof = adapter.prepare_profiling(backend, batch=batch, seq=seq, space=space, progress=True,
+                                             levels=a.levels)
+            fixed, networks = list(prof.runners), prof.networks()
+            print(f"profile: {len(fixed)} graphs loaded (~{backend.loaded / 2**30:.2f} GiB of sessions); live with "
+                  f"a chunk of subnets: {len(fixed) + min(a.chunk, len(subnets))} sessions", flush=True)
+        backend.reserve = 0  # from here on every subnet session is checked as it is created
         rows: list[dict[str, Any]] = []
         for i in range(0, len(subnets), a.chunk):
             chunk = subnets[i:i + a.chunk]
             ft, st = time_chunk(adapter, space, chunk, backend=backend, fixed=fixed, batch=batch, seq=seq,
                                 seconds=a.seconds, rng=rng)
             if prof is not None:
-                meta = prof.meta(ft) if cnn else {}  # a CNN table carries its layer map
                 table = LatencyTable(frame=prof.frame(ft), fingerprint=DeviceFingerprint.current(
                     runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version()),
-                    model=adapter.name, family=adapter.family, shape_key=adapter.shape_key(), settings={},
-                    meta=meta)
+                    model=adapter.name, family=adapter.family, shape_key=adapter.shape_key(),
+                    settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq}, meta=prof.meta(ft))
             dense = ft[0].median_ms  # both modes put the dense model first
             assert table is not None
             pred = make_predictor(table, space, adapter)
-            twins = same_graph_timings(prof, ft, space) if cnn and prof is not None else {}
+            twins = session_twins(networks, ft, space)
             for (name, cand), t in zip(chunk, st):
                 p, m = pred.predict(cand), t.median_ms
                 rows.append({"name": name, "key": cand.key(), "sizes": list(cand.sizes), "predicted_ms": round(p, 4),
                              "measured_ms": round(m, 4), "error_pct": round(100 * (p - m) / m, 3),
                              "dense_predicted_ms": round(pred.dense_ms(), 4), "dense_measured_ms": round(dense, 4),
                              "chunk": i // a.chunk})
-                if cand.sizes in twins:  # the same graph is one of the profile's networks: a session control
+                if cand.sizes in twins:  # the same graph is one of the fixed runners: a session control
                     rows[-1]["profile_twin_measured_ms"] = round(twins[cand.sizes], 4)
             print(f"chunk {i // a.chunk + 1}: " + ", ".join(f"{r['error_pct']:+.1f}%" for r in rows[i:]), flush=True)
+        here = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq,
+                                         runtime_version=backend.version())
+        facts = machine(runtime, threads=threads, batch=batch, seq=seq)
     except HwpruneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    here = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version())
+        return fail(e)
     report = summarize(rows)
-    report.update({"command": shlex.join(["python", "scripts/bench_latency.py",
-                                          *(argv if argv is not None else sys.argv[1:])]),
-                   "mode": "table" if a.table else "profiled in the same rounds",
-                   "model": adapter.name, "family": adapter.family,
-                   "input_shape": list(getattr(adapter, "input_shape", ())) or None, "table": a.table or None, "seconds": round(time.perf_counter() - t_start, 1),
+    report.update({"mode": "table" if a.table else "profiled in the same rounds",
+                   "model": adapter.name, "family": adapter.family, "input_shape": adapter.spec().get("input_shape"),
+                   "table": a.table or None, "seconds": round(time.perf_counter() - t_start, 1),
                    "settings": {"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,
-                                "seconds_per_chunk": a.seconds, "chunk": a.chunk, "seed": a.seed},
-                   "machine": here.to_json(),
+                                "seconds_per_chunk": a.seconds, "chunk": a.chunk, "seed": a.seed,
+                                "levels": None if a.table else a.levels},
                    "table_machine_mismatches": table.fingerprint.mismatches(here) if a.table and table else [],
                    "subnets": rows})
-    print(json.dumps({k: v for k, v in report.items() if k not in ("subnets", "machine")}, indent=2))
-    if a.out:
-        write_json(a.out, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "subnets"}, indent=2))
+    write_result(a.out or OUT_DIR / f"latency_{stem(a.model)}.json", report, script=__file__, argv=argv,
+                 machine_facts=facts)
     return 0
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Error figures over all subnets, raw and with the machine's drift since profiling divided out."""
     err = np.array([r["error_pct"] for r in rows])
     # predictions rescaled by measured/predicted dense of their chunk: what is left once the machine's
     # drift since profiling is taken out (equal to the raw errors when profiled in the same rounds)

@@ -2,6 +2,7 @@
 
 Each bad input must give one clear line, a nonzero exit, and leave no partial files behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,23 +39,45 @@ def one_line_error(res, pattern: str) -> str:
 def tiny_folder(tmp_path_factory) -> Path:
     """A real (randomly initialised) Hugging Face BERT folder, with MiniLM's tokenizer."""
     out = tmp_path_factory.mktemp("tinybert")
-    cfg = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128}
+    cfg = {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+    }
     (out / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
     enc = Encoder(from_hf_config(cfg))
-    save_file({"bert." + _hf_key(k): v.contiguous() for k, v in enc.state_dict().items()}, str(out / "model.safetensors"))
+    save_file(
+        {"bert." + _hf_key(k): v.contiguous() for k, v in enc.state_dict().items()}, str(out / "model.safetensors")
+    )
     shutil.copy(minilm_path() / "tokenizer.json", out / "tokenizer.json")
-    (out / "space.yaml").write_text("defaults:\n  heads: {step: 1, min: 1, allow_remove: true}\n"
-                                    "  ffn: {step: 32, min: 32, allow_remove: true}\n")
+    (out / "space.yaml").write_text(
+        "defaults:\n  heads: {step: 1, min: 1, allow_remove: true}\n  ffn: {step: 32, min: 32, allow_remove: true}\n"
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def tiny_table(tiny_folder, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tables") / "tiny.parquet"
-    res = invoke("profile", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--seq", "32",
-                 "--budget-s", "4", "-o", path, "--no-progress")
+    res = invoke(
+        "profile",
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--seq",
+        "32",
+        "--budget-s",
+        "4",
+        "-o",
+        path,
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert path.is_file() and path.with_suffix(".json").is_file()
     return path
@@ -63,8 +86,23 @@ def tiny_table(tiny_folder, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_folder, tiny_table, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "r"
-    res = invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table,
-                 "--targets", "1.2,1.4", "--trials", "14", "-o", run, "--export", "--no-progress")
+    res = invoke(
+        "search",
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--table",
+        tiny_table,
+        "--targets",
+        "1.2,1.4",
+        "--trials",
+        "14",
+        "-o",
+        run,
+        "--export",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     return run
 
@@ -108,15 +146,15 @@ def test_malformed_yaml(tiny_folder, tiny_table, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("defaults:\n  heads: {step: 1\n")
     run = tmp_path / "run"
-    one_line_error(invoke("search", "--model", tiny_folder, "--table", tiny_table, "--space", bad, "-o", run),
-                   "malformed YAML")
+    one_line_error(
+        invoke("search", "--model", tiny_folder, "--table", tiny_table, "--space", bad, "-o", run), "malformed YAML"
+    )
     assert not run.exists()
 
 
 def test_table_for_another_model(tiny_table, tmp_path):
     run = tmp_path / "run"
-    one_line_error(invoke("search", "--model", "minilm", "--table", tiny_table, "-o", run),
-                   "was measured for")
+    one_line_error(invoke("search", "--model", "minilm", "--table", tiny_table, "-o", run), "was measured for")
     assert not run.exists()
 
 
@@ -131,8 +169,19 @@ def test_corrupt_table(tiny_folder, tiny_table, tmp_path):
 
 def test_target_unreachable(tiny_folder, tiny_table, tmp_path):
     run = tmp_path / "run"
-    res = invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table,
-                 "--target-speedup", "100", "-o", run)
+    res = invoke(
+        "search",
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--table",
+        tiny_table,
+        "--target-speedup",
+        "100",
+        "-o",
+        run,
+    )
     one_line_error(res, "largest reachable speedup is")
     assert not run.exists()
 
@@ -141,15 +190,43 @@ def test_empty_calibration_file(tiny_folder, tiny_table, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     run = tmp_path / "run"
-    one_line_error(invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table",
-                          tiny_table, "--calib", empty, "-o", run), "empty.txt")
+    one_line_error(
+        invoke(
+            "search",
+            "--model",
+            tiny_folder,
+            "--space",
+            tiny_folder / "space.yaml",
+            "--table",
+            tiny_table,
+            "--calib",
+            empty,
+            "-o",
+            run,
+        ),
+        "empty.txt",
+    )
     assert not run.exists()
 
 
 def test_parity_failure_leaves_no_partial_files(tiny_folder, tiny_table, tmp_path):
     run = tmp_path / "run"
-    res = invoke("search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table,
-                 "--target-speedup", "1.2", "--trials", "6", "-o", run, "--no-progress")
+    res = invoke(
+        "search",
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--table",
+        tiny_table,
+        "--target-speedup",
+        "1.2",
+        "--trials",
+        "6",
+        "-o",
+        run,
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     # A real, nonzero ORT-vs-torch difference (~1e-7) against a zero tolerance: parity fails honestly.
@@ -164,8 +241,9 @@ def test_export_not_a_run(tmp_path):
 
 
 def test_cnn_bad_inputs_via_cli(tmp_path):
-    one_line_error(invoke("profile", "--model", "no_such_pkg.nets:build", "-o", tmp_path / "t.parquet"),
-                   "no_such_pkg")
-    one_line_error(invoke("profile", "--model", "resnet18", "--input-shape", "3,224,224", "-o", tmp_path / "t.parquet"),
-                   "3,224,224")
+    one_line_error(invoke("profile", "--model", "no_such_pkg.nets:build", "-o", tmp_path / "t.parquet"), "no_such_pkg")
+    one_line_error(
+        invoke("profile", "--model", "resnet18", "--input-shape", "3,224,224", "-o", tmp_path / "t.parquet"),
+        "3,224,224",
+    )
     assert not any(tmp_path.iterdir())  # nothing half-written

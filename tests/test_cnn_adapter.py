@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import hwprune
-import hwprune.families.cnn.adapter  # noqa: F401  (registers resnet18 & co. until builtin.py imports it)
+import hwprune.families.cnn.adapter
 from hwprune.errors import HwpruneError
 from hwprune.families import resolve_model
 from hwprune.families.cnn.adapter import CnnAdapter, parse_input_shape
@@ -79,9 +79,15 @@ def tiny() -> CnnAdapter:
 
 def test_groups_keep_couplings(tiny: CnnAdapter) -> None:
     units = {n: (k, f) for n, k, f, *_ in tiny.raw_units()}
-    assert units == {"group.stem.0": ("residual", 16), "group.res1.0": ("conv", 32), "group.expand.0": ("dw", 48),
-                     "group.project.0": ("conv", 24), "group.left.0": ("conv", 8), "group.right.0": ("conv", 8),
-                     "group.mix.0": ("conv", 32)}
+    assert units == {
+        "group.stem.0": ("residual", 16),
+        "group.res1.0": ("conv", 32),
+        "group.expand.0": ("dw", 48),
+        "group.project.0": ("conv", 24),
+        "group.left.0": ("conv", 8),
+        "group.right.0": ("conv", 8),
+        "group.mix.0": ("conv", 32),
+    }
     g = tiny.graph.group("group.stem.0")
     assert g.producers == ("stem.0", "res2.0") and g.consumers == ("res1.0", "expand.0")
     assert tiny.graph.group("group.expand.0").depthwise == ("dw.0",)
@@ -106,8 +112,9 @@ def test_pruning_dead_channels_leaves_output_unchanged(tiny: CnnAdapter) -> None
         model.left[1].weight[3] = 0.0  # one concat branch channel
         model.left[1].bias[3] = 0.0
     keep = lambda n, drop: [i for i in range(n) if i not in drop]  # noqa: E731
-    plan = tiny.plan({"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40}),
-                      "group.left.0": keep(8, {3})})
+    plan = tiny.plan(
+        {"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40}), "group.left.0": keep(8, {3})}
+    )
     pruned = tiny.prune(model, plan)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -121,7 +128,10 @@ def test_save_load_round_trip(tiny: CnnAdapter, tmp_path: Path) -> None:
     plan = tiny.plan({"group.res1.0": range(0, 32, 3), "group.mix.0": [0, 31], "group.project.0": range(12)})
     m = tiny.prune(tiny.dense(), plan)
     hwprune.save(m, plan, tmp_path)
-    assert Plan.load(tmp_path / "plan.json").arch == {"model": "test_cnn_adapter:tiny_net", "input_shape": [1, 3, 32, 32]}
+    assert Plan.load(tmp_path / "plan.json").arch == {
+        "model": "test_cnn_adapter:tiny_net",
+        "input_shape": [1, 3, 32, 32],
+    }
     loaded = hwprune.load(tmp_path)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -166,10 +176,13 @@ def test_input_shape_parsing() -> None:
         parse_input_shape("1,3,a,b")
 
 
-@pytest.mark.parametrize("model,match", [
-    ("no_such_pkg.models:net", "cannot import 'no_such_pkg.models'"),
-    ("test_cnn_adapter:missing", "has no attribute 'missing'"),
-])
+@pytest.mark.parametrize(
+    "model,match",
+    [
+        ("no_such_pkg.models:net", "cannot import 'no_such_pkg.models'"),
+        ("test_cnn_adapter:missing", "has no attribute 'missing'"),
+    ],
+)
 def test_factory_that_does_not_import(model: str, match: str) -> None:
     with pytest.raises(HwpruneError, match=match):
         resolve_model(model)

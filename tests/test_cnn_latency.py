@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from hwprune.errors import HwpruneError
-from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend
 from hwprune.families.cnn import design as cnn_design
 from hwprune.families.cnn import profile as profile_cnn
-from hwprune.families.cnn.predictor import CnnPredictor
-from hwprune.search.run import dp_pick
 from hwprune.families.cnn.adapter import CnnAdapter
+from hwprune.families.cnn.predictor import CnnPredictor
+from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend
+from hwprune.search.run import dp_pick
 from hwprune.space import Candidate
 
 FP = DeviceFingerprint.current("ort-cpu", threads=1, batch=1, seq=32, runtime_version="onnxruntime test")
@@ -44,7 +44,7 @@ def test_design_puts_every_conv_at_every_level_pair(tiny: CnnAdapter) -> None:
         assert seen == want, layer.name
 
 
-def _synthetic_table(tiny: CnnAdapter, f) -> LatencyTable:  # noqa: ANN001
+def _synthetic_table(tiny: CnnAdapter, f) -> LatencyTable:
     """A table as the profiler writes it, with ms = f(layer, c_in, c_out) at every design point."""
     space = tiny.space()
     _, nets = cnn_design.design(space, tiny.graph.layers, levels=5)
@@ -52,16 +52,34 @@ def _synthetic_table(tiny: CnnAdapter, f) -> LatencyTable:  # noqa: ANN001
     for net in nets:
         for layer in tiny.graph.layers:
             ci, co = cnn_design.layer_sizes(layer, net)
-            rows[(layer.name, ci, co)] = {"kind": layer.kind, "key": layer.name, "size": ci, "size2": co,
-                                          "median_ms": f(layer, ci, co), "p10_ms": 0.0, "p90_ms": 0.0, "n": 1}
-    frame = pd.DataFrame([{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": 0.5, "p10_ms": 0.5,
-                           "p90_ms": 0.5, "n": 1}] + list(rows.values()))
-    return LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
-                        settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32},
-                        meta={"layers": cnn_design.layers_meta(tiny.graph.layers)})
+            rows[(layer.name, ci, co)] = {
+                "kind": layer.kind,
+                "key": layer.name,
+                "size": ci,
+                "size2": co,
+                "median_ms": f(layer, ci, co),
+                "p10_ms": 0.0,
+                "p90_ms": 0.0,
+                "n": 1,
+            }
+    frame = pd.DataFrame(
+        [
+            {"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": 0.5, "p10_ms": 0.5, "p90_ms": 0.5, "n": 1},
+            *rows.values(),
+        ]
+    )
+    return LatencyTable(
+        frame=frame,
+        fingerprint=FP,
+        model=tiny.name,
+        family="cnn",
+        shape_key=tiny.shape_key(),
+        settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32},
+        meta={"layers": cnn_design.layers_meta(tiny.graph.layers)},
+    )
 
 
-def _bilinear(layer, ci: int, co: int) -> float:  # noqa: ANN001
+def _bilinear(layer, ci: int, co: int) -> float:
     w = 1.0 + len(layer.name)  # a different slope per layer
     if layer.kind == "dw":  # a depthwise conv's MACs grow linearly in its one width
         return 0.01 + 1e-3 * w * ci
@@ -105,16 +123,24 @@ def test_predictor_refuses_widths_outside_the_profile(tiny: CnnAdapter, tmp_path
 
 def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> None:
     space = tiny.space()
-    frame, meta = profile_cnn.measure(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space,
-                                      progress=False, levels=3, budget_s=2.0)
+    frame, meta = profile_cnn.measure(
+        tiny, get_backend("ort-cpu", threads=1), batch=1, space=space, progress=False, levels=3, budget_s=2.0
+    )
     assert meta["networks"] == 9 and meta["unmatched_layer_samples"] == 0
     conv = frame[frame["key"] == "res2.0"]  # reads group.res1.0 (3 levels), writes group.stem.0 (3 levels)
     lv = cnn_design.unit_levels(space, 3)
     assert lv["group.res1.0"] == (16, 24, 32) and lv["group.stem.0"] == (4, 12, 16)
     assert sorted(zip(conv["size"], conv["size2"])) == [(a, b) for a in (16, 24, 32) for b in (4, 12, 16)]
     assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()
-    table = LatencyTable(frame=frame, fingerprint=FP, model=tiny.name, family="cnn", shape_key=tiny.shape_key(),
-                         settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32}, meta=meta)
+    table = LatencyTable(
+        frame=frame,
+        fingerprint=FP,
+        model=tiny.name,
+        family="cnn",
+        shape_key=tiny.shape_key(),
+        settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 32},
+        meta=meta,
+    )
     table = LatencyTable.load(table.save(tmp_path / "t"))
     pred = CnnPredictor(table, space)
     assert pred.dense_ms() == pytest.approx(meta["dense_ms"]["median_ms"], rel=0.2)  # a loose sanity check
@@ -123,8 +149,9 @@ def test_profile_tiny_model_round_trips(tiny: CnnAdapter, tmp_path: Path) -> Non
 
 def test_conv_entries_split_network_times(tiny: CnnAdapter) -> None:
     space = tiny.space()
-    prof = profile_cnn.prepare(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space, progress=False,
-                               levels=3, profile_runs=3)
+    prof = profile_cnn.prepare(
+        tiny, get_backend("ort-cpu", threads=1), batch=1, space=space, progress=False, levels=3, profile_runs=3
+    )
     assert len(prof.runners) == 1 + len(prof.nets) == 10 and prof.unmatched == 0
     for kern, total in zip(prof.kernels, prof.node_sum):  # every layer found, within its network's node sum
         assert len(kern) == len(tiny.graph.layers) and 0 < sum(kern.values()) <= total + 1e-9
@@ -158,7 +185,15 @@ def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
 
 def test_chunked_timing_for_big_models(tiny: CnnAdapter) -> None:
     space = tiny.space()  # a 1-byte budget forces one network per chunk, each timed beside the dense model
-    frame, meta = profile_cnn.measure(tiny, get_backend("ort-cpu", threads=1), batch=1, space=space,
-                                      progress=False, levels=3, budget_s=1.0, max_live_bytes=1)
+    frame, meta = profile_cnn.measure(
+        tiny,
+        get_backend("ort-cpu", threads=1),
+        batch=1,
+        space=space,
+        progress=False,
+        levels=3,
+        budget_s=1.0,
+        max_live_bytes=1,
+    )
     assert meta["networks"] == 9 and set(frame["key"]) - {""} == {l.name for l in tiny.graph.layers}
     assert (frame[frame["kind"] != "base"]["median_ms"] > 0).all()

@@ -3,8 +3,8 @@ duplicate exactly, BatchNorm re-estimation matches the data, calibration files a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from hwprune.errors import HwpruneError
 from hwprune.families.cnn.adapter import CnnAdapter
-from hwprune.proxies._base import CalibData
-from hwprune.families.cnn.proxies import _plain_errors, fit_cnn_proxy
 from hwprune.families.cnn.calib import load_cnn_calib, read_images, recalibrate_bn
+from hwprune.families.cnn.proxies import _plain_errors, fit_cnn_proxy
 from hwprune.families.cnn.scorer import CnnScorer
+from hwprune.proxies._base import CalibData
 from hwprune.space import Candidate, build_space
 
 PROXIES = ("magnitude", "bn_scale", "flap", "obs")
@@ -30,7 +30,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
-def _adapter_with(edit) -> tuple[CnnAdapter, CalibData]:  # noqa: ANN001
+def _adapter_with(edit) -> tuple[CnnAdapter, CalibData]:
     """The tiny test net with ``edit`` applied and BN statistics of its own data (as if trained)."""
     a = CnnAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
     calib = load_cnn_calib(a, None, n_calib=48, n_heldout=16)
@@ -41,12 +41,12 @@ def _adapter_with(edit) -> tuple[CnnAdapter, CalibData]:  # noqa: ANN001
     return a, calib
 
 
-def _dead(m) -> None:  # noqa: ANN001
+def _dead(m) -> None:
     m.res1[1].weight[[2, 9]] = 0.0  # res1's channels 2 and 9 are constant zero after BN + ReLU
     m.res1[1].bias[[2, 9]] = -5.0
 
 
-def _duplicate(m) -> None:  # noqa: ANN001
+def _duplicate(m) -> None:
     m.res1[0].weight[7] = m.res1[0].weight[3]  # channel 7 is a copy of channel 3 (same filter, BN)
     for t in (m.res1[1].weight, m.res1[1].bias):
         t[7] = t[3]
@@ -100,8 +100,7 @@ def test_refit_never_loses_to_plain_removal_of_the_same_channels() -> None:
         for s in u.sizes:
             assert obs.errors[i][s] <= plain[s] / energy * (1 + 1e-6) + 1e-12, (u.name, s)
     scorer = CnnScorer.from_calib(a, calib)
-    assert scorer.score(a.dense()) == {"distance": 0.0, "rel_mse": 0.0, "cosine": pytest.approx(1.0),
-                                       "agreement": 1.0}
+    assert scorer.score(a.dense()) == {"distance": 0.0, "rel_mse": 0.0, "cosine": pytest.approx(1.0), "agreement": 1.0}
     assert scorer.score(obs.build(space.uniform(0.5)))["distance"] > 0
 
 

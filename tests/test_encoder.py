@@ -1,4 +1,5 @@
 """Our encoder against Hugging Face / sentence-transformers, and physical surgery semantics."""
+
 from __future__ import annotations
 
 import pytest
@@ -95,13 +96,22 @@ def test_local_folder_roberta_positions(tmp_path, minilm):
     from hwprune.families.encoder.adapter import EncoderAdapter
     from hwprune.families.encoder.model import Encoder, from_hf_config
 
-    cfg = {"model_type": "roberta", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 40,
-           "type_vocab_size": 1, "pad_token_id": 1}
+    cfg = {
+        "model_type": "roberta",
+        "vocab_size": 30522,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 40,
+        "type_vocab_size": 1,
+        "pad_token_id": 1,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     enc = Encoder(from_hf_config(cfg))
     hf = {}
     from hwprune.families.encoder.model import _hf_key
+
     for k, v in enc.state_dict().items():
         hf["roberta." + _hf_key(k)] = v
     save_file(hf, str(tmp_path / "model.safetensors"))

@@ -19,11 +19,11 @@ from hwprune.export.candidate import candidate_onnx, check_parity, export_candid
 from hwprune.export.manifest import MANIFEST_FORMAT, Prediction, read_manifest
 from hwprune.export.measure import Measurement, measure_dense_and_pruned
 from hwprune.export.stats import count_params
-from hwprune.families.encoder.stats import encoder_flops, encoder_params
 from hwprune.export.tensorrt import TRT_MISSING, build_engine
-from hwprune.latency._base import get_backend
 from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.families.encoder.model import Encoder
+from hwprune.families.encoder.stats import encoder_flops, encoder_params
+from hwprune.latency._base import get_backend
 
 SEQ = 32
 FAST = {"rounds": 2, "repeats": 5, "warmup": 2}
@@ -46,14 +46,25 @@ def backend() -> Any:
 def exported(tiny: Any, backend: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     a, plan, m = tiny
     out = tmp_path_factory.mktemp("export") / "cand"
-    man = export_candidate(a, m, plan, out, backend=backend, batch=1, seq=SEQ,
-                           prediction=Prediction(predicted_ms=0.09, dense_predicted_ms=0.18, target_speedup=2.0),
-                           scores={"proxy": 0.12, "e2e": 0.05}, fingerprint={"cpu": "test", "threads": 1},
-                           extra={"note": "tiny"}, timing=FAST)
+    man = export_candidate(
+        a,
+        m,
+        plan,
+        out,
+        backend=backend,
+        batch=1,
+        seq=SEQ,
+        prediction=Prediction(predicted_ms=0.09, dense_predicted_ms=0.18, target_speedup=2.0),
+        scores={"proxy": 0.12, "e2e": 0.05},
+        fingerprint={"cpu": "test", "threads": 1},
+        extra={"note": "tiny"},
+        timing=FAST,
+    )
     return out, man
 
 
 # ---- stats -----------------------------------------------------------------------------------
+
 
 def test_flops_match_hand_count_and_torch_counter(tiny: Any) -> None:
     a, _, m = tiny
@@ -74,11 +85,16 @@ def test_params_analytic_equals_module_count(tiny: Any) -> None:
     assert encoder_params(a.dense().config) == count_params(a.dense()) == 1_010_304
     other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     assert count_params(other) == 26
-    assert a.stats(m, batch=1, seq=7).to_json() == {"params": count_params(m), "flops": encoder_flops(
-        m.config, batch=1, seq=7), "batch": 1, "seq": 7}
+    assert a.stats(m, batch=1, seq=7).to_json() == {
+        "params": count_params(m),
+        "flops": encoder_flops(m.config, batch=1, seq=7),
+        "batch": 1,
+        "seq": 7,
+    }
 
 
 # ---- export ----------------------------------------------------------------------------------
+
 
 def test_files_checker_and_io(exported: Any) -> None:
     out, _ = exported
@@ -108,8 +124,14 @@ def test_manifest_numbers_are_consistent(exported: Any, tiny: Any) -> None:
     assert man["flops"] == encoder_flops(m.config, batch=1, seq=SEQ) == 524_288
     assert man["dense_flops"] == encoder_flops(a.dense().config, batch=1, seq=SEQ) == 1_310_720
     assert 0.0 < man["parity_max_abs_diff"] < 1e-5 and man["parity_tol"] == 1e-3
-    assert man["settings"] == {"runtime": "ort-cpu", "runtime_version": man["settings"]["runtime_version"],
-                               "threads": 1, "batch": 1, "seq": SEQ, "clock": "thread-cpu"}
+    assert man["settings"] == {
+        "runtime": "ort-cpu",
+        "runtime_version": man["settings"]["runtime_version"],
+        "threads": 1,
+        "batch": 1,
+        "seq": SEQ,
+        "clock": "thread-cpu",
+    }
     assert {k: man["timings"][k] for k in FAST} == FAST
     assert set(man["versions"]) == {"hwprune", "torch", "onnx", "onnxruntime", "python"}
     assert (man["plan"]["heads"], man["plan"]["ffn"]) == ([2, 0], [16, 64])
@@ -156,17 +178,31 @@ def test_parity_failure_keeps_previous_export_intact(exported: Any, tiny: Any, b
 
 
 def test_several_candidates_share_one_dense_measurement(tiny: Any, backend: Any, tmp_path: Path) -> None:
-    a, plan, m = tiny
+    a, _, m = tiny
     plan2 = a.plan({"layer.0.heads": [0], "layer.1.ffn": list(range(8))})
     m2 = a.prune(a.dense(), plan2)
     onnx_of = {"c1": candidate_onnx(a, m, batch=1, seq=SEQ), "c2": candidate_onnx(a, m2, batch=1, seq=SEQ)}
-    cmp = measure_dense_and_pruned(backend, dense=candidate_onnx(a, a.dense(), batch=1, seq=SEQ), pruned=onnx_of,
-                                   feed=timing_feed(a, batch=1, seq=SEQ), rounds=3, repeats=4, warmup=1)
+    cmp = measure_dense_and_pruned(
+        backend,
+        dense=candidate_onnx(a, a.dense(), batch=1, seq=SEQ),
+        pruned=onnx_of,
+        feed=timing_feed(a, batch=1, seq=SEQ),
+        rounds=3,
+        repeats=4,
+        warmup=1,
+    )
     assert sorted(cmp.pruned) == ["c1", "c2"] and len(cmp.dense.rounds_ms) == 3
     assert cmp.dense.median_ms == float(np.median(cmp.dense.rounds_ms))
     assert cmp.speedup("c1") == cmp.dense.median_ms / cmp.pruned["c1"].median_ms
-    man = export_candidate(a, m2, plan2, tmp_path / "c2", backend=backend, seq=SEQ,
-                           measurement=Measurement.of(cmp, "c2", clock=backend.clock))
+    man = export_candidate(
+        a,
+        m2,
+        plan2,
+        tmp_path / "c2",
+        backend=backend,
+        seq=SEQ,
+        measurement=Measurement.of(cmp, "c2", clock=backend.clock),
+    )
     assert man["measured_speedup"] == pytest.approx(cmp.speedup("c2"), rel=1e-12)
     assert man["timings"]["source"] == "interleaved" and man["timings"]["rounds"] == 3
     assert man["timings"]["pruned"]["median_ms"] == cmp.pruned["c2"].median_ms
@@ -189,15 +225,27 @@ def test_tensorrt_missing_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp
 
 # ---- real MiniLM -----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_minilm_half_pruned_is_measurably_faster(backend: Any, tmp_path: Path) -> None:
     a = EncoderAdapter.minilm()
     c = a.config
-    kept = {f"layer.{i}.{k}": range(n // 2) for i in range(c.num_layers)
-            for k, n in (("heads", c.num_heads), ("ffn", c.intermediate_size))}
+    kept = {
+        f"layer.{i}.{k}": range(n // 2)
+        for i in range(c.num_layers)
+        for k, n in (("heads", c.num_heads), ("ffn", c.intermediate_size))
+    }
     plan = a.plan(kept)
-    man = export_candidate(a, a.prune(a.dense(), plan), plan, tmp_path / "half", backend=backend, batch=1, seq=128,
-                           timing={"rounds": 5, "repeats": 10, "warmup": 3})
+    man = export_candidate(
+        a,
+        a.prune(a.dense(), plan),
+        plan,
+        tmp_path / "half",
+        backend=backend,
+        batch=1,
+        seq=128,
+        timing={"rounds": 5, "repeats": 10, "warmup": 3},
+    )
     assert man["plan"]["heads"] == [6] * 6 and man["plan"]["ffn"] == [768] * 6
     assert man["parity_max_abs_diff"] < 1e-3
     assert man["flops"] * 2 == man["dense_flops"]  # every matmul halves at half heads and half FFN

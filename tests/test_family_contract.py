@@ -9,9 +9,9 @@ breaks its documented promise.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ def _silence_encoder(model: nn.Module, unit: str, idx: list[int]) -> None:
         if kind == "heads":
             d = layer.attention.head_dim
             for h in idx:
-                layer.attention.dense.weight[:, h * d:(h + 1) * d] = 0
+                layer.attention.dense.weight[:, h * d : (h + 1) * d] = 0
         else:
             layer.ffn.output.weight[:, idx] = 0
 
@@ -64,13 +64,14 @@ def _tiny_cnn() -> CnnAdapter:
 class Case:
     make: Callable[[], Family]
     silence: Callable[[nn.Module, str, list[int]], None]
-    unit: str                       # a unit whose elements ``silence`` can zero
-    seq: int = 16                   # sequence length for text families (ignored by image families)
+    unit: str  # a unit whose elements ``silence`` can zero
+    seq: int = 16  # sequence length for text families (ignored by image families)
 
 
 CASES: dict[str, Case] = {
-    "encoder": Case(lambda: EncoderAdapter.tiny(layers=2, heads=4, head_dim=8, ffn=32), _silence_encoder,
-                    "layer.1.ffn"),
+    "encoder": Case(
+        lambda: EncoderAdapter.tiny(layers=2, heads=4, head_dim=8, ffn=32), _silence_encoder, "layer.1.ffn"
+    ),
     "cnn": Case(_tiny_cnn, _silence_cnn, "group.mix.0"),
 }
 
@@ -182,8 +183,16 @@ def test_export_parity_and_stats(case: tuple[Case, Family], tmp_path: Path) -> N
     b, s = a.io_settings(batch=1, seq=c.seq)
     plan = a.plan(_half_plan(a))
     model = a.prune(a.dense(), plan)
-    man = export_candidate(a, model, plan, tmp_path / "cand", backend=get_backend("ort-cpu", threads=1), batch=b,
-                           seq=s, timing={"rounds": 1, "repeats": 2, "warmup": 1})
+    man = export_candidate(
+        a,
+        model,
+        plan,
+        tmp_path / "cand",
+        backend=get_backend("ort-cpu", threads=1),
+        batch=b,
+        seq=s,
+        timing={"rounds": 1, "repeats": 2, "warmup": 1},
+    )
     assert man["parity_max_abs_diff"] <= 1e-4
     assert 0 < man["params"] < man["dense_params"] and 0 < man["flops"] < man["dense_flops"]
     st = a.stats(a.dense(), batch=b, seq=s)

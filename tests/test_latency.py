@@ -13,10 +13,10 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
+from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.latency import DeviceFingerprint, LatencyTable, LUTPredictor, get_backend, profile
 from hwprune.latency.backends import interleave
 from hwprune.latency.table import table_paths
-from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.space import Candidate, build_space
 
 FP = DeviceFingerprint.current("ort-cpu", threads=1, batch=1, seq=16)
@@ -32,23 +32,24 @@ def _tiny_graph() -> tuple[bytes, dict[str, np.ndarray], nn.Module]:
 
 # ---- backends --------------------------------------------------------------------------------------
 
+
 class TestBackendContract:
     """What every backend promises (see hwprune/latency/_base.py); runs for each one available here."""
 
     @pytest.fixture(params=["ort-cpu", "ort-cuda", "tensorrt"])
-    def backend(self, request):  # noqa: ANN001, ANN201
+    def backend(self, request):
         try:
             return get_backend(request.param, threads=1)
         except HwpruneError as e:
             pytest.skip(str(e))
 
-    def test_time_is_ordered_and_positive(self, backend) -> None:  # noqa: ANN001
+    def test_time_is_ordered_and_positive(self, backend) -> None:
         onnx, feed, _ = _tiny_graph()
         t = backend.time(onnx, feed, warmup=3, repeats=25)
         assert t.n == 25 and t.median_ms > 0
         assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms
 
-    def test_run_matches_torch(self, backend) -> None:  # noqa: ANN001
+    def test_run_matches_torch(self, backend) -> None:
         onnx, feed, m = _tiny_graph()
         (y,) = backend.run(onnx, feed)
         with torch.no_grad():
@@ -56,7 +57,7 @@ class TestBackendContract:
         assert y.shape == (4, 8)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
 
-    def test_version_names_runtime(self, backend) -> None:  # noqa: ANN001
+    def test_version_names_runtime(self, backend) -> None:
         assert backend.version().startswith("onnxruntime ")
 
 
@@ -86,18 +87,41 @@ def test_interleave_rounds_and_unused_inputs() -> None:
 
 # ---- fingerprint and table files -------------------------------------------------------------------
 
+
 def _frame() -> pd.DataFrame:
-    rows = [("base", 0, 0.5)] + [("heads", k, v) for k, v in enumerate([0.1, 1.0, 1.6, 1.5, 2.0])] + \
-           [("ffn", n, v) for n, v in ((0, 0.1), (16, 0.9), (32, 1.3), (64, 2.1))]
-    return pd.DataFrame([{"kind": k, "key": "", "size": s, "size2": -1, "median_ms": m, "p10_ms": 0.9 * m,
-                          "p90_ms": 1.1 * m, "n": 50} for k, s, m in rows])
+    rows = (
+        [("base", 0, 0.5)]
+        + [("heads", k, v) for k, v in enumerate([0.1, 1.0, 1.6, 1.5, 2.0])]
+        + [("ffn", n, v) for n, v in ((0, 0.1), (16, 0.9), (32, 1.3), (64, 2.1))]
+    )
+    return pd.DataFrame(
+        [
+            {
+                "kind": k,
+                "key": "",
+                "size": s,
+                "size2": -1,
+                "median_ms": m,
+                "p10_ms": 0.9 * m,
+                "p90_ms": 1.1 * m,
+                "n": 50,
+            }
+            for k, s, m in rows
+        ]
+    )
 
 
 def _table(tiny: EncoderAdapter, frame: pd.DataFrame | None = None) -> LatencyTable:
-    return LatencyTable(frame=_frame() if frame is None else frame, fingerprint=FP, model=tiny.name,
-                        family="encoder", shape_key=tiny.shape_key(), profile_seconds=1.5,
-                        settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 16, "dtype": "float32"},
-                        meta={"dense_ms": {"median_ms": np.float64(9.0)}})
+    return LatencyTable(
+        frame=_frame() if frame is None else frame,
+        fingerprint=FP,
+        model=tiny.name,
+        family="encoder",
+        shape_key=tiny.shape_key(),
+        profile_seconds=1.5,
+        settings={"runtime": "ort-cpu", "threads": 1, "batch": 1, "seq": 16, "dtype": "float32"},
+        meta={"dense_ms": {"median_ms": np.float64(9.0)}},
+    )
 
 
 @pytest.fixture()
@@ -162,9 +186,12 @@ def test_check_model_and_machine_warnings(tiny: EncoderAdapter) -> None:
 
 # ---- predictor -------------------------------------------------------------------------------------
 
-def _space(tiny: EncoderAdapter, ffn_grid: list[int]):  # noqa: ANN202
-    return build_space(tiny.raw_units(), {"defaults": {"heads": {"step": 1, "allow_remove": True},
-                                                      "ffn": {"grid": ffn_grid, "allow_remove": True}}})
+
+def _space(tiny: EncoderAdapter, ffn_grid: list[int]):
+    return build_space(
+        tiny.raw_units(),
+        {"defaults": {"heads": {"step": 1, "allow_remove": True}, "ffn": {"grid": ffn_grid, "allow_remove": True}}},
+    )
 
 
 def test_predictor_exact_interpolated_staircase(tiny: EncoderAdapter) -> None:
@@ -192,10 +219,13 @@ def test_predictor_refuses_sizes_outside_the_table(tiny: EncoderAdapter) -> None
 
 # ---- profiling -------------------------------------------------------------------------------------
 
+
 def test_profile_tiny_encoder_writes_table(tmp_path: Path) -> None:
     a = EncoderAdapter.tiny(layers=2, heads=2, head_dim=8, ffn=32)
-    space = build_space(a.raw_units(), {"defaults": {"heads": {"step": 1, "allow_remove": True},
-                                                    "ffn": {"grid": [16], "allow_remove": True}}})
+    space = build_space(
+        a.raw_units(),
+        {"defaults": {"heads": {"step": 1, "allow_remove": True}, "ffn": {"grid": [16], "allow_remove": True}}},
+    )
     t = profile(a, seq=16, space=space, out=tmp_path / "tiny.parquet", progress=False, budget_s=3)
     assert (tmp_path / "tiny.parquet").is_file() and (tmp_path / "tiny.json").is_file()
     u = LatencyTable.load(tmp_path / "tiny.parquet")

@@ -10,8 +10,8 @@ import torch
 import hwprune
 from hwprune.errors import HwpruneError
 from hwprune.export.candidate import export_candidate
-from hwprune.latency._base import get_backend
 from hwprune.families.encoder.adapter import EncoderAdapter
+from hwprune.latency._base import get_backend
 from hwprune.surgery.plan import Plan
 
 
@@ -43,8 +43,15 @@ def test_exported_candidate_loads(tmp_path: Path) -> None:
     a = EncoderAdapter.tiny()
     plan = a.plan({"layer.0.heads": [3], "layer.1.ffn": list(range(0, 64, 2))})
     m = a.prune(a.dense(), plan)
-    export_candidate(a, m, plan, tmp_path / "c", backend=get_backend("ort-cpu", threads=1), seq=16,
-                     timing={"rounds": 1, "repeats": 2, "warmup": 1})
+    export_candidate(
+        a,
+        m,
+        plan,
+        tmp_path / "c",
+        backend=get_backend("ort-cpu", threads=1),
+        seq=16,
+        timing={"rounds": 1, "repeats": 2, "warmup": 1},
+    )
     _assert_round_trip(a, m, tmp_path / "c")
 
 
@@ -71,8 +78,9 @@ def test_weights_from_another_plan_are_refused(tmp_path: Path) -> None:
 def test_minilm_round_trip(tmp_path: Path) -> None:
     a = EncoderAdapter.minilm()
     c = a.config
-    plan = a.plan({f"layer.{i}.heads": range(0, c.num_heads, 2) for i in range(c.num_layers)}
-                  | {"layer.5.ffn": range(100)})
+    plan = a.plan(
+        {f"layer.{i}.heads": range(0, c.num_heads, 2) for i in range(c.num_layers)} | {"layer.5.ffn": range(100)}
+    )
     m = a.prune(a.dense(), plan)
     hwprune.save(m, plan, tmp_path)
     loaded = _assert_round_trip(a, m, tmp_path)

@@ -11,14 +11,14 @@ import torch
 from hwprune.errors import HwpruneError
 from hwprune.families import resolve_model
 from hwprune.families.encoder.adapter import EncoderAdapter
-from hwprune.proxies._base import fit_proxy, get_proxy, proxy_names
-from hwprune.families.encoder.collect import collect_stats
 from hwprune.families.encoder.calib import load_calib
+from hwprune.families.encoder.collect import collect_stats
 from hwprune.families.encoder.scorer import EndToEndScorer
+from hwprune.families.encoder.surgery import kept_columns
+from hwprune.proxies._base import fit_proxy, get_proxy, proxy_names
 from hwprune.proxies.flap import compensated_bias
 from hwprune.proxies.obs import damped, obs_order
 from hwprune.space import Candidate, PruningSpace
-from hwprune.families.encoder.surgery import kept_columns
 
 PROXIES = ["magnitude", "flap", "obs"]
 
@@ -149,8 +149,11 @@ def test_obs_database_levels_equal_sequential_updates(tiny: dict[str, Any], unit
     assert sorted(t.order.tolist()) == list(range(t.unit.full))
     assert all(set(t.kept(s)) <= set(t.kept(s2)) for s, s2 in zip(t.unit.sizes, t.unit.sizes[1:]))
     layer = obs.adapter.dense().layers[t.unit.layer]
-    lin, st = (layer.attention.dense, stats[t.unit.layer].attn) if t.unit.kind == "heads" else \
-        (layer.ffn.output, stats[t.unit.layer].ffn)
+    lin, st = (
+        (layer.attention.dense, stats[t.unit.layer].attn)
+        if t.unit.kind == "heads"
+        else (layer.ffn.output, stats[t.unit.layer].ffn)
+    )
     w, hd = lin.weight.detach().double(), damped(st.cov(), 0.01)
     gone = t.order[: t.unit.full - size].tolist()
     seq = _sequential_obs(w, hd, gone, t.unit.granule)
@@ -169,11 +172,12 @@ def test_obs_database_levels_equal_sequential_updates(tiny: dict[str, Any], unit
 def test_obs_block_rounds_track_exact_greedy() -> None:
     g = torch.Generator().manual_seed(0)
     n = 384  # GELU features of a low-rank input: correlated like real FFN activations
-    x = torch.nn.functional.gelu(torch.randn(2000, 64, dtype=torch.float64, generator=g)
-                                 @ torch.randn(64, n, dtype=torch.float64, generator=g))
+    x = torch.nn.functional.gelu(
+        torch.randn(2000, 64, dtype=torch.float64, generator=g) @ torch.randn(64, n, dtype=torch.float64, generator=g)
+    )
     hinv = torch.linalg.inv(damped(torch.cov(x.T), 0.01))
     w = torch.randn(64, n, dtype=torch.float64, generator=g)
-    exact_order, exact = obs_order(w, hinv, block=0.0)
+    _, exact = obs_order(w, hinv, block=0.0)
     order, steps = obs_order(w, hinv, block=0.05)
     assert sorted(order.tolist()) == list(range(n)) and len(steps) == n
     e, c = np.cumsum(exact), np.cumsum(steps)

@@ -23,8 +23,22 @@ def _script(name: str):
 
 def test_bench_latency_takes_a_factory_cnn(tmp_path: Path) -> None:
     out = tmp_path / "lat.json"
-    rc = _script("bench_latency").main(["--model", "test_cnn_adapter:tiny_net", "--input-shape", "1,3,32,32",
-                                        "--subnets", "4", "--seconds", "2", "--levels", "3", "-o", str(out)])
+    rc = _script("bench_latency").main(
+        [
+            "--model",
+            "test_cnn_adapter:tiny_net",
+            "--input-shape",
+            "1,3,32,32",
+            "--subnets",
+            "4",
+            "--seconds",
+            "2",
+            "--levels",
+            "3",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["family"] == "cnn" and rep["input_shape"] == [1, 3, 32, 32] and rep["n"] == 4

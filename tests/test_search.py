@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from hwprune.latency.predictor import Predictor
 from hwprune.errors import HwpruneError, TargetUnreachableError
-from hwprune.search import (Evaluation, ParetoSet, SearchConfig, pareto_mask, pick_within, search,
-                            solve_dp)
+from hwprune.latency.predictor import Predictor
+from hwprune.search import Evaluation, ParetoSet, SearchConfig, pareto_mask, pick_within, search, solve_dp
 from hwprune.space import Candidate, PruningSpace, Unit
 
 
@@ -40,7 +39,6 @@ class AdditivePredictor(Predictor):
 
     def unit_costs(self) -> tuple[float, list[np.ndarray]]:
         return self.base, self.costs
-
 
 
 class _Sized(nn.Module):
@@ -106,8 +104,7 @@ def test_dp_equals_brute_force_on_integer_costs(seed: int) -> None:
     base = 3.0
     lo = base + sum(c.min() for c in costs)
     budget = float(lo + rng.integers(0, 12))
-    sol = solve_dp(space, base_ms=base, costs=costs, errors=errors, budget_ms=budget,
-                   buckets=max(1, int(budget - lo)))
+    sol = solve_dp(space, base_ms=base, costs=costs, errors=errors, budget_ms=budget, buckets=max(1, int(budget - lo)))
     assert sol.predicted_ms <= budget
     assert sol.error == pytest.approx(_brute(space, base, costs, errors, budget), abs=1e-12)
     space.validate(sol.candidate)
@@ -149,8 +146,10 @@ def test_pareto_mask_and_flags() -> None:
     # 4 dominated by 0; 1 and 2 equal (both stay); 3 and 5 equal; NaN never on the front.
     assert pareto_mask(ms, d).tolist() == [True, True, True, True, False, True, False]
     space = PruningSpace(units=(Unit("a", "ffn", 8, tuple(range(9))),))
-    evs = [Evaluation(Candidate((i,)), float(m), {"distance": float(x)}, source="nsga")
-           for i, (m, x) in enumerate(zip(ms[:6], d[:6]))]
+    evs = [
+        Evaluation(Candidate((i,)), float(m), {"distance": float(x)}, source="nsga")
+        for i, (m, x) in enumerate(zip(ms[:6], d[:6]))
+    ]
     evs.append(Evaluation(Candidate((0,)), 9.0, {"distance": 9.0}, source="dp"))  # duplicate key: dropped
     ps = ParetoSet.of(evs, space=space, dense_ms=3.0)
     df = ps.to_frame()
@@ -160,8 +159,10 @@ def test_pareto_mask_and_flags() -> None:
     assert df["predicted_speedup"].tolist() == pytest.approx([3.0, 2.0, 1.5, 1.5, 1.0, 1.0])
     assert pick_within(evs, 1.9).key == Candidate((0,)).key()  # 5.0 beats 6.0 within 1.9 ms
     assert pick_within(evs, 2.0).distance == 1.0 and pick_within(evs, 0.9) is None
-    near = [Evaluation(Candidate((i,)), m, {"distance": x}, source="nsga")
-            for i, (m, x) in enumerate([(1.0, 1.0), (1.9, 2.0), (2.0, 3.0)])]
+    near = [
+        Evaluation(Candidate((i,)), m, {"distance": x}, source="nsga")
+        for i, (m, x) in enumerate([(1.0, 1.0), (1.9, 2.0), (2.0, 3.0)])
+    ]
     assert pick_within(near, 2.0).predicted_ms == 1.0  # best score anywhere under the budget
     assert pick_within(near, 2.0, band=0.15).predicted_ms == 1.9  # best near the speedup asked for
     assert pick_within(near, 1.5, band=0.15).predicted_ms == 1.0  # nothing in the band: whole budget
@@ -172,8 +173,15 @@ def test_config_json_round_trip_and_checks() -> None:
     cfg = SearchConfig(targets=(1.5, 2), trials=30, seed=3, margin=0.05)
     assert SearchConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
     assert cfg.targets == (1.5, 2.0)
-    for bad in ({"targets": (1.0,)}, {"targets": ()}, {"targets": (2.0, 2.0)}, {"targets": (2.0,), "trials": 0},
-                {"targets": (2.0,), "margin": 1.0}, {"targets": (2.0,), "buckets": 3}, {"targets": 2.0}):
+    for bad in (
+        {"targets": (1.0,)},
+        {"targets": ()},
+        {"targets": (2.0, 2.0)},
+        {"targets": (2.0,), "trials": 0},
+        {"targets": (2.0,), "margin": 1.0},
+        {"targets": (2.0,), "buckets": 3},
+        {"targets": 2.0},
+    ):
         with pytest.raises(HwpruneError):
             SearchConfig(**bad)
     with pytest.raises(HwpruneError, match="unknown key 'trails'"):
@@ -186,16 +194,24 @@ def test_search_unreachable_writes_nothing(tmp_path) -> None:
     cfg = SearchConfig(targets=(1.5, 50.0), trials=5)
     reach = pred.dense_ms() / (pred.base + sum(c.min() for c in pred.costs))
     with pytest.raises(TargetUnreachableError, match=rf"target 50x .* {np.floor(reach * 100) / 100:.2f}x"):
-        search(space=space, predictor=pred, proxy_state=proxy, scorer=scorer, config=cfg,
-               run_dir=tmp_path / "run", progress=False)
+        search(
+            space=space,
+            predictor=pred,
+            proxy_state=proxy,
+            scorer=scorer,
+            config=cfg,
+            run_dir=tmp_path / "run",
+            progress=False,
+        )
     assert not (tmp_path / "run").exists() and scorer.calls == 0
 
 
 def test_search_end_to_end_files_picks_and_budgets(tmp_path) -> None:
     space, pred, proxy, scorer = _problem(1, n_units=6)
     cfg = SearchConfig(targets=(1.3, 1.8), trials=20, seed=0, population=6, buckets=500)
-    res = search(space=space, predictor=pred, proxy_state=proxy, scorer=scorer, config=cfg,
-                 run_dir=tmp_path, progress=False)
+    res = search(
+        space=space, predictor=pred, proxy_state=proxy, scorer=scorer, config=cfg, run_dir=tmp_path, progress=False
+    )
     assert {p.name for p in tmp_path.iterdir()} == {"study.db", "pareto.csv", "pareto.png", "picks.json"}
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert scorer.calls == len(res.evaluations)  # each distinct candidate scored once
@@ -205,7 +221,7 @@ def test_search_end_to_end_files_picks_and_budgets(tmp_path) -> None:
         p = res.picks[t]
         assert p.predicted_ms <= b
         dp = by_key[res.dp[t].candidate.key()]  # the DP seed was scored ...
-        assert p.distance <= dp.distance        # ... and the pick is never worse end to end
+        assert p.distance <= dp.distance  # ... and the pick is never worse end to end
         assert min(e.distance for e in res.evaluations if e.predicted_ms <= b) == p.distance
     assert all(e.predicted_ms <= pred.dense_ms() * (1 + 1e-9) for e in res.evaluations)
     assert {"dp", "uniform", "dense", "nsga"} <= {e.source for e in res.evaluations}
@@ -225,8 +241,15 @@ def test_fixed_seed_same_front_and_resume_counts_trials(tmp_path) -> None:
 
     def run(d, trials):
         sc = FakeScorer(space, proxy.errors)
-        r = search(space=space, predictor=pred, proxy_state=proxy, scorer=sc,
-                   config=SearchConfig.from_json({**cfg.to_json(), "trials": trials}), run_dir=d, progress=False)
+        r = search(
+            space=space,
+            predictor=pred,
+            proxy_state=proxy,
+            scorer=sc,
+            config=SearchConfig.from_json({**cfg.to_json(), "trials": trials}),
+            run_dir=d,
+            progress=False,
+        )
         return r, sc
 
     a, _ = run(tmp_path / "a", 12)
@@ -245,20 +268,36 @@ def test_fixed_seed_same_front_and_resume_counts_trials(tmp_path) -> None:
     assert sc.calls == 0 and len(r12b.evaluations) == len(r12.evaluations)
     other, opred, oproxy, oscorer = _problem(3, n_units=6)
     with pytest.raises(HwpruneError, match="different pruning space"):
-        search(space=other, predictor=opred, proxy_state=oproxy, scorer=oscorer, config=cfg,
-               run_dir=tmp_path / "c", progress=False)
+        search(
+            space=other,
+            predictor=opred,
+            proxy_state=oproxy,
+            scorer=oscorer,
+            config=cfg,
+            run_dir=tmp_path / "c",
+            progress=False,
+        )
 
 
 def test_candidates_slower_than_dense_are_never_scored(tmp_path) -> None:
     # Pruning unit a *slows* the model (a padding cliff): half the space is slower than dense.
-    space = PruningSpace(units=(Unit("a", "ffn", 8, (4, 8)), Unit("b", "ffn", 8, (2, 4, 6, 8)),
-                                Unit("c", "ffn", 8, (2, 4, 8))))
-    pred = AdditivePredictor(space, 1.0, [np.array([3.0, 1.0]), np.array([0.2, 0.5, 0.8, 1.0]),
-                                          np.array([0.3, 0.6, 1.0])])
+    space = PruningSpace(
+        units=(Unit("a", "ffn", 8, (4, 8)), Unit("b", "ffn", 8, (2, 4, 6, 8)), Unit("c", "ffn", 8, (2, 4, 8)))
+    )
+    pred = AdditivePredictor(
+        space, 1.0, [np.array([3.0, 1.0]), np.array([0.2, 0.5, 0.8, 1.0]), np.array([0.3, 0.6, 1.0])]
+    )
     errors = [np.array([0.5, 0.0]), np.array([0.6, 0.3, 0.1, 0.0]), np.array([0.5, 0.2, 0.0])]
     scorer = FakeScorer(space, errors)
-    res = search(space=space, predictor=pred, proxy_state=FakeProxy(space, errors), scorer=scorer,
-                 config=SearchConfig(targets=(1.2,), trials=12, population=4), run_dir=tmp_path, progress=False)
+    res = search(
+        space=space,
+        predictor=pred,
+        proxy_state=FakeProxy(space, errors),
+        scorer=scorer,
+        config=SearchConfig(targets=(1.2,), trials=12, population=4),
+        run_dir=tmp_path,
+        progress=False,
+    )
     assert all(e.candidate.sizes[0] == 8 for e in res.evaluations)
     with sqlite3.connect(tmp_path / "study.db") as con:
         (pruned,) = con.execute("select count(*) from trials where state = 'PRUNED'").fetchone()

@@ -5,13 +5,18 @@ import pytest
 from hwprune.errors import HwpruneError
 from hwprune.space import Candidate, build_space, load_space
 
-RAW = [("layer.0.heads", "heads", 4, 0, 8), ("layer.0.ffn", "ffn", 64, 0, 1),
-       ("layer.1.heads", "heads", 4, 1, 8), ("layer.1.ffn", "ffn", 64, 1, 1)]
+RAW = [
+    ("layer.0.heads", "heads", 4, 0, 8),
+    ("layer.0.ffn", "ffn", 64, 0, 1),
+    ("layer.1.heads", "heads", 4, 1, 8),
+    ("layer.1.ffn", "ffn", 64, 1, 1),
+]
 
 
 def test_grid_from_step_min_and_remove():
-    sp = build_space(RAW, {"defaults": {"heads": {"step": 1, "min": 2, "allow_remove": True},
-                                        "ffn": {"step": 16, "min": 16}}})
+    sp = build_space(
+        RAW, {"defaults": {"heads": {"step": 1, "min": 2, "allow_remove": True}, "ffn": {"step": 16, "min": 16}}}
+    )
     assert sp.unit("layer.0.heads").sizes == (0, 2, 3, 4)
     assert sp.unit("layer.0.ffn").sizes == (16, 32, 48, 64)
     assert sp.size() == 4 * 4 * 4 * 4
@@ -20,11 +25,17 @@ def test_grid_from_step_min_and_remove():
 
 
 def test_overrides_ignore_and_grid():
-    sp = build_space(RAW, {"defaults": {"ffn": {"grid": [8, 24, 100]}},
-                           "overrides": [{"match": "layer.1.*", "min": 3}], "ignore": ["layer.0.heads"]})
+    sp = build_space(
+        RAW,
+        {
+            "defaults": {"ffn": {"grid": [8, 24, 100]}},
+            "overrides": [{"match": "layer.1.*", "min": 3}],
+            "ignore": ["layer.0.heads"],
+        },
+    )
     assert sp.unit("layer.0.heads").sizes == (4,)
-    assert sp.unit("layer.0.ffn").sizes == (8, 24, 64)   # 100 > full is dropped, full always allowed
-    assert sp.unit("layer.1.ffn").sizes == (8, 24, 64)   # the override's min 3 keeps the inherited grid
+    assert sp.unit("layer.0.ffn").sizes == (8, 24, 64)  # 100 > full is dropped, full always allowed
+    assert sp.unit("layer.1.ffn").sizes == (8, 24, 64)  # the override's min 3 keeps the inherited grid
     assert sp.unit("layer.1.heads").sizes == (3, 4)
 
 
@@ -37,15 +48,18 @@ def test_candidate_json_and_key_roundtrip():
         sp.validate(Candidate((2, 17, 4, 64)))
 
 
-@pytest.mark.parametrize("spec, msg", [
-    ({"defaults": {"ffn": {"step": -3}}}, "defaults.ffn.step must be a positive integer"),
-    ({"defaults": {"ffn": {"stride": 2}}}, "defaults.ffn.stride is not a known key"),
-    ({"defaults": {"conv": {"step": 2}}}, "defaults.conv is not a unit kind"),
-    ({"overrides": [{"match": "layer.9.*", "min": 1}]}, r"overrides\[0\].match 'layer.9.\*' names no unit"),
-    ({"ignore": ["nope"]}, "ignore entry 'nope' names no unit"),
-    ({"defualts": {}}, "unknown top-level key 'defualts'"),
-    ({"defaults": {"heads": {"allow_remove": "yes"}}}, "allow_remove must be true or false"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ({"defaults": {"ffn": {"step": -3}}}, "defaults.ffn.step must be a positive integer"),
+        ({"defaults": {"ffn": {"stride": 2}}}, "defaults.ffn.stride is not a known key"),
+        ({"defaults": {"conv": {"step": 2}}}, "defaults.conv is not a unit kind"),
+        ({"overrides": [{"match": "layer.9.*", "min": 1}]}, r"overrides\[0\].match 'layer.9.\*' names no unit"),
+        ({"ignore": ["nope"]}, "ignore entry 'nope' names no unit"),
+        ({"defualts": {}}, "unknown top-level key 'defualts'"),
+        ({"defaults": {"heads": {"allow_remove": "yes"}}}, "allow_remove must be true or false"),
+    ],
+)
 def test_bad_specs_name_the_key(spec, msg):
     with pytest.raises(HwpruneError, match=msg):
         build_space(RAW, spec, source="x.yaml")

@@ -19,8 +19,9 @@ the adapter's :class:`~hwprune.families.Family` hooks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,17 +34,25 @@ from hwprune.errors import HwpruneError, ParityError
 from hwprune.export.manifest import Prediction, build_manifest
 from hwprune.export.measure import Measurement, measure_dense_and_pruned
 from hwprune.export.onnx_io import to_onnx
-from hwprune.latency._base import Backend
 from hwprune.families._base import Family
+from hwprune.latency._base import Backend
 from hwprune.surgery.plan import Plan
 
-__all__ = ["export_candidate", "candidate_onnx", "check_onnx", "check_parity", "timing_feed", "Measurement",
-           "Prediction", "measure_dense_and_pruned"]
+__all__ = [
+    "export_candidate",
+    "candidate_onnx",
+    "check_onnx",
+    "check_parity",
+    "timing_feed",
+    "Measurement",
+    "Prediction",
+    "measure_dense_and_pruned",
+]
 
 FILES = {"plan": "plan.json", "weights": "model.safetensors", "onnx": "model.onnx", "manifest": "manifest.json"}
 
-def candidate_onnx(adapter: Family, model: nn.Module, *, batch: int, seq: int,
-                   path: str | Path | None = None) -> bytes:
+
+def candidate_onnx(adapter: Family, model: nn.Module, *, batch: int, seq: int, path: str | Path | None = None) -> bytes:
     """Serialized ONNX of ``model`` with the adapter's named inputs/outputs and dynamic axes."""
     inputs, outputs, dyn = adapter.onnx_io()
     example = adapter.example_inputs(batch=batch, seq=seq)
@@ -66,8 +75,7 @@ def timing_feed(adapter: Family, *, batch: int, seq: int) -> dict[str, np.ndarra
     return {k: ex[k].numpy() for k in names}
 
 
-def check_parity(adapter: Family, model: nn.Module, data: bytes, *, backend: Backend, seq: int,
-                 tol: float) -> float:
+def check_parity(adapter: Family, model: nn.Module, data: bytes, *, backend: Backend, seq: int, tol: float) -> float:
     """Max |ORT - torch| of the first output over non-pad tokens; :class:`ParityError` above ``tol``."""
     inputs = adapter.parity_inputs(seq=seq)
     names = adapter.onnx_io()[0]
@@ -83,8 +91,10 @@ def check_parity(adapter: Family, model: nn.Module, data: bytes, *, backend: Bac
         err = err[mask]
     diff = float(err.max()) if err.size else 0.0
     if not diff <= tol:  # also catches NaN
-        raise ParityError(f"ONNX Runtime output differs from the pruned torch model by {diff:.3g} "
-                          f"(max abs over the positions that count) > tolerance {tol:g}; the export is not trustworthy")
+        raise ParityError(
+            f"ONNX Runtime output differs from the pruned torch model by {diff:.3g} "
+            f"(max abs over the positions that count) > tolerance {tol:g}; the export is not trustworthy"
+        )
     return diff
 
 
@@ -94,8 +104,10 @@ def _check_reload(folder: Path, model: nn.Module) -> None:
     ours = model.state_dict()
     bad = [k for k in ours if k not in loaded or not torch.equal(loaded[k], ours[k])]
     if bad or set(loaded) != set(ours):
-        raise HwpruneError(f"{folder}: hwprune.load does not rebuild the saved model (first mismatch: "
-                           f"{(bad or sorted(set(loaded) ^ set(ours)))[0]})")
+        raise HwpruneError(
+            f"{folder}: hwprune.load does not rebuild the saved model (first mismatch: "
+            f"{(bad or sorted(set(loaded) ^ set(ours)))[0]})"
+        )
 
 
 def export_candidate(
@@ -132,16 +144,34 @@ def export_candidate(
         diff = check_parity(adapter, model, data, backend=backend, seq=seq, tol=parity_tol)
         if measurement is None:
             dense = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
-            cmp = measure_dense_and_pruned(backend, dense=dense, pruned={"candidate": data},
-                                           feed=timing_feed(adapter, batch=batch, seq=seq), **dict(timing or {}))
+            cmp = measure_dense_and_pruned(
+                backend,
+                dense=dense,
+                pruned={"candidate": data},
+                feed=timing_feed(adapter, batch=batch, seq=seq),
+                **dict(timing or {}),
+            )
             measurement = Measurement.of(cmp, "candidate", clock=backend.clock)
-        settings = {"runtime": backend.name, "runtime_version": backend.version(), "threads": backend.threads,
-                    "batch": batch, "seq": seq}
+        settings = {
+            "runtime": backend.name,
+            "runtime_version": backend.version(),
+            "threads": backend.threads,
+            "batch": batch,
+            "seq": seq,
+        }
         manifest = build_manifest(
-            plan_summary=adapter.plan_summary(plan), measurement=measurement, parity_max_abs_diff=diff,
-            parity_tol=parity_tol, stats=adapter.stats(model, batch=batch, seq=seq),
-            dense_stats=adapter.stats(adapter.dense(), batch=batch, seq=seq), settings=settings,
-            prediction=prediction, scores=scores, fingerprint=fingerprint, files=FILES, extra=extra,
+            plan_summary=adapter.plan_summary(plan),
+            measurement=measurement,
+            parity_max_abs_diff=diff,
+            parity_tol=parity_tol,
+            stats=adapter.stats(model, batch=batch, seq=seq),
+            dense_stats=adapter.stats(adapter.dense(), batch=batch, seq=seq),
+            settings=settings,
+            prediction=prediction,
+            scores=scores,
+            fingerprint=fingerprint,
+            files=FILES,
+            extra=extra,
         )
         write_json(tmp / FILES["manifest"], manifest)
     return manifest

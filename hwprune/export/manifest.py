@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from hwprune._io import read_json
 from hwprune.errors import HwpruneError
@@ -38,8 +39,13 @@ def versions() -> dict[str, str]:
 
     import hwprune
 
-    return {"hwprune": hwprune.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    return {
+        "hwprune": hwprune.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -94,8 +100,9 @@ def build_manifest(
         # the device's speed now vs when the table was measured (load, clocks): >0 means slower now.
         # Dividing it out isolates the predictor's own error from the machine's drift.
         "dense_drift_pct": None if dense_pred is None else 100 * (dense_meas / dense_pred - 1),
-        "prediction_error_drift_adjusted_pct": None if pred is None or dense_pred is None else
-        100 * (pred * dense_meas / dense_pred - meas) / meas,
+        "prediction_error_drift_adjusted_pct": None
+        if pred is None or dense_pred is None
+        else 100 * (pred * dense_meas / dense_pred - meas) / meas,
         "parity_max_abs_diff": parity_max_abs_diff,
         "parity_tol": parity_tol,
         "scores": dict(scores or {}),

@@ -13,8 +13,9 @@ Several candidates share one dense measurement per round: pass them all in ``pru
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -61,9 +62,9 @@ class Measurement:
 
     measured_ms: float
     dense_ms: float
-    clock: str = "wall"                 # "thread-cpu" or "wall" (``Backend.clock``)
-    timing: Comparison | None = None    # the interleaved run both came from
-    key: str | None = None              # the candidate's key in ``timing.pruned``
+    clock: str = "wall"  # "thread-cpu" or "wall" (``Backend.clock``)
+    timing: Comparison | None = None  # the interleaved run both came from
+    key: str | None = None  # the candidate's key in ``timing.pruned``
 
     def __post_init__(self) -> None:
         if not (self.measured_ms > 0 and self.dense_ms > 0):
@@ -71,8 +72,9 @@ class Measurement:
 
     @classmethod
     def of(cls, cmp: Comparison, key: str, *, clock: str = "wall") -> "Measurement":
-        return cls(measured_ms=cmp.pruned[key].median_ms, dense_ms=cmp.dense.median_ms, clock=clock, timing=cmp,
-                   key=key)
+        return cls(
+            measured_ms=cmp.pruned[key].median_ms, dense_ms=cmp.dense.median_ms, clock=clock, timing=cmp, key=key
+        )
 
     @property
     def speedup(self) -> float:
@@ -81,8 +83,12 @@ class Measurement:
     def timings_json(self) -> dict[str, Any]:
         if self.timing is None or self.key is None:
             return {"source": "supplied"}
-        return {"dense": self.timing.dense.to_json(), "pruned": self.timing.pruned[self.key].to_json(),
-                "source": "interleaved", **{k: self.timing.settings[k] for k in ("rounds", "repeats", "warmup")}}
+        return {
+            "dense": self.timing.dense.to_json(),
+            "pruned": self.timing.pruned[self.key].to_json(),
+            "source": "interleaved",
+            **{k: self.timing.settings[k] for k in ("rounds", "repeats", "warmup")},
+        }
 
 
 def measure_dense_and_pruned(
@@ -123,6 +129,12 @@ def measure_dense_and_pruned(
             for k in keys[shift:] + keys[:shift]:
                 per_round[k].append(float(backend.time(models[k], feed, warmup=warmup, repeats=repeats).median_ms))
     out = {k: Measured(median_ms=statistics.median(v), rounds_ms=tuple(v)) for k, v in per_round.items()}
-    settings = {"runtime": backend.name, "runtime_version": backend.version(), "threads": backend.threads,
-                "rounds": rounds, "repeats": repeats, "warmup": warmup}
+    settings = {
+        "runtime": backend.name,
+        "runtime_version": backend.version(),
+        "threads": backend.threads,
+        "rounds": rounds,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
     return Comparison(dense=out.pop(DENSE), pruned=out, settings=settings)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,16 +38,22 @@ def to_onnx(
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                model, tuple(inputs.values()), buf, dynamo=False, opset_version=OPSET,
-                input_names=list(inputs), output_names=list(output_names),
+                model,
+                tuple(inputs.values()),
+                buf,  # type: ignore[arg-type]  # torch.onnx.export also takes file objects
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=list(inputs),
+                output_names=list(output_names),
                 dynamic_axes={k: dict(v) for k, v in (dynamic_axes or {}).items()} or None,
                 do_constant_folding=True,
             )
         except (torch.onnx.errors.OnnxExporterError, RuntimeError) as e:  # unsupported op or shape
             msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
-            raise HwpruneError(f"cannot export {type(model).__name__} to ONNX for inputs {shapes}: "
-                               f"{msg[:300]}") from None
+            raise HwpruneError(
+                f"cannot export {type(model).__name__} to ONNX for inputs {shapes}: {msg[:300]}"
+            ) from None
     data = buf.getvalue()
     if path is not None:
         with atomic_path(path) as tmp:

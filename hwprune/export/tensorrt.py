@@ -53,8 +53,10 @@ def build_engine(
     engine_path = Path(engine_path) if engine_path is not None else onnx_path.with_suffix(".plan")
     max_batch, max_seq = max_batch or batch, max_seq or seq
     if not (1 <= batch <= max_batch and 1 <= seq <= max_seq):
-        raise HwpruneError(f"engine shapes need 1 <= batch <= max_batch and 1 <= seq <= max_seq "
-                           f"(got batch={batch}/{max_batch}, seq={seq}/{max_seq})")
+        raise HwpruneError(
+            f"engine shapes need 1 <= batch <= max_batch and 1 <= seq <= max_seq "
+            f"(got batch={batch}/{max_batch}, seq={seq}/{max_seq})"
+        )
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -79,7 +81,7 @@ def build_engine(
         inp = network.get_input(i)
         shape = tuple(inp.shape)
         if any(d == -1 for d in shape):  # (batch, seq) inputs of the encoder export
-            pick = lambda b, s: tuple(b if j == 0 else s if j == 1 else d for j, d in enumerate(shape))  # noqa: E731
+            pick = lambda b, s: tuple(b if j == 0 else s if j == 1 else d for j, d in enumerate(shape))  # noqa: E731, B023 (used at once)
             profile.set_shape(inp.name, pick(1, 1), pick(batch, seq), pick(max_batch, max_seq))
     config.add_optimization_profile(profile)
 

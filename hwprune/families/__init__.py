@@ -11,16 +11,29 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from hwprune.errors import HwpruneError
 from hwprune.families._base import Family, RawUnit, Scorer
 from hwprune.surgery.plan import Plan
 
-__all__ = ["Family", "RawUnit", "Scorer", "BUILTIN_FAMILIES", "register_family", "register_model",
-           "register_resolver", "register_hf_folder", "resolve_model", "named_models", "family_class",
-           "family_names", "skeleton_for_plan"]
+__all__ = [
+    "Family",
+    "RawUnit",
+    "Scorer",
+    "BUILTIN_FAMILIES",
+    "register_family",
+    "register_model",
+    "register_resolver",
+    "register_hf_folder",
+    "resolve_model",
+    "named_models",
+    "family_class",
+    "family_names",
+    "skeleton_for_plan",
+]
 
 #: The families shipped with hwprune, imported on first use (their ``__init__`` registers them).
 BUILTIN_FAMILIES = ("encoder", "cnn")
@@ -43,18 +56,22 @@ def register_family(cls: F) -> F:
 
 def register_model(name: str) -> Callable[[Callable[[], Family]], Callable[[], Family]]:
     """Register a named model (``--model NAME``): a function returning its adapter."""
+
     def deco(fn: Callable[[], Family]) -> Callable[[], Family]:
         _NAMED[name] = fn
         return fn
+
     return deco
 
 
 def register_hf_folder(*model_types: str) -> Callable[[Callable[[Path], Family]], Callable[[Path], Family]]:
     """Register the reader of local Hugging Face folders whose ``config.json`` has these ``model_type``."""
+
     def deco(fn: Callable[[Path], Family]) -> Callable[[Path], Family]:
         for t in model_types:
             _HF_TYPES[t] = fn
         return fn
+
     return deco
 
 
@@ -99,8 +116,9 @@ def _from_folder(path: Path) -> Family:
         raise HwpruneError(f"{cfg_path}: not valid JSON ({e})") from None
     mt = str(cfg.get("model_type", "bert")) if isinstance(cfg, dict) else "?"
     if mt not in _HF_TYPES:
-        raise HwpruneError(f"{cfg_path}: model_type {mt!r} is not supported; supported architectures: "
-                           f"{', '.join(sorted(_HF_TYPES))}")
+        raise HwpruneError(
+            f"{cfg_path}: model_type {mt!r} is not supported; supported architectures: {', '.join(sorted(_HF_TYPES))}"
+        )
     return _HF_TYPES[mt](path)
 
 

@@ -34,8 +34,9 @@ fails at instantiation (and in the contract suite), not in the middle of a searc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -103,8 +104,10 @@ class Family(ABC):
         if weights is None and input_shape is None:
             return self
         given = "--weights" if weights is not None else "--input-shape"
-        raise HwpruneError(f"{given} does not apply to {self.family} model {self.name!r}; it is for models "
-                           "built from a factory or torchvision (CNNs)")
+        raise HwpruneError(
+            f"{given} does not apply to {self.family} model {self.name!r}; it is for models "
+            "built from a factory or torchvision (CNNs)"
+        )
 
     # ---- model --------------------------------------------------------------------------------
     @abstractmethod
@@ -140,7 +143,9 @@ class Family(ABC):
         units: dict[str, tuple[int, ...]] = {}
         for n, idx in kept.items():
             if n not in full:
-                raise HwpruneError(f"plan names unit {n!r}, which this model lacks; units look like {next(iter(full))!r}")
+                raise HwpruneError(
+                    f"plan names unit {n!r}, which this model lacks; units look like {next(iter(full))!r}"
+                )
             idx = tuple(sorted(int(i) for i in idx))
             if len(idx) < self.min_kept or len(set(idx)) != len(idx) or (idx and (idx[0] < 0 or idx[-1] >= full[n])):
                 least = "non-empty, " if self.min_kept else ""
@@ -168,19 +173,36 @@ class Family(ABC):
         """The pruning space from ``path``, the model's YAML, or :meth:`default_space_spec`."""
         path = path or self.default_space_file()
         if path is None:
-            return build_space(self.raw_units(), self.default_space_spec(), source=f"<{self.family} defaults>",
-                               model=self.name)
+            return build_space(
+                self.raw_units(), self.default_space_spec(), source=f"<{self.family} defaults>", model=self.name
+            )
         return load_space(path, self.raw_units(), model=self.name)
 
     # ---- latency ------------------------------------------------------------------------------
     @abstractmethod
-    def measure_latency(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
-                        progress: bool = True, budget_s: float | None = None) -> tuple["pd.DataFrame", dict[str, Any]]:
+    def measure_latency(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        seq: int,
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple["pd.DataFrame", dict[str, Any]]:
         """Time every block size of ``space`` on ``backend``: the table's rows and its ``meta``."""
 
     @abstractmethod
-    def prepare_profiling(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
-                          progress: bool = True, levels: int | None = None) -> "Profiling":
+    def prepare_profiling(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        seq: int,
+        space: PruningSpace,
+        progress: bool = True,
+        levels: int | None = None,
+    ) -> "Profiling":
         """Export and load the profile's graphs without timing them (benchmarks time them in their own
         rounds). ``levels``: sizes per unit where the family samples a grid (None: its default)."""
 
@@ -192,8 +214,9 @@ class Family(ABC):
 
     # ---- accuracy -----------------------------------------------------------------------------
     @abstractmethod
-    def load_calib(self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int,
-                   seed: int = 0) -> "CalibData":
+    def load_calib(
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0
+    ) -> "CalibData":
         """Disjoint calibration and held-out inputs from ``source`` (a file) or the family's default."""
 
     def fit_proxy(self, name: str, space: PruningSpace, calib: "CalibData", **kw: Any) -> "ProxyState":

@@ -20,8 +20,19 @@ if TYPE_CHECKING:
     from hwprune.families._base import Family
     from hwprune.space import PruningSpace
 
-__all__ = ["profile", "LatencyTable", "LUTPredictor", "Predictor", "DeviceFingerprint", "Backend", "Timing",
-           "get_backend", "register_backend", "backend_names"]
+__all__ = [
+    "profile",
+    "LatencyTable",
+    "LUTPredictor",
+    "Predictor",
+    "DeviceFingerprint",
+    "Backend",
+    "Timing",
+    "get_backend",
+    "register_backend",
+    "backend_names",
+]
+
 
 def profile(
     adapter: "Family",
@@ -45,12 +56,19 @@ def profile(
     space = space if space is not None else adapter.space()
     fp = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version())
     t0 = time.perf_counter()
-    frame, meta = adapter.measure_latency(backend, batch=batch, seq=seq, space=space, progress=progress,
-                                          budget_s=budget_s)
-    table = LatencyTable(frame=frame, fingerprint=fp, model=adapter.name, family=adapter.family,
-                         shape_key=adapter.shape_key(), profile_seconds=time.perf_counter() - t0, meta=meta,
-                         settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,
-                                   "dtype": "float32"})
+    frame, meta = adapter.measure_latency(
+        backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s
+    )
+    table = LatencyTable(
+        frame=frame,
+        fingerprint=fp,
+        model=adapter.name,
+        family=adapter.family,
+        shape_key=adapter.shape_key(),
+        profile_seconds=time.perf_counter() - t0,
+        meta=meta,
+        settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq, "dtype": "float32"},
+    )
     if out is not None:
         table.save(out)
     return table

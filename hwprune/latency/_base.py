@@ -16,8 +16,9 @@ Contract (every backend runs ``tests/test_latency_backends.py``):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -97,6 +98,7 @@ def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[.
     def deco(cls: Callable[..., Backend]) -> Callable[..., Backend]:
         _BACKENDS[name] = cls
         return cls
+
     return deco
 
 

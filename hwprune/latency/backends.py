@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -123,7 +124,7 @@ def interleave(
     if common_mode and len(runners) > 1:
         load = np.median(a / np.median(a, axis=0, keepdims=True), axis=1, keepdims=True)
         a = a / load
-    return [timing_of(a[:, j]) for j in range(a.shape[1])]
+    return [timing_of(a[:, j].tolist()) for j in range(a.shape[1])]
 
 
 @register_backend("ort-cpu")
@@ -167,8 +168,11 @@ class OrtCpuBackend(Backend):
     def cpu_clock(self) -> bool:
         """Single-threaded CPU runs are timed by thread CPU time (see :class:`Runner`) where that clock is
         fine-grained (Linux, macOS; Windows ticks in ~16 ms); GPU and multi-threaded runs by wall time."""
-        return (self.threads == 1 and self.providers[0] == "CPUExecutionProvider"
-                and time.get_clock_info("thread_time").resolution <= 1e-6)
+        return (
+            self.threads == 1
+            and self.providers[0] == "CPUExecutionProvider"
+            and time.get_clock_info("thread_time").resolution <= 1e-6
+        )
 
     def time(self, onnx: bytes, feed: Mapping[str, np.ndarray], *, warmup: int = 10, repeats: int = 50) -> Timing:
         if repeats < 1:
@@ -189,8 +193,10 @@ class OrtCudaBackend(OrtCpuBackend):
 
     def _check_providers(self) -> None:
         if "CUDAExecutionProvider" not in self._ort.get_available_providers():
-            raise HwpruneError("runtime ort-cuda needs CUDAExecutionProvider, which this onnxruntime lacks; "
-                               "pip install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --runtime ort-cpu")
+            raise HwpruneError(
+                "runtime ort-cuda needs CUDAExecutionProvider, which this onnxruntime lacks; "
+                "pip install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --runtime ort-cpu"
+            )
 
 
 @register_backend("tensorrt")
@@ -204,12 +210,16 @@ class OrtTensorRTBackend(OrtCpuBackend):
         try:
             import tensorrt
         except ImportError:
-            raise HwpruneError("runtime tensorrt needs the tensorrt package; pip install 'hwprune[tensorrt]' "
-                               "onnxruntime-gpu on a machine with an NVIDIA GPU, or use --runtime ort-cpu") from None
+            raise HwpruneError(
+                "runtime tensorrt needs the tensorrt package; pip install 'hwprune[tensorrt]' "
+                "onnxruntime-gpu on a machine with an NVIDIA GPU, or use --runtime ort-cpu"
+            ) from None
         self._trt_version = str(getattr(tensorrt, "__version__", "?"))
         if "TensorrtExecutionProvider" not in self._ort.get_available_providers():
-            raise HwpruneError("runtime tensorrt needs onnxruntime's TensorrtExecutionProvider; "
-                               "pip install onnxruntime-gpu (built with TensorRT), or use --runtime ort-cpu")
+            raise HwpruneError(
+                "runtime tensorrt needs onnxruntime's TensorrtExecutionProvider; "
+                "pip install onnxruntime-gpu (built with TensorRT), or use --runtime ort-cpu"
+            )
 
     def version(self) -> str:
         return f"onnxruntime {self._ort.__version__} + tensorrt {self._trt_version}"

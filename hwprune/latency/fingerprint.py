@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from hwprune.errors import HwpruneError
 
 __all__ = ["DeviceFingerprint"]
 
 # (field, label) of what is compared; order is the order warnings are listed in
-_COMPARED = (("cpu", "cpu model"), ("cpu_id", "cpu family/model/stepping"), ("gpu", "gpu"),
-             ("logical_cores", "logical cores"), ("physical_cores", "physical cores"), ("threads", "threads"),
-             ("runtime", "runtime"), ("runtime_version", "runtime version"), ("batch", "batch"),
-             ("seq", "sequence length"), ("dtype", "dtype"))
+_COMPARED = (
+    ("cpu", "cpu model"),
+    ("cpu_id", "cpu family/model/stepping"),
+    ("gpu", "gpu"),
+    ("logical_cores", "logical cores"),
+    ("physical_cores", "physical cores"),
+    ("threads", "threads"),
+    ("runtime", "runtime"),
+    ("runtime_version", "runtime version"),
+    ("batch", "batch"),
+    ("seq", "sequence length"),
+    ("dtype", "dtype"),
+)
 
 
 def _proc_cpuinfo() -> list[dict[str, str]]:
@@ -74,19 +84,27 @@ class DeviceFingerprint:
     logical_cores: int
     physical_cores: int
     threads: int
-    runtime: str             # backend name, e.g. "ort-cpu"
-    runtime_version: str     # e.g. "onnxruntime 1.32.0"
+    runtime: str  # backend name, e.g. "ort-cpu"
+    runtime_version: str  # e.g. "onnxruntime 1.32.0"
     providers: tuple[str, ...]
     torch_version: str
     onnx_version: str
     batch: int
     seq: int
     dtype: str = "float32"
-    gpu: str = ""            # empty on CPU backends
+    gpu: str = ""  # empty on CPU backends
 
     @classmethod
-    def current(cls, runtime: str = "ort-cpu", *, threads: int = 1, batch: int = 1, seq: int = 128,
-                dtype: str = "float32", runtime_version: str | None = None) -> "DeviceFingerprint":
+    def current(
+        cls,
+        runtime: str = "ort-cpu",
+        *,
+        threads: int = 1,
+        batch: int = 1,
+        seq: int = 128,
+        dtype: str = "float32",
+        runtime_version: str | None = None,
+    ) -> "DeviceFingerprint":
         """This machine with these settings; ``runtime_version`` defaults to asking the backend."""
         if runtime_version is None:
             from hwprune.latency._base import get_backend
@@ -100,10 +118,23 @@ class DeviceFingerprint:
             providers = tuple(onnxruntime.get_available_providers())
         except ImportError:  # pragma: no cover - a declared dependency
             pass
-        return cls(cpu=cpu, cpu_id=cpu_id, arch=platform.machine(), logical_cores=int(os.cpu_count() or 1),
-                   physical_cores=physical, threads=threads, runtime=runtime, runtime_version=runtime_version,
-                   providers=providers, torch_version=_version("torch"), onnx_version=_version("onnx"),
-                   batch=batch, seq=seq, dtype=dtype, gpu=_gpu_name(runtime))
+        return cls(
+            cpu=cpu,
+            cpu_id=cpu_id,
+            arch=platform.machine(),
+            logical_cores=int(os.cpu_count() or 1),
+            physical_cores=physical,
+            threads=threads,
+            runtime=runtime,
+            runtime_version=runtime_version,
+            providers=providers,
+            torch_version=_version("torch"),
+            onnx_version=_version("onnx"),
+            batch=batch,
+            seq=seq,
+            dtype=dtype,
+            gpu=_gpu_name(runtime),
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,8 +153,11 @@ class DeviceFingerprint:
 
     def mismatches(self, other: "DeviceFingerprint") -> list[str]:
         """Human-readable differences that change latency, e.g. ``"threads: 1 vs 4"`` (self vs other)."""
-        return [f"{label}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
-                for f, label in _COMPARED if getattr(self, f) != getattr(other, f)]
+        return [
+            f"{label}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
+            for f, label in _COMPARED
+            if getattr(self, f) != getattr(other, f)
+        ]
 
 
 def _gpu_name(runtime: str) -> str:

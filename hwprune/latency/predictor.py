@@ -84,10 +84,15 @@ class LUTPredictor(Predictor):
             if rows.empty:
                 rows = table.rows(u.kind, "")
             if rows.empty:
-                raise HwpruneError(f"{_where(table)} has no rows of kind {u.kind!r} (unit {u.name}); it was "
-                                   f"profiled for another model family ({table.family}); re-profile this model")
-            self._costs.append(_lookup(rows["size"].to_numpy(), rows["median_ms"].to_numpy(), u.sizes,
-                                       unit=u.name, where=_where(table)))
+                raise HwpruneError(
+                    f"{_where(table)} has no rows of kind {u.kind!r} (unit {u.name}); it was "
+                    f"profiled for another model family ({table.family}); re-profile this model"
+                )
+            self._costs.append(
+                _lookup(
+                    rows["size"].to_numpy(), rows["median_ms"].to_numpy(), u.sizes, unit=u.name, where=_where(table)
+                )
+            )
             self._index.append({s: j for j, s in enumerate(u.sizes)})
 
     def unit_costs(self) -> tuple[float, list[np.ndarray]]:
@@ -95,8 +100,9 @@ class LUTPredictor(Predictor):
 
     def predict(self, cand: Candidate) -> float:
         try:
-            return self._base + float(sum(c[ix[s]] for c, ix, s in zip(self._costs, self._index, cand.sizes,
-                                                                         strict=True)))
+            return self._base + float(
+                sum(c[ix[s]] for c, ix, s in zip(self._costs, self._index, cand.sizes, strict=True))
+            )
         except (KeyError, ValueError):
             self.space.validate(cand)  # raises the one-line error naming the unit
             raise
@@ -110,8 +116,10 @@ def _lookup(sizes: np.ndarray, ms: np.ndarray, wanted: tuple[int, ...], *, unit:
     out = np.empty(len(wanted), dtype=np.float64)
     for j, s in enumerate(wanted):
         if s < lo or s > hi:
-            raise HwpruneError(f"unit {unit}: kept size {s} is outside the measured range [{lo}, {hi}] of "
-                               f"{where}; re-profile with a wider grid (a space that includes {s})")
+            raise HwpruneError(
+                f"unit {unit}: kept size {s} is outside the measured range [{lo}, {hi}] of "
+                f"{where}; re-profile with a wider grid (a space that includes {s})"
+            )
         k = int(np.searchsorted(sizes, s))
         if sizes[k] == s:
             out[j] = ms[k]

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,16 @@ if TYPE_CHECKING:
 __all__ = ["LatencyTable", "TABLE_FORMAT", "COLUMNS", "table_paths"]
 
 TABLE_FORMAT = "hwprune.table/1"
-COLUMNS = {"kind": "string", "key": "string", "size": "int64", "size2": "int64",
-           "median_ms": "float64", "p10_ms": "float64", "p90_ms": "float64", "n": "int64"}
+COLUMNS = {
+    "kind": "string",
+    "key": "string",
+    "size": "int64",
+    "size2": "int64",
+    "median_ms": "float64",
+    "p10_ms": "float64",
+    "p90_ms": "float64",
+    "n": "int64",
+}
 
 
 def table_paths(path: str | Path) -> tuple[Path, Path]:
@@ -86,26 +95,43 @@ class LatencyTable:
         """Raise if this table was measured for another dense shape than ``adapter``'s."""
         mine = adapter.shape_key()
         if self.shape_key != mine:
-            raise HwpruneError(f"latency table {self.path or ''} was measured for {self.shape_key} ({self.model}), "
-                               f"not for this model's shape {mine}; profile it: hwprune profile --model {adapter.name}")
+            raise HwpruneError(
+                f"latency table {self.path or ''} was measured for {self.shape_key} ({self.model}), "
+                f"not for this model's shape {mine}; profile it: hwprune profile --model {adapter.name}"
+            )
 
     def machine_warnings(self, backend_name: str, threads: int) -> list[str]:
         """One warning per difference between the table's fingerprint and this machine with these settings."""
         s = self.settings
         try:
-            here = DeviceFingerprint.current(backend_name, threads=threads, batch=int(s.get("batch", 1)),
-                                             seq=int(s.get("seq", 0)), dtype=str(s.get("dtype", "float32")))
+            here = DeviceFingerprint.current(
+                backend_name,
+                threads=threads,
+                batch=int(s.get("batch", 1)),
+                seq=int(s.get("seq", 0)),
+                dtype=str(s.get("dtype", "float32")),
+            )
         except HwpruneError as e:
             return [f"cannot fingerprint runtime {backend_name} here ({e})"]
         where = self.path.name if self.path else "the latency table"
-        return [f"{where} differs from this setup in {m} (table vs here); predictions may be off, "
-                "re-profile here" for m in self.fingerprint.mismatches(here)]
+        return [
+            f"{where} differs from this setup in {m} (table vs here); predictions may be off, re-profile here"
+            for m in self.fingerprint.mismatches(here)
+        ]
 
     # ---- files --------------------------------------------------------------------------------
     def sidecar(self) -> dict[str, Any]:
-        return {"format": TABLE_FORMAT, "model": self.model, "family": self.family, "shape_key": self.shape_key,
-                "fingerprint": self.fingerprint.to_json(), "settings": dict(self.settings), "created": self.created,
-                "profile_seconds": round(float(self.profile_seconds), 2), "meta": _jsonable(self.meta)}
+        return {
+            "format": TABLE_FORMAT,
+            "model": self.model,
+            "family": self.family,
+            "shape_key": self.shape_key,
+            "fingerprint": self.fingerprint.to_json(),
+            "settings": dict(self.settings),
+            "created": self.created,
+            "profile_seconds": round(float(self.profile_seconds), 2),
+            "meta": _jsonable(self.meta),
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write ``FILE.parquet`` and ``FILE.json`` atomically; returns the parquet path."""
@@ -126,8 +152,9 @@ class LatencyTable:
         try:
             frame = pd.read_parquet(pq)
         except Exception as e:
-            raise HwpruneError(f"{pq}: not a readable parquet file ({_first_line(e)}); "
-                               "re-profile to rebuild it") from None
+            raise HwpruneError(
+                f"{pq}: not a readable parquet file ({_first_line(e)}); re-profile to rebuild it"
+            ) from None
         try:
             side = json.loads(js.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -137,10 +164,18 @@ class LatencyTable:
             raise HwpruneError(f"{js}: format {got!r} is not {TABLE_FORMAT!r}; re-profile with this hwprune version")
         try:
             fp = DeviceFingerprint.from_json(side["fingerprint"], where=str(js))
-            return cls(frame=frame, fingerprint=fp, model=str(side["model"]), family=str(side["family"]),
-                       shape_key=str(side["shape_key"]), settings=dict(side["settings"]),
-                       created=str(side.get("created", "")), profile_seconds=float(side.get("profile_seconds", 0.0)),
-                       meta=dict(side.get("meta", {})), path=pq)
+            return cls(
+                frame=frame,
+                fingerprint=fp,
+                model=str(side["model"]),
+                family=str(side["family"]),
+                shape_key=str(side["shape_key"]),
+                settings=dict(side["settings"]),
+                created=str(side.get("created", "")),
+                profile_seconds=float(side.get("profile_seconds", 0.0)),
+                meta=dict(side.get("meta", {})),
+                path=pq,
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise HwpruneError(f"{js}: sidecar lacks or mangles {_first_line(e)}; re-profile to rebuild it") from None
 

@@ -2,7 +2,8 @@
 
 Contract (every proxy runs ``tests/test_proxies.py``'s shared checks):
 - A proxy is a function registered with ``@register_proxy(name, family=...)`` in the family's folder
-  (the same pattern for every family): ``fit(adapter, space, calib: CalibData, **kw) -> ProxyState``. It may keep whatever it computed
+  (the same pattern for every family): ``fit(adapter, space, calib: CalibData, **kw) -> ProxyState``.
+  It may keep whatever it computed
   (orders, Hessians, statistics): one fit serves every candidate (the "database").
 - ``ProxyState.unit_errors()`` -> one float64 array per unit of ``space`` (space order), aligned with
   ``unit.sizes``: the estimated output error when that unit alone keeps that size; 0 at full size,
@@ -16,8 +17,9 @@ Contract (every proxy runs ``tests/test_proxies.py``'s shared checks):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +71,7 @@ def register_proxy(name: str, *, family: str) -> Callable[[ProxyFit], ProxyFit]:
     def deco(fn: ProxyFit) -> ProxyFit:
         _PROXIES[(name, family)] = fn
         return fn
+
     return deco
 
 

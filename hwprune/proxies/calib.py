@@ -17,9 +17,9 @@ import inspect
 import json
 import random
 import re
-import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from hwprune.errors import HwpruneError
 
@@ -27,17 +27,100 @@ __all__ = ["default_corpus", "read_texts", "split_texts", "STDLIB_MODULES"]
 
 # Pure-Python modules with long prose docstrings; a missing one (minimal builds) is skipped.
 STDLIB_MODULES: tuple[str, ...] = (
-    "argparse", "ast", "asyncio.events", "asyncio.streams", "base64", "bdb", "bisect", "calendar", "cmd",
-    "codecs", "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "dis", "doctest", "email.message", "email.utils", "enum", "filecmp",
-    "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "heapq", "hmac",
-    "html.parser", "http.client", "http.cookiejar", "http.server", "imaplib", "inspect", "ipaddress", "json",
-    "logging", "logging.handlers", "mailbox", "mimetypes", "numbers", "operator", "optparse", "os", "pathlib",
-    "pdb", "pickle", "pickletools", "platform", "poplib", "pprint", "pydoc", "queue", "quopri", "random", "re",
-    "sched", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver", "statistics",
-    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace",
-    "traceback", "typing", "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid",
-    "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile",
+    "argparse",
+    "ast",
+    "asyncio.events",
+    "asyncio.streams",
+    "base64",
+    "bdb",
+    "bisect",
+    "calendar",
+    "cmd",
+    "codecs",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email.message",
+    "email.utils",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "heapq",
+    "hmac",
+    "html.parser",
+    "http.client",
+    "http.cookiejar",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "json",
+    "logging",
+    "logging.handlers",
+    "mailbox",
+    "mimetypes",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "pathlib",
+    "pdb",
+    "pickle",
+    "pickletools",
+    "platform",
+    "poplib",
+    "pprint",
+    "pydoc",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "sched",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "typing",
+    "unittest.case",
+    "unittest.mock",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
 )
 
 _MIN_CHARS, _MAX_CHARS, _MIN_WORDS = 60, 600, 10
@@ -53,9 +136,8 @@ def _docstrings(mod: Any) -> Iterator[str]:
     for attr, obj in sorted(vars(mod).items()):
         if attr.startswith("_") or getattr(obj, "__module__", None) != name:
             continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            if obj.__doc__:  # own __doc__ only: getdoc would repeat the base class's text
-                yield obj.__doc__
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__:
+            yield obj.__doc__  # own __doc__ only: getdoc would repeat the base class's text
         if inspect.isclass(obj):
             for m, f in sorted(vars(obj).items()):
                 if (not m.startswith("_") or m == "__init__") and inspect.isfunction(f) and f.__doc__:
@@ -130,15 +212,18 @@ def read_texts(file: str | Path) -> list[str]:
         raise HwpruneError(f"calibration file {path} does not exist; pass a .txt or .jsonl file to --calib")
     ext = path.suffix.lower()
     if ext not in (".txt", ".jsonl"):
-        raise HwpruneError(f"{path}: unknown calibration format {ext or '(no extension)'!r}; "
-                           "use .txt (one text per line) or .jsonl (one {\"text\": ...} object per line)")
+        raise HwpruneError(
+            f"{path}: unknown calibration format {ext or '(no extension)'!r}; "
+            'use .txt (one text per line) or .jsonl (one {"text": ...} object per line)'
+        )
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise HwpruneError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8") from None
+        bad_line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise HwpruneError(f"{path}:{bad_line}: not valid UTF-8; save the file as UTF-8") from None
     texts: list[str] = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    for lineno, text in enumerate(raw.splitlines(), start=1):
+        line = text
         if not line.strip():
             continue
         if ext == ".txt":
@@ -147,26 +232,33 @@ def read_texts(file: str | Path) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise HwpruneError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one "
-                               "object like {\"text\": \"...\"}") from None
+            raise HwpruneError(
+                f'{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object like {{"text": "..."}}'
+            ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise HwpruneError(f"{path}:{lineno}: expected an object with a string field \"text\", "
-                               f"got {type(obj).__name__}{' without it' if isinstance(obj, dict) else ''}")
+            raise HwpruneError(
+                f'{path}:{lineno}: expected an object with a string field "text", '
+                f"got {type(obj).__name__}{' without it' if isinstance(obj, dict) else ''}"
+            )
         if obj["text"].strip():
             texts.append(obj["text"].strip())
     if not texts:
-        raise HwpruneError(f"{path}: no texts found; put one text per line (.txt) "
-                           "or one {\"text\": ...} object per line (.jsonl)")
+        raise HwpruneError(
+            f'{path}: no texts found; put one text per line (.txt) or one {{"text": ...}} object per line (.jsonl)'
+        )
     return texts
 
 
-def split_texts(texts: Sequence[str], *, n_calib: int, n_heldout: int, seed: int = 0,
-                where: str = "texts") -> tuple[list[str], list[str]]:
+def split_texts(
+    texts: Sequence[str], *, n_calib: int, n_heldout: int, seed: int = 0, where: str = "texts"
+) -> tuple[list[str], list[str]]:
     """(calibration, held-out): disjoint, deduplicated, shuffled by ``seed``; held-out comes first."""
     uniq = list(dict.fromkeys(texts))  # dedupe, keep first occurrence: held-out never repeats a calib text
     need = n_calib + n_heldout
     if len(uniq) < need:
-        raise HwpruneError(f"{where}: {len(uniq)} distinct texts, but n_calib={n_calib} + n_heldout={n_heldout} "
-                           f"= {need} are needed; add texts or lower --n-calib / --n-heldout")
+        raise HwpruneError(
+            f"{where}: {len(uniq)} distinct texts, but n_calib={n_calib} + n_heldout={n_heldout} "
+            f"= {need} are needed; add texts or lower --n-calib / --n-heldout"
+        )
     random.Random(seed).shuffle(uniq)
     return uniq[n_heldout:need], uniq[:n_heldout]

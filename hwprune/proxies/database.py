@@ -23,11 +23,11 @@ class Track:
     """One unit's fit: ``order`` removes elements first to last; ``errors[s]`` is the error at kept size s."""
 
     unit: Unit
-    order: np.ndarray    # (full,) int64 element ids, least important first
-    errors: np.ndarray   # (full + 1,) float64 indexed by kept size; NaN below the smallest allowed size
+    order: np.ndarray  # (full,) int64 element ids, least important first
+    errors: np.ndarray  # (full + 1,) float64 indexed by kept size; NaN below the smallest allowed size
 
     def kept(self, size: int) -> tuple[int, ...]:
-        return tuple(sorted(int(i) for i in self.order[self.unit.full - size:]))
+        return tuple(sorted(int(i) for i in self.order[self.unit.full - size :]))
 
 
 def monotone(err_by_size: np.ndarray) -> np.ndarray:
@@ -46,7 +46,7 @@ def curve(err_by_removed: np.ndarray, unit: Unit, energy: float) -> np.ndarray:
     """Errors indexed by removed count (0..k) -> normalised, monotone errors indexed by kept size."""
     out = np.full(unit.full + 1, np.nan)
     k = len(err_by_removed) - 1
-    out[unit.full - k:] = np.asarray(err_by_removed, dtype=np.float64)[::-1] / max(energy, 1e-30)
+    out[unit.full - k :] = np.asarray(err_by_removed, dtype=np.float64)[::-1] / max(energy, 1e-30)
     return monotone(out)
 
 
@@ -56,9 +56,9 @@ def prefix_errors(weight: torch.Tensor, moment: torch.Tensor, order: np.ndarray,
     ``weight`` (out, n*granule) and ``moment`` (n*granule, n*granule) in float64; element e owns
     columns e*granule .. (e+1)*granule - 1.
     """
-    a = (weight.T @ weight) * moment                         # column-pair contributions
+    a = (weight.T @ weight) * moment  # column-pair contributions
     n = a.shape[0] // granule
-    g = a.reshape(n, granule, n, granule).sum((1, 3))        # element-pair contributions
+    g = a.reshape(n, granule, n, granule).sum((1, 3))  # element-pair contributions
     idx = torch.as_tensor(order, dtype=torch.long)
     c = g[idx][:, idx].cumsum(0).cumsum(1)
     return np.concatenate([[0.0], torch.diagonal(c).numpy()])

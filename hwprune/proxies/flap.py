@@ -16,11 +16,10 @@ def fluctuation(weight: torch.Tensor, var: torch.Tensor, granule: int = 1) -> to
     return (var * weight.square().sum(0)).reshape(-1, granule).sum(1)
 
 
-def compensated_bias(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                     kept_cols: torch.Tensor) -> torch.Tensor:
+def compensated_bias(
+    weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, kept_cols: torch.Tensor
+) -> torch.Tensor:
     """b + W[:, P] mean(x_P) for the removed columns P: the removed channels' average contribution."""
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[kept_cols] = False
     return bias + weight[:, removed] @ mean[removed]
-
-

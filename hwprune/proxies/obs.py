@@ -40,8 +40,8 @@ def _group_errors(w: torch.Tensor, hinv: torch.Tensor, g: int) -> torch.Tensor:
         return w.square().sum(0) / torch.diagonal(hinv)
     k = w.shape[1] // g
     idx = torch.arange(k)
-    blocks = hinv.reshape(k, g, k, g)[idx, :, idx, :]            # (k, g, g)
-    wb = w.reshape(w.shape[0], k, g).permute(1, 0, 2)             # (k, out, g)
+    blocks = hinv.reshape(k, g, k, g)[idx, :, idx, :]  # (k, g, g)
+    wb = w.reshape(w.shape[0], k, g).permute(1, 0, 2)  # (k, out, g)
     return (torch.linalg.solve(blocks, wb.transpose(1, 2)).transpose(1, 2) * wb).sum((1, 2))
 
 
@@ -66,16 +66,17 @@ def _block_order(w: np.ndarray, h: np.ndarray) -> tuple[list[int], list[float]]:
     return order, errs
 
 
-def obs_order(weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, stop: int = 0,
-              block: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+def obs_order(
+    weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, stop: int = 0, block: float = 0.02
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy structured OBS down to ``stop`` kept groups.
 
     Returns (order of all groups, least important first; error of each removal step). The steps'
     errors add up to the least-squares error of the kept set.
     """
     w, h = weight.clone(), hinv.clone()
-    ids = torch.arange(weight.shape[1] // granule)    # group id of each stored group slot
-    dead = torch.zeros(len(ids), dtype=torch.bool)   # removed groups stay stored until compaction
+    ids = torch.arange(weight.shape[1] // granule)  # group id of each stored group slot
+    dead = torch.zeros(len(ids), dtype=torch.bool)  # removed groups stay stored until compaction
     order: list[int] = []
     steps: list[float] = []
     while (k := int((~dead).sum())) > stop:
@@ -113,5 +114,3 @@ def ls_weights(weight: torch.Tensor, hd: torch.Tensor, cols: torch.Tensor) -> to
     """argmin_W' trace((W - W'_K) Hd (W - W'_K)^T) with W' zero outside ``cols``: W Hd[:,K] Hd[K,K]^-1."""
     chol = torch.linalg.cholesky(hd[cols][:, cols])
     return torch.cholesky_solve(hd[cols] @ weight.T, chol).T
-
-

@@ -9,8 +9,9 @@ O(width^2) per projection: activations are never stored.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -22,11 +23,11 @@ class SublayerStats:
     """Running sums over ``count`` tokens of the ``width``-dim input of one output projection."""
 
     width: int
-    xtx: torch.Tensor = field(init=False)     # (width, width) float64
-    sum: torch.Tensor = field(init=False)     # (width,) float64
-    sumsq: torch.Tensor = field(init=False)   # (width,) float64
+    xtx: torch.Tensor = field(init=False)  # (width, width) float64
+    sum: torch.Tensor = field(init=False)  # (width,) float64
+    sumsq: torch.Tensor = field(init=False)  # (width,) float64
     count: int = 0
-    resid_sq: float = 0.0                     # sum over tokens of ||residual entering the sublayer||^2
+    resid_sq: float = 0.0  # sum over tokens of ||residual entering the sublayer||^2
     resid_count: int = 0
 
     def __post_init__(self) -> None:
@@ -90,8 +91,15 @@ def progress_bar(enabled: bool) -> Any:
 
     console = Console(stderr=True)
     live = enabled and (console.is_terminal or console.is_jupyter)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not live)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not live,
+    )
 
 
 def length_batches(inputs: Mapping[str, torch.Tensor], batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,7 +108,7 @@ def length_batches(inputs: Mapping[str, torch.Tensor], batch: int) -> list[tuple
     order = torch.argsort(mask.sum(1), stable=True)
     out = []
     for i in range(0, len(order), batch):
-        sel = order[i:i + batch]
+        sel = order[i : i + batch]
         n = max(int(mask[sel].sum(1).max()), 1)
         out.append((ids[sel, :n], mask[sel, :n]))
     return out

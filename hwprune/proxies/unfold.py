@@ -11,8 +11,9 @@ sums batch by batch; consumers are split over several passes when their matrices
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +23,9 @@ __all__ = ["InputStats", "collect_input_stats", "unfold_input"]
 
 @dataclass
 class InputStats:
-    width: int                                # columns: C * kh * kw (conv) or in_features (linear)
-    xtx: torch.Tensor = field(init=False)     # (width, width) float64, sum of x x^T over patches
-    sum: torch.Tensor = field(init=False)     # (width,) float64
+    width: int  # columns: C * kh * kw (conv) or in_features (linear)
+    xtx: torch.Tensor = field(init=False)  # (width, width) float64, sum of x x^T over patches
+    sum: torch.Tensor = field(init=False)  # (width,) float64
     count: int = 0
 
     def __post_init__(self) -> None:
@@ -51,20 +52,28 @@ def unfold_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     assert isinstance(layer, nn.Conv2d) and layer.groups == 1
-    cols = nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                                stride=layer.stride)  # (N, C*kh*kw, L)
+    cols = nn.functional.unfold(
+        x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+    )  # (N, C*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def _width(layer: nn.Module) -> int:
     if isinstance(layer, nn.Linear):
-        return layer.in_features
-    return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        return int(layer.in_features)
+    return int(layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1])
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, names: Sequence[str], images: torch.Tensor, *, batch: int = 16,
-                        max_bytes: int = 1 << 30, max_rows: int = 4096) -> dict[str, InputStats]:
+def collect_input_stats(
+    model: nn.Module,
+    names: Sequence[str],
+    images: torch.Tensor,
+    *,
+    batch: int = 16,
+    max_bytes: int = 1 << 30,
+    max_rows: int = 4096,
+) -> dict[str, InputStats]:
     """Statistics of the inputs of layers ``names`` of ``model`` over ``images``.
 
     ``max_rows`` patches per layer and batch are kept (a fixed random subset of positions): large
@@ -93,13 +102,14 @@ def collect_input_stats(model: nn.Module, names: Sequence[str], images: torch.Te
                 rows = unfold_input(mod, inp[0])
                 if rows.shape[0] > max_rows:
                     rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
-                stats[name].add(rows)
+                stats[name].add(rows)  # noqa: B023 (the hook is removed before stats is rebound)
+
             return fn
 
         handles = [mods[n].register_forward_hook(hook(n)) for n in group]
         try:
             for i in range(0, images.shape[0], batch):
-                model(images[i:i + batch])
+                model(images[i : i + batch])
         finally:
             for h in handles:
                 h.remove()

@@ -12,8 +12,19 @@ from hwprune.search.pareto import Evaluation, ParetoSet, pareto_mask
 from hwprune.search.run import SearchConfig, SearchResult, budgets_for, pick_within, search
 
 __all__ = [
-    "DPSolution", "solve_dp", "fastest_ms", "max_speedup",
-    "Seed", "run_nsga", "uniform_seed",
-    "Evaluation", "ParetoSet", "pareto_mask",
-    "SearchConfig", "SearchResult", "search", "budgets_for", "pick_within",
+    "DPSolution",
+    "solve_dp",
+    "fastest_ms",
+    "max_speedup",
+    "Seed",
+    "run_nsga",
+    "uniform_seed",
+    "Evaluation",
+    "ParetoSet",
+    "pareto_mask",
+    "SearchConfig",
+    "SearchResult",
+    "search",
+    "budgets_for",
+    "pick_within",
 ]

@@ -17,8 +17,8 @@ the budget may be missed, so the result is optimal for every budget ``<= budget 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -31,8 +31,8 @@ __all__ = ["DPSolution", "solve_dp", "fastest_ms", "max_speedup", "floor2"]
 @dataclass(frozen=True)
 class DPSolution:
     candidate: Candidate
-    predicted_ms: float   # base_ms + summed real (not bucketed) costs of the chosen levels
-    error: float          # summed per-unit error of the chosen levels
+    predicted_ms: float  # base_ms + summed real (not bucketed) costs of the chosen levels
+    error: float  # summed per-unit error of the chosen levels
     budget_ms: float
 
 
@@ -91,7 +91,8 @@ def solve_dp(
         raise TargetUnreachableError(
             f"latency budget {budget_ms:.4g} ms is below the fastest candidate in this space ({fixed:.4g} ms); "
             f"the largest reachable speedup is {floor2(dense_ms / fixed):.2f}x: lower the target "
-            "or allow smaller sizes (min, allow_remove) in the search space")
+            "or allow smaller sizes (min, allow_remove) in the search space"
+        )
     slack = budget_ms - fixed
     shifted = [c - f for c, f in zip(cs, floors)]  # >= 0; the cheapest level of each unit costs 0 buckets
     if slack > 0:
@@ -126,7 +127,7 @@ def solve_dp(
         j = int(choice[i, b])
         picks[i] = j
         b -= int(bucketed[i][j])
-    cand = Candidate(tuple(u.sizes[j] for u, j in zip(space.units, picks)))
+    pick = Candidate(tuple(u.sizes[j] for u, j in zip(space.units, picks)))
     ms = float(base_ms + sum(float(c[j]) for c, j in zip(cs, picks)))
-    err = float(sum(float(e[j]) for e, j in zip(es, picks)))
-    return DPSolution(candidate=cand, predicted_ms=ms, error=err, budget_ms=float(budget_ms))
+    total_err = float(sum(float(e[j]) for e, j in zip(es, picks)))
+    return DPSolution(candidate=pick, predicted_ms=ms, error=total_err, budget_ms=float(budget_ms))

@@ -17,9 +17,9 @@ import hashlib
 import json
 import math
 import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -44,8 +44,9 @@ class Seed:
     source: str  # "dp", "uniform" or "dense"
 
 
-def uniform_seed(space: PruningSpace, predict: Callable[[Candidate], float], budget_ms: float,
-                 *, steps: int = 200) -> Candidate | None:
+def uniform_seed(
+    space: PruningSpace, predict: Callable[[Candidate], float], budget_ms: float, *, steps: int = 200
+) -> Candidate | None:
     """The least-pruned uniform candidate (same fraction kept everywhere) within ``budget_ms``."""
     best: tuple[float, float, Candidate] | None = None
     for f in np.linspace(0.0, 1.0, steps + 1):
@@ -66,22 +67,25 @@ def _clean_scores(raw: Mapping[str, object]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in raw.items():
         if isinstance(v, numbers.Real) or (hasattr(v, "item") and getattr(v, "ndim", 1) == 0):
-            out[str(k)] = float(v)  # type: ignore[arg-type]
+            out[str(k)] = float(v)  # type: ignore[arg-type]  # numpy 0-d arrays convert, their stub says no
     if "distance" not in out:
-        raise HwpruneError(f"the end-to-end scorer returned no 'distance' (keys: {sorted(raw)}); "
-                           "it must return a dict with a numeric 'distance'")
+        raise HwpruneError(
+            f"the end-to-end scorer returned no 'distance' (keys: {sorted(raw)}); "
+            "it must return a dict with a numeric 'distance'"
+        )
     return out
 
 
 def _to_evaluation(cand: Candidate, ms: float, scores: Mapping[str, float], source: str) -> Evaluation:
     s = dict(scores)
     params = s.pop("params", 0.0)
-    return Evaluation(candidate=cand, predicted_ms=ms, scores=s,
-                      params=int(params) if math.isfinite(params) else 0, source=source)
+    return Evaluation(
+        candidate=cand, predicted_ms=ms, scores=s, params=int(params) if math.isfinite(params) else 0, source=source
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
-    cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cur = dbapi_conn.cursor()  # type: ignore[attr-defined]  # SQLAlchemy types the DB-API connection as Any-less
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
@@ -98,8 +102,9 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(old)
 
 
-def _open_study(path: Path, *, space: PruningSpace, seed: int,
-                population: int) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+def _open_study(
+    path: Path, *, space: PruningSpace, seed: int, population: int
+) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     storage = optuna.storages.RDBStorage(url=f"sqlite:///{path.resolve()}")
     # Optuna commits once per suggested parameter; with SQLite's default rollback journal each
     # commit is an fsync (~10 ms here), which made storage 2/3 of a search. WAL + synchronous=NORMAL
@@ -107,16 +112,23 @@ def _open_study(path: Path, *, space: PruningSpace, seed: int,
     sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
     storage.engine.dispose()  # reopen pooled connections so they get the pragmas
     sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-    study = optuna.create_study(storage=storage, sampler=sampler, study_name=STUDY_NAME,
-                                directions=["minimize", "minimize"], load_if_exists=True)
+    study = optuna.create_study(
+        storage=storage,
+        sampler=sampler,
+        study_name=STUDY_NAME,
+        directions=["minimize", "minimize"],
+        load_if_exists=True,
+    )
     sig = _space_signature(space)
     old = study.user_attrs.get("space_signature")
     if old is None:
         study.set_user_attr("space_signature", sig)
         study.set_user_attr("units", [u.name for u in space.units])
     elif old != sig:
-        raise HwpruneError(f"{path} holds a study over a different pruning space; "
-                           "use a new run directory or delete study.db to start over")
+        raise HwpruneError(
+            f"{path} holds a study over a different pruning space; "
+            "use a new run directory or delete study.db to start over"
+        )
     return study, storage
 
 
@@ -147,14 +159,20 @@ def run_nsga(
                 if "sizes" in t.user_attrs and "scores" in t.user_attrs:
                     cand = Candidate(tuple(int(s) for s in t.user_attrs["sizes"]))
                     scores = {**t.user_attrs["scores"], "params": t.user_attrs.get("params", 0)}
-                    cache.setdefault(cand.key(), _to_evaluation(cand, float(predict(cand)), scores,
-                                                                t.user_attrs.get("source", "nsga")))
+                    cache.setdefault(
+                        cand.key(),
+                        _to_evaluation(cand, float(predict(cand)), scores, t.user_attrs.get("source", "nsga")),
+                    )
             done = sum(t.state in _DONE for t in study.get_trials(deepcopy=False))
             # A trial left RUNNING by an interrupted run is not counted and its seed is enqueued again.
-            queued = {Candidate(tuple(int(t.system_attrs["fixed_params"][n]) for n in names)).key()
-                      for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-            taken = {Candidate(tuple(int(t.params[n]) for n in names)).key()
-                     for t in study.get_trials(deepcopy=False, states=_DONE)}
+            queued = {
+                Candidate(tuple(int(t.system_attrs["fixed_params"][n]) for n in names)).key()
+                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            }
+            taken = {
+                Candidate(tuple(int(t.params[n]) for n in names)).key()
+                for t in study.get_trials(deepcopy=False, states=_DONE)
+            }
             for s in seeds:
                 k = s.candidate.key()
                 if k not in queued and k not in taken:
@@ -180,11 +198,16 @@ def run_nsga(
             remaining = max(0, trials - done)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            with Progress(TextColumn("[bold]NSGA-II"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          disable=not progress, transient=False) as bar:
+            with Progress(
+                TextColumn("[bold]NSGA-II"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                disable=not progress,
+                transient=False,
+            ) as bar:
                 task = bar.add_task("trials", total=trials, completed=done)
-                study.optimize(objective, n_trials=remaining, catch=(),
-                               callbacks=[lambda _s, _t: bar.advance(task)])
+                study.optimize(objective, n_trials=remaining, catch=(), callbacks=[lambda _s, _t: bar.advance(task)])
         finally:
             # Release the SQLite file so the run directory can be moved or deleted right away.
             storage.remove_session()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,9 +54,15 @@ class Evaluation:
         return d if math.isfinite(d) else math.inf  # a NaN distance ranks last, never on the front
 
     def to_json(self, space: PruningSpace, *, dense_ms: float) -> dict[str, Any]:
-        return {"key": self.key, "sizes": self.candidate.as_dict(space), "predicted_ms": self.predicted_ms,
-                "predicted_speedup": dense_ms / self.predicted_ms, "scores": dict(self.scores),
-                "params": self.params, "source": self.source}
+        return {
+            "key": self.key,
+            "sizes": self.candidate.as_dict(space),
+            "predicted_ms": self.predicted_ms,
+            "predicted_speedup": dense_ms / self.predicted_ms,
+            "scores": dict(self.scores),
+            "params": self.params,
+            "source": self.source,
+        }
 
 
 def pareto_mask(ms: np.ndarray, dist: np.ndarray) -> np.ndarray:
@@ -113,13 +120,20 @@ class ParetoSet:
         extra = sorted({k for e in self.evaluations for k in e.scores} - set(_FIXED))
         rows = []
         for e in self.evaluations:
-            row: dict[str, Any] = {"key": e.key, "predicted_ms": e.predicted_ms,
-                                   "predicted_speedup": self.dense_ms / e.predicted_ms,
-                                   "distance": float(e.scores["distance"]),
-                                   "cosine": float(e.scores.get("cosine", math.nan))}
+            row: dict[str, Any] = {
+                "key": e.key,
+                "predicted_ms": e.predicted_ms,
+                "predicted_speedup": self.dense_ms / e.predicted_ms,
+                "distance": float(e.scores["distance"]),
+                "cosine": float(e.scores.get("cosine", math.nan)),
+            }
             row.update({k: float(e.scores.get(k, math.nan)) for k in extra})
-            row.update(params=e.params, source=e.source, pareto=e.key in front,
-                       sizes=json.dumps(e.candidate.as_dict(self.space)))
+            row.update(
+                params=e.params,
+                source=e.source,
+                pareto=e.key in front,
+                sizes=json.dumps(e.candidate.as_dict(self.space)),
+            )
             rows.append(row)
         cols = [*_FIXED, *extra, "params", "source", "pareto", "sizes"]
         df = pd.DataFrame(rows, columns=cols)
@@ -130,8 +144,13 @@ class ParetoSet:
             self.to_frame().to_csv(tmp, index=False)
         return Path(path)
 
-    def plot(self, path: str | Path, *, budgets: Mapping[float, float] | None = None,
-             picks: Mapping[float, Evaluation] | None = None) -> Path:
+    def plot(
+        self,
+        path: str | Path,
+        *,
+        budgets: Mapping[float, float] | None = None,
+        picks: Mapping[float, Evaluation] | None = None,
+    ) -> Path:
         """Write the latency-vs-distance figure (PNG) atomically; ``budgets``: target -> budget ms."""
         # Figure + Agg canvas directly: no pyplot global state, no GUI backend, safe in threads.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,24 +160,56 @@ class ParetoSet:
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         evs = self.evaluations
-        ax.scatter([e.predicted_ms for e in evs], [e.distance for e in evs], s=12, color="0.55",
-                   alpha=0.3, label=f"evaluated ({len(evs)})")
+        ax.scatter(
+            [e.predicted_ms for e in evs],
+            [e.distance for e in evs],
+            s=12,
+            color="0.55",
+            alpha=0.3,
+            label=f"evaluated ({len(evs)})",
+        )
         uni = [e for e in evs if e.source == "uniform"]
         if uni:
-            ax.scatter([e.predicted_ms for e in uni], [e.distance for e in uni], marker="x", s=40,
-                       color="tab:purple", label="uniform baseline")
-        ax.plot([e.predicted_ms for e in self.front], [e.distance for e in self.front], "-o", ms=4,
-                color="tab:blue", drawstyle="steps-post", label=f"Pareto front ({len(self.front)})")
+            ax.scatter(
+                [e.predicted_ms for e in uni],
+                [e.distance for e in uni],
+                marker="x",
+                s=40,
+                color="tab:purple",
+                label="uniform baseline",
+            )
+        ax.plot(
+            [e.predicted_ms for e in self.front],
+            [e.distance for e in self.front],
+            "-o",
+            ms=4,
+            color="tab:blue",
+            drawstyle="steps-post",
+            label=f"Pareto front ({len(self.front)})",
+        )
         dense = [e for e in evs if e.source == "dense"]
-        ax.scatter([self.dense_ms], [dense[0].distance if dense else 0.0], marker="*", s=160,
-                   color="black", zorder=5, label=f"dense ({self.dense_ms:.3g} ms)")
+        ax.scatter(
+            [self.dense_ms],
+            [dense[0].distance if dense else 0.0],
+            marker="*",
+            s=160,
+            color="black",
+            zorder=5,
+            label=f"dense ({self.dense_ms:.3g} ms)",
+        )
         for i, (t, b) in enumerate(sorted((budgets or {}).items())):
-            ax.axvline(b, ls="--", lw=1, color=_BUDGET_COLORS[i % len(_BUDGET_COLORS)],
-                       label=f"{t:g}x budget ({b:.3g} ms)")
+            ax.axvline(
+                b, ls="--", lw=1, color=_BUDGET_COLORS[i % len(_BUDGET_COLORS)], label=f"{t:g}x budget ({b:.3g} ms)"
+            )
         for t, e in sorted((picks or {}).items()):
             ax.scatter([e.predicted_ms], [e.distance], s=70, facecolors="none", edgecolors="tab:red", zorder=6)
-            ax.annotate(f"{t:g}x pick {e.key}\n{self.dense_ms / e.predicted_ms:.2f}x, d={e.distance:.3g}",
-                        (e.predicted_ms, e.distance), textcoords="offset points", xytext=(6, 8), fontsize=7)
+            ax.annotate(
+                f"{t:g}x pick {e.key}\n{self.dense_ms / e.predicted_ms:.2f}x, d={e.distance:.3g}",
+                (e.predicted_ms, e.distance),
+                textcoords="offset points",
+                xytext=(6, 8),
+                fontsize=7,
+            )
         ax.set_xlabel("predicted latency (ms)")
         ax.set_ylabel("end-to-end distance to dense (lower is better)")
         ax.grid(alpha=0.3)

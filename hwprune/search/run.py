@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -29,8 +30,18 @@ from hwprune.space import Candidate, PruningSpace
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["SearchConfig", "SearchResult", "search", "budgets_for", "pick_within", "check_reachable", "dp_pick", "LatencyModel",
-           "ErrorModel", "ScorerLike"]
+__all__ = [
+    "SearchConfig",
+    "SearchResult",
+    "search",
+    "budgets_for",
+    "pick_within",
+    "check_reachable",
+    "dp_pick",
+    "LatencyModel",
+    "ErrorModel",
+    "ScorerLike",
+]
 
 PICKS_FORMAT = "hwprune.picks/1"
 _BUDGET_TOL = 1e-9  # relative; absorbs float summation order only
@@ -63,13 +74,13 @@ class ScorerLike(Protocol):
 
 @dataclass(frozen=True)
 class SearchConfig:
-    targets: tuple[float, ...]   # speedups over dense, each > 1
-    trials: int = 150            # finished trials in the study, seeds included
+    targets: tuple[float, ...]  # speedups over dense, each > 1
+    trials: int = 150  # finished trials in the study, seeds included
     seed: int = 0
-    buckets: int = 4000          # DP time resolution over each budget
-    margin: float = 0.0          # relative safety margin: budget = dense / (target * (1 + margin))
-    population: int = 24         # NSGA-II population size
-    pick_band: float = 0.15      # a target's pick comes from within 15 % of its budget when any is there
+    buckets: int = 4000  # DP time resolution over each budget
+    margin: float = 0.0  # relative safety margin: budget = dense / (target * (1 + margin))
+    population: int = 24  # NSGA-II population size
+    pick_band: float = 0.15  # a target's pick comes from within 15 % of its budget when any is there
 
     def __post_init__(self) -> None:
         t = self.targets
@@ -111,11 +122,11 @@ class SearchConfig:
 class SearchResult:
     config: SearchConfig
     dense_ms: float
-    budgets: dict[float, float]          # target -> budget ms
-    dp: dict[float, DPSolution]          # target -> DP pick under the additive model
+    budgets: dict[float, float]  # target -> budget ms
+    dp: dict[float, DPSolution]  # target -> DP pick under the additive model
     evaluations: tuple[Evaluation, ...]  # every distinct candidate scored end to end
     pareto: ParetoSet
-    picks: dict[float, Evaluation]       # target -> final pick
+    picks: dict[float, Evaluation]  # target -> final pick
     run_dir: Path
 
     @property
@@ -124,12 +135,21 @@ class SearchResult:
 
     def picks_json(self) -> dict[str, Any]:
         space = self.pareto.space
-        return {"format": PICKS_FORMAT, "dense_ms": self.dense_ms, "config": self.config.to_json(),
-                "picks": {str(t): {"target": t, "budget_ms": self.budgets[t],
-                                   "dp_key": self.dp[t].candidate.key() if t in self.dp else None,
-                                   "dp_error": self.dp[t].error if t in self.dp else None,
-                                   **e.to_json(space, dense_ms=self.dense_ms)}
-                          for t, e in self.picks.items()}}
+        return {
+            "format": PICKS_FORMAT,
+            "dense_ms": self.dense_ms,
+            "config": self.config.to_json(),
+            "picks": {
+                str(t): {
+                    "target": t,
+                    "budget_ms": self.budgets[t],
+                    "dp_key": self.dp[t].candidate.key() if t in self.dp else None,
+                    "dp_error": self.dp[t].error if t in self.dp else None,
+                    **e.to_json(space, dense_ms=self.dense_ms),
+                }
+                for t, e in self.picks.items()
+            },
+        }
 
 
 def budgets_for(config: SearchConfig, dense_ms: float) -> dict[float, float]:
@@ -156,25 +176,36 @@ def _evaluator(proxy_state: ErrorModel, scorer: ScorerLike) -> Evaluate:
         scores = dict(scorer.score(model))
         scores["params"] = sum(p.numel() for p in model.parameters())
         return scores
+
     return evaluate
 
 
-def dp_pick(space: PruningSpace, predictor: LatencyModel, errors: list[np.ndarray], budget_ms: float, *,
-             buckets: int, dense_ms: float, rounds: int = 6) -> DPSolution | None:
+def dp_pick(
+    space: PruningSpace,
+    predictor: LatencyModel,
+    errors: list[np.ndarray],
+    budget_ms: float,
+    *,
+    buckets: int,
+    dense_ms: float,
+    rounds: int = 6,
+) -> DPSolution | None:
     """Exact DP for an additive predictor; for a non-additive one (CNN convs depend on two groups),
     DP on a linearisation re-centred on its own pick until the exact ``predict`` meets the budget
     (the budget shrinks by the overshoot each round). None when no round meets it: NSGA-II and the
     uniform seeds then carry the target."""
     if predictor.additive:
         base_ms, costs = predictor.unit_costs()
-        return solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=budget_ms, buckets=buckets,
-                        dense_ms=dense_ms)
+        return solve_dp(
+            space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=budget_ms, buckets=buckets, dense_ms=dense_ms
+        )
     ref, b, best = space.dense(), budget_ms, None
     for _ in range(rounds):
         base_ms, costs = predictor.linearized_at(ref).unit_costs()
         try:
-            sol = solve_dp(space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=b, buckets=buckets,
-                           dense_ms=dense_ms)
+            sol = solve_dp(
+                space, base_ms=base_ms, costs=costs, errors=errors, budget_ms=b, buckets=buckets, dense_ms=dense_ms
+            )
         except HwpruneError:
             break
         exact = predictor.predict(sol.candidate)
@@ -198,7 +229,8 @@ def check_reachable(config: SearchConfig, predictor: LatencyModel) -> None:
             f"target {max(too_far):g}x is unreachable: the fastest candidate in this space is predicted at "
             f"{fast:.4g} ms vs {dense_ms:.4g} ms dense, so the largest reachable speedup is "
             f"{floor2(reach):.2f}x{with_margin}; lower the target or allow smaller sizes (min, allow_remove) "
-            "in the space")
+            "in the space"
+        )
 
 
 def search(
@@ -231,19 +263,38 @@ def search(
     seeds.append(Seed(space.dense(), "dense"))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    evaluations = run_nsga(space=space, predict=predictor.predict, evaluate=_evaluator(proxy_state, scorer),
-                           dense_ms=dense_ms, storage_path=run_dir / "study.db", trials=config.trials,
-                           seed=config.seed, population=config.population, seeds=seeds, progress=progress)
+    evaluations = run_nsga(
+        space=space,
+        predict=predictor.predict,
+        evaluate=_evaluator(proxy_state, scorer),
+        dense_ms=dense_ms,
+        storage_path=run_dir / "study.db",
+        trials=config.trials,
+        seed=config.seed,
+        population=config.population,
+        seeds=seeds,
+        progress=progress,
+    )
     picks: dict[float, Evaluation] = {}
     for t, b in budgets.items():
         p = pick_within(evaluations, b, band=config.pick_band)
         if p is None:
-            raise HwpruneError(f"no evaluated candidate meets the {t:g}x budget ({b:.4g} ms); raise trials to at "
-                               f"least {2 * len(budgets) + 1} so every DP seed is scored")
+            raise HwpruneError(
+                f"no evaluated candidate meets the {t:g}x budget ({b:.4g} ms); raise trials to at "
+                f"least {2 * len(budgets) + 1} so every DP seed is scored"
+            )
         picks[t] = p
     pareto = ParetoSet.of(evaluations, space=space, dense_ms=dense_ms)
-    result = SearchResult(config=config, dense_ms=dense_ms, budgets=budgets, dp=dp, evaluations=pareto.evaluations,
-                          pareto=pareto, picks=picks, run_dir=run_dir)
+    result = SearchResult(
+        config=config,
+        dense_ms=dense_ms,
+        budgets=budgets,
+        dp=dp,
+        evaluations=pareto.evaluations,
+        pareto=pareto,
+        picks=picks,
+        run_dir=run_dir,
+    )
     _write_outputs(result)
     return result
 

@@ -7,8 +7,8 @@ input and the classifier output stay whole). Named models: torchvision's ``resne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hwprune.families import register_model, register_resolver
 from hwprune.families.cnn import proxies  # noqa: F401  (registers the proxies)
@@ -20,6 +20,7 @@ __all__ = ["CnnAdapter"]
 def _named(name: str) -> Callable[[], CnnAdapter]:
     def make() -> CnnAdapter:
         return CnnAdapter(name)
+
     return make
 
 

@@ -13,9 +13,10 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -52,11 +53,13 @@ def parse_input_shape(value: str | Sequence[int] | None) -> tuple[int, int, int,
     except (TypeError, ValueError):
         raise HwpruneError(f"--input-shape {value!r} is not a list of integers; use N,C,H,W e.g. 1,3,224,224") from None
     if len(dims) != 4:
-        raise HwpruneError(f"--input-shape {','.join(map(str, dims))} has rank {len(dims)}; CNN models take a "
-                           "rank-4 N,C,H,W shape, e.g. 1,3,224,224")
+        raise HwpruneError(
+            f"--input-shape {','.join(map(str, dims))} has rank {len(dims)}; CNN models take a "
+            "rank-4 N,C,H,W shape, e.g. 1,3,224,224"
+        )
     if min(dims) < 1:
         raise HwpruneError(f"--input-shape {','.join(map(str, dims))} has a non-positive dimension")
-    return dims  # type: ignore[return-value]
+    return dims[0], dims[1], dims[2], dims[3]
 
 
 def import_factory(path: str) -> Callable[[], nn.Module]:
@@ -70,16 +73,18 @@ def import_factory(path: str) -> Callable[[], nn.Module]:
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # ImportError, or the user's module failing at import time
-        raise HwpruneError(f"--model {path!r}: cannot import {mod_name!r} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); is it on PYTHONPATH?") from None
-    fn = mod
+        raise HwpruneError(
+            f"--model {path!r}: cannot import {mod_name!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); is it on PYTHONPATH?"
+        ) from None
+    fn: Any = mod
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
             raise HwpruneError(f"--model {path!r}: module {mod_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise HwpruneError(f"--model {path!r}: {attr!r} is not callable; it must return an nn.Module")
-    return fn  # type: ignore[return-value]
+    return fn  # checked callable above; _build checks what it returns
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -89,8 +94,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise HwpruneError(f"--weights {path}: only .safetensors files are read (hwprune never unpickles); convert "
-                           "with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
+        raise HwpruneError(
+            f"--weights {path}: only .safetensors files are read (hwprune never unpickles); convert "
+            "with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
+        )
     if not path.is_file():
         raise HwpruneError(f"--weights {path} does not exist")
     try:
@@ -102,12 +109,14 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         if k not in state:
             raise HwpruneError(f"--weights {path}: tensor {k!r} is missing; were the weights saved from this model?")
         if tuple(state[k].shape) != tuple(t.shape):
-            raise HwpruneError(f"--weights {path}: {k!r} has shape {tuple(state[k].shape)}, the model needs "
-                               f"{tuple(t.shape)}")
+            raise HwpruneError(
+                f"--weights {path}: {k!r} has shape {tuple(state[k].shape)}, the model needs {tuple(t.shape)}"
+            )
     extra = sorted(set(state) - set(ours))
     if extra:
-        raise HwpruneError(f"--weights {path}: tensor {extra[0]!r} is not in the model; were the weights saved "
-                           "from this model?")
+        raise HwpruneError(
+            f"--weights {path}: tensor {extra[0]!r} is not in the model; were the weights saved from this model?"
+        )
     model.load_state_dict({k: v.to(ours[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -142,8 +151,14 @@ class CnnAdapter(Family):
     #: and 64 images of 224x224 give stable input covariances for every conv of the named models
     default_n_calib = 64
 
-    def __init__(self, model: str, *, input_shape: str | Sequence[int] | None = None,
-                 weights: str | Path | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        input_shape: str | Sequence[int] | None = None,
+        weights: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
         self.model, self.seed = model, seed
         self.input_shape = parse_input_shape(input_shape)
         self.weights = Path(weights) if weights is not None else None
@@ -155,8 +170,12 @@ class CnnAdapter(Family):
 
     def configure(self, *, weights: str | None = None, input_shape: Sequence[int] | None = None) -> "CnnAdapter":
         """The same model with other weights and/or input shape (what ``--weights``/``--input-shape`` set)."""
-        return CnnAdapter(self.model, input_shape=input_shape if input_shape is not None else self.input_shape,
-                          weights=weights if weights is not None else self.weights, seed=self.seed)
+        return CnnAdapter(
+            self.model,
+            input_shape=input_shape if input_shape is not None else self.input_shape,
+            weights=weights if weights is not None else self.weights,
+            seed=self.seed,
+        )
 
     def shape_tag(self, *, seq: int = 0) -> str:
         """Image size for table file names, e.g. ``3x224x224`` (batch is tagged separately)."""
@@ -168,8 +187,13 @@ class CnnAdapter(Family):
 
     # ---- identity -----------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
-        return {"family": self.family, "model": self.model, "input_shape": list(self.input_shape),
-                "weights": str(self.weights) if self.weights else None, "seed": self.seed}
+        return {
+            "family": self.family,
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "weights": str(self.weights) if self.weights else None,
+            "seed": self.seed,
+        }
 
     def arch(self) -> dict[str, Any]:
         return {"model": self.model, "input_shape": list(self.input_shape)}
@@ -186,8 +210,10 @@ class CnnAdapter(Family):
         m = _build(self.model, seed=self.seed)
         first = next((x for x in m.modules() if isinstance(x, nn.Conv2d)), None)
         if first is not None and first.in_channels != self.input_shape[1]:
-            raise HwpruneError(f"--input-shape {','.join(map(str, self.input_shape))} has {self.input_shape[1]} "
-                               f"channels but the model's first conv takes {first.in_channels}")
+            raise HwpruneError(
+                f"--input-shape {','.join(map(str, self.input_shape))} has {self.input_shape[1]} "
+                f"channels but the model's first conv takes {first.in_channels}"
+            )
         if self.weights is not None:
             load_weights(m, self.weights)
         elif self.model in NAMED_CNNS:
@@ -228,8 +254,10 @@ class CnnAdapter(Family):
         sp = super().space(path)
         removable = [u.name for u in sp.units if 0 in u.sizes]
         if removable:
-            raise HwpruneError(f"{sp.source}: unit {removable[0]!r} allows 0 channels; channel groups keep at least "
-                               "one channel, set allow_remove: false")
+            raise HwpruneError(
+                f"{sp.source}: unit {removable[0]!r} allows 0 channels; channel groups keep at least "
+                "one channel, set allow_remove: false"
+            )
         return sp
 
     # ---- surgery ------------------------------------------------------------------------------
@@ -246,12 +274,19 @@ class CnnAdapter(Family):
         return prune_cnn(m, plan, self.example_inputs(batch=1)["input"], inplace=True)
 
     # ---- latency, accuracy, reports ------------------------------------------------------------
-    def measure_latency(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
-                        progress: bool = True, budget_s: float | None = None) -> tuple["pd.DataFrame", dict[str, Any]]:
+    def measure_latency(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        seq: int,
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple["pd.DataFrame", dict[str, Any]]:
         from hwprune.families.cnn.profile import measure
 
-        extra = {"budget_s": budget_s} if budget_s is not None else {}
-        return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, **extra)
+        return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s)
 
     def predictor(self, table: "LatencyTable", space: PruningSpace) -> "CnnPredictor":
         """Per-conv bilinear lookups (a conv depends on two groups): not additive, linearised for the DP."""
@@ -259,20 +294,28 @@ class CnnAdapter(Family):
 
         return CnnPredictor(table, space)
 
-    def prepare_profiling(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
-                          progress: bool = True, levels: int | None = None) -> "Profiling":
+    def prepare_profiling(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        seq: int,
+        space: PruningSpace,
+        progress: bool = True,
+        levels: int | None = None,
+    ) -> "Profiling":
         from hwprune.families.cnn.profile import prepare
 
-        return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress, **({"levels": levels} if levels is not None else {}))
+        return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels)
 
-    def load_calib(self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int = 0,
-                   seed: int = 0) -> "CalibData":
+    def load_calib(
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int = 0, seed: int = 0
+    ) -> "CalibData":
         """Images from ``source`` (.npy/.pt/.safetensors) or generated; at most :attr:`default_n_calib`
         calibration images (see there)."""
         from hwprune.families.cnn.calib import load_cnn_calib
 
-        return load_cnn_calib(self, source, n_calib=min(n_calib, self.default_n_calib), n_heldout=n_heldout,
-                              seed=seed)
+        return load_cnn_calib(self, source, n_calib=min(n_calib, self.default_n_calib), n_heldout=n_heldout, seed=seed)
 
     def scorer(self, calib: "CalibData") -> "CnnScorer":
         from hwprune.families.cnn.scorer import CnnScorer

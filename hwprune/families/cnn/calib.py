@@ -41,8 +41,10 @@ def read_images(path: str | Path) -> torch.Tensor:
             if isinstance(obj, dict) and len(obj) == 1:
                 obj = next(iter(obj.values()))
             if not isinstance(obj, torch.Tensor):
-                raise HwpruneError(f"{path}: holds a {type(obj).__name__}, not one tensor; save the images with "
-                                   "torch.save(tensor, path)")
+                raise HwpruneError(
+                    f"{path}: holds a {type(obj).__name__}, not one tensor; save the images with "
+                    "torch.save(tensor, path)"
+                )
             x = obj
         elif ext == ".safetensors":
             from safetensors.torch import load_file
@@ -52,8 +54,10 @@ def read_images(path: str | Path) -> torch.Tensor:
                 raise HwpruneError(f"{path}: holds {len(d)} tensors; name the images 'input'")
             x = d.get("input", next(iter(d.values())))
         else:
-            raise HwpruneError(f"{path}: unknown calibration format {ext or '(no extension)'!r}; use .npy, .pt "
-                               "or .safetensors holding an (N, C, H, W) tensor")
+            raise HwpruneError(
+                f"{path}: unknown calibration format {ext or '(no extension)'!r}; use .npy, .pt "
+                "or .safetensors holding an (N, C, H, W) tensor"
+            )
     except HwpruneError:
         raise
     except Exception as e:  # numpy/torch/safetensors each raise their own types for corrupt files
@@ -70,8 +74,9 @@ def generated_images(shape: tuple[int, int, int, int], n: int, *, seed: int = 0)
     return torch.randn(n, *shape[1:], generator=g)
 
 
-def load_cnn_calib(adapter: Any, file: str | Path | None = None, *, n_calib: int = 64, n_heldout: int = 64,
-                   seed: int = 0) -> CalibData:
+def load_cnn_calib(
+    adapter: Any, file: str | Path | None = None, *, n_calib: int = 64, n_heldout: int = 64, seed: int = 0
+) -> CalibData:
     """Disjoint calibration and held-out images for ``adapter`` (a CNN adapter); held-out comes first.
 
     A file shorter than ``n_calib + n_heldout`` is split proportionally (at least one image each).
@@ -80,12 +85,17 @@ def load_cnn_calib(adapter: Any, file: str | Path | None = None, *, n_calib: int
         raise HwpruneError(f"n_calib={n_calib}, n_heldout={n_heldout}: both must be >= 1")
     want = tuple(adapter.input_shape[1:])
     if file is None:
-        x, source = generated_images(adapter.input_shape, n_calib + n_heldout, seed=seed), f"generated N(0,1) seed={seed}"
+        x, source = (
+            generated_images(adapter.input_shape, n_calib + n_heldout, seed=seed),
+            f"generated N(0,1) seed={seed}",
+        )
     else:
         x, source = read_images(file), f"{file} seed={seed}"
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise HwpruneError(f"{file}: calibration tensor has shape {tuple(x.shape)}; the model takes (N, "
-                               f"{', '.join(map(str, want))}) images as set by --input-shape")
+            raise HwpruneError(
+                f"{file}: calibration tensor has shape {tuple(x.shape)}; the model takes (N, "
+                f"{', '.join(map(str, want))}) images as set by --input-shape"
+            )
         if x.shape[0] < 2:
             raise HwpruneError(f"{file}: {x.shape[0]} image; need at least 2 (calibration + held-out)")
         if not torch.isfinite(x).all():
@@ -94,7 +104,7 @@ def load_cnn_calib(adapter: Any, file: str | Path | None = None, *, n_calib: int
     total = min(x.shape[0], n_calib + n_heldout)
     n_h = max(1, min(n_heldout, round(total * n_heldout / (n_calib + n_heldout))))
     n_c = max(1, min(n_calib, total - n_h))
-    return CalibData(calib={"input": x[perm[n_h:n_h + n_c]]}, heldout={"input": x[perm[:n_h]]}, source=source)
+    return CalibData(calib={"input": x[perm[n_h : n_h + n_c]]}, heldout={"input": x[perm[:n_h]]}, source=source)
 
 
 @torch.no_grad()
@@ -115,7 +125,7 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, batch: int = 32) -
         m.train()
     try:
         for i in range(0, images.shape[0], batch):
-            chunk = images[i:i + batch]
+            chunk = images[i : i + batch]
             if chunk.shape[0] < 2 and i > 0:
                 break  # a batch of one has no spatial variance for 1x1 maps; the others suffice
             model(chunk)

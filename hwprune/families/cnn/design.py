@@ -10,11 +10,12 @@ however many convs there are; b = 0 are uniform networks and (K-1, 0) is the den
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hwprune.errors import HwpruneError
-from hwprune.space import PruningSpace
 from hwprune.families.cnn.graph import LayerInfo
+from hwprune.space import PruningSpace
 
 __all__ = ["unit_levels", "design", "layer_sizes", "layers_meta"]
 
@@ -61,19 +62,35 @@ def design(space: PruningSpace, layers: Sequence[LayerInfo], *, levels: int = 5)
     nets = []
     for b in range(k):
         for a in range(k):
-            nets.append({u.name: lv[u.name][min((a + b * col.get(u.name, 0)) % k, len(lv[u.name]) - 1)]
-                         if u.name in names else u.full for u in space.units})
+            nets.append(
+                {
+                    u.name: lv[u.name][min((a + b * col.get(u.name, 0)) % k, len(lv[u.name]) - 1)]
+                    if u.name in names
+                    else u.full
+                    for u in space.units
+                }
+            )
     return k, nets
 
 
 def layer_sizes(layer: LayerInfo, sizes: dict[str, int]) -> tuple[int, int]:
     """(c_in, c_out) of ``layer`` when units keep ``sizes`` (units absent from ``sizes`` stay full)."""
     ci = sizes[layer.in_group] * layer.in_mult if layer.in_group in sizes else layer.c_in
-    co = sizes[layer.out_group] if layer.out_group in sizes else layer.c_out
+    co = sizes[layer.out_group] if layer.out_group is not None and layer.out_group in sizes else layer.c_out
     return (ci, ci) if layer.kind == "dw" else (ci, co)
 
 
 def layers_meta(layers: Sequence[LayerInfo]) -> list[dict[str, Any]]:
     """What the predictor needs about each layer (stored in the table's sidecar)."""
-    return [{"name": l.name, "kind": l.kind, "in_group": l.in_group, "out_group": l.out_group, "c_in": l.c_in,
-             "c_out": l.c_out, "in_mult": l.in_mult} for l in layers]
+    return [
+        {
+            "name": l.name,
+            "kind": l.kind,
+            "in_group": l.in_group,
+            "out_group": l.out_group,
+            "c_in": l.c_in,
+            "c_out": l.c_out,
+            "in_mult": l.in_mult,
+        }
+        for l in layers
+    ]

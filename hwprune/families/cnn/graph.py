@@ -11,11 +11,11 @@ shape and input resolution): the latency model and the proxies both work from th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -29,15 +29,15 @@ SUPPORTED_WEIGHTED = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    name: str                      # "group." + root
-    kind: str                      # conv | residual | dw | linear
-    full: int                      # channels of the root's output
-    root: str                      # module whose output channels the plan's indices number
-    producers: tuple[str, ...]     # conv/linear layers whose outputs are pruned
-    consumers: tuple[str, ...]     # conv/linear layers whose inputs are pruned (depthwise excluded)
-    depthwise: tuple[str, ...]     # depthwise convs carried along (their input and output channels)
-    norms: tuple[str, ...]         # BatchNorms whose channels go with the group
-    prunable: bool                 # False: reaches the model output or a grouped conv
+    name: str  # "group." + root
+    kind: str  # conv | residual | dw | linear
+    full: int  # channels of the root's output
+    root: str  # module whose output channels the plan's indices number
+    producers: tuple[str, ...]  # conv/linear layers whose outputs are pruned
+    consumers: tuple[str, ...]  # conv/linear layers whose inputs are pruned (depthwise excluded)
+    depthwise: tuple[str, ...]  # depthwise convs carried along (their input and output channels)
+    norms: tuple[str, ...]  # BatchNorms whose channels go with the group
+    prunable: bool  # False: reaches the model output or a grouped conv
     # module -> its channel (consumers: input-channel / feature) indices, ordered by root channel;
     # len = full * k where a flatten gives k features per channel (vgg's 7x7 before classifier.0)
     index: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
@@ -53,17 +53,17 @@ class LayerInfo:
     """One conv (or linear) layer; ``linear`` layers are 1x1 convs on a 1x1 map for latency."""
 
     name: str
-    kind: str                      # conv | dw | linear
-    c_in: int                      # input channels (features for linear)
+    kind: str  # conv | dw | linear
+    c_in: int  # input channels (features for linear)
     c_out: int
     kernel: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
-    in_hw: tuple[int, int]         # input spatial size at the profiled image size
-    in_group: str | None           # unit feeding it (None: model input or a fixed group)
-    out_group: str | None          # unit it writes (None: output or fixed)
-    in_mult: int = 1               # inputs per group channel (flatten of a CxHxW map into a linear)
-    groups: int = 1                # conv groups (== c_in for depthwise)
+    in_hw: tuple[int, int]  # input spatial size at the profiled image size
+    in_group: str | None  # unit feeding it (None: model input or a fixed group)
+    out_group: str | None  # unit it writes (None: output or fixed)
+    in_mult: int = 1  # inputs per group channel (flatten of a CxHxW map into a linear)
+    groups: int = 1  # conv groups (== c_in for depthwise)
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,11 @@ def check_supported(model: nn.Module) -> None:
         if not own:
             continue
         if not isinstance(m, SUPPORTED_WEIGHTED):
-            raise HwpruneError(f"module {name!r} ({type(m).__name__}) is not supported by CNN pruning; supported "
-                               "layers with weights: Conv2d, BatchNorm2d, Linear (wrap other models, or pass a "
-                               "model without it)")
+            raise HwpruneError(
+                f"module {name!r} ({type(m).__name__}) is not supported by CNN pruning; supported "
+                "layers with weights: Conv2d, BatchNorm2d, Linear (wrap other models, or pass a "
+                "model without it)"
+            )
         if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups != m.in_channels:
             continue  # grouped convs are allowed; their groups stay whole (see analyze)
 
@@ -104,8 +106,10 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> Any:
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as e:  # tracing fails in many library-specific ways; report the first line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HwpruneError(f"cannot trace the model's graph on an input of shape {tuple(example.shape)} "
-                           f"({type(e).__name__}: {msg}); check --input-shape") from None
+        raise HwpruneError(
+            f"cannot trace the model's graph on an input of shape {tuple(example.shape)} "
+            f"({type(e).__name__}: {msg}); check --input-shape"
+        ) from None
 
 
 def _spatial_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
@@ -116,6 +120,7 @@ def _spatial_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[
     def hook(name: str) -> Any:
         def fn(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             seen.setdefault(name, (int(inp[0].shape[-2]), int(inp[0].shape[-1])))
+
         return fn
 
     for name, m in model.named_modules():
@@ -171,19 +176,28 @@ def analyze(model: nn.Module, example: torch.Tensor, dg: Any | None = None) -> G
         root = prod_sorted[0]
         rmod = model.get_submodule(root)
         full = int(rmod.out_channels if isinstance(rmod, nn.Conv2d) else rmod.out_features)
-        kind = ("dw" if dws else "residual" if len(prods) > 1 else
-                "linear" if isinstance(rmod, nn.Linear) else "conv")
-        groups.append(ChannelGroup(name=f"group.{root}", kind=kind, full=full, root=root, producers=prod_sorted,
-                                   consumers=tuple(sorted(cons, key=order.__getitem__)),
-                                   depthwise=tuple(sorted(dws, key=order.__getitem__)),
-                                   norms=tuple(sorted(norms, key=order.__getitem__)), index=index,
-                                   prunable=not reaches_output and not grouped and full > 1))
+        kind = "dw" if dws else "residual" if len(prods) > 1 else "linear" if isinstance(rmod, nn.Linear) else "conv"
+        groups.append(
+            ChannelGroup(
+                name=f"group.{root}",
+                kind=kind,
+                full=full,
+                root=root,
+                producers=prod_sorted,
+                consumers=tuple(sorted(cons, key=order.__getitem__)),
+                depthwise=tuple(sorted(dws, key=order.__getitem__)),
+                norms=tuple(sorted(norms, key=order.__getitem__)),
+                index=index,
+                prunable=not reaches_output and not grouped and full > 1,
+            )
+        )
     groups.sort(key=lambda c: order[c.root])
     return GraphInfo(groups=tuple(groups), layers=tuple(_layers(model, example, groups, order)))
 
 
-def _layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup],
-            order: dict[str, int]) -> list[LayerInfo]:
+def _layers(
+    model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup], order: dict[str, int]
+) -> list[LayerInfo]:
     unit = {g.name: g for g in groups if g.prunable}
     writes: dict[str, str] = {}
     reads: dict[str, str] = {}
@@ -196,17 +210,39 @@ def _layers(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup],
     out: list[LayerInfo] = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            out.append(LayerInfo(
-                name=name, kind="dw" if _is_dw(m) else "conv", c_in=m.in_channels, c_out=m.out_channels,
-                kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=_pair(m.padding),
-                in_hw=hw.get(name, (1, 1)), in_group=reads.get(name), out_group=writes.get(name),
-                groups=int(m.groups)))
+            out.append(
+                LayerInfo(
+                    name=name,
+                    kind="dw" if _is_dw(m) else "conv",
+                    c_in=m.in_channels,
+                    c_out=m.out_channels,
+                    kernel=_pair(m.kernel_size),
+                    stride=_pair(m.stride),
+                    padding=_pair(m.padding),
+                    in_hw=hw.get(name, (1, 1)),
+                    in_group=reads.get(name),
+                    out_group=writes.get(name),
+                    groups=int(m.groups),
+                )
+            )
         elif isinstance(m, nn.Linear):
             g_in = reads.get(name)
             mult = m.in_features // unit[g_in].full if g_in else 1
-            out.append(LayerInfo(name=name, kind="linear", c_in=m.in_features, c_out=m.out_features, kernel=(1, 1),
-                                 stride=(1, 1), padding=(0, 0), in_hw=(1, 1), in_group=g_in,
-                                 out_group=writes.get(name), in_mult=max(1, mult)))
+            out.append(
+                LayerInfo(
+                    name=name,
+                    kind="linear",
+                    c_in=m.in_features,
+                    c_out=m.out_features,
+                    kernel=(1, 1),
+                    stride=(1, 1),
+                    padding=(0, 0),
+                    in_hw=(1, 1),
+                    in_group=g_in,
+                    out_group=writes.get(name),
+                    in_mult=max(1, mult),
+                )
+            )
     return out
 
 

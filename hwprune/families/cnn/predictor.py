@@ -10,7 +10,8 @@ DP a first-order model around a reference candidate ``r`` (dense by default)::
 exact at ``r``, and exact for every layer with one free unit (stems, depthwise convs, the classifier).
 Its error is ``(a - r_a)(b - r_b)`` times the conv's MAC slope: around dense it is *optimistic* (it
 underestimates latency of candidates that prune both sides of a conv), so the search should verify DP
-picks with :meth:`predict` and re-linearise around the pick (:meth:`linearized_at`, done by ``hwprune.search``); two or three
+picks with :meth:`predict` and re-linearise around the pick (:meth:`linearized_at`, done by
+``hwprune.search``); two or three
 rounds converge.
 """
 
@@ -38,8 +39,10 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
 
     def check(a: np.ndarray, b: np.ndarray) -> None:
         if a.min() < lo[0] or a.max() > hi[0] or b.min() < lo[1] or b.max() > hi[1]:
-            raise HwpruneError(f"layer {name}: widths outside the measured range c_in [{lo[0]:g}, {hi[0]:g}], c_out "
-                               f"[{lo[1]:g}, {hi[1]:g}] of {where}; re-profile with this space")
+            raise HwpruneError(
+                f"layer {name}: widths outside the measured range c_in [{lo[0]:g}, {hi[0]:g}], c_out "
+                f"[{lo[1]:g}, {hi[1]:g}] of {where}; re-profile with this space"
+            )
 
     if len(xs) == 1 or len(ys) == 1 or np.array_equal(ci, co):  # one free width: 1-D interpolation
         axis = ci if len(xs) > 1 else co
@@ -48,6 +51,7 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
         def f1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             check(a, b)
             return np.interp(a if len(xs) > 1 else b, axis[order], ms[order])
+
         return f1
     if len(grid) == len(xs) * len(ys):  # complete grid: bilinear interpolation
         table = np.array([[grid[(a, b)] for b in ys] for a in xs])
@@ -57,8 +61,13 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
             i = np.clip(np.searchsorted(xs, a, side="right") - 1, 0, len(xs) - 2)
             j = np.clip(np.searchsorted(ys, b, side="right") - 1, 0, len(ys) - 2)
             ta, tb = (a - xs[i]) / (xs[i + 1] - xs[i]), (b - ys[j]) / (ys[j + 1] - ys[j])
-            return ((1 - ta) * (1 - tb) * table[i, j] + ta * (1 - tb) * table[i + 1, j]
-                    + (1 - ta) * tb * table[i, j + 1] + ta * tb * table[i + 1, j + 1])
+            return (
+                (1 - ta) * (1 - tb) * table[i, j]
+                + ta * (1 - tb) * table[i + 1, j]
+                + (1 - ta) * tb * table[i, j + 1]
+                + ta * tb * table[i + 1, j + 1]
+            )
+
         return f2
     # incomplete grid (a design collision): bilinear least squares, t = p0 + p1 a + p2 b + p3 a b
     design = np.stack([np.ones_like(ci), ci, co, ci * co], 1)
@@ -67,6 +76,7 @@ def layer_function(rows: pd.DataFrame, *, name: str, where: str) -> Any:
     def f3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         check(a, b)
         return p[0] + p[1] * a + p[2] * b + p[3] * a * b
+
     return f3
 
 
@@ -75,8 +85,9 @@ class CnnPredictor(Predictor):
 
     additive = False  # a conv's time depends on two groups; the search re-linearises its DP
 
-    def __init__(self, table: LatencyTable, space: PruningSpace, adapter: Any = None, *,
-                 reference: Candidate | None = None) -> None:
+    def __init__(
+        self, table: LatencyTable, space: PruningSpace, adapter: Any = None, *, reference: Candidate | None = None
+    ) -> None:
         """``adapter`` is accepted for symmetry with other families; the layer map lives in the table."""
         super().__init__(space)
         if table.family != "cnn" or "layers" not in table.meta:
@@ -97,9 +108,16 @@ class CnnPredictor(Predictor):
             p, q = index.get(meta["in_group"], -1), index.get(meta["out_group"], -1)
             if meta["kind"] == "dw":
                 q = p
-            a = np.array(space.units[p].sizes, dtype=np.float64) * meta["in_mult"] if p >= 0 else np.array(
-                [meta["c_in"]], dtype=np.float64)
-            b = np.array(space.units[q].sizes, dtype=np.float64) if q >= 0 else np.array([meta["c_out"]], dtype=np.float64)
+            a = (
+                np.array(space.units[p].sizes, dtype=np.float64) * meta["in_mult"]
+                if p >= 0
+                else np.array([meta["c_in"]], dtype=np.float64)
+            )
+            b = (
+                np.array(space.units[q].sizes, dtype=np.float64)
+                if q >= 0
+                else np.array([meta["c_out"]], dtype=np.float64)
+            )
             if meta["kind"] == "dw":
                 m = np.diag(f(a, a)) if p >= 0 else f(a, a).reshape(1, 1)
             else:
@@ -159,7 +177,6 @@ class CnnPredictor(Predictor):
         out.__dict__.update(self.__dict__)
         out.reference, out._costs = reference, self._linearize(reference)
         return out
-
 
 
 def _where(table: LatencyTable) -> str:

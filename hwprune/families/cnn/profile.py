@@ -20,20 +20,21 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
-from hwprune.latency._base import Backend, Timing
-from hwprune.latency.backends import Runner, interleave
 from hwprune.families.cnn.design import design, layer_sizes, layers_meta
-from hwprune.space import PruningSpace
 from hwprune.families.cnn.graph import LayerInfo
+from hwprune.latency._base import Backend, Timing
+from hwprune.latency.backends import OrtCpuBackend, Runner, interleave
+from hwprune.space import PruningSpace
 
 __all__ = ["CnnProfiling", "prepare", "measure"]
 
@@ -87,7 +88,7 @@ def _node_times(path: str, skip: int) -> tuple[dict[tuple[Any, ...], list[float]
         durs[n].append(float(e["dur"]))
         if n not in info:
             a = e.get("args", {})
-            shapes = [[list(d.values())[0] for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
+            shapes = [[next(iter(d.values())) for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
             info[n] = _node_key(str(a.get("op_name", "")), shapes[0], shapes[1])
     med = {n: float(np.median(d[skip:] if len(d) > skip else d)) / 1000.0 for n, d in durs.items()}
     by: dict[tuple[Any, ...], list[float]] = defaultdict(list)
@@ -137,57 +138,100 @@ class CnnProfiling:
                 samples[key].append((share * t.median_ms, share * t.p10_ms, share * t.p90_ms))
         missing = [l.name for l in self.layers if (l.name, *layer_sizes(l, self.dense_key)) not in samples]
         if missing:
-            raise HwpruneError(f"profiling matched no ONNX Runtime node to layer {missing[0]!r}; this runtime fuses "
-                               "it in a way hwprune does not read yet (report the model)")
+            raise HwpruneError(
+                f"profiling matched no ONNX Runtime node to layer {missing[0]!r}; this runtime fuses "
+                "it in a way hwprune does not read yet (report the model)"
+            )
         kind = {l.name: l.kind for l in self.layers}
-        rows = [{"kind": kind[n], "key": n, "size": ci, "size2": co,
-                 "median_ms": float(np.median([v[0] for v in vals])), "p10_ms": float(np.median([v[1] for v in vals])),
-                 "p90_ms": float(np.median([v[2] for v in vals])), "n": len(vals) * timings[0].n}
-                for (n, ci, co), vals in sorted(samples.items())]
+        rows = [
+            {
+                "kind": kind[n],
+                "key": n,
+                "size": ci,
+                "size2": co,
+                "median_ms": float(np.median([v[0] for v in vals])),
+                "p10_ms": float(np.median([v[1] for v in vals])),
+                "p90_ms": float(np.median([v[2] for v in vals])),
+                "n": len(vals) * timings[0].n,
+            }
+            for (n, ci, co), vals in sorted(samples.items())
+        ]
         entry = {(r["key"], r["size"], r["size2"]): r["median_ms"] for r in rows}
         # base: what the entries leave unexplained, the median over all networks -- not dense minus
         # its convs, a small difference of two large noisy numbers (2 % noise on resnet50's 75 ms
         # would move every small subnet's prediction by 1.5 ms)
-        resid = [t.median_ms - sum(entry[(l.name, *layer_sizes(l, net))] for l in self.layers)
-                 for net, t in zip(self.nets, timings[1:])]
+        resid = [
+            t.median_ms - sum(entry[(l.name, *layer_sizes(l, net))] for l in self.layers)
+            for net, t in zip(self.nets, timings[1:])
+        ]
         base, d = float(np.median(resid)), timings[0]
-        rows.insert(0, {"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": base,
-                        "p10_ms": base + d.p10_ms - d.median_ms, "p90_ms": base + d.p90_ms - d.median_ms, "n": d.n})
+        rows.insert(
+            0,
+            {
+                "kind": "base",
+                "key": "",
+                "size": 0,
+                "size2": -1,
+                "median_ms": base,
+                "p10_ms": base + d.p10_ms - d.median_ms,
+                "p90_ms": base + d.p90_ms - d.median_ms,
+                "n": d.n,
+            },
+        )
         return pd.DataFrame(rows)
 
     def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
         f = self.frame(timings)
         entry = {(r.key, r.size, r.size2): r.median_ms for r in f.itertuples()}
         predicted = entry[("", 0, -1)] + sum(entry[(l.name, *layer_sizes(l, self.dense_key))] for l in self.layers)
-        return {"dense_predicted_ms": round(float(predicted), 4), "method": "ORT node-time shares (median of 20 runs) x whole-network times (interleaved, common-mode "
-                          "load removed) of K^2 pruned networks covering every conv's (c_in, c_out) level grid; "
-                          "base = median unexplained time",
-                "levels": self.levels, "networks": len(self.nets), "rounds": timings[0].n,
-                "dense_ms": timings[0].to_json(), "unmatched_layer_samples": self.unmatched,
-                "layers": layers_meta(self.layers)}
+        return {
+            "dense_predicted_ms": round(float(predicted), 4),
+            "method": "ORT node-time shares (median of 20 runs) x whole-network times (interleaved, common-mode "
+            "load removed) of K^2 pruned networks covering every conv's (c_in, c_out) level grid; "
+            "base = median unexplained time",
+            "levels": self.levels,
+            "networks": len(self.nets),
+            "rounds": timings[0].n,
+            "dense_ms": timings[0].to_json(),
+            "unmatched_layer_samples": self.unmatched,
+            "layers": layers_meta(self.layers),
+        }
 
 
-def _profiled_session(backend: Backend, onnx: bytes, prefix: str) -> Any:
+def _profiled_session(backend: OrtCpuBackend, onnx: bytes, prefix: str) -> Any:
     import onnxruntime as ort
 
-    so = backend.session_options()  # type: ignore[attr-defined]
+    so = backend.session_options()
     so.enable_profiling, so.profile_file_prefix = True, prefix
-    return ort.InferenceSession(onnx, so, providers=list(backend.providers))  # type: ignore[attr-defined]
+    return ort.InferenceSession(onnx, so, providers=list(backend.providers))
 
 
-def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
-            progress: bool = True, levels: int = 5, chunk: int = 8, profile_runs: int = 20,
-            keep_runners: bool = True) -> CnnProfiling:
+def prepare(
+    adapter: Any,
+    backend: Backend,
+    *,
+    batch: int,
+    seq: int = 0,
+    space: PruningSpace,
+    progress: bool = True,
+    levels: int | None = None,
+    chunk: int = 8,
+    profile_runs: int = 20,
+    keep_runners: bool = True,
+) -> CnnProfiling:
     """Export every network of the design, load a timing runner for each, and read its node times.
 
     ``keep_runners=False`` keeps only the dense model's runner and rebuilds the others on demand
     (``make_runner``): vgg16_bn's 25 networks would hold ~10 GB of weights at once.
     """
+    levels = 5 if levels is None else levels
     from rich.progress import Progress
 
-    if not hasattr(backend, "session_options"):
-        raise HwpruneError(f"runtime {backend.name} cannot profile CNNs (needs ONNX Runtime's node profiler); "
-                           "use --runtime ort-cpu or ort-cuda")
+    if not isinstance(backend, OrtCpuBackend):
+        raise HwpruneError(
+            f"runtime {backend.name} cannot profile CNNs (needs ONNX Runtime's node profiler); "
+            "use --runtime ort-cpu or ort-cuda"
+        )
     if batch != adapter.input_shape[0]:
         shape = ",".join(map(str, adapter.input_shape))
         raise HwpruneError(f"--batch {batch} differs from --input-shape {shape}; pass --batch {adapter.input_shape[0]}")
@@ -204,7 +248,7 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
             m = adapter.prune(dense, adapter.plan({n: range(s) for n, s in sizes.items()}))
         return to_onnx(m, inputs, output_names=names_out, dynamic_axes=dyn)
 
-    runners = [backend.prepare(export(None), feed)]  # type: ignore[attr-defined]
+    runners = [backend.prepare(export(None), feed)]
     kernels: list[dict[tuple[str, int, int], float]] = []
     node_sum: list[float] = []
     unmatched = 0
@@ -212,10 +256,10 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
         task = bar.add_task(f"export + node-profile {len(nets)} networks", total=len(nets))
         for c0 in range(0, len(nets), chunk):
             profiled = []
-            for i, sizes in enumerate(nets[c0:c0 + chunk]):
+            for i, sizes in enumerate(nets[c0 : c0 + chunk]):
                 onnx = export(sizes)
                 if keep_runners:
-                    runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
+                    runners.append(backend.prepare(onnx, feed))
                 profiled.append(_profiled_session(backend, onnx, f"{tmp}/n{c0 + i}"))
                 bar.advance(task)
             # node times under the same interleaving (cache state) the timed rounds will see
@@ -227,13 +271,22 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: 
                 node_sum.append(total)
                 unmatched += miss
             del profiled
-    return CnnProfiling(layers=layers, nets=nets, levels=k, runners=runners, kernels=kernels, node_sum=node_sum,
-                        unmatched=unmatched, dense_key={u.name: u.full for u in space.units},
-                        make_runner=lambda i: backend.prepare(export(nets[i]), feed))  # type: ignore[attr-defined]
+    return CnnProfiling(
+        layers=layers,
+        nets=nets,
+        levels=k,
+        runners=runners,
+        kernels=kernels,
+        node_sum=node_sum,
+        unmatched=unmatched,
+        dense_key={u.name: u.full for u in space.units},
+        make_runner=lambda i: backend.prepare(export(nets[i]), feed),
+    )
 
 
-def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
-            by: dict[tuple[Any, ...], list[float]]) -> tuple[dict[tuple[str, int, int], float], int, float]:
+def _assign(
+    layers: Sequence[LayerInfo], sizes: dict[str, int], by: dict[tuple[Any, ...], list[float]]
+) -> tuple[dict[tuple[str, int, int], float], int, float]:
     """Each layer's time: the mean of the ORT nodes with its shape (equal shapes cost the same),
     plus an equal part of the other nodes reading outputs shaped like its own.
 
@@ -267,30 +320,48 @@ def _assign(layers: Sequence[LayerInfo], sizes: dict[str, int],
     return out, missing, left
 
 
-def measure(adapter: Any, backend: Backend, *, batch: int, seq: int = 0, space: PruningSpace,
-            progress: bool = True, levels: int = 5, budget_s: float = 120.0,
-            max_live_bytes: int = 3 << 30) -> tuple[pd.DataFrame, dict[str, Any]]:
+def measure(
+    adapter: Any,
+    backend: Backend,
+    *,
+    batch: int,
+    seq: int = 0,
+    space: PruningSpace,
+    progress: bool = True,
+    levels: int | None = None,
+    budget_s: float | None = None,
+    max_live_bytes: int = 3 << 30,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Profile ``adapter`` (a :class:`~hwprune.families.cnn.adapter.CnnAdapter`) on ``backend``: (table frame, meta).
 
     All networks are timed in the same interleaved rounds when their weights fit ``max_live_bytes``;
     otherwise in chunks that each include the dense model, every chunk rescaled so that its dense
     time matches the first chunk's (the common reference).
     """
+    levels = 5 if levels is None else levels
+    budget_s = 120.0 if budget_s is None else budget_s
     from rich.progress import Progress
 
     weight_bytes = 4 * sum(p.numel() for p in adapter.dense().parameters())
     per_chunk = max(2, int(max_live_bytes // max(weight_bytes, 1)))
     keep = per_chunk >= levels * levels + 1
-    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels,
-                   keep_runners=keep)
+    prof = prepare(
+        adapter, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels, keep_runners=keep
+    )
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task(f"time {len(prof.nets) + 1} networks (~{budget_s:.0f} s)", total=100)
         if keep:
-            timings = interleave(prof.runners, seconds=budget_s, min_rounds=10, common_mode=True,
-                                 on_round=lambda f: bar.update(task, completed=100 * f))
+            timings = interleave(
+                prof.runners,
+                seconds=budget_s,
+                min_rounds=10,
+                common_mode=True,
+                on_round=lambda f: bar.update(task, completed=100 * f),
+            )
         else:
-            timings = _chunked(prof, budget_s=budget_s, per_chunk=per_chunk - 1,
-                               on_chunk=lambda f: bar.update(task, completed=100 * f))
+            timings = _chunked(
+                prof, budget_s=budget_s, per_chunk=per_chunk - 1, on_chunk=lambda f: bar.update(task, completed=100 * f)
+            )
     return prof.frame(timings), prof.meta(timings)
 
 

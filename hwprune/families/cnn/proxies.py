@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from hwprune.families.cnn.adapter import CnnAdapter
+from hwprune.families.cnn.calib import recalibrate_bn
+from hwprune.families.cnn.graph import ChannelGroup
+from hwprune.families.cnn.scorer import CnnScorer
 from hwprune.proxies._base import CalibData, ProxyState, register_proxy
 from hwprune.proxies.stats import num_threads
-from hwprune.families.cnn.calib import recalibrate_bn
-from hwprune.families.cnn.scorer import CnnScorer
 from hwprune.proxies.unfold import InputStats, collect_input_stats
 from hwprune.space import Candidate, PruningSpace, Unit
-from hwprune.families.cnn.graph import ChannelGroup
 from hwprune.surgery.plan import Plan
 
 __all__ = ["CnnState", "CnnScorer", "Consumer", "fit_cnn_proxy", "fit_magnitude", "fit_bn_scale", "fit_flap", "fit_obs"]
@@ -54,13 +54,13 @@ class Consumer:
     """
 
     name: str
-    weight: torch.Tensor      # (out, nb) float64: the dense weight's columns of this block
-    cov: torch.Tensor         # (nb, nb) centred input covariance of the block
-    mean: torch.Tensor        # (nb,)
-    block: np.ndarray         # (nb,) ascending column indices of the block in the full unfolded input
-    cols: np.ndarray          # (full, g): positions in ``block`` owned by each group channel
-    energy: float             # E||W x - E W x||^2 of the whole consumer output (normaliser)
-    shape: tuple[int, ...]    # the dense weight's shape, to fold reconstructed matrices back
+    weight: torch.Tensor  # (out, nb) float64: the dense weight's columns of this block
+    cov: torch.Tensor  # (nb, nb) centred input covariance of the block
+    mean: torch.Tensor  # (nb,)
+    block: np.ndarray  # (nb,) ascending column indices of the block in the full unfolded input
+    cols: np.ndarray  # (full, g): positions in ``block`` owned by each group channel
+    energy: float  # E||W x - E W x||^2 of the whole consumer output (normaliser)
+    shape: tuple[int, ...]  # the dense weight's shape, to fold reconstructed matrices back
     out_group: str | None
 
 
@@ -77,8 +77,19 @@ def _consumers(adapter: CnnAdapter, g: ChannelGroup, stats: dict[str, InputStats
         w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
         cov, mu = stats[n].cov(), stats[n].mean()
         b = torch.as_tensor(block)
-        out.append(Consumer(n, w[:, b], cov[b][:, b], mu[b], block, np.searchsorted(block, cols),
-                            float(torch.trace(w @ cov @ w.T)), tuple(m.weight.shape), writes.get(n)))
+        out.append(
+            Consumer(
+                n,
+                w[:, b],
+                cov[b][:, b],
+                mu[b],
+                block,
+                np.searchsorted(block, cols),
+                float(torch.trace(w @ cov @ w.T)),
+                tuple(m.weight.shape),
+                writes.get(n),
+            )
+        )
     return out
 
 
@@ -98,7 +109,7 @@ def _refit_errors(cons: list[Consumer], order: np.ndarray, unit: Unit) -> np.nda
     """True (undamped) output error of the refit at every allowed size; NaN elsewhere."""
     out = np.full(unit.full + 1, np.nan)
     for s in unit.sizes:
-        keep = np.sort(order[unit.full - s:])
+        keep = np.sort(order[unit.full - s :])
         err = 0.0
         for c in cons:
             k = np.sort(c.cols[keep].ravel())
@@ -151,15 +162,15 @@ def _obs_order(cons: list[Consumer], full: int) -> np.ndarray:
         live = np.flatnonzero(alive)
         score = np.zeros(len(live))
         for c, w, h in zip(cons, ws, hinvs):
-            cols = torch.as_tensor(c.cols[live])                           # (k, g)
-            blocks = h[cols[:, :, None], cols[:, None, :]]                 # (k, g, g)
-            wb = w[:, cols].permute(1, 0, 2)                               # (k, out, g)
-            sol = torch.linalg.solve(blocks, wb.transpose(1, 2))           # (k, g, out)
+            cols = torch.as_tensor(c.cols[live])  # (k, g)
+            blocks = h[cols[:, :, None], cols[:, None, :]]  # (k, g, g)
+            wb = w[:, cols].permute(1, 0, 2)  # (k, out, g)
+            sol = torch.linalg.solve(blocks, wb.transpose(1, 2))  # (k, g, out)
             score += (sol.transpose(1, 2) * wb).sum((1, 2)).numpy()
         take = live[np.argsort(score, kind="stable")[: min(step, len(live) - 1)]]
         for c, w, h in zip(cons, ws, hinvs):  # joint OBS update for the round's channels
             gcols = torch.as_tensor(c.cols[take].ravel())
-            hgg, hg = h[gcols][:, gcols], h[gcols]                         # (G, G), (G, width)
+            hgg, hg = h[gcols][:, gcols], h[gcols]  # (G, G), (G, width)
             w -= torch.linalg.solve(hgg, w[:, gcols].T).T @ hg
             h -= hg.T @ torch.linalg.solve(hgg, hg)
         order.extend(int(ch) for ch in take)  # cheaper first within the round
@@ -194,10 +205,21 @@ def _score(kind: str, adapter: CnnAdapter, g: ChannelGroup, cons: list[Consumer]
 class CnnState(ProxyState):
     """One fit, every candidate: nested kept sets per unit, cached reconstructions, BN recalibration."""
 
-    def __init__(self, adapter: CnnAdapter, space: PruningSpace, *, name: str, orders: list[np.ndarray],
-                 errors: list[np.ndarray], consumers: list[list[Consumer]], calib: torch.Tensor,
-                 least_squares: bool, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        adapter: CnnAdapter,
+        space: PruningSpace,
+        *,
+        name: str,
+        orders: list[np.ndarray],
+        errors: list[np.ndarray],
+        consumers: list[list[Consumer]],
+        calib: torch.Tensor,
+        least_squares: bool,
+        threads: int | None = None,
+    ) -> None:
         super().__init__(adapter, space)
+        self.cnn = adapter  # the same adapter, typed as the CNN family's (its channel graph)
         self.threads = threads
         self.name, self.orders, self.errors = name, orders, errors
         self.consumers, self.calib, self.least_squares = consumers, calib, least_squares
@@ -209,8 +231,11 @@ class CnnState(ProxyState):
 
     def kept(self, cand: Candidate) -> dict[str, tuple[int, ...]]:
         self.space.validate(cand)
-        return {u.name: tuple(sorted(int(i) for i in o[u.full - s:]))
-                for u, o, s in zip(self.space.units, self.orders, cand.sizes) if s < u.full}
+        return {
+            u.name: tuple(sorted(int(i) for i in o[u.full - s :]))
+            for u, o, s in zip(self.space.units, self.orders, cand.sizes)
+            if s < u.full
+        }
 
     def _level(self, i: int, keep: tuple[int, ...]) -> dict[str, tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """Consumer -> (removed full-input columns, weight over the block's kept columns, bias delta)."""
@@ -230,7 +255,7 @@ class CnnState(ProxyState):
 
     def _consumer_overrides(self, kept: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         """Pruned-model tensors of every consumer whose input lost channels (several groups compose)."""
-        dense, graph = self.adapter.dense(), self.adapter.graph
+        dense, graph = self.cnn.dense(), self.cnn.graph
         acc: dict[str, tuple[torch.Tensor, np.ndarray, torch.Tensor]] = {}
         for i, u in enumerate(self.space.units):
             if u.name not in kept:
@@ -238,8 +263,11 @@ class CnnState(ProxyState):
             for c in self.consumers[i]:
                 if c.name not in acc:
                     m = dense.get_submodule(c.name)
-                    acc[c.name] = (m.weight.detach().double().reshape(m.weight.shape[0], -1).clone(),
-                                   np.ones(m.weight[0].numel(), dtype=bool), torch.zeros(m.weight.shape[0], dtype=torch.float64))
+                    acc[c.name] = (
+                        m.weight.detach().double().reshape(m.weight.shape[0], -1).clone(),
+                        np.ones(m.weight[0].numel(), dtype=bool),
+                        torch.zeros(m.weight.shape[0], dtype=torch.float64),
+                    )
                 w_full, mask, bias = acc[c.name]
                 removed, w, delta = self._level(i, kept[u.name])[c.name]
                 kept_cols = np.setdiff1d(c.block, removed)
@@ -262,7 +290,7 @@ class CnnState(ProxyState):
 
     def _build(self, cand: Candidate) -> tuple[nn.Module, Plan, dict[str, torch.Tensor]]:
         if self._last is not None and self._last[0] == cand.key():
-            return self._last[1:]  # type: ignore[return-value]
+            return self._last[1], self._last[2], self._last[3]
         kept = self.kept(cand)
         over = self._consumer_overrides(kept)
         plan = self.adapter.plan(kept, proxy=self.name, candidate=cand.key())
@@ -286,8 +314,17 @@ class CnnState(ProxyState):
         return copy.deepcopy(self._build(cand)[0])
 
 
-def fit_cnn_proxy(kind: str, adapter: CnnAdapter, space: PruningSpace, calib: CalibData, *,
-                  batch: int = 16, threads: int | None = None, progress: bool = True, **_: Any) -> CnnState:
+def fit_cnn_proxy(
+    kind: str,
+    adapter: CnnAdapter,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    batch: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
+    **_: Any,
+) -> CnnState:
     """Fit proxy ``kind`` (magnitude | bn_scale | flap | obs) on ``calib.calib['input']``.
 
     ``threads`` pins torch's intra-op threads while fitting and building (None: leave torch's
@@ -297,8 +334,9 @@ def fit_cnn_proxy(kind: str, adapter: CnnAdapter, space: PruningSpace, calib: Ca
         return _fit(kind, adapter, space, calib, batch=batch, threads=threads)
 
 
-def _fit(kind: str, adapter: CnnAdapter, space: PruningSpace, calib: CalibData, *, batch: int,
-         threads: int | None) -> CnnState:
+def _fit(
+    kind: str, adapter: CnnAdapter, space: PruningSpace, calib: CalibData, *, batch: int, threads: int | None
+) -> CnnState:
     images = calib.calib["input"]
     groups = [adapter.graph.group(u.name) for u in space.units]
     names = sorted({c for g in groups for c in g.consumers})
@@ -317,8 +355,17 @@ def _fit(kind: str, adapter: CnnAdapter, space: PruningSpace, calib: CalibData, 
         orders.append(order)
         errors.append(_curve(by_size, energy))
         consumers.append(cons)
-    return CnnState(adapter, space, name=kind, orders=orders, errors=errors, consumers=consumers, calib=images,
-                    least_squares=kind == "obs", threads=threads)
+    return CnnState(
+        adapter,
+        space,
+        name=kind,
+        orders=orders,
+        errors=errors,
+        consumers=consumers,
+        calib=images,
+        least_squares=kind == "obs",
+        threads=threads,
+    )
 
 
 @register_proxy("magnitude", family="cnn")

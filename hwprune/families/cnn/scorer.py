@@ -9,7 +9,7 @@ The model handed in is scored as it is: proxies re-estimate BatchNorm before han
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -23,8 +23,14 @@ __all__ = ["CnnScorer"]
 class CnnScorer:
     """Caches the dense model's outputs on the held-out images; ``score(model)`` compares against them."""
 
-    def __init__(self, adapter: Family, images: torch.Tensor | Mapping[str, torch.Tensor], *,
-                 labels: torch.Tensor | None = None, batch: int = 64) -> None:
+    def __init__(
+        self,
+        adapter: Family,
+        images: torch.Tensor | Mapping[str, torch.Tensor],
+        *,
+        labels: torch.Tensor | None = None,
+        batch: int = 64,
+    ) -> None:
         """``images``: (N, C, H, W), or the held-out mapping of :class:`CalibData` (its ``input``)."""
         self.images = images["input"] if isinstance(images, Mapping) else images
         self.labels, self.batch = labels, batch
@@ -34,12 +40,12 @@ class CnnScorer:
 
     @classmethod
     def from_calib(cls, adapter: Family, calib: CalibData, **kw: int) -> "CnnScorer":
-        return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]
+        return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]  # kw are the int options above
 
     @torch.no_grad()
     def _outputs(self, model: nn.Module) -> torch.Tensor:
         model.eval()
-        out = [model(self.images[i:i + self.batch]).float() for i in range(0, self.images.shape[0], self.batch)]
+        out = [model(self.images[i : i + self.batch]).float() for i in range(0, self.images.shape[0], self.batch)]
         return torch.cat(out).reshape(self.images.shape[0], -1).double()
 
     def score(self, model: nn.Module) -> dict[str, float]:
@@ -47,8 +53,12 @@ class CnnScorer:
         ref = self._dense
         rel = float((y - ref).square().sum()) / max(self._energy, 1e-30)
         cos = float(nn.functional.cosine_similarity(y, ref, dim=1).mean())
-        out = {"distance": rel, "rel_mse": rel, "cosine": cos,
-               "agreement": float((y.argmax(1) == ref.argmax(1)).double().mean())}
+        out = {
+            "distance": rel,
+            "rel_mse": rel,
+            "cosine": cos,
+            "agreement": float((y.argmax(1) == ref.argmax(1)).double().mean()),
+        }
         if self.labels is not None:
             out["accuracy"] = float((y.argmax(1) == self.labels).double().mean())
         return out

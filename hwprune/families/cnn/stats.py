@@ -8,7 +8,8 @@ residual adds are left out. Counted by forward hooks on one forward pass, so any
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,5 +51,9 @@ def cnn_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 def cnn_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
     """Params and FLOPs (2 x MACs) at ``input_shape``; ``seq`` holds the image height for the record."""
-    return ModelStats(params=count_params(model), flops=2 * cnn_macs(model, input_shape), batch=int(input_shape[0]),
-                      seq=int(input_shape[2]))
+    return ModelStats(
+        params=count_params(model),
+        flops=2 * cnn_macs(model, input_shape),
+        batch=int(input_shape[0]),
+        seq=int(input_shape[2]),
+    )

@@ -11,7 +11,7 @@ matter: each group's indices number its own root's channels, which no other grou
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -45,8 +45,10 @@ def prune_cnn(
         try:
             root = out.get_submodule(root_name)
         except AttributeError:
-            raise HwpruneError(f"plan unit {unit!r} names module {root_name!r}, which this model lacks; "
-                               "the plan was made for another model") from None
+            raise HwpruneError(
+                f"plan unit {unit!r} names module {root_name!r}, which this model lacks; "
+                "the plan was made for another model"
+            ) from None
         full = root.out_channels if isinstance(root, nn.Conv2d) else getattr(root, "out_features", None)
         if full is None:
             raise HwpruneError(f"plan unit {unit!r}: {root_name!r} is a {type(root).__name__}, not a conv or linear")
@@ -75,8 +77,9 @@ def apply_overrides(model: nn.Module, overrides: Mapping[str, torch.Tensor]) -> 
             if k not in params:
                 raise KeyError(f"override {k!r} is not a tensor of the pruned model")
             if tuple(t.shape) != tuple(params[k].shape):
-                raise ValueError(f"override {k!r} has shape {tuple(t.shape)}, pruned model needs "
-                                 f"{tuple(params[k].shape)}")
+                raise ValueError(
+                    f"override {k!r} has shape {tuple(t.shape)}, pruned model needs {tuple(params[k].shape)}"
+                )
             params[k].copy_(t.detach().to(params[k].dtype))
 
 
@@ -84,8 +87,10 @@ def _output_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
     with torch.no_grad():
         y = model(example)
     if not isinstance(y, torch.Tensor):
-        raise HwpruneError(f"the model returns a {type(y).__name__}; CNN pruning needs a model returning one tensor "
-                           "(wrap it so forward returns the logits)")
+        raise HwpruneError(
+            f"the model returns a {type(y).__name__}; CNN pruning needs a model returning one tensor "
+            "(wrap it so forward returns the logits)"
+        )
     return tuple(y.shape)
 
 
@@ -102,5 +107,7 @@ def check_shapes(model: nn.Module, example: torch.Tensor, expected: tuple[int, .
             assert tuple(m.weight.shape) == (m.out_features, m.in_features), name
     got = _output_shape(model, example)
     if got != expected:
-        raise HwpruneError(f"pruned model outputs shape {got}, the dense one {expected}; the graph has a coupling "
-                           "torch-pruning does not see (report the model)")
+        raise HwpruneError(
+            f"pruned model outputs shape {got}, the dense one {expected}; the graph has a coupling "
+            "torch-pruning does not see (report the model)"
+        )

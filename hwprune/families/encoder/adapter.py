@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EncoderAdapter", "minilm_path"]
 
-BERT_BASE = EncoderConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, head_dim=64,
-                          intermediate_size=3072)
+BERT_BASE = EncoderConfig(
+    vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, head_dim=64, intermediate_size=3072
+)
 
 
 def minilm_path() -> Path:
@@ -43,8 +45,9 @@ def minilm_path() -> Path:
 class EncoderAdapter(Family):
     family = "encoder"
 
-    def __init__(self, name: str, *, path: Path | None = None, config: EncoderConfig | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, name: str, *, path: Path | None = None, config: EncoderConfig | None = None, seed: int = 0
+    ) -> None:
         self.name, self.path, self._config, self.seed = name, path, config, seed
 
     # ---- construction -------------------------------------------------------------------------
@@ -57,11 +60,19 @@ class EncoderAdapter(Family):
         return cls("bert-base", config=BERT_BASE)
 
     @classmethod
-    def tiny(cls, *, layers: int = 2, heads: int = 4, head_dim: int = 8, ffn: int = 64, vocab: int = 30522,
-             seed: int = 0) -> "EncoderAdapter":
+    def tiny(
+        cls, *, layers: int = 2, heads: int = 4, head_dim: int = 8, ffn: int = 64, vocab: int = 30522, seed: int = 0
+    ) -> "EncoderAdapter":
         """A small random encoder for tests (uses MiniLM's tokenizer vocabulary by default)."""
-        cfg = EncoderConfig(vocab_size=vocab, hidden_size=heads * head_dim, num_layers=layers, num_heads=heads,
-                            head_dim=head_dim, intermediate_size=ffn, max_position=512)
+        cfg = EncoderConfig(
+            vocab_size=vocab,
+            hidden_size=heads * head_dim,
+            num_layers=layers,
+            num_heads=heads,
+            head_dim=head_dim,
+            intermediate_size=ffn,
+            max_position=512,
+        )
         return cls("tiny", config=cfg, seed=seed)
 
     @classmethod
@@ -130,8 +141,12 @@ class EncoderAdapter(Family):
     def default_space_spec(self) -> dict[str, Any]:
         """Heads one by one, FFN in 24 steps; both sublayers removable."""
         step = max(1, self.config.intermediate_size // 24)
-        return {"defaults": {"heads": {"step": 1, "min": 1, "allow_remove": True},
-                             "ffn": {"step": step, "min": step, "allow_remove": True}}}
+        return {
+            "defaults": {
+                "heads": {"step": 1, "min": 1, "allow_remove": True},
+                "ffn": {"step": step, "min": step, "allow_remove": True},
+            }
+        }
 
     @cached_property
     def tokenizer(self) -> Any:
@@ -157,8 +172,11 @@ class EncoderAdapter(Family):
         return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
 
     def onnx_io(self) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
-        dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-               "last_hidden_state": {0: "batch", 1: "seq"}}
+        dyn = {
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "last_hidden_state": {0: "batch", 1: "seq"},
+        }
         return ["input_ids", "attention_mask"], ["last_hidden_state"], dyn
 
     # ---- surgery ------------------------------------------------------------------------------
@@ -181,21 +199,37 @@ class EncoderAdapter(Family):
         return prune_encoder(model, plan, overrides)
 
     # ---- latency, accuracy, reports ------------------------------------------------------------
-    def measure_latency(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
-                        progress: bool = True, budget_s: float | None = None) -> tuple["pd.DataFrame", dict[str, Any]]:
+    def measure_latency(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        seq: int,
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple["pd.DataFrame", dict[str, Any]]:
         from hwprune.families.encoder.profile import measure
 
-        extra = {"budget_s": budget_s} if budget_s is not None else {}
-        return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, **extra)
+        return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s)
 
-    def prepare_profiling(self, backend: "Backend", *, batch: int, seq: int, space: PruningSpace,
-                          progress: bool = True, levels: int | None = None) -> "Profiling":
+    def prepare_profiling(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        seq: int,
+        space: PruningSpace,
+        progress: bool = True,
+        levels: int | None = None,
+    ) -> "Profiling":
         from hwprune.families.encoder.profile import prepare
 
         return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress)
 
-    def load_calib(self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int,
-                   seed: int = 0) -> "CalibData":
+    def load_calib(
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0
+    ) -> "CalibData":
         from hwprune.families.encoder.calib import load_calib
 
         return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, seq=seq, seed=seed)
@@ -215,8 +249,7 @@ class EncoderAdapter(Family):
         """Kept sizes, plus per-layer ``heads``/``ffn`` lists (easy to eyeball)."""
         out = super().plan_summary(plan)
         cfg = self.pruned_config(plan)
-        out.update(heads=list(cfg.heads), ffn=list(cfg.ffn), dense_heads=cfg.num_heads,
-                   dense_ffn=cfg.intermediate_size)
+        out.update(heads=list(cfg.heads), ffn=list(cfg.ffn), dense_heads=cfg.num_heads, dense_ffn=cfg.intermediate_size)
         return out
 
     def parity_inputs(self, *, seq: int) -> dict[str, torch.Tensor]:

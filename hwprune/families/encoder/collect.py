@@ -10,9 +10,10 @@ into the sums batch by batch and never stored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -28,16 +29,23 @@ class LayerStats:
 
 
 @torch.inference_mode()
-def collect_stats(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], *, batch: int = 16,
-                  threads: int | None = None, progress: bool = False) -> list[LayerStats]:
+def collect_stats(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    batch: int = 16,
+    threads: int | None = None,
+    progress: bool = False,
+) -> list[LayerStats]:
     """One pass of the dense ``Encoder`` over ``inputs``; returns one :class:`LayerStats` per layer.
 
     ``threads`` sets torch's intra-op threads for the pass (None: as configured); on a shared
     machine 1 thread can be several times faster than oversubscribed OpenMP threads.
     """
     cfg = model.config
-    stats = [LayerStats(SublayerStats(cfg.heads[i] * cfg.head_dim), SublayerStats(cfg.ffn[i]))
-             for i in range(cfg.num_layers)]
+    stats = [
+        LayerStats(SublayerStats(cfg.heads[i] * cfg.head_dim), SublayerStats(cfg.ffn[i])) for i in range(cfg.num_layers)
+    ]
     keep: list[torch.Tensor] = []  # current batch's non-pad token mask, flattened (set per batch)
 
     def tokens(t: torch.Tensor) -> torch.Tensor:

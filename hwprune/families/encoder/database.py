@@ -20,12 +20,12 @@ import torch
 
 from hwprune.errors import HwpruneError
 from hwprune.families._base import Family
-from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.families.encoder.collect import LayerStats, collect_stats
+from hwprune.families.encoder.surgery import kept_columns
+from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.proxies.database import Track
 from hwprune.proxies.stats import SublayerStats
 from hwprune.space import Candidate, PruningSpace, Unit
-from hwprune.families.encoder.surgery import kept_columns
 from hwprune.surgery.plan import Plan
 
 __all__ = ["EncoderState", "sublayer", "ensure_stats", "unit_prefix"]
@@ -37,8 +37,10 @@ def unit_prefix(unit: Unit) -> tuple[str, str]:
         return f"layers.{unit.layer}.attention.", f"layers.{unit.layer}.attention.dense."
     if unit.kind == "ffn":
         return f"layers.{unit.layer}.ffn.", f"layers.{unit.layer}.ffn.output."
-    raise HwpruneError(f"unit {unit.name!r} of kind {unit.kind!r} is not an encoder unit; "
-                       "encoder proxies prune 'heads' and 'ffn' units")
+    raise HwpruneError(
+        f"unit {unit.name!r} of kind {unit.kind!r} is not an encoder unit; "
+        "encoder proxies prune 'heads' and 'ffn' units"
+    )
 
 
 def sublayer(adapter: Family, stats: list[LayerStats], unit: Unit) -> tuple[torch.nn.Linear, SublayerStats]:
@@ -50,8 +52,15 @@ def sublayer(adapter: Family, stats: list[LayerStats], unit: Unit) -> tuple[torc
     return layer.ffn.output, stats[unit.layer].ffn
 
 
-def ensure_stats(adapter: Family, calib: CalibData, stats: list[LayerStats] | None, *, batch: int,
-                 threads: int | None, progress: bool) -> list[LayerStats]:
+def ensure_stats(
+    adapter: Family,
+    calib: CalibData,
+    stats: list[LayerStats] | None,
+    *,
+    batch: int,
+    threads: int | None,
+    progress: bool,
+) -> list[LayerStats]:
     """``stats`` if given (one pass can serve several proxies), else a fresh pass over ``calib.calib``."""
     if stats is not None:
         return stats
@@ -61,8 +70,9 @@ def ensure_stats(adapter: Family, calib: CalibData, stats: list[LayerStats] | No
 class EncoderState(ProxyState):
     """Nested levels from removal orders; subclasses say how to rebuild one unit's tensors."""
 
-    def __init__(self, adapter: Family, space: PruningSpace, tracks: list[Track], *,
-                 meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, adapter: Family, space: PruningSpace, tracks: list[Track], *, meta: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(adapter, space)
         self.tracks, self.meta = tracks, dict(meta or {})
         self._levels: dict[tuple[int, int], dict[str, torch.Tensor]] = {}

@@ -28,9 +28,14 @@ __all__ = ["FlapState", "fit_flap"]
 class FlapState(EncoderState):
     name = "flap"
 
-    def __init__(self, *args: object, params: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 scores: dict[str, np.ndarray], **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        *args: object,
+        params: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        scores: dict[str, np.ndarray],
+        **kw: object,
+    ) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards EncoderState.__init__ unchanged
         self._params, self.scores = params, scores  # per unit: (W, b, mean) float64
 
     def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -39,9 +44,16 @@ class FlapState(EncoderState):
 
 
 @register_proxy("flap", family="encoder")
-def fit_flap(adapter: Family, space: PruningSpace, calib: CalibData, *,
-             stats: list[LayerStats] | None = None, batch: int = 16, threads: int | None = None,
-             progress: bool = True) -> FlapState:
+def fit_flap(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
+) -> FlapState:
     stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks, params, scores = [], [], {}
     with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead

@@ -30,9 +30,16 @@ class MagnitudeState(EncoderState):
 
 
 @register_proxy("magnitude", family="encoder")
-def fit_magnitude(adapter: Family, space: PruningSpace, calib: CalibData, *,
-                  stats: list[LayerStats] | None = None, batch: int = 16, threads: int | None = None,
-                  progress: bool = True) -> MagnitudeState:
+def fit_magnitude(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
+) -> MagnitudeState:
     stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks = []
     with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,31 +78,42 @@ class EncoderConfig:
 
     def shape_key(self) -> str:
         """The dense shape a latency table depends on (kept sizes excluded)."""
-        return (f"{self.model_type}-d{self.hidden_size}-h{self.num_heads}x{self.head_dim}"
-                f"-f{self.intermediate_size}-L{self.num_layers}")
+        return (
+            f"{self.model_type}-d{self.hidden_size}-h{self.num_heads}x{self.head_dim}"
+            f"-f{self.intermediate_size}-L{self.num_layers}"
+        )
 
 
 def from_hf_config(cfg: Mapping[str, Any], *, where: str = "config.json") -> EncoderConfig:
     """Map a Hugging Face ``config.json`` of a BERT-family encoder to :class:`EncoderConfig`."""
     mt = str(cfg.get("model_type", "bert"))
     if mt not in SUPPORTED_TYPES:
-        raise HwpruneError(f"{where}: model_type {mt!r} is not a BERT-family encoder; supported: {', '.join(SUPPORTED_TYPES)}")
+        raise HwpruneError(
+            f"{where}: model_type {mt!r} is not a BERT-family encoder; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
     act = cfg.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_new", "gelu_python"):
         raise HwpruneError(f"{where}: hidden_act {act!r} is not supported yet; supported: gelu")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise HwpruneError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not supported; use absolute")
+        raise HwpruneError(
+            f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not supported; use absolute"
+        )
     try:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         pad = int(cfg.get("pad_token_id", 0) or 0)
         return EncoderConfig(
-            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads, head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
             intermediate_size=int(cfg["intermediate_size"]),
             max_position=int(cfg.get("max_position_embeddings", 512)),
             type_vocab_size=int(cfg.get("type_vocab_size", 2)),
-            layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), pad_token_id=pad,
-            position_offset=pad + 1 if mt in ("roberta", "xlm-roberta", "camembert") else 0, model_type=mt,
+            layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+            pad_token_id=pad,
+            position_offset=pad + 1 if mt in ("roberta", "xlm-roberta", "camembert") else 0,
+            model_type=mt,
         )
     except KeyError as e:
         raise HwpruneError(f"{where}: missing key {e.args[0]!r}; is this a BERT-family config.json?") from None
@@ -217,6 +229,7 @@ class Encoder(nn.Module):
 
 # ---- Hugging Face checkpoint names <-> ours -------------------------------------------------
 
+
 def _hf_key(ours: str) -> str:
     """Our state-dict key -> Hugging Face BERT key (without the model prefix)."""
     if ours.startswith("embeddings."):
@@ -225,11 +238,16 @@ def _hf_key(ours: str) -> str:
     i, sub, rest = parts[1], parts[2], ".".join(parts[3:])
     p = f"encoder.layer.{i}."
     table = {
-        ("attention", "query"): "attention.self.query", ("attention", "key"): "attention.self.key",
-        ("attention", "value"): "attention.self.value", ("attention", "dense"): "attention.output.dense",
-        ("attention", "LayerNorm"): "attention.output.LayerNorm", ("attention", "bias"): "attention.output.bias",
-        ("ffn", "intermediate"): "intermediate.dense", ("ffn", "output"): "output.dense",
-        ("ffn", "LayerNorm"): "output.LayerNorm", ("ffn", "bias"): "output.bias",
+        ("attention", "query"): "attention.self.query",
+        ("attention", "key"): "attention.self.key",
+        ("attention", "value"): "attention.self.value",
+        ("attention", "dense"): "attention.output.dense",
+        ("attention", "LayerNorm"): "attention.output.LayerNorm",
+        ("attention", "bias"): "attention.output.bias",
+        ("ffn", "intermediate"): "intermediate.dense",
+        ("ffn", "output"): "output.dense",
+        ("ffn", "LayerNorm"): "output.LayerNorm",
+        ("ffn", "bias"): "output.bias",
     }
     head, _, tail = rest.partition(".")
     return p + table[(sub, head)] + (f".{tail}" if tail else "")
@@ -246,7 +264,9 @@ def load_hf_weights(model: Encoder, state: Mapping[str, torch.Tensor], *, where:
         if src is None:
             raise HwpruneError(f"{where}: weight {hk!r} not found; is this a BERT-family checkpoint?")
         if tuple(state[src].shape) != tuple(t.shape):
-            raise HwpruneError(f"{where}: weight {src!r} has shape {tuple(state[src].shape)}, expected {tuple(t.shape)}")
+            raise HwpruneError(
+                f"{where}: weight {src!r} has shape {tuple(state[src].shape)}, expected {tuple(t.shape)}"
+            )
         out[k] = state[src].to(torch.float32)
     model.load_state_dict(out)
 
@@ -265,8 +285,9 @@ def load_hf_folder(path: str | Path) -> tuple[Encoder, EncoderConfig]:
         raise HwpruneError(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     weights = path / "model.safetensors"
     if not weights.is_file():
-        raise HwpruneError(f"{path}: no model.safetensors; convert the checkpoint to safetensors "
-                           "(hwprune never unpickles .bin files)")
+        raise HwpruneError(
+            f"{path}: no model.safetensors; convert the checkpoint to safetensors (hwprune never unpickles .bin files)"
+        )
     model = Encoder(cfg)
     load_hf_weights(model, load_file(str(weights)), where=str(weights))
     return model.eval(), cfg

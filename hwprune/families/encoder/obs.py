@@ -22,11 +22,11 @@ class ObsState(EncoderState):
     name = "obs"
 
     def __init__(self, *args: object, params: list[tuple[torch.Tensor, ...] | None], **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards EncoderState.__init__ unchanged
         self._params = params  # per unit: (W, b, mean, damped covariance) float64
 
     def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        w, b, mu, hd = self._params[index]  # type: ignore[misc]
+        w, b, mu, hd = self._params[index]  # type: ignore[misc]  # None only for units kept whole, never rebuilt
         if len(cols) == 0:
             return None, b + w @ mu
         with num_threads(1):  # one mid-size Cholesky: threads cost more than they bring (see fit_obs)
@@ -35,9 +35,18 @@ class ObsState(EncoderState):
 
 
 @register_proxy("obs", family="encoder")
-def fit_obs(adapter: Family, space: PruningSpace, calib: CalibData, *,
-            stats: list[LayerStats] | None = None, damp: float = 0.01, block: float = 0.02,
-            batch: int = 16, threads: int | None = None, progress: bool = True) -> ObsState:
+def fit_obs(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    damp: float = 0.01,
+    block: float = 0.02,
+    batch: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
+) -> ObsState:
     stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks: list[Track] = []
     params: list[tuple[torch.Tensor, ...] | None] = []
@@ -60,5 +69,4 @@ def fit_obs(adapter: Family, space: PruningSpace, calib: CalibData, *,
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
             params.append((w, b, st.mean.clone(), hd))
             bar.advance(task)
-    return ObsState(adapter, space, tracks, params=params,
-                    meta={"calib": calib.source, "damp": damp, "block": block})
+    return ObsState(adapter, space, tracks, params=params, meta={"calib": calib.source, "damp": damp, "block": block})

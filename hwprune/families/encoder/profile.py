@@ -27,9 +27,11 @@ Method (why it is shaped this way):
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -37,9 +39,9 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
+from hwprune.families.encoder.model import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
 from hwprune.latency._base import Backend, Timing
 from hwprune.latency.backends import Runner, interleave
-from hwprune.families.encoder.model import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
 from hwprune.space import PruningSpace
 
 __all__ = ["measure", "prepare", "Profiling", "chain_length", "profiled_sizes"]
@@ -99,19 +101,43 @@ class Profiling:
     def frame(self, timings: Sequence[Timing]) -> pd.DataFrame:
         by = {(k, s): t for k, s, t in zip(self.kinds, self.sizes, timings, strict=True)}
         e, b = by[("empty", 0)].median_ms, by[("base", 0)]
-        rows = [{"kind": "base", "key": "", "size": 0, "size2": -1, "median_ms": b.median_ms, "p10_ms": b.p10_ms,
-                 "p90_ms": b.p90_ms, "n": b.n}]
+        rows = [
+            {
+                "kind": "base",
+                "key": "",
+                "size": 0,
+                "size2": -1,
+                "median_ms": b.median_ms,
+                "p10_ms": b.p10_ms,
+                "p90_ms": b.p90_ms,
+                "n": b.n,
+            }
+        ]
         # p10/p90 of a block: its chain's, per block (the empty graph's spread is negligible)
-        rows += [{"kind": kind, "key": "", "size": size, "size2": -1, "median_ms": (t.median_ms - e) / self.r,
-                  "p10_ms": (t.p10_ms - e) / self.r, "p90_ms": (t.p90_ms - e) / self.r, "n": t.n}
-                 for (kind, size), t in by.items() if kind in ("heads", "ffn")]
+        rows += [
+            {
+                "kind": kind,
+                "key": "",
+                "size": size,
+                "size2": -1,
+                "median_ms": (t.median_ms - e) / self.r,
+                "p10_ms": (t.p10_ms - e) / self.r,
+                "p90_ms": (t.p90_ms - e) / self.r,
+                "n": t.n,
+            }
+            for (kind, size), t in by.items()
+            if kind in ("heads", "ffn")
+        ]
         return pd.DataFrame(rows)
 
     def networks(self) -> list[dict[str, int] | None]:
         """Only the dense model is a whole network of the space; the rest are chains of blocks."""
         c = self.cfg
-        dense = {f"layer.{i}.{k}": n for i in range(c.num_layers)
-                 for k, n in (("heads", c.num_heads), ("ffn", c.intermediate_size))}
+        dense = {
+            f"layer.{i}.{k}": n
+            for i in range(c.num_layers)
+            for k, n in (("heads", c.num_heads), ("ffn", c.intermediate_size))
+        }
         return [dict(dense) if k == "dense" else None for k in self.kinds]
 
     def meta(self, timings: Sequence[Timing]) -> dict[str, Any]:
@@ -119,15 +145,20 @@ class Profiling:
         c = self.cfg
         predicted = f[("base", 0)] + c.num_layers * (f[("heads", c.num_heads)] + f[("ffn", c.intermediate_size)])
         dense = next(t for k, t in zip(self.kinds, timings) if k == "dense")
-        return {"method": "chains of R blocks behind the embeddings minus the embeddings alone; interleaved rounds, "
-                          "common-mode load removed, medians",
-                "chain_len": self.r, "rounds": dense.n, "dense_ms": dense.to_json(),
-                "dense_predicted_ms": round(float(predicted), 4),
-                "dense_error_pct": round(float(100 * (predicted - dense.median_ms) / dense.median_ms), 3)}
+        return {
+            "method": "chains of R blocks behind the embeddings minus the embeddings alone; interleaved rounds, "
+            "common-mode load removed, medians",
+            "chain_len": self.r,
+            "rounds": dense.n,
+            "dense_ms": dense.to_json(),
+            "dense_predicted_ms": round(float(predicted), 4),
+            "dense_error_pct": round(float(100 * (predicted - dense.median_ms) / dense.median_ms), 3),
+        }
 
 
-def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int, space: PruningSpace,
-            progress: bool = True) -> Profiling:
+def prepare(
+    adapter: Any, backend: Backend, *, batch: int, seq: int, space: PruningSpace, progress: bool = True
+) -> Profiling:
     """Export and load every graph of the profile (dense model, base, empty chain, the chains)."""
     from rich.progress import Progress
 
@@ -145,38 +176,51 @@ def prepare(adapter: Any, backend: Backend, *, batch: int, seq: int, space: Prun
         with torch.random.fork_rng():  # random weights, without touching the caller's RNG
             torch.manual_seed(size)
             if kind == "heads":
-                blocks: list[nn.Module] = [Attention(cfg.hidden_size, size, cfg.head_dim, cfg.layer_norm_eps)
-                                           for _ in range(r)]
+                blocks: list[nn.Module] = [
+                    Attention(cfg.hidden_size, size, cfg.head_dim, cfg.layer_norm_eps) for _ in range(r)
+                ]
             else:
-                blocks = [FeedForward(cfg.hidden_size, size, cfg.layer_norm_eps)
-                          for _ in range(r if kind == "ffn" else 0)]
+                blocks = [
+                    FeedForward(cfg.hidden_size, size, cfg.layer_norm_eps) for _ in range(r if kind == "ffn" else 0)
+                ]
             model = _Chain(cfg if kind == "base" else small, blocks, attention=kind == "heads").eval()
         inputs = real if kind == "base" else ids
         return to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn), inputs
 
     todo: list[tuple[str, int, Callable[[], tuple[bytes, dict[str, torch.Tensor]]]]] = [
         ("dense", -1, lambda: (to_onnx(adapter.dense(), real, output_names=outs, dynamic_axes=dyn), real)),
-        ("base", 0, lambda: chain("base", 0)), ("empty", 0, lambda: chain("empty", 0))]
-    todo += [("heads", k, lambda k=k: chain("heads", k)) for k in heads]
-    todo += [("ffn", n, lambda n=n: chain("ffn", n)) for n in ffn]
+        ("base", 0, lambda: chain("base", 0)),
+        ("empty", 0, lambda: chain("empty", 0)),
+    ]
+    todo += [("heads", k, functools.partial(chain, "heads", k)) for k in heads]
+    todo += [("ffn", n, functools.partial(chain, "ffn", n)) for n in ffn]
     runners: list[Runner] = []
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task(f"export {len(todo)} graphs", total=len(todo))
         for _, _, build in todo:
             onnx, inputs = build()
             feed = {k: v.numpy() for k, v in inputs.items()}
-            runners.append(backend.prepare(onnx, feed))  # type: ignore[attr-defined]
+            runners.append(backend.prepare(onnx, feed))
             bar.advance(task)
     return Profiling(cfg=cfg, r=r, kinds=[k for k, _, _ in todo], sizes=[s for _, s, _ in todo], runners=runners)
 
 
-def measure(adapter: Any, backend: Backend, *, batch: int, seq: int, space: PruningSpace, progress: bool = True,
-            budget_s: float = 120.0) -> tuple[pd.DataFrame, dict[str, Any]]:
+def measure(
+    adapter: Any,
+    backend: Backend,
+    *,
+    batch: int,
+    seq: int,
+    space: PruningSpace,
+    progress: bool = True,
+    budget_s: float | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Time every block size of ``adapter`` on ``backend`` for about ``budget_s`` s; returns (frame, meta).
 
     Stops after 300 rounds (median noise ~0.3 % on a shared core) or ``budget_s``: MiniLM needs about
     120 s for 300 rounds on one idle core, which keeps a profile with export under 3 minutes.
     """
+    budget_s = 120.0 if budget_s is None else budget_s
     from rich.progress import Progress
 
     t0 = time.perf_counter()
@@ -184,8 +228,13 @@ def measure(adapter: Any, backend: Backend, *, batch: int, seq: int, space: Prun
     t_export = time.perf_counter() - t0
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task(f"time {len(prof.runners)} graphs (~{budget_s:.0f} s)", total=100)
-        timings = interleave(prof.runners, rounds=_ROUNDS, seconds=budget_s, common_mode=True,
-                             on_round=lambda f: bar.update(task, completed=100 * f))
+        timings = interleave(
+            prof.runners,
+            rounds=_ROUNDS,
+            seconds=budget_s,
+            common_mode=True,
+            on_round=lambda f: bar.update(task, completed=100 * f),
+        )
     meta = prof.meta(timings)
     clock = backend.clock
     meta.update(export_seconds=round(t_export, 1), clock=clock)

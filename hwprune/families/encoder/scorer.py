@@ -11,7 +11,7 @@ additive mask, trailing pads change no real token's output, so this is exact and
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -33,8 +33,14 @@ def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 class EndToEndScorer:
     """Caches the dense model's outputs on ``heldout_inputs``; ``score(model)`` compares against them."""
 
-    def __init__(self, adapter: Family, heldout_inputs: Mapping[str, torch.Tensor], *, batch: int = 32,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        adapter: Family,
+        heldout_inputs: Mapping[str, torch.Tensor],
+        *,
+        batch: int = 32,
+        threads: int | None = None,
+    ) -> None:
         self.adapter, self.threads = adapter, threads
         self._batches = length_batches(heldout_inputs, batch)
         self._dense = [self._outputs(adapter.dense(), ids, mask) for ids, mask in self._batches]
@@ -42,7 +48,7 @@ class EndToEndScorer:
 
     @classmethod
     def from_calib(cls, adapter: Family, calib: CalibData, **kw: int | None) -> "EndToEndScorer":
-        return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]
+        return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]  # kw are the int options above
 
     @property
     def n(self) -> int:

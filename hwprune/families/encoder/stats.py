@@ -28,11 +28,11 @@ def encoder_macs(cfg: EncoderConfig, *, batch: int, seq: int) -> int:
     total = 0
     for heads, ffn in zip(cfg.heads, cfg.ffn):
         inner = heads * d
-        total += 3 * tokens * h * inner          # Q, K, V projections
-        total += batch * heads * seq * seq * d   # scores: (seq, d) @ (d, seq) per head
-        total += batch * heads * seq * seq * d   # context: (seq, seq) @ (seq, d) per head
-        total += tokens * inner * h              # attention output projection
-        total += 2 * tokens * h * ffn            # FFN up and down
+        total += 3 * tokens * h * inner  # Q, K, V projections
+        total += batch * heads * seq * seq * d  # scores: (seq, d) @ (d, seq) per head
+        total += batch * heads * seq * seq * d  # context: (seq, seq) @ (seq, d) per head
+        total += tokens * inner * h  # attention output projection
+        total += 2 * tokens * h * ffn  # FFN up and down
     return total
 
 
@@ -42,5 +42,4 @@ def encoder_flops(cfg: EncoderConfig, *, batch: int, seq: int) -> int:
 
 
 def encoder_stats(cfg: EncoderConfig, *, batch: int, seq: int) -> ModelStats:
-    return ModelStats(params=encoder_params(cfg), flops=encoder_flops(cfg, batch=batch, seq=seq), batch=batch,
-                      seq=seq)
+    return ModelStats(params=encoder_params(cfg), flops=encoder_flops(cfg, batch=batch, seq=seq), batch=batch, seq=seq)
