@@ -18,8 +18,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hwprune._io import write_json
 from hwprune.errors import HwpruneError
@@ -35,8 +36,9 @@ def machine(runtime: str = "ort-cpu", *, threads: int = 1, batch: int = 1, seq: 
     plus the Python version: enough to tell whether two results are comparable."""
     from hwprune.latency import DeviceFingerprint, get_backend
 
-    fp = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq,
-                                   runtime_version=get_backend(runtime, threads=threads).version())
+    fp = DeviceFingerprint.current(
+        runtime, threads=threads, batch=batch, seq=seq, runtime_version=get_backend(runtime, threads=threads).version()
+    )
     return {**fp.to_json(), "python": platform.python_version()}
 
 
@@ -48,17 +50,26 @@ def command(script: str | Path, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", f"scripts/{Path(script).name}", *args])
 
 
-def write_result(path: str | Path, result: Mapping[str, Any], *, script: str | Path, argv: Sequence[str] | None,
-                 machine_facts: Mapping[str, Any] | None = None) -> Path:
+def write_result(
+    path: str | Path,
+    result: Mapping[str, Any],
+    *,
+    script: str | Path,
+    argv: Sequence[str] | None,
+    machine_facts: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``result`` as JSON at ``path`` atomically, led by ``command`` and ``date`` and with ``machine``.
 
     ``machine_facts``: the facts of the settings the result was measured with (:func:`machine` with the
     script's runtime, threads, batch and seq); default ``machine()`` (ORT CPU, one thread). A ``machine``
     key inside ``result`` is replaced by them, so every result states it in the same place and form.
     """
-    doc = {"command": command(script, argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           **{k: v for k, v in result.items() if k != "machine"},
-           "machine": dict(machine_facts) if machine_facts is not None else machine()}
+    doc = {
+        "command": command(script, argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **{k: v for k, v in result.items() if k != "machine"},
+        "machine": dict(machine_facts) if machine_facts is not None else machine(),
+    }
     path = Path(path)
     write_json(path, doc)
     print(f"wrote {path}")

@@ -35,22 +35,23 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT_DIR, fail, machine, parse_shape, stem, write_result  # noqa: E402
+from _common import OUT_DIR, fail, machine, parse_shape, stem, write_result
 
-from hwprune.api import load_adapter, make_predictor  # noqa: E402
-from hwprune.errors import HwpruneError  # noqa: E402
-from hwprune.export.candidate import candidate_onnx, timing_feed  # noqa: E402
-from hwprune.families import Family  # noqa: E402
-from hwprune.latency import Backend, DeviceFingerprint, LatencyTable, Timing, get_backend  # noqa: E402
-from hwprune.latency.backends import Runner, interleave  # noqa: E402
-from hwprune.space import Candidate, PruningSpace  # noqa: E402
+from hwprune.api import load_adapter, make_predictor
+from hwprune.errors import HwpruneError
+from hwprune.export.candidate import candidate_onnx, timing_feed
+from hwprune.families import Family
+from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend
+from hwprune.latency.backends import Runner, interleave
+from hwprune.space import Candidate, PruningSpace
 
 SESSION_FACTOR = 2  # an ORT session holds its weights about twice: initializers and prepacked copies
 HEADROOM = 256 << 20  # left free for Python, torch and the OS page cache of the session being built
@@ -69,21 +70,23 @@ def sample_subnets(space: PruningSpace, n: int, rng: np.random.Generator) -> lis
     if len(kinds) > 1:
         for kind in kinds:
             if all(u.sizes[0] == 0 for u in space.units if u.kind == kind):
-                out.append((f"{kind}-min", Candidate(tuple(u.sizes[0] if u.kind == kind else u.full
-                                                           for u in space.units))))
+                out.append(
+                    (f"{kind}-min", Candidate(tuple(u.sizes[0] if u.kind == kind else u.full for u in space.units)))
+                )
     out = out[:n]
     while len(out) < n:
         ratio = rng.uniform(0.05, 1.0)  # per-subnet level, per-unit jitter around it
         sizes = []
         for u in space.units:
             r = float(np.clip(ratio + rng.normal(0.0, 0.25), 0.0, 1.0))
-            sizes.append(u.sizes[int(round(r * (len(u.sizes) - 1)))])
+            sizes.append(u.sizes[round(r * (len(u.sizes) - 1))])
         out.append((f"random-{len(out)}", Candidate(tuple(sizes))))
     return out
 
 
-def export_subnet(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator, *,
-                  batch: int, seq: int) -> tuple[bytes, dict[str, np.ndarray]]:
+def export_subnet(
+    adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator, *, batch: int, seq: int
+) -> tuple[bytes, dict[str, np.ndarray]]:
     """The subnet with random kept indices (latency must not depend on which ones), as ``hwprune export``
     would write it, and the feed it is timed on."""
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
@@ -91,8 +94,9 @@ def export_subnet(adapter: Family, space: PruningSpace, cand: Candidate, rng: np
     return candidate_onnx(adapter, model, batch=batch, seq=seq), timing_feed(adapter, batch=batch, seq=seq)
 
 
-def session_twins(networks: Sequence[Mapping[str, int] | None], timings: Sequence[Timing],
-                  space: PruningSpace) -> dict[tuple[int, ...], float]:
+def session_twins(
+    networks: Sequence[Mapping[str, int] | None], timings: Sequence[Timing], space: PruningSpace
+) -> dict[tuple[int, ...], float]:
     """Measured ms of the fixed runners that are whole networks of the space, by unit sizes (the first
     runner wins when two share sizes). A subnet with the same sizes is the same graph in a session
     created later, so the two differ only by the session."""
@@ -114,6 +118,10 @@ def available_bytes() -> int:
     return 8 << 30
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 1 << 30 else f"{n / 2**20:.0f} MiB"
+
+
 def weight_bytes(model: Any) -> int:
     """Bytes of a torch model's parameters and buffers: what its exported graph's initializers hold."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -127,43 +135,63 @@ def subnet_bytes(dense_bytes: int, space: PruningSpace, subnets: Sequence[tuple[
 
 
 class MemoryGuard:
-    """The backend, but every ``prepare`` first checks that the session fits in the memory free now while
-    leaving ``reserve`` bytes for the sessions still to come (the subnets of the first chunk).
+    """Mixed into the backend's own class (:func:`guarded_backend`): every ``prepare`` first checks that
+    the session fits in the memory free now while leaving ``reserve`` bytes for the sessions still to
+    come (the subnets of the first chunk).
 
     Why a guard instead of an estimate up front: how many graphs a profile loads, and how big they are,
     is the family's business (a CNN's level grid of whole networks, an encoder's block chains), so the
     script cannot count them without naming the family. Checking each session as it is created, against
     MemAvailable at that moment, is exact for everything already loaded and refuses only when the next
-    session really would not fit, before the machine starts swapping. Everything else is delegated, so
-    families that ask the backend for more (session options, providers) see the real one.
+    session really would not fit, before the machine starts swapping. It is a subclass of the real
+    backend, not a wrapper, so a family that checks the backend's type or asks it for more (session
+    options, providers) sees the real one.
     """
 
-    def __init__(self, backend: Backend, *, reserve: int, advice: str) -> None:
-        self.backend, self.reserve, self.advice = backend, reserve, advice
-        self.sessions, self.loaded = 0, 0
+    reserve: int = 0
+    advice: str = ""
+    sessions: int = 0
+    loaded: int = 0
 
     def prepare(self, onnx: bytes, feed: Mapping[str, np.ndarray]) -> Any:
         need, free = SESSION_FACTOR * len(onnx) + self.reserve, available_bytes() - HEADROOM
         if need > free:
             raise HwpruneError(
-                f"out of memory ahead: {self.sessions} sessions loaded (~{self.loaded / 2**30:.1f} GiB), the next "
-                f"needs ~{SESSION_FACTOR * len(onnx) / 2**30:.2f} GiB and the subnets still to come "
-                f"~{self.reserve / 2**30:.1f} GiB, but {max(free, 0) / 2**30:.1f} GiB is free; {self.advice}")
-        runner = self.backend.prepare(onnx, feed)
+                f"out of memory ahead: {self.sessions} sessions loaded (~{_size(self.loaded)}), the next needs "
+                f"~{_size(SESSION_FACTOR * len(onnx))} and the subnets still to come ~{_size(self.reserve)}, but "
+                f"{_size(max(free, 0))} is free; {self.advice}"
+            )
+        runner = super().prepare(onnx, feed)  # type: ignore[misc]
         if runner is None:
-            raise HwpruneError(f"runtime {self.backend.name} cannot time graphs call by call in interleaved rounds "
-                               "(its backend has no prepare()); use --runtime ort-cpu")
+            raise HwpruneError(
+                f"runtime {getattr(self, 'name', '?')} cannot time graphs call by call in interleaved "
+                "rounds (its backend has no prepare()); use --runtime ort-cpu"
+            )
         self.sessions += 1
         self.loaded += SESSION_FACTOR * len(onnx)
         return runner
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.backend, name)
+
+def guarded_backend(runtime: str, *, threads: int, reserve: int, advice: str) -> Any:
+    """``get_backend(runtime, threads=)`` with :class:`MemoryGuard` in front of its class's ``prepare``."""
+    cls = type(get_backend(runtime, threads=threads))  # also the one-line error for an unknown runtime
+    guarded = type(f"Guarded{cls.__name__}", (MemoryGuard, cls), {})(threads=threads)
+    guarded.reserve, guarded.advice = reserve, advice
+    return guarded
 
 
-def time_chunk(adapter: Family, space: PruningSpace, subnets: list[tuple[str, Candidate]], *, backend: Any,
-               fixed: list[Runner], batch: int, seq: int, seconds: float,
-               rng: np.random.Generator) -> tuple[list[Timing], list[Timing]]:
+def time_chunk(
+    adapter: Family,
+    space: PruningSpace,
+    subnets: list[tuple[str, Candidate]],
+    *,
+    backend: Any,
+    fixed: list[Runner],
+    batch: int,
+    seq: int,
+    seconds: float,
+    rng: np.random.Generator,
+) -> tuple[list[Timing], list[Timing]]:
     """Export ``subnets`` and time them in the same interleaved rounds as the ``fixed`` runners."""
     from rich.progress import Progress
 
@@ -174,18 +202,27 @@ def time_chunk(adapter: Family, space: PruningSpace, subnets: list[tuple[str, Ca
             runners.append(backend.prepare(*export_subnet(adapter, space, cand, rng, batch=batch, seq=seq)))
             bar.advance(t)
         t = bar.add_task(f"time {len(fixed) + len(runners)} graphs (~{seconds:.0f} s)", total=100)
-        timings = interleave(fixed + runners, seconds=seconds, common_mode=True, seed=int(rng.integers(1 << 31)),
-                             on_round=lambda f: bar.update(t, completed=100 * f))
-    return timings[:len(fixed)], timings[len(fixed):]
+        timings = interleave(
+            fixed + runners,
+            seconds=seconds,
+            common_mode=True,
+            seed=int(rng.integers(1 << 31)),
+            on_round=lambda f: bar.update(t, completed=100 * f),
+        )
+    return timings[: len(fixed)], timings[len(fixed) :]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minilm",
-                    help="named model (minilm, bert-base, resnet18, resnet50, mobilenet_v2, vgg16_bn), a local "
-                         "Hugging Face folder, or package.module:factory returning a torch model")
-    ap.add_argument("--input-shape", help="for models that take one (CNNs): N,C,H,W (default 1,3,224,224); N is "
-                                          "the batch")
+    ap.add_argument(
+        "--model",
+        default="minilm",
+        help="named model (minilm, bert-base, resnet18, resnet50, mobilenet_v2, vgg16_bn), a local "
+        "Hugging Face folder, or package.module:factory returning a torch model",
+    )
+    ap.add_argument(
+        "--input-shape", help="for models that take one (CNNs): N,C,H,W (default 1,3,224,224); N is the batch"
+    )
     ap.add_argument("--weights", help="for models that take them (CNNs): .safetensors weights (default: random init)")
     ap.add_argument("--table", help="latency table to test (default: profile in the same rounds as the subnets)")
     ap.add_argument("--space", help="pruning space YAML (default: the model's)")
@@ -195,11 +232,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=120.0, help="timing budget per chunk")
     ap.add_argument("--runtime", default="ort-cpu", help="without --table: runtime to profile and time")
     ap.add_argument("--threads", type=int, default=1, help="without --table: intra-op threads")
-    ap.add_argument("--levels", type=int, default=None,
-                    help="without --table: sizes per unit where the family samples a grid (CNNs: width levels per "
-                         "group, default hwprune profile's 5 -> 25 networks); families without a grid ignore it")
-    ap.add_argument("--batch", type=int, default=1, help="without --table: batch (image models take it from "
-                                                         "--input-shape)")
+    ap.add_argument(
+        "--levels",
+        type=int,
+        default=None,
+        help="without --table: sizes per unit where the family samples a grid (CNNs: width levels per "
+        "group, default hwprune profile's 5 -> 25 networks); families without a grid ignore it",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=1, help="without --table: batch (image models take it from --input-shape)"
+    )
     ap.add_argument("--seq", type=int, default=128, help="without --table: sequence length (models that have one)")
     ap.add_argument("-o", "--out", help="JSON report (default bench_out/latency_<model>.json)")
     a = ap.parse_args(argv)
@@ -227,62 +269,103 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(a.seed)
         subnets = sample_subnets(space, a.subnets, rng)
         dense_bytes = weight_bytes(adapter.dense())
-        advice = (f"pass a smaller --chunk (now {a.chunk})" + ("" if a.table else
-                  f" or --levels, or profile first (hwprune profile --model {a.model}) and pass --table"))
-        backend = MemoryGuard(get_backend(runtime, threads=threads), advice=advice,
-                              reserve=subnet_bytes(dense_bytes, space, subnets[:a.chunk]))
+        advice = f"pass a smaller --chunk (now {a.chunk})" + (
+            "" if a.table else f" or --levels, or profile first (hwprune profile --model {a.model}) and pass --table"
+        )
+        backend = guarded_backend(
+            runtime, threads=threads, advice=advice, reserve=subnet_bytes(dense_bytes, space, subnets[: a.chunk])
+        )
         if table is not None:  # the table against this machine now: dense model as the drift reference
-            fixed = [backend.prepare(candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
-                                     timing_feed(adapter, batch=batch, seq=seq))]
+            fixed = [
+                backend.prepare(
+                    candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
+                    timing_feed(adapter, batch=batch, seq=seq),
+                )
+            ]
             networks: list[Mapping[str, int] | None] = [space.dense().as_dict(space)]
             prof = None
         else:  # profile graphs timed in the same rounds as the subnets: the predictor, not the load, is tested
-            prof = adapter.prepare_profiling(backend, batch=batch, seq=seq, space=space, progress=True,
-                                             levels=a.levels)
+            prof = adapter.prepare_profiling(backend, batch=batch, seq=seq, space=space, progress=True, levels=a.levels)
             fixed, networks = list(prof.runners), prof.networks()
-            print(f"profile: {len(fixed)} graphs loaded (~{backend.loaded / 2**30:.2f} GiB of sessions); live with "
-                  f"a chunk of subnets: {len(fixed) + min(a.chunk, len(subnets))} sessions", flush=True)
+            print(
+                f"profile: {len(fixed)} graphs loaded (~{_size(backend.loaded)} of sessions); live with "
+                f"a chunk of subnets: {len(fixed) + min(a.chunk, len(subnets))} sessions",
+                flush=True,
+            )
         backend.reserve = 0  # from here on every subnet session is checked as it is created
         rows: list[dict[str, Any]] = []
         for i in range(0, len(subnets), a.chunk):
-            chunk = subnets[i:i + a.chunk]
-            ft, st = time_chunk(adapter, space, chunk, backend=backend, fixed=fixed, batch=batch, seq=seq,
-                                seconds=a.seconds, rng=rng)
+            chunk = subnets[i : i + a.chunk]
+            ft, st = time_chunk(
+                adapter, space, chunk, backend=backend, fixed=fixed, batch=batch, seq=seq, seconds=a.seconds, rng=rng
+            )
             if prof is not None:
-                table = LatencyTable(frame=prof.frame(ft), fingerprint=DeviceFingerprint.current(
-                    runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version()),
-                    model=adapter.name, family=adapter.family, shape_key=adapter.shape_key(),
-                    settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq}, meta=prof.meta(ft))
+                table = LatencyTable(
+                    frame=prof.frame(ft),
+                    fingerprint=DeviceFingerprint.current(
+                        runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version()
+                    ),
+                    model=adapter.name,
+                    family=adapter.family,
+                    shape_key=adapter.shape_key(),
+                    settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq},
+                    meta=prof.meta(ft),
+                )
             dense = ft[0].median_ms  # both modes put the dense model first
             assert table is not None
             pred = make_predictor(table, space, adapter)
             twins = session_twins(networks, ft, space)
             for (name, cand), t in zip(chunk, st):
                 p, m = pred.predict(cand), t.median_ms
-                rows.append({"name": name, "key": cand.key(), "sizes": list(cand.sizes), "predicted_ms": round(p, 4),
-                             "measured_ms": round(m, 4), "error_pct": round(100 * (p - m) / m, 3),
-                             "dense_predicted_ms": round(pred.dense_ms(), 4), "dense_measured_ms": round(dense, 4),
-                             "chunk": i // a.chunk})
+                rows.append(
+                    {
+                        "name": name,
+                        "key": cand.key(),
+                        "sizes": list(cand.sizes),
+                        "predicted_ms": round(p, 4),
+                        "measured_ms": round(m, 4),
+                        "error_pct": round(100 * (p - m) / m, 3),
+                        "dense_predicted_ms": round(pred.dense_ms(), 4),
+                        "dense_measured_ms": round(dense, 4),
+                        "chunk": i // a.chunk,
+                    }
+                )
                 if cand.sizes in twins:  # the same graph is one of the fixed runners: a session control
                     rows[-1]["profile_twin_measured_ms"] = round(twins[cand.sizes], 4)
             print(f"chunk {i // a.chunk + 1}: " + ", ".join(f"{r['error_pct']:+.1f}%" for r in rows[i:]), flush=True)
-        here = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq,
-                                         runtime_version=backend.version())
+        here = DeviceFingerprint.current(
+            runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version()
+        )
         facts = machine(runtime, threads=threads, batch=batch, seq=seq)
     except HwpruneError as e:
         return fail(e)
     report = summarize(rows)
-    report.update({"mode": "table" if a.table else "profiled in the same rounds",
-                   "model": adapter.name, "family": adapter.family, "input_shape": adapter.spec().get("input_shape"),
-                   "table": a.table or None, "seconds": round(time.perf_counter() - t_start, 1),
-                   "settings": {"runtime": runtime, "threads": threads, "batch": batch, "seq": seq,
-                                "seconds_per_chunk": a.seconds, "chunk": a.chunk, "seed": a.seed,
-                                "levels": None if a.table else a.levels},
-                   "table_machine_mismatches": table.fingerprint.mismatches(here) if a.table and table else [],
-                   "subnets": rows})
+    report.update(
+        {
+            "mode": "table" if a.table else "profiled in the same rounds",
+            "model": adapter.name,
+            "family": adapter.family,
+            "input_shape": adapter.spec().get("input_shape"),
+            "table": a.table or None,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "settings": {
+                "runtime": runtime,
+                "threads": threads,
+                "batch": batch,
+                "seq": seq,
+                "seconds_per_chunk": a.seconds,
+                "chunk": a.chunk,
+                "seed": a.seed,
+                "levels": None if a.table else a.levels,
+            },
+            "table_machine_mismatches": table.fingerprint.mismatches(here) if a.table and table else [],
+            "subnets": rows,
+        }
+    )
     print(json.dumps({k: v for k, v in report.items() if k != "subnets"}, indent=2))
-    write_result(a.out or OUT_DIR / f"latency_{stem(a.model)}.json", report, script=__file__, argv=argv,
-                 machine_facts=facts)
+    write_result(
+        a.out or OUT_DIR / f"latency_{stem(a.model)}.json", report, script=__file__, argv=argv, machine_facts=facts
+    )
     return 0
 
 
@@ -291,19 +374,32 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     err = np.array([r["error_pct"] for r in rows])
     # predictions rescaled by measured/predicted dense of their chunk: what is left once the machine's
     # drift since profiling is taken out (equal to the raw errors when profiled in the same rounds)
-    adj = np.array([100 * (r["predicted_ms"] * r["dense_measured_ms"] / r["dense_predicted_ms"] - r["measured_ms"])
-                    / r["measured_ms"] for r in rows])
+    adj = np.array(
+        [
+            100
+            * (r["predicted_ms"] * r["dense_measured_ms"] / r["dense_predicted_ms"] - r["measured_ms"])
+            / r["measured_ms"]
+            for r in rows
+        ]
+    )
     drift = [100 * (r["dense_measured_ms"] - r["dense_predicted_ms"]) / r["dense_predicted_ms"] for r in rows]
-    twins = {r["name"]: round(100 * (r["measured_ms"] - r["profile_twin_measured_ms"]) / r["profile_twin_measured_ms"], 3)
-             for r in rows if "profile_twin_measured_ms" in r}
-    return {"n": len(rows), "mape_pct": round(float(np.abs(err).mean()), 3),
-            "max_abs_error_pct": round(float(np.abs(err).max()), 3), "within_5pct": int((np.abs(err) <= 5).sum()),
-            "mean_error_pct": round(float(err.mean()), 3),
-            "dense_drift_pct": round(float(np.median(drift)), 3),
-            "mape_dense_adjusted_pct": round(float(np.abs(adj).mean()), 3),
-            "max_abs_error_dense_adjusted_pct": round(float(np.abs(adj).max()), 3),
-            # same graph, later session, same rounds: how much a session alone moves a measurement
-            "session_effect_pct": twins}
+    twins = {
+        r["name"]: round(100 * (r["measured_ms"] / r["profile_twin_measured_ms"] - 1), 3)
+        for r in rows
+        if "profile_twin_measured_ms" in r
+    }
+    return {
+        "n": len(rows),
+        "mape_pct": round(float(np.abs(err).mean()), 3),
+        "max_abs_error_pct": round(float(np.abs(err).max()), 3),
+        "within_5pct": int((np.abs(err) <= 5).sum()),
+        "mean_error_pct": round(float(err.mean()), 3),
+        "dense_drift_pct": round(float(np.median(drift)), 3),
+        "mape_dense_adjusted_pct": round(float(np.abs(adj).mean()), 3),
+        "max_abs_error_dense_adjusted_pct": round(float(np.abs(adj).max()), 3),
+        # same graph, later session, same rounds: how much a session alone moves a measurement
+        "session_effect_pct": twins,
+    }
 
 
 if __name__ == "__main__":

@@ -1,72 +1,122 @@
 """Quality at a target speedup: hwprune's search vs uniform magnitude pruning at the same measured latency.
 
-Both are scored by the cosine of their sentence embeddings to the dense model's on held-out text
-(disjoint from the calibration text). The uniform baseline may be as slow as hwprune's pick, never
-slower, by *measured* latency (all candidates timed together, interleaved, in one process).
+Both are scored end to end against the dense model on held-out inputs disjoint from the calibration
+inputs, by the family's scorer (``Family.scorer``: for encoders the cosine of their sentence embeddings
+on held-out text). The uniform baseline may be as slow as hwprune's pick, never slower, by *measured*
+latency (all candidates timed together, interleaved, in one process).
 
     python scripts/bench_quality.py --model minilm --target 2 -o bench_out/quality_minilm.json
+
+Search: ``run_search`` with the ``obs`` proxy (the table as ``hwprune search`` finds it unless
+``--table``). Baselines: uniform widths ``space.uniform(f)`` predicted within 15 % of the pick, built by
+the ``magnitude`` proxy (plain removal) and by ``obs`` (the same widths with OBS reconstruction).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, write_result  # noqa: E402
+from _common import OUT_DIR, fail, machine, parse_shape, stem, write_result
 
-from hwprune.api import SearchRequest, load_adapter, make_predictor, make_scorer, run_search  # noqa: E402
-from hwprune.export.candidate import candidate_onnx, timing_feed  # noqa: E402
-from hwprune.export.measure import measure_dense_and_pruned  # noqa: E402
-from hwprune.latency import LatencyTable, get_backend  # noqa: E402
-from hwprune.proxies import fit_proxy, load_calib  # noqa: E402
+from hwprune._io import read_json
+from hwprune.api import SearchRequest, load_adapter, make_predictor, run_search
+from hwprune.errors import HwpruneError
+from hwprune.export.candidate import candidate_onnx, timing_feed
+from hwprune.export.measure import measure_dense_and_pruned
+from hwprune.latency import LatencyTable, get_backend
+from hwprune.search import SearchConfig
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--table", default=None)
+    ap.add_argument("--table", default=None, help="latency table (default: the one hwprune search finds)")
+    ap.add_argument("--space", default=None, help="pruning space YAML (default: the model's)")
     ap.add_argument("--target", type=float, default=2.0)
     ap.add_argument("--trials", type=int, default=150)
-    ap.add_argument("--run", default=None)
-    ap.add_argument("-o", "--output", default=None)
-    a = ap.parse_args()
-    run = a.run or f"runs/bench_quality_{Path(a.model).name}"
-    t0 = time.perf_counter()
-    res = run_search(SearchRequest(model=a.model, table=a.table, targets=(a.target,), proxy="obs",
-                                   trials=a.trials, out=run), log=print, progress=False)
-    t_search = time.perf_counter() - t0
-    pick = res.picks[a.target]
+    ap.add_argument("--margin", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib", default=None, help="calibration data (default: the family's)")
+    ap.add_argument("--n-calib", type=int, default=128, help="calibration samples for the proxies")
+    ap.add_argument("--n-heldout", type=int, default=64, help="held-out samples for the end-to-end score")
+    ap.add_argument("--input-shape", default=None, help="for models that take one (CNNs): N,C,H,W")
+    ap.add_argument("--weights", default=None, help="for models that take them (CNNs): .safetensors weights")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    ap.add_argument("--repeats", type=int, default=20, help="runs per model per round")
+    ap.add_argument("--run", default=None, help="run directory (default runs/bench_quality_<model>)")
+    ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/quality_<model>.json)")
+    return ap.parse_args(argv)
 
-    adapter = load_adapter(a.model)
-    space = adapter.space()
-    table = LatencyTable.load(json.loads(Path(run, "run.json").read_text())["table"])
-    predictor = make_predictor(table, space, adapter)
-    s = table.settings
-    calib = load_calib(adapter, None, n_calib=128, n_heldout=64, seq=int(s["seq"]), seed=0)
-    scorer = make_scorer(adapter, calib)
-    mag = fit_proxy("magnitude", adapter, space, calib, progress=False)
-    obs = fit_proxy("obs", adapter, space, calib, progress=False)
 
-    # uniform candidates around the pick's predicted latency; the measured one decides
-    fracs = [i / 100 for i in range(10, 100)]
-    uni = {}
-    for f in fracs:
-        c = space.uniform(f)
-        if 0.85 * pick.predicted_ms <= predictor.predict(c) <= 1.15 * pick.predicted_ms:
-            uni[c.key()] = c
-    models = {"search": obs.build(pick.candidate)}
-    for k, c in uni.items():
-        models[f"uniform-{k}"] = mag.build(c)
-    batch, seq = int(s["batch"]), int(s["seq"])
-    backend = get_backend(s["runtime"], threads=int(s["threads"]))
-    onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, m in models.items()}
-    cmp = measure_dense_and_pruned(backend, dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
-                                   pruned=onnx, feed=timing_feed(adapter, batch=batch, seq=seq), rounds=7, repeats=20)
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    name = stem(a.model)
+    run = a.run or f"runs/bench_quality_{name}"
+    try:
+        shape = parse_shape(a.input_shape)
+        t0 = time.perf_counter()
+        req = SearchRequest(
+            model=a.model,
+            table=a.table,
+            proxy="obs",
+            calib=a.calib,
+            space=a.space,
+            n_calib=a.n_calib,
+            n_heldout=a.n_heldout,
+            out=run,
+            weights=a.weights,
+            input_shape=shape,
+            search=SearchConfig(targets=(a.target,), trials=a.trials, margin=a.margin, seed=a.seed),
+        )
+        res = run_search(req, log=print, progress=False)
+        t_search = time.perf_counter() - t0
+        pick = res.picks[a.target]
+
+        adapter = load_adapter(a.model, weights=a.weights, input_shape=shape)
+        space = adapter.space(a.space)
+        table = LatencyTable.load(read_json(Path(run, "run.json"))["table"])  # the table the search used
+        predictor = make_predictor(table, space, adapter)
+        s = table.settings
+        batch, seq = int(s["batch"]), int(s["seq"])
+        # the search's calibration and held-out split (same source, sizes, seq and seed)
+        calib = adapter.load_calib(a.calib, n_calib=a.n_calib, n_heldout=a.n_heldout, seq=seq, seed=a.seed)
+        scorer = adapter.scorer(calib)
+        mag = adapter.fit_proxy("magnitude", space, calib, progress=False)
+        obs = adapter.fit_proxy("obs", space, calib, progress=False)
+
+        # uniform candidates around the pick's predicted latency; the measured one decides
+        uni = {}
+        for f in (i / 100 for i in range(10, 100)):
+            c = space.uniform(f)
+            if 0.85 * pick.predicted_ms <= predictor.predict(c) <= 1.15 * pick.predicted_ms:
+                uni[c.key()] = c
+        if not uni:
+            raise HwpruneError(
+                f"no uniform width of {adapter.name} is predicted within 15 % of the pick "
+                f"({pick.predicted_ms:.3g} ms); the space's uniform grid is too coarse for --target "
+                f"{a.target:g}"
+            )
+        models = {"search": obs.build(pick.candidate)}
+        for k, c in uni.items():
+            models[f"uniform-{k}"] = mag.build(c)
+        backend = get_backend(s["runtime"], threads=int(s["threads"]))
+        onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, m in models.items()}
+        cmp = measure_dense_and_pruned(
+            backend,
+            dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
+            pruned=onnx,
+            feed=timing_feed(adapter, batch=batch, seq=seq),
+            rounds=a.rounds,
+            repeats=a.repeats,
+        )
+        facts = machine(s["runtime"], threads=int(s["threads"]), batch=batch, seq=seq)
+    except HwpruneError as e:
+        return fail(e)
     pick_ms = cmp.pruned["search"].median_ms
     ok = [k for k in uni if cmp.pruned[f"uniform-{k}"].median_ms <= pick_ms]
     if not ok:  # every uniform point measured slower: take the fastest one (favours the baseline)
@@ -74,26 +124,50 @@ def main() -> int:
     best = max(ok, key=lambda k: predictor.predict(uni[k]))  # the largest uniform model that is not slower
     c = uni[best]
     out_rows = {
-        "hwprune_obs_search": {"candidate": pick.candidate.as_dict(space), **scorer.score(models["search"]),
-                               "measured_ms": pick_ms, "predicted_ms": pick.predicted_ms},
-        "uniform_magnitude": {"candidate": c.as_dict(space), **scorer.score(models[f"uniform-{best}"]),
-                              "measured_ms": cmp.pruned[f"uniform-{best}"].median_ms,
-                              "predicted_ms": predictor.predict(c)},
-        "uniform_obs": {"candidate": c.as_dict(space), **scorer.score(obs.build(c)),
-                        "measured_ms": cmp.pruned[f"uniform-{best}"].median_ms, "predicted_ms": predictor.predict(c)},
+        "hwprune_obs_search": {
+            "candidate": pick.candidate.as_dict(space),
+            **scorer.score(models["search"]),
+            "measured_ms": pick_ms,
+            "predicted_ms": pick.predicted_ms,
+        },
+        "uniform_magnitude": {
+            "candidate": c.as_dict(space),
+            **scorer.score(models[f"uniform-{best}"]),
+            "measured_ms": cmp.pruned[f"uniform-{best}"].median_ms,
+            "predicted_ms": predictor.predict(c),
+        },
+        "uniform_obs": {
+            "candidate": c.as_dict(space),
+            **scorer.score(obs.build(c)),
+            "measured_ms": cmp.pruned[f"uniform-{best}"].median_ms,
+            "predicted_ms": predictor.predict(c),
+        },
     }
     dense_ms = cmp.dense.median_ms
-    for name, r in out_rows.items():
+    for key, r in out_rows.items():
         r["measured_speedup"] = dense_ms / r["measured_ms"]
-        print(f"{name:22s} cosine {r['cosine']:.4f}  measured {r['measured_ms']:.2f} ms "
-              f"({r['measured_speedup']:.2f}x)")
-    out = a.output or f"bench_out/quality_{Path(a.model).name}.json"
-    write_result(out, {"model": a.model, "target": a.target, "trials": a.trials, "search_seconds": round(t_search, 1),
-                       "dense_measured_ms": dense_ms, "heldout_texts": scorer.n,
-                       "machine": machine(s["runtime"], threads=int(s["threads"]), batch=batch, seq=seq),
-                       "results": out_rows,
-                       "search_beats_uniform_magnitude_by": out_rows["hwprune_obs_search"]["cosine"]
-                       - out_rows["uniform_magnitude"]["cosine"]})
+        print(f"{key:22s} cosine {r['cosine']:.4f}  measured {r['measured_ms']:.2f} ms ({r['measured_speedup']:.2f}x)")
+    heldout = len(next(iter(calib.heldout.values())))
+    write_result(
+        a.out or OUT_DIR / f"quality_{name}.json",
+        {
+            "model": a.model,
+            "target": a.target,
+            "trials": a.trials,
+            "run": run,
+            "search_seconds": round(t_search, 1),
+            "dense_measured_ms": dense_ms,
+            "heldout_texts": heldout,
+            "clock": backend.clock,  # held-out inputs (texts for encoders)
+            "timing": {k: cmp.settings[k] for k in ("rounds", "repeats", "warmup")},
+            "results": out_rows,
+            "search_beats_uniform_magnitude_by": out_rows["hwprune_obs_search"]["cosine"]
+            - out_rows["uniform_magnitude"]["cosine"],
+        },
+        script=__file__,
+        argv=argv,
+        machine_facts=facts,
+    )
     return 0
 
 

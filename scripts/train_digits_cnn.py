@@ -8,15 +8,16 @@ random shifts (+-2 px). The model is ``digits_resnet``: a stem and three stages 
 (32, 64, 128 channels), batch norm, global pooling, a 10-way linear head; hwprune loads it as
 ``--model scripts.train_digits_cnn:digits_resnet --input-shape 1,1,32,32`` from the repository root.
 
-Writes into ``-o``: ``model.safetensors`` (state dict), ``train.npy``/``train_labels.npy``,
-``test.npy``/``test_labels.npy`` (model inputs, already normalised) and ``train.json`` (accuracy, time).
+Writes into ``-o`` (a folder, unlike the benchmarks' ``-o`` file: ``bench_cnn_digits.py --data`` reads
+it): ``model.safetensors`` (state dict), ``train.npy``/``train_labels.npy``, ``test.npy``/``test_labels.npy``
+(model inputs, already normalised) and ``train.json`` (accuracy, time; command, date and machine as every
+benchmark result, through ``scripts/_common.py:write_result``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import fail, write_result
+
+from hwprune.errors import HwpruneError
 
 SIZE = 32
 WIDTHS = (32, 64, 128)
@@ -37,8 +44,11 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(co, co, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(co)
         self.relu = nn.ReLU()
-        self.downsample = (nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co))
-                           if stride != 1 or ci != co else nn.Identity())
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co))
+            if stride != 1 or ci != co
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
@@ -67,8 +77,11 @@ def digits_resnet() -> nn.Module:
 
 def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): (N, 1, 32, 32) float32 standardised, int64 labels."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise HwpruneError("the digits data comes with scikit-learn; pip install scikit-learn") from None
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
@@ -87,19 +100,28 @@ def shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
     out = torch.empty_like(x)
     offs = torch.randint(0, 2 * p + 1, (x.shape[0], 2), generator=g)
     for i, (dy, dx) in enumerate(offs.tolist()):
-        out[i] = padded[i, :, dy:dy + SIZE, dx:dx + SIZE]
+        out[i] = padded[i, :, dy : dy + SIZE, dx : dx + SIZE]
     return out
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int = 256) -> float:
     model.eval()
-    pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    pred = torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
     return float((pred == y).float().mean())
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int,
-          batch: int = 64, log: bool = True) -> nn.Module:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 64,
+    log: bool = True,
+) -> nn.Module:
     """SGD with momentum, cosine schedule, label smoothing 0.05; also used for the bench's fine-tune."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -111,7 +133,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
         perm = torch.randperm(len(x), generator=g)
         total = 0.0
         for i in range(0, len(x), batch):
-            j = perm[i:i + batch]
+            j = perm[i : i + batch]
             opt.zero_grad()
             loss = loss_fn(model(shift(x[j], g)), y[j])
             loss.backward()
@@ -125,7 +147,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-o", "--out", default="runs/digits", help="output folder")
+    ap.add_argument(
+        "-o",
+        "--out",
+        default="runs/digits",
+        help="output folder: model, data and the result train.json (bench_cnn_digits.py --data)",
+    )
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -135,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    xtr, ytr, xte, yte = digits_data(a.seed)
+    try:
+        xtr, ytr, xte, yte = digits_data(a.seed)
+    except HwpruneError as e:
+        return fail(e)
     model = digits_resnet()
     t0 = time.perf_counter()
     train(model, xtr, ytr, epochs=a.epochs, lr=a.lr, seed=a.seed)
@@ -146,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     for name, t in (("train", xtr), ("train_labels", ytr), ("test", xte), ("test_labels", yte)):
         np.save(out / f"{name}.npy", t.numpy())
-    info = {"test_accuracy": acc, "train_seconds": round(seconds, 1), "epochs": a.epochs, "threads": a.threads,
-            "n_train": len(xtr), "n_test": len(xte),
-            "command": shlex.join(["python", "scripts/train_digits_cnn.py", *(argv or sys.argv[1:])])}
-    (out / "train.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = {
+        "test_accuracy": acc,
+        "train_seconds": round(seconds, 1),
+        "epochs": a.epochs,
+        "threads": a.threads,
+        "n_train": len(xtr),
+        "n_test": len(xte),
+    }
     print(json.dumps(info))
+    write_result(out / "train.json", info, script=__file__, argv=argv)
     return 0
 
 

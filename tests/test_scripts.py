@@ -1,18 +1,27 @@
-"""Benchmark scripts run end to end on tiny models (figures are the scripts' business, not the tests')."""
+"""Benchmark scripts run end to end on tiny models (figures are the scripts' business, not the tests').
+
+What is checked is the scripts' contract (``scripts/_common.py``): ``main(argv) -> int``, a JSON result
+that records the exact command and the machine, ``error: ...`` on one line and status 2 for a user
+error, and a ``--help`` that works for every script.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+ALL_SCRIPTS = sorted(p.stem for p in SCRIPTS.glob("*.py") if not p.stem.startswith("_"))
 
 
-def _script(name: str):
+def _script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -21,31 +30,68 @@ def _script(name: str):
     return mod
 
 
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer randomly initialised Hugging Face BERT folder (MiniLM's tokenizer), its space and a
+    small calibration text: the fastest model every script's flow (profile, search, export) runs on."""
+    from safetensors.torch import save_file
+
+    from hwprune.families.encoder.adapter import minilm_path
+    from hwprune.families.encoder.model import Encoder, _hf_key, from_hf_config
+
+    out = tmp_path_factory.mktemp("tinybert")
+    cfg = {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+    }
+    (out / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    enc = Encoder(from_hf_config(cfg))
+    save_file(
+        {"bert." + _hf_key(k): v.contiguous() for k, v in enc.state_dict().items()}, str(out / "model.safetensors")
+    )
+    shutil.copy(minilm_path() / "tokenizer.json", out / "tokenizer.json")
+    (out / "space.yaml").write_text(
+        "defaults:\n  heads: {step: 1, min: 1, allow_remove: true}\n  ffn: {step: 32, min: 32, allow_remove: true}\n"
+    )
+    (out / "calib.txt").write_text(
+        "\n".join(f"Sentence number {i} says something short about item {i}." for i in range(40)) + "\n"
+    )
+    return out
+
+
 def test_bench_latency_takes_a_factory_cnn(tmp_path: Path) -> None:
     out = tmp_path / "lat.json"
-    rc = _script("bench_latency").main(
-        [
-            "--model",
-            "test_cnn_adapter:tiny_net",
-            "--input-shape",
-            "1,3,32,32",
-            "--subnets",
-            "4",
-            "--seconds",
-            "2",
-            "--levels",
-            "3",
-            "-o",
-            str(out),
-        ]
-    )
+    argv = [
+        "--model",
+        "test_cnn_adapter:tiny_net",
+        "--input-shape",
+        "1,3,32,32",
+        "--subnets",
+        "4",
+        "--seconds",
+        "2",
+        "--levels",
+        "3",
+        "-o",
+        str(out),
+    ]
+    rc = _script("bench_latency").main(argv)
     assert rc == 0
     rep = json.loads(out.read_text())
     assert rep["family"] == "cnn" and rep["input_shape"] == [1, 3, 32, 32] and rep["n"] == 4
+    assert rep["command"] == "python scripts/bench_latency.py " + " ".join(argv) and rep["machine"]["cpu"]
     names = [r["name"] for r in rep["subnets"]]
     assert names[:3] == ["dense", "smallest", "uniform-0.5"]
     dense, smallest = rep["subnets"][0], rep["subnets"][1]
     assert smallest["predicted_ms"] < dense["predicted_ms"] and all(r["measured_ms"] > 0 for r in rep["subnets"])
+    # the dense subnet is the profile's own dense network, timed again in a later session
+    assert "dense" in rep["session_effect_pct"]
 
 
 def test_bench_latency_bad_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,3 +100,97 @@ def test_bench_latency_bad_model_is_one_line(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "no_such_pkg" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_bench_latency_refuses_what_would_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = _script("bench_latency")
+    monkeypatch.setattr(mod, "available_bytes", lambda: 0)  # a machine with no memory left
+    out = tmp_path / "lat.json"
+    rc = mod.main(
+        ["--model", "test_cnn_adapter:tiny_net", "--input-shape", "1,3,32,32", "--subnets", "2", "-o", str(out)]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: out of memory ahead") and "--chunk" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bench_targets_end_to_end_on_a_tiny_encoder(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the fresh profile goes to latency_tables/local/, the run to runs/
+    argv = [
+        "--model",
+        str(tiny_bert),
+        "--space",
+        str(tiny_bert / "space.yaml"),
+        "--targets",
+        "1.2",
+        "--trials",
+        "3",
+        "--calib",
+        str(tiny_bert / "calib.txt"),
+        "--n-calib",
+        "8",
+        "--n-heldout",
+        "4",
+        "--profile-budget-s",
+        "2",
+        "--rounds",
+        "2",
+        "--repeats",
+        "5",
+        "-o",
+        "res.json",
+    ]
+    assert _script("bench_targets").main(argv) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    assert rep["command"] == "python scripts/bench_targets.py " + " ".join(argv)
+    assert rep["machine"]["cpu"] and rep["machine"]["runtime"] == "ort-cpu" and rep["date"]
+    assert rep["profile_seconds"] is not None and Path(rep["table"]).is_file()
+    (row,) = rep["results"]
+    assert row["target_speedup"] == 1.2 and row["measured_speedup"] > 0 and row["clock"] in ("thread-cpu", "wall")
+    assert row["timing"] == {"rounds": 2, "repeats": 5, "warmup": 5}
+
+
+def test_bench_targets_missing_table_is_one_line(
+    tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = _script("bench_targets").main(
+        [
+            "--model",
+            str(tiny_bert),
+            "--table",
+            str(tmp_path / "none.parquet"),
+            "--run",
+            str(tmp_path / "run"),
+            "-o",
+            str(tmp_path / "res.json"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "none.parquet" in err and "\n" not in err
+    assert not (tmp_path / "res.json").exists()
+
+
+def test_write_result_records_the_exact_command(tmp_path: Path) -> None:
+    common = _script("_common")
+    path = common.write_result(
+        tmp_path / "r.json",
+        {"figure": 1.5, "machine": "stale"},
+        script="scripts/x.py",
+        argv=["--name", "two words"],
+        machine_facts={"cpu": "test"},
+    )
+    rep = json.loads(path.read_text())
+    assert rep["command"] == "python scripts/x.py --name 'two words'"
+    assert rep["figure"] == 1.5 and rep["machine"] == {"cpu": "test"} and rep["date"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # written atomically: no temporary left
+
+
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_every_script_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        _script(name).main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
