@@ -22,12 +22,15 @@ def save(model: "nn.Module", plan: "Plan", folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from hwprune._io import atomic_path
+    from hwprune.families import family_class
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.json")
+    family = family_class(plan.family).from_arch(plan.arch)
+    state = family.saved_state(model, plan, folder)  # may write files beside it (e.g. a config.json)
     with atomic_path(folder / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     return folder
 
 
@@ -36,7 +39,7 @@ def load(folder: str | Path) -> "nn.Module":
     from safetensors.torch import load_file
 
     from hwprune.errors import HwpruneError
-    from hwprune.families import skeleton_for_plan
+    from hwprune.families import family_class
     from hwprune.surgery.plan import Plan
 
     folder = Path(folder)
@@ -44,8 +47,9 @@ def load(folder: str | Path) -> "nn.Module":
     wpath = folder / "model.safetensors"
     if not wpath.is_file():
         raise HwpruneError(f"{folder}: model.safetensors is missing; export the candidate again")
-    model = skeleton_for_plan(plan)
-    state = load_file(str(wpath))
+    family = family_class(plan.family).from_arch(plan.arch)
+    model = family.skeleton(plan)
+    state = family.restored_state(plan, load_file(str(wpath)), folder)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

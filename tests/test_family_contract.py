@@ -22,6 +22,7 @@ import hwprune
 from hwprune.export.candidate import export_candidate
 from hwprune.families import Family, family_class, family_names
 from hwprune.families.cnn.adapter import CnnAdapter
+from hwprune.families.decoder.adapter import DecoderAdapter
 from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.latency import get_backend, profile
 from hwprune.proxies import proxy_names
@@ -38,6 +39,19 @@ def _silence_encoder(model: nn.Module, unit: str, idx: list[int]) -> None:
                 layer.attention.dense.weight[:, h * d : (h + 1) * d] = 0
         else:
             layer.ffn.output.weight[:, idx] = 0
+
+
+def _silence_decoder(model: nn.Module, unit: str, idx: list[int]) -> None:
+    """Zero the o_proj columns of KV groups ``idx`` (all their query heads) or down_proj columns of neurons."""
+    _, i, kind = unit.split(".")
+    layer = model.layers[int(i)]
+    with torch.no_grad():
+        if kind == "attn":
+            w = layer.attn.per_group * layer.attn.head_dim  # o_proj columns of one KV group
+            for g in idx:
+                layer.attn.o_proj.weight[:, g * w : (g + 1) * w] = 0
+        else:
+            layer.mlp.down_proj.weight[:, idx] = 0
 
 
 def _silence_cnn(model: nn.Module, unit: str, idx: list[int]) -> None:
@@ -73,6 +87,11 @@ CASES: dict[str, Case] = {
         lambda: EncoderAdapter.tiny(layers=2, heads=4, head_dim=8, ffn=32), _silence_encoder, "layer.1.ffn"
     ),
     "cnn": Case(_tiny_cnn, _silence_cnn, "group.mix.0"),
+    "decoder": Case(
+        lambda: DecoderAdapter.tiny(arch="llama", layers=2, heads=4, kv_heads=2, head_dim=8, ffn=48),
+        _silence_decoder,
+        "layer.1.attn",
+    ),
 }
 
 

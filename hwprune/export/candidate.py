@@ -138,6 +138,7 @@ def export_candidate(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         hwprune.save(model, plan, tmp)
+        files = {**FILES, **adapter.export_files(model, plan, tmp)}
         _check_reload(tmp, model)
         data = candidate_onnx(adapter, model, batch=batch, seq=seq, path=tmp / FILES["onnx"])
         check_onnx(data)
@@ -170,7 +171,7 @@ def export_candidate(
             prediction=prediction,
             scores=scores,
             fingerprint=fingerprint,
-            files=FILES,
+            files=files,
             extra=extra,
         )
         write_json(tmp / FILES["manifest"], manifest)

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: The families shipped with hwprune, imported on first use (their ``__init__`` registers them).
-BUILTIN_FAMILIES = ("encoder", "cnn")
+BUILTIN_FAMILIES = ("encoder", "cnn", "decoder")
 
 F = TypeVar("F", bound=type[Family])
 _FAMILIES: dict[str, type[Family]] = {}

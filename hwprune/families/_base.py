@@ -159,6 +159,20 @@ class Family(ABC):
     @abstractmethod
     def skeleton(self, plan: Plan) -> nn.Module: ...
 
+    def saved_state(self, model: nn.Module, plan: Plan, folder: Path) -> dict[str, torch.Tensor]:
+        """The tensors ``hwprune.save`` writes to ``folder/model.safetensors``; the family may write files
+        beside them (a ``config.json`` that makes the folder loadable by another library). Default: the
+        model's state dict, nothing else."""
+        return dict(model.state_dict())
+
+    def restored_state(self, plan: Plan, state: Mapping[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`saved_state`: the skeleton's state dict from what was read. Default: as read."""
+        return dict(state)
+
+    def export_files(self, model: nn.Module, plan: Plan, folder: Path) -> dict[str, str]:
+        """Extra files an export writes beside the model (a tokenizer), as {role: file name}. Default: none."""
+        return {}
+
     # ---- spaces -------------------------------------------------------------------------------
     def default_space_file(self) -> Path | None:
         """``search_spaces/<name>.yaml`` when it exists."""

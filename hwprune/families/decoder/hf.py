@@ -13,8 +13,9 @@ blocks are dropped (they compute the identity when no output bias is left behind
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -23,14 +24,27 @@ from hwprune.errors import HwpruneError
 
 from .config import ARCHS, DecoderConfig
 from .hf_config import from_hf_config, hf_config, hf_unloadable_reason
-from .model import Decoder, materialize
+from .model import Decoder, assemble, materialize
 
-__all__ = ["from_hf_config", "hf_config", "hf_unloadable_reason", "to_hf_state", "from_hf_state",
-           "load_hf_folder", "save_hf_folder", "load_tokenizer"]
+__all__ = [
+    "from_hf_config",
+    "hf_config",
+    "hf_unloadable_reason",
+    "to_hf_state",
+    "from_hf_state",
+    "load_hf_folder",
+    "save_hf_folder",
+    "load_tokenizer",
+]
 
 _LLAMA_SUB = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
-_GPT2_SUB = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
-             "mlp.down_proj": "mlp.c_proj"}
+_GPT2_SUB = {
+    "attn_norm": "ln_1",
+    "mlp_norm": "ln_2",
+    "attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
 _GPT2_QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 
 
@@ -56,7 +70,7 @@ def _hf_name(arch: str, key: str, layer_index: int | None = None) -> tuple[str, 
         return f"model.layers.{i}.{_LLAMA_SUB[first]}" + (f".{sub}" if sub else "") + f".{tail}", False
     if head in _GPT2_QKV:
         return f"transformer.h.{i}.attn.c_attn.{tail}", tail == "weight"
-    name = next((new + head[len(old):] for old, new in _GPT2_SUB.items() if head.startswith(old)), head)
+    name = next((new + head[len(old) :] for old, new in _GPT2_SUB.items() if head.startswith(old)), head)
     return f"transformer.h.{i}.{name}.{tail}", tail == "weight" and "proj" in head  # Conv1D: (in, out)
 
 
@@ -95,7 +109,7 @@ def from_hf_state(cfg: DecoderConfig, state: Mapping[str, torch.Tensor], *, wher
         if gpt2 and ".attn.c_attn." in hk:  # fused (3*inner, ...) -> this projection's third
             n = v.shape[0] // 3
             j = _GPT2_QKV.index(".".join(k.split(".")[2:4]))  # layers.{i}.attn.q_proj.weight
-            v = v[j * n:(j + 1) * n]
+            v = v[j * n : (j + 1) * n]
         if tuple(v.shape) != tuple(t.shape):
             raise HwpruneError(f"{where}: weight {src!r} gives shape {tuple(v.shape)}, expected {tuple(t.shape)}")
         out[k] = v.contiguous()
@@ -122,8 +136,10 @@ def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         shard_map = _read_json(index, "re-download the checkpoint").get("weight_map", {})
         files = [folder / f for f in sorted(set(shard_map.values()))]
     else:
-        raise HwpruneError(f"{folder}: no model.safetensors; convert the checkpoint to safetensors "
-                           "(hwprune never unpickles .bin files)")
+        raise HwpruneError(
+            f"{folder}: no model.safetensors; convert the checkpoint to safetensors "
+            "(hwprune never unpickles .bin files)"
+        )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -137,12 +153,14 @@ def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_hf_folder(path: str | Path) -> tuple[Decoder, DecoderConfig]:
     """Load a local Hugging Face folder (``config.json`` + ``model.safetensors``) of one of our archs."""
     path = Path(path)
-    cfg = from_hf_config(_read_json(path / "config.json", f"--model PATH needs a local Hugging Face folder "
-                                    f"of a {'/'.join(ARCHS)} model"), where=str(path / "config.json"))
+    cfg = from_hf_config(
+        _read_json(
+            path / "config.json", f"--model PATH needs a local Hugging Face folder of a {'/'.join(ARCHS)} model"
+        ),
+        where=str(path / "config.json"),
+    )
     state = from_hf_state(cfg, _load_safetensors(path), where=str(path / "model.safetensors"))
-    model = materialize(cfg)
-    model.load_state_dict(state)
-    return model, cfg
+    return assemble(cfg, state), cfg
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -7,7 +7,8 @@ default, linear and llama3 (implemented in :func:`model.rope_inv_freq`); anythin
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from hwprune.errors import HwpruneError
 
@@ -15,8 +16,12 @@ from .config import ARCHS, ROPE_TYPES, DecoderConfig
 
 __all__ = ["from_hf_config", "hf_config", "hf_unloadable_reason"]
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "gpt2": "GPT2LMHeadModel"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
 _GPT2_ACTS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 
 
@@ -29,15 +34,20 @@ def _rope(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise HwpruneError(f"{where}: RoPE type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
         raise HwpruneError(f"{where}: partial_rotary_factor != 1 is not supported")
-    out: dict[str, Any] = {"rope_type": rtype, "rope_theta": float(params.get("rope_theta",
-                                                                              cfg.get("rope_theta", 10000.0)))}
+    out: dict[str, Any] = {
+        "rope_type": rtype,
+        "rope_theta": float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+    }
     if rtype in ("linear", "llama3"):
         out["rope_factor"] = float(params["factor"])
     if rtype == "llama3":
-        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]),
-                   rope_original_max_position=int(params.get("original_max_position_embeddings")
-                                                  or cfg["max_position_embeddings"]))
+        out.update(
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_position=int(
+                params.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+            ),
+        )
     return out
 
 
@@ -51,25 +61,41 @@ def from_hf_config(cfg: Mapping[str, Any], *, where: str = "config.json") -> Dec
     if mt not in ARCHS:
         raise HwpruneError(f"{where}: model_type {mt!r} is not a supported decoder; supported: {', '.join(ARCHS)}")
     try:
-        ids = dict(bos_token_id=cfg.get("bos_token_id"), eos_token_id=_eos(cfg.get("eos_token_id")),
-                   pad_token_id=cfg.get("pad_token_id"))
+        ids: dict[str, Any] = {
+            "bos_token_id": cfg.get("bos_token_id"),
+            "eos_token_id": _eos(cfg.get("eos_token_id")),
+            "pad_token_id": cfg.get("pad_token_id"),
+        }
         if mt == "gpt2":
             act = cfg.get("activation_function", "gelu_new")
             if act not in _GPT2_ACTS:
-                raise HwpruneError(f"{where}: activation_function {act!r} is not supported; supported: "
-                                   f"{', '.join(_GPT2_ACTS)}")
+                raise HwpruneError(
+                    f"{where}: activation_function {act!r} is not supported; supported: {', '.join(_GPT2_ACTS)}"
+                )
             if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
                 raise HwpruneError(f"{where}: only GPT-2's default 1/sqrt(head_dim) attention scaling is supported")
             if cfg.get("add_cross_attention", False):
                 raise HwpruneError(f"{where}: GPT-2 with cross-attention is not a decoder-only LM")
             hidden, heads = int(cfg["n_embd"]), int(cfg["n_head"])
             return DecoderConfig(
-                arch="gpt2", vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["n_layer"]),
-                num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                intermediate_size=int(cfg.get("n_inner") or 4 * hidden), max_position=int(cfg["n_positions"]),
-                norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), hidden_act=_GPT2_ACTS[act], rope_type="none",
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), attention_bias=True,
-                o_proj_bias=True, mlp_bias=True, **ids)
+                arch="gpt2",
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=int(cfg["n_layer"]),
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=int(cfg.get("n_inner") or 4 * hidden),
+                max_position=int(cfg["n_positions"]),
+                norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+                hidden_act=_GPT2_ACTS[act],
+                rope_type="none",
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                attention_bias=True,
+                o_proj_bias=True,
+                mlp_bias=True,
+                **ids,
+            )
         if cfg.get("hidden_act", "silu") != "silu":
             raise HwpruneError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported; supported: silu")
         window = None
@@ -82,16 +108,28 @@ def from_hf_config(cfg: Mapping[str, Any], *, where: str = "config.json") -> Dec
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         bias = mt == "llama" and bool(cfg.get("attention_bias", False))
         return DecoderConfig(
-            arch=mt, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
-            max_position=int(cfg.get("max_position_embeddings", 2048)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            arch=mt,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            max_position=int(cfg.get("max_position_embeddings", 2048)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             sliding_window=int(window) if window else None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bias or mt == "qwen2", o_proj_bias=bias,
-            mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)), **_rope(cfg, where), **ids)
+            attention_bias=bias or mt == "qwen2",
+            o_proj_bias=bias,
+            mlp_bias=mt == "llama" and bool(cfg.get("mlp_bias", False)),
+            **_rope(cfg, where),
+            **ids,
+        )
     except KeyError as e:
         raise HwpruneError(f"{where}: missing key {e.args[0]!r}; is this a {mt} config.json?") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # e.g. "hidden_size": "large", or 0 heads
+        raise HwpruneError(f"{where}: bad value ({str(e).splitlines()[0][:200]})") from None
 
 
 def hf_unloadable_reason(cfg: DecoderConfig) -> str | None:
@@ -101,8 +139,10 @@ def hf_unloadable_reason(cfg: DecoderConfig) -> str | None:
         return "every block is removed"
     if not cfg.is_uniform():
         shapes = sorted({cfg.layer_shape(i) for i in kept})
-        return (f"kept blocks differ in (kv_groups, heads_per_group, ffn): {shapes[:3]}; transformers' {cfg.arch} "
-                "config has one head count and FFN width for all layers")
+        return (
+            f"kept blocks differ in (kv_groups, heads_per_group, ffn): {shapes[:3]}; transformers' {cfg.arch} "
+            "config has one head count and FFN width for all layers"
+        )
     g, p, f = cfg.layer_shape(kept[0])
     if g == 0 or f == 0:
         return f"layer {kept[0]} has its {'attention' if g == 0 else 'FFN'} removed but not the whole block"
@@ -116,8 +156,9 @@ def hf_unloadable_reason(cfg: DecoderConfig) -> str | None:
         return "transformers' llama has no sliding window"
     if cfg.arch == "llama" and cfg.hidden_size % (g * p) and (cfg.attention_bias or cfg.mlp_bias):
         return f"transformers' llama requires hidden_size % num_attention_heads == 0 ({cfg.hidden_size} % {g * p})"
-    if cfg.arch in ("mistral", "qwen2") and (cfg.o_proj_bias or cfg.mlp_bias
-                                             or cfg.attention_bias != (cfg.arch == "qwen2")):
+    if cfg.arch in ("mistral", "qwen2") and (
+        cfg.o_proj_bias or cfg.mlp_bias or cfg.attention_bias != (cfg.arch == "qwen2")
+    ):
         return f"transformers' {cfg.arch} has fixed biases (q/k/v only for qwen2, none for mistral)"
     return None
 
@@ -133,26 +174,59 @@ def hf_config(cfg: DecoderConfig) -> dict[str, Any]:
         raise HwpruneError(f"cannot save as a Hugging Face model: {reason}")
     kept = [i for i in range(cfg.num_layers) if not cfg.block_removed(i)]
     g, p, f = cfg.layer_shape(kept[0])
-    eos = None if not cfg.eos_token_id else cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else list(cfg.eos_token_id)
-    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
-                  eos_token_id=eos, pad_token_id=cfg.pad_token_id, dtype="float32")
+    eos = (
+        None if not cfg.eos_token_id else cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else list(cfg.eos_token_id)
+    )
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": cfg.pad_token_id,
+        "dtype": "float32",
+    }
     if cfg.arch == "gpt2":
-        return dict(architectures=[_ARCHITECTURES["gpt2"]], model_type="gpt2", n_embd=cfg.hidden_size, n_layer=len(kept),
-                    n_head=g, n_inner=f, n_positions=cfg.max_position, layer_norm_epsilon=cfg.norm_eps,
-                    activation_function=cfg.hidden_act, scale_attn_weights=True, **common)
+        return dict(
+            architectures=[_ARCHITECTURES["gpt2"]],
+            model_type="gpt2",
+            n_embd=cfg.hidden_size,
+            n_layer=len(kept),
+            n_head=g,
+            n_inner=f,
+            n_positions=cfg.max_position,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function=cfg.hidden_act,
+            scale_attn_weights=True,
+            **common,
+        )
     arch = "mistral" if cfg.arch == "llama" and cfg.hidden_size % (g * p) else cfg.arch
     rope_scaling: dict[str, Any] | None = None
     if cfg.rope_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": cfg.rope_factor}
     elif cfg.rope_type == "llama3":
-        rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
-                        "high_freq_factor": cfg.rope_high_freq_factor,
-                        "original_max_position_embeddings": cfg.rope_original_max_position}
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_position,
+        }
     d: dict[str, Any] = dict(
-        architectures=[_ARCHITECTURES[arch]], model_type=arch, hidden_size=cfg.hidden_size, intermediate_size=f,
-        num_hidden_layers=len(kept), num_attention_heads=g * p, num_key_value_heads=g, head_dim=cfg.head_dim,
-        hidden_act="silu", max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, rope_scaling=rope_scaling, **common)
+        architectures=[_ARCHITECTURES[arch]],
+        model_type=arch,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=f,
+        num_hidden_layers=len(kept),
+        num_attention_heads=g * p,
+        num_key_value_heads=g,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_position,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=rope_scaling,
+        **common,
+    )
     if arch == "llama":
         d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     elif arch == "mistral":

@@ -16,14 +16,26 @@ for the real tokens (scores depend on relative positions only, pads are masked),
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .config import DecoderConfig
+from .config import DecoderConfig, named_config
 
-__all__ = ["Decoder", "Block", "Attention", "MLP", "RMSNorm", "KVCache", "rope_inv_freq", "init_weights",
-           "materialize", "random_decoder"]
+__all__ = [
+    "Decoder",
+    "Block",
+    "Attention",
+    "MLP",
+    "RMSNorm",
+    "KVCache",
+    "rope_inv_freq",
+    "init_weights",
+    "materialize",
+    "assemble",
+    "random_decoder",
+]
 
 KVCache = list["tuple[torch.Tensor, torch.Tensor] | None"]
 
@@ -43,14 +55,17 @@ class RMSNorm(nn.Module):
 
 
 def _norm(cfg: DecoderConfig) -> nn.Module:
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.hidden_size,
-                                                                                              cfg.norm_eps)
+    return (
+        nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        if cfg.arch == "gpt2"
+        else RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    )
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) float32, with linear or llama3 scaling applied."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+    d = cfg.head_dim  # computed on the CPU even inside a meta-device context (meta pow/arange are slow to set up)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").to(torch.float32) / d))
     if cfg.rope_type == "linear":
         return inv / cfg.rope_factor
     if cfg.rope_type == "llama3":
@@ -78,7 +93,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, groups: int, per_group: int) -> None:
         super().__init__()
         self.groups, self.per_group, self.head_dim = groups, per_group, cfg.head_dim
-        self.scaling = cfg.head_dim ** -0.5
+        self.scaling = cfg.head_dim**-0.5
         h, d = cfg.hidden_size, cfg.head_dim
         if groups > 0:
             self.q_proj = nn.Linear(h, groups * per_group * d, bias=cfg.attention_bias)  # query head j*per_group+s
@@ -88,8 +103,13 @@ class Attention(nn.Module):
         # removed: o_proj of nothing is its bias alone (x + out_bias), or nothing at all
         self.out_bias = nn.Parameter(torch.zeros(h)) if groups == 0 and cfg.o_proj_bias else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x (batch, seq, hidden), mask (batch, 1, seq, total) additive -> output and this layer's new cache."""
         b, s, _ = x.shape
         g, p, d = self.groups, self.per_group, self.head_dim
@@ -152,9 +172,13 @@ class Block(nn.Module):
         self.mlp_norm = _norm(cfg) if ffn > 0 else None
         self.mlp = MLP(cfg, ffn)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                past: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         present = None
         if self.attn_norm is not None:
             a, present = self.attn(self.attn_norm(x), mask, rope, past)
@@ -168,21 +192,26 @@ class Block(nn.Module):
         return x, present
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    return nn.Embedding(n, dim, _weight=torch.zeros(n, dim))
+
+
 class Decoder(nn.Module):
     """``forward(input_ids, attention_mask) -> logits`` (batch, seq, vocab); with ``use_cache`` also the cache."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # weight: (vocab, hidden)
-        self.embed_positions = nn.Embedding(cfg.max_position, cfg.hidden_size) if not cfg.uses_rope else None
+        # embeddings start at zero: nn.Embedding's own N(0, 1) init is slow to set up on the meta device
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size)  # weight: (vocab, hidden)
+        self.embed_positions = _embedding(cfg.max_position, cfg.hidden_size) if not cfg.uses_rope else None
         self.layers = nn.ModuleList(Block(cfg, *cfg.layer_shape(i)) for i in range(cfg.num_layers))
         self.norm = _norm(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg) if cfg.uses_rope else None, persistent=False)
 
     def reset_buffers(self) -> None:
-        """Recompute the non-persistent RoPE frequencies (after ``to_empty`` left them uninitialised)."""
+        """Recompute the non-persistent RoPE frequencies (a model built on ``meta`` has none to copy)."""
         if self.config.uses_rope:
             self.inv_freq = rope_inv_freq(self.config).to(self.embed_tokens.weight.device)
 
@@ -197,8 +226,13 @@ class Decoder(nn.Module):
         allowed = allowed[None, None, :, :] & attention_mask[:, None, None, :].to(torch.bool)
         return (~allowed).to(dtype) * torch.finfo(dtype).min
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: KVCache | None = None,
-                use_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """input_ids (batch, seq) int64; attention_mask (batch, past_len + seq) 1 = token, 0 = pad."""
         s = input_ids.shape[1]
         past_len = attention_mask.shape[1] - s
@@ -220,6 +254,8 @@ class Decoder(nn.Module):
             cache.append(present)
         x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else nn.functional.linear(x, self.embed_tokens.weight)
+        if isinstance(use_cache, torch.Tensor):  # the TorchScript ONNX exporter passes omitted defaults as tensors
+            return logits
         return (logits, cache) if use_cache else logits
 
 
@@ -238,14 +274,34 @@ def init_weights(model: Decoder, seed: int = 0, std: float = 0.02) -> Decoder:
 
 
 def materialize(cfg: DecoderConfig, device: str | torch.device = "cpu") -> Decoder:
-    """A Decoder of ``cfg``'s shapes with uninitialised storage: built on ``meta`` and allocated once."""
+    """A Decoder of ``cfg``'s shapes with uninitialised storage: built on ``meta`` and allocated once.
+
+    Allocates with ``torch.empty`` rather than ``Module.to_empty`` (whose meta ``empty_like`` imports sympy).
+    """
     with torch.device("meta"):
         model = Decoder(cfg)
-    model.to_empty(device=device)
+    if torch.device(device).type != "meta":
+        for mod in model.modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                setattr(mod, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad))
     model.reset_buffers()
     return model.eval()
 
 
-def random_decoder(cfg: DecoderConfig, seed: int = 0) -> Decoder:
-    """Seeded random weights for any shape (e.g. ``named_config('llama-3.2-1b')``); nothing is downloaded."""
+def assemble(cfg: DecoderConfig, state: Mapping[str, torch.Tensor]) -> Decoder:
+    """A Decoder whose parameters *are* ``state``'s tensors (built on ``meta``, then assigned: no copy).
+
+    ``state`` must hold exactly the model's state-dict keys with matching shapes.
+    """
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.load_state_dict(dict(state), assign=True)
+    model.reset_buffers()
+    return model.eval()
+
+
+def random_decoder(cfg: DecoderConfig | str, seed: int = 0) -> Decoder:
+    """Seeded random weights for any shape or named config (e.g. ``"llama-3.2-1b"``); nothing is downloaded."""
+    if isinstance(cfg, str):
+        cfg = named_config(cfg)
     return init_weights(materialize(cfg), seed)

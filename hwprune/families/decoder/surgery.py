@@ -15,14 +15,14 @@ Units not named are kept whole. An empty ``attn`` or ``qpg`` removes the attenti
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from hwprune.errors import HwpruneError
 
 from .config import DecoderConfig
-from .model import Decoder, materialize
+from .model import Decoder, assemble, materialize
 
 __all__ = ["prune_decoder", "skeleton", "decoder_units", "UNIT_KINDS"]
 
@@ -51,7 +51,7 @@ def _indices(name: str, idx: Iterable[int], n: int) -> torch.Tensor:
     kept = sorted(int(i) for i in idx)
     if len(set(kept)) != len(kept):
         raise HwpruneError(f"{name}: duplicate indices in {kept}")
-    if kept and not (0 <= kept[0] and kept[-1] < n):
+    if kept and not (kept[0] >= 0 and kept[-1] < n):
         raise HwpruneError(f"{name}: indices must lie in [0, {n}), got {kept}")
     return torch.tensor(kept, dtype=torch.long)
 
@@ -61,7 +61,9 @@ def _parse(cfg: DecoderConfig, kept: Mapping[str, Iterable[int]]) -> dict[tuple[
     for name, idx in kept.items():
         m = _UNIT.fullmatch(name)
         if m is None or int(m.group(1)) >= cfg.num_layers:
-            raise HwpruneError(f"unknown unit {name!r}; expected layer.{{0..{cfg.num_layers - 1}}}.{{{','.join(UNIT_KINDS)}}}")
+            raise HwpruneError(
+                f"unknown unit {name!r}; expected layer.{{0..{cfg.num_layers - 1}}}.{{{','.join(UNIT_KINDS)}}}"
+            )
         i, kind = int(m.group(1)), m.group(2)
         g, p, f = cfg.layer_shape(i)
         idx = list(idx)
@@ -87,8 +89,9 @@ def _group_rows(groups: torch.Tensor, d: int) -> torch.Tensor:
     return (groups[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
 
 
-def prune_decoder(model: Decoder, kept: Mapping[str, Iterable[int]],
-                  overrides: Mapping[str, torch.Tensor] | None = None) -> Decoder:
+def prune_decoder(
+    model: Decoder, kept: Mapping[str, Iterable[int]], overrides: Mapping[str, torch.Tensor] | None = None
+) -> Decoder:
     """A new Decoder keeping only the named units of ``model`` (each kept weight copied once, no sharing).
 
     ``overrides`` maps state-dict names of the result to tensors that replace the sliced ones
@@ -119,7 +122,8 @@ def prune_decoder(model: Decoder, kept: Mapping[str, Iterable[int]],
                 if k in src:
                     state[k] = src[k]
         elif cfg.o_proj_bias:  # all heads gone: the output projection leaves its bias
-            state[f"{pre}attn.out_bias"] = src.get(f"{pre}attn.o_proj.bias", src.get(f"{pre}attn.out_bias"))
+            bias = f"{pre}attn.o_proj.bias"
+            state[f"{pre}attn.out_bias"] = src[bias] if bias in src else src[f"{pre}attn.out_bias"]
         if nf:
             for n in ("gate", "up"):
                 for kind in ("weight", "bias"):
@@ -130,15 +134,14 @@ def prune_decoder(model: Decoder, kept: Mapping[str, Iterable[int]],
                 if k in src:
                     state[k] = src[k]
         elif cfg.mlp_bias:
-            state[f"{pre}mlp.out_bias"] = src.get(f"{pre}mlp.down_proj.bias", src.get(f"{pre}mlp.out_bias"))
+            bias = f"{pre}mlp.down_proj.bias"
+            state[f"{pre}mlp.out_bias"] = src[bias] if bias in src else src[f"{pre}mlp.out_bias"]
     new_cfg = cfg.with_sizes(*(tuple(s[j] for s in sizes) for j in range(3)))
     for name, t in (overrides or {}).items():
         if name not in state:
             raise HwpruneError(f"override {name!r} is not a tensor of the pruned model")
         state[name] = t
-    with torch.device("meta"):
-        out = Decoder(new_cfg)
-    expected = out.state_dict()
+    expected = materialize(new_cfg, "meta").state_dict()
     for k, t in expected.items():
         if k not in state:
             raise HwpruneError(f"pruned model lacks {k!r}")  # a bug in this function, not in the input
@@ -146,6 +149,5 @@ def prune_decoder(model: Decoder, kept: Mapping[str, Iterable[int]],
             raise HwpruneError(f"{k}: got shape {tuple(state[k].shape)}, the pruned model needs {tuple(t.shape)}")
     # sliced tensors are fresh copies; clone the rest so the two models never share storage
     fresh = {k for k in expected if state[k] is not src.get(k) and k not in (overrides or {})}
-    out.load_state_dict({k: state[k] if k in fresh else state[k].clone() for k in expected}, assign=True)
-    out.reset_buffers()
+    out = assemble(new_cfg, {k: state[k] if k in fresh else state[k].clone() for k in expected})
     return out.train(model.training)

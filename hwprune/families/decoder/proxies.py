@@ -1,0 +1,276 @@
+"""Decoder accuracy proxies: ``magnitude``, ``wanda_sp``, ``flap`` and ``obs`` (the default).
+
+Every proxy ranks the elements of each unit (KV groups of ``layer.{i}.attn``: ``granule = group_size *
+head_dim`` columns of ``o_proj``; neurons of ``layer.{i}.ffn``: one column of ``down_proj``) and
+reports, per kept size, the mean squared change of the sublayer's output per calibration token
+divided by the residual energy entering the sublayer (see :mod:`.database`): comparable across
+units and proxies, 0 at full size, non-increasing in size, so the DP can add them.
+
+Which second moment measures an error depends on what absorbs the mean of the removed inputs. A
+LLaMA / Mistral / Qwen2 output projection has no bias, so nothing does: errors use the *uncentred*
+``E[x x^T]``. Where the projection has a bias (GPT-2's ``o_proj_bias`` / ``mlp_bias``), ``flap`` and
+``obs`` fold the removed inputs' mean into it and their errors use the covariance.
+
+- ``magnitude``: rank by ``||W[:, e]||^2``; no data for the ranking, plain removal.
+- ``wanda_sp``: structured Wanda, ``sum_{j in e} sum_i |W_ij| * ||x_j||``; plain removal.
+- ``flap``: FLAP's fluctuation ``Var(x_j) * ||W[:, j]||^2``; bias compensation where there is a bias.
+- ``obs``: structured OBS order and least-squares refit of the kept columns.
+
+All fits take ``(adapter, space, calib, *, stats=None, batch=8, threads=None, progress=True)`` plus
+their own options; ``stats`` (from :func:`.collect.collect_stats`) lets one pass serve several proxies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from hwprune.families._base import Family
+from hwprune.proxies._base import CalibData, register_proxy
+from hwprune.proxies.database import Track, curve, prefix_errors
+from hwprune.proxies.flap import compensated_bias, fluctuation
+from hwprune.proxies.obs import damped, ls_weights, obs_order
+from hwprune.proxies.stats import SublayerStats, num_threads, progress_bar
+from hwprune.space import PruningSpace
+
+from .collect import LayerStats
+from .database import DecoderState, ensure_stats, sublayer
+
+__all__ = [
+    "MagnitudeState",
+    "WandaState",
+    "FlapState",
+    "ObsState",
+    "fit_magnitude",
+    "fit_wanda_sp",
+    "fit_flap",
+    "fit_obs",
+]
+
+
+def _weight(lin: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W (out, in), b (out,) or None) in float64."""
+    b = lin.bias.detach().double() if lin.bias is not None else None
+    return lin.weight.detach().double(), b
+
+
+class _PlainState(DecoderState):
+    """Plain removal: slice the dense projection, keep its bias (and leave it as ``out_bias`` at size 0)."""
+
+    def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None
+
+
+ScoreFn = Callable[[torch.Tensor, SublayerStats, int], torch.Tensor]
+
+
+def _plain_tracks(score_fn: ScoreFn, adapter: Family, space: PruningSpace, stats: list[LayerStats]) -> list[Track]:
+    """Order each unit by ``score_fn(W, stats, granule)`` (ascending, (full,)) and price plain removal."""
+    tracks = []
+    with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead
+        for u in space.units:
+            lin, st = sublayer(adapter, stats, u)
+            w, _ = _weight(lin)
+            order = np.argsort(score_fn(w, st, u.granule).numpy(), kind="stable")
+            err = prefix_errors(w, st.second_moment(), order, u.granule)
+            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+    return tracks
+
+
+# ---- magnitude ------------------------------------------------------------------------------------
+
+
+class MagnitudeState(_PlainState):
+    name = "magnitude"
+
+
+def _magnitude_score(w: torch.Tensor, _st: SublayerStats, granule: int) -> torch.Tensor:
+    return w.square().sum(0).reshape(-1, granule).sum(1)
+
+
+@register_proxy("magnitude", family="decoder")
+def fit_magnitude(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> MagnitudeState:
+    """Rank by the squared norm of each element's columns; the error curves use the calibration data."""
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
+    return MagnitudeState(
+        adapter, space, _plain_tracks(_magnitude_score, adapter, space, stats), meta={"calib": calib.source}
+    )
+
+
+# ---- wanda_sp -------------------------------------------------------------------------------------
+
+
+class WandaState(_PlainState):
+    name = "wanda_sp"
+
+
+def _wanda_score(w: torch.Tensor, st: SublayerStats, granule: int) -> torch.Tensor:
+    norms = st.sumsq.sqrt()  # ||x_j|| over the calibration tokens
+    return (w.abs().sum(0) * norms).reshape(-1, granule).sum(1)
+
+
+@register_proxy("wanda_sp", family="decoder")
+def fit_wanda_sp(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> WandaState:
+    """Structured Wanda (Wanda-sp): sum of ``|W_ij| * ||x_j||`` over an element's weights; plain removal."""
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
+    return WandaState(adapter, space, _plain_tracks(_wanda_score, adapter, space, stats), meta={"calib": calib.source})
+
+
+# ---- flap -----------------------------------------------------------------------------------------
+
+
+class FlapState(DecoderState):
+    """FLAP: fluctuation ranking; the removed inputs' mean goes into the bias where the projection has one.
+
+    LLaMA-style projections have no bias, so there FLAP is the fluctuation ranking with plain removal
+    (the pruned model has no parameter to hold the compensation) and its curves use ``E[x x^T]``.
+    ``scores`` holds FLAP's per-unit standardised scores for inspection; the ranking inside a unit is
+    the raw score's (the same order).
+    """
+
+    name = "flap"
+
+    def __init__(
+        self,
+        *args: object,
+        params: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+        scores: dict[str, np.ndarray],
+        **kw: object,
+    ) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards DecoderState.__init__ unchanged
+        self._params, self.scores = params, scores  # per unit: (W, b or None, mean) float64
+
+    def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w, b, mu = self._params[index]
+        if b is None:
+            return None, None
+        return None, compensated_bias(w, b, mu, cols)
+
+
+@register_proxy("flap", family="decoder")
+def fit_flap(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> FlapState:
+    """FLAP (An et al., AAAI 2024) per unit; bias compensation only where the projection has a bias."""
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
+    tracks, params, scores = [], [], {}
+    compensated: list[str] = []
+    with torch.inference_mode(), num_threads(1):
+        for u in space.units:
+            lin, st = sublayer(adapter, stats, u)
+            w, b = _weight(lin)
+            score = fluctuation(w, st.var, u.granule).numpy()
+            scores[u.name] = (score - score.mean()) / max(float(score.std()), 1e-30)
+            order = np.argsort(score, kind="stable")
+            moment = st.cov() if b is not None else st.second_moment()
+            err = prefix_errors(w, moment, order, u.granule)
+            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+            params.append((w, b, st.mean.clone()))
+            if b is not None:
+                compensated.append(u.name)
+    meta = {"calib": calib.source, "bias_compensated": compensated}
+    return FlapState(adapter, space, tracks, params=params, scores=scores, meta=meta)
+
+
+# ---- obs ------------------------------------------------------------------------------------------
+
+
+class ObsState(DecoderState):
+    """Structured OBS; a level is the least-squares refit ``W Hd[:, K] Hd[K, K]^-1`` of the kept columns.
+
+    ``Hd`` is the damped Hessian: the covariance (plus the bias update ``b + W mu - W' mu_K``) where the
+    projection has a bias, else the uncentred second moment ``E[x x^T]`` (no bias absorbs the mean).
+    It is rebuilt from the statistics on demand rather than stored per unit (O(width^2) each).
+    """
+
+    name = "obs"
+
+    def __init__(
+        self,
+        *args: object,
+        params: list[tuple[torch.Tensor, torch.Tensor | None, SublayerStats]],
+        damp: float,
+        **kw: object,
+    ) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards DecoderState.__init__ unchanged
+        self._params, self.damp = params, damp  # per unit: (W, b or None, input statistics)
+
+    def hessian(self, index: int) -> torch.Tensor:
+        """Damped Hessian (in, in) float64 of unit ``index``'s projection (see the class docstring)."""
+        _, b, st = self._params[index]
+        return damped(st.cov() if b is not None else st.second_moment(), self.damp)
+
+    def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w, b, st = self._params[index]
+        mu = st.mean
+        if len(cols) == 0:
+            return None, (b + w @ mu) if b is not None else None
+        with num_threads(1):  # one mid-size Cholesky: threads cost more than they bring
+            new = ls_weights(w, self.hessian(index), cols)
+        return new, (b + w @ mu - new @ mu[cols]) if b is not None else None
+
+
+@register_proxy("obs", family="decoder")
+def fit_obs(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    damp: float = 0.01,
+    block: float = 0.02,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> ObsState:
+    """Structured OBS (ZipLM-style) per unit: ``damp`` of the Hessian, ``block`` fraction of neurons per round."""
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
+    tracks: list[Track] = []
+    params: list[tuple[torch.Tensor, torch.Tensor | None, SublayerStats]] = []
+    state_meta = {"calib": calib.source, "damp": damp, "block": block}
+    # one thread: the many small LAPACK/BLAS-2 calls of the greedy loop run much slower with threads
+    with torch.inference_mode(), num_threads(1), progress_bar(progress) as bar:
+        task = bar.add_task("OBS database", total=len(space.units))
+        for u in space.units:
+            bar.update(task, description=f"OBS {u.name}")
+            lin, st = sublayer(adapter, stats, u)
+            w, b = _weight(lin)
+            params.append((w, b, st))
+            if len(u.sizes) == 1:  # kept whole: nothing to fit
+                order, err = np.arange(u.full), np.zeros(1)
+            else:
+                hd = damped(st.cov() if b is not None else st.second_moment(), damp)
+                eye = torch.eye(hd.shape[0], dtype=hd.dtype)
+                hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(hd))  # cholesky_inverse is slow in MKL
+                order, steps = obs_order(w, hinv, granule=u.granule, stop=u.sizes[0], block=block)
+                err = np.concatenate([[0.0], np.cumsum(steps)])
+            tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+            bar.advance(task)
+    return ObsState(adapter, space, tracks, params=params, damp=damp, meta=state_meta)
