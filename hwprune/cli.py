@@ -49,8 +49,9 @@ def _shape(s: Optional[str]) -> Optional[tuple[int, ...]]:
 
 MODEL_HELP = (
     "minilm (all-MiniLM-L6-v2, real weights, offline), bert-base (random weights, bert-base shape), "
-    "a local Hugging Face folder of a BERT-family encoder, a torchvision CNN (resnet18, resnet50, "
-    "mobilenet_v2, vgg16_bn) or package.module:factory"
+    "smollm2 (SmolLM2-135M-Instruct, real weights from a GGUF), llama-3.2-1b / qwen2.5-0.5b / gpt2 (random "
+    "weights), a local Hugging Face folder (BERT family, LLaMA, Mistral, Qwen2, GPT-2), a torchvision CNN "
+    "(resnet18, resnet50, mobilenet_v2, vgg16_bn) or package.module:factory"
 )
 
 
@@ -64,7 +65,9 @@ def profile(
         1, "--threads", help="Intra-op threads, as you will deploy; 1 gives the steadiest numbers."
     ),
     batch: int = typer.Option(1, "--batch", help="Batch size to time."),
-    seq: int = typer.Option(128, "--seq", help="Sequence length (encoders)."),
+    seq: int = typer.Option(
+        128, "--seq", help="Sequence length: tokens per input for encoders, prompt length for decoders (e.g. 256)."
+    ),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W, e.g. 1,3,224,224."),
     weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights as .safetensors (never unpickled)."),
     space: Optional[Path] = typer.Option(
@@ -145,12 +148,12 @@ def search(
     proxy: str = typer.Option(
         "obs",
         "--proxy",
-        help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale.",
+        help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale, decoders also wanda_sp.",
     ),
     calib: Optional[Path] = typer.Option(
         None,
         "--calib",
-        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images.",
+        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders and decoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images.",
     ),
     space: Optional[Path] = typer.Option(
         None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
