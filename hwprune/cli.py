@@ -162,6 +162,14 @@ def search(
         150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same front)."),
+    n_calib: int = typer.Option(
+        128, "--n-calib", help="Calibration samples (texts or images) for the proxy's statistics."
+    ),
+    n_heldout: int = typer.Option(
+        64,
+        "--n-heldout",
+        help="Selection samples, disjoint from calibration, that score each trial end to end (fewer = faster trials; LLMs: 16).",
+    ),
     margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
     output: Path = typer.Option(
         Path("runs/latest"), "-o", "--output", help="Run directory (resumable: rerun to continue the study)."
@@ -189,6 +197,8 @@ def search(
             out=str(output),
             weights=weights,
             input_shape=_shape(input_shape),
+            n_calib=n_calib,
+            n_heldout=n_heldout,
             search=cfg,
         )
         result = run_search(req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -194,3 +195,91 @@ def test_every_script_has_help(name: str, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as e:
         _script(name).main(["--help"])
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_bench_llm_quality_end_to_end_on_a_tiny_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwprune.families.decoder.config import DecoderConfig
+    from hwprune.families.decoder.hf import save_hf_folder
+    from hwprune.families.decoder.model import random_decoder
+
+    cfg = DecoderConfig(
+        arch="llama",
+        vocab_size=300,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        max_position=64,
+    )
+    save_hf_folder(random_decoder(cfg, seed=1), tmp_path / "tiny-llama")
+    (tmp_path / "space.yaml").write_text(  # a coarse FFN grid: few graphs to profile
+        "defaults:\n  attn: {step: 1, min: 1, allow_remove: true}\n  ffn: {step: 12, min: 12, allow_remove: true}\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the profile goes to latency_tables/local/, the searches to runs/
+    argv = [
+        "--model",
+        "tiny-llama",
+        "--space",
+        "space.yaml",
+        "--seq",
+        "32",
+        "--profile-budget-s",
+        "1",
+        "--targets",
+        "1.2,1.5",
+        "--trials",
+        "5",
+        "--n-calib",
+        "8",
+        "--n-select",
+        "4",
+        "--n-report",
+        "4",
+        "--front",
+        "2",
+        "--rounds",
+        "2",
+        "--repeats",
+        "2",
+        "--chunk",
+        "4",
+        "--torch-threads",
+        "1",
+        "-o",
+        "res.json",
+    ]
+    assert _script("bench_llm_quality").main(argv) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    assert rep["command"] == "python scripts/bench_llm_quality.py " + " ".join(argv) and rep["machine"]["cpu"]
+    assert rep["table_source"] == "profiled" and Path(rep["table"]).is_file() and (tmp_path / "res.png").is_file()
+    texts = rep["texts"]
+    assert [texts[k]["texts"] for k in ("calibration", "selection", "report")] == [8, 4, 4]
+    # chunks of 4 models, each timed with the dense model, then rescaled to one dense time
+    assert rep["timing"]["chunk_size"] == 4 and rep["timing"]["rescaled"] == (rep["timing"]["chunks"] > 1)
+    models = rep["models"]
+    assert models["dense"]["measured_speedup"] == 1.0 and models["dense"]["kl"] == 0.0
+    assert {"shortgpt", "flap", "magnitude"} == set(rep["fronts"]) and len(rep["block_influence"]) == 4
+    for peer, names in rep["fronts"].items():
+        assert names and all(models[n]["method"] == peer for n in names)
+    for r in models.values():
+        assert r["measured_ms"] > 0 and r["params"] > 0 and math.isfinite(r["perplexity"])
+    for n in rep["fronts"]["shortgpt"]:  # whole blocks removed, nothing else
+        r = models[n]
+        assert r["removed_blocks"] and all((g == 0) == (f == 0) for g, f in zip(r["kv_groups"], r["ffn"]))
+    for n in rep["fronts"]["flap"]:  # uniform: every layer the same, none removed
+        r = models[n]
+        assert len(set(r["kv_groups"])) == 1 and len(set(r["ffn"])) == 1 and not r["removed_blocks"]
+    assert set(rep["per_target"]) == {"1.2", "1.5"}
+    for t, e in rep["per_target"].items():
+        pick = models[e["hwprune"]]
+        assert pick["method"] == "hwprune" and pick["target"] == float(t) and pick["search_source"]
+        for peer in ("shortgpt", "flap", "magnitude"):
+            best = e[peer]["best"]
+            assert best is None or models[best]["measured_ms"] <= pick["measured_ms"]
+    for name in ("depth_only@1.2x", "depth_only@1.5x"):  # depth-only: every unit whole or removed
+        r = models[name]
+        assert all(g in (0, 2) for g in r["kv_groups"]) and all(f in (0, 48) for f in r["ffn"])
+    for n in rep["fronts"]["magnitude"]:
+        assert all(f % 12 == 0 for f in models[n]["ffn"])  # the space's grid
