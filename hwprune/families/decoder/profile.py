@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
 from hwprune.latency._base import Backend, Timing
-from hwprune.latency.backends import Runner, interleave
+from hwprune.latency.backends import OrtCpuBackend, Runner, interleave
 from hwprune.space import PruningSpace
 
 from .config import DecoderConfig
@@ -155,6 +156,8 @@ def prepare(
     """Export and load every graph of the profile (dense, base, empty chain, the chains)."""
     from rich.progress import Progress
 
+    if not isinstance(backend, OrtCpuBackend):  # runners with one held session per graph
+        raise HwpruneError(f"runtime {backend.name} cannot profile yet; use --runtime ort-cpu (or ort-cuda)")
     cfg = adapter.config.dense()
     groups, ffn = profiled_sizes(cfg, space)
     r = chain_length(cfg)

@@ -41,7 +41,7 @@ from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
 from hwprune.families.encoder.model import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
 from hwprune.latency._base import Backend, Timing
-from hwprune.latency.backends import Runner, interleave
+from hwprune.latency.backends import OrtCpuBackend, Runner, interleave
 from hwprune.space import PruningSpace
 
 __all__ = ["measure", "prepare", "Profiling", "chain_length", "profiled_sizes"]
@@ -162,8 +162,8 @@ def prepare(
     """Export and load every graph of the profile (dense model, base, empty chain, the chains)."""
     from rich.progress import Progress
 
-    if not hasattr(backend, "prepare"):
-        raise HwpruneError(f"runtime {backend.name} cannot profile yet (it has no prepare()); use --runtime ort-cpu")
+    if not isinstance(backend, OrtCpuBackend):  # runners with one held session per graph
+        raise HwpruneError(f"runtime {backend.name} cannot profile yet; use --runtime ort-cpu (or ort-cuda)")
     cfg: EncoderConfig = adapter.config.dense()
     heads, ffn = profiled_sizes(cfg, space)
     r = chain_length(cfg)
