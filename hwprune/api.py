@@ -275,12 +275,12 @@ class ExportRequest:
 
     run: str
     pick: str = "targets"  # targets | all (the Pareto front) | a candidate key from pareto.csv
-    parity_tol: float = 1e-3
+    parity_tol: float | None = None  # None: the family's default (Family.parity_tol)
     rounds: int = 5
     repeats: int = 20
 
     def __post_init__(self) -> None:
-        if self.parity_tol < 0:
+        if self.parity_tol is not None and self.parity_tol < 0:
             raise HwpruneError(f"--parity-tol must be >= 0 (got {self.parity_tol})")
         if self.rounds < 1 or self.repeats < 1:
             raise HwpruneError(f"rounds and repeats must be >= 1 (got {self.rounds}, {self.repeats})")
@@ -405,7 +405,7 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             prediction=prediction,
             scores=row.get("scores"),
             fingerprint=table.fingerprint.to_json(),
-            parity_tol=req.parity_tol,
+            parity_tol=req.parity_tol if req.parity_tol is not None else adapter.parity_tol,
             extra={"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]},
         )
         m.setdefault("key", key)

@@ -217,8 +217,10 @@ def export(
         "--pick",
         help="targets (the chosen subnet per target), all (the whole Pareto front) or a candidate key from pareto.csv.",
     ),
-    parity_tol: float = typer.Option(
-        1e-3, "--parity-tol", help="Max abs difference allowed between ONNX Runtime and torch outputs."
+    parity_tol: Optional[float] = typer.Option(
+        None,
+        "--parity-tol",
+        help="Max abs difference allowed between ONNX Runtime and torch outputs (default: the family's, 1e-3; 1e-2 for LLM logits).",
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:

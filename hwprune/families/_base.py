@@ -76,6 +76,8 @@ class Family(ABC):
 
     family: ClassVar[str] = ""
     min_kept: ClassVar[int] = 0  # fewest indices a unit may keep (CNN channel groups keep one)
+    #: default max |ONNX Runtime - torch| of the first output that an export accepts (``--parity-tol``)
+    parity_tol: ClassVar[float] = 1e-3
     name: str = ""
 
     # ---- identity -----------------------------------------------------------------------------

@@ -51,6 +51,9 @@ PARITY_TEXTS = (
 @register_family
 class DecoderAdapter(Family):
     family = "decoder"
+    # Logits of a deep fp32 decoder over a large vocabulary are O(10-30): ONNX Runtime's fused kernels and
+    # torch sum in different orders and differ by ~1e-3 absolute (1e-4 relative) on SmolLM2's 30 layers.
+    parity_tol = 1e-2
 
     def __init__(
         self,
