@@ -15,14 +15,17 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hwprune.errors import HwpruneError
-from hwprune.latency._base import Backend, Timing, register_backend
+from hwprune.latency._base import Backend, Profiling, Timing, register_backend
 
-__all__ = ["OrtCpuBackend", "OrtCudaBackend", "OrtTensorRTBackend", "Runner", "interleave", "timing_of"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["OrtCpuBackend", "OrtCudaBackend", "OrtTensorRTBackend", "Runner", "interleave", "timing_of", "time_profile"]
 
 
 def _import_ort() -> Any:
@@ -223,3 +226,30 @@ class OrtTensorRTBackend(OrtCpuBackend):
 
     def version(self) -> str:
         return f"onnxruntime {self._ort.__version__} + tensorrt {self._trt_version}"
+
+
+def time_profile(
+    prepare: Callable[[], Profiling], backend: Backend, *, budget_s: float, rounds: int, progress: bool = True
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Load a family's profile graphs (``prepare``) and time them in interleaved, common-mode rounds.
+
+    Stops after ``rounds`` rounds or ``budget_s`` seconds; returns the table's rows and its meta, with the
+    export time and the clock recorded. Families whose profile fits in memory at once share this loop.
+    """
+    from rich.progress import Progress
+
+    t0 = time.perf_counter()
+    prof = prepare()
+    t_export = time.perf_counter() - t0
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"time {len(prof.runners)} graphs (~{budget_s:.0f} s)", total=100)
+        timings = interleave(
+            prof.runners,
+            rounds=rounds,
+            seconds=budget_s,
+            common_mode=True,
+            on_round=lambda f: bar.update(task, completed=100 * f),
+        )
+    meta = prof.meta(timings)
+    meta.update(export_seconds=round(t_export, 1), clock=backend.clock)
+    return prof.frame(timings), meta

@@ -17,7 +17,6 @@ A block's time is ``(chain - empty) / R``; removed sublayers cost 0. A candidate
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ import torch
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
 from hwprune.latency._base import Backend, Timing
-from hwprune.latency.backends import OrtCpuBackend, Runner, interleave
+from hwprune.latency.backends import OrtCpuBackend, Runner, time_profile
 from hwprune.space import PruningSpace
 
 from .config import DecoderConfig
@@ -206,21 +205,10 @@ def measure(
     budget_s: float | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Time every block size for about ``budget_s`` s (default 120) or 300 rounds; returns (frame, meta)."""
-    from rich.progress import Progress
-
-    budget_s = 120.0 if budget_s is None else budget_s
-    t0 = time.perf_counter()
-    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress)
-    t_export = time.perf_counter() - t0
-    with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"time {len(prof.runners)} graphs (~{budget_s:.0f} s)", total=100)
-        timings = interleave(
-            prof.runners,
-            rounds=_ROUNDS,
-            seconds=budget_s,
-            common_mode=True,
-            on_round=lambda f: bar.update(task, completed=100 * f),
-        )
-    meta = prof.meta(timings)
-    meta.update(export_seconds=round(t_export, 1), clock=backend.clock)
-    return prof.frame(timings), meta
+    return time_profile(
+        functools.partial(prepare, adapter, backend, batch=batch, seq=seq, space=space, progress=progress),
+        backend,
+        budget_s=120.0 if budget_s is None else budget_s,
+        rounds=_ROUNDS,
+        progress=progress,
+    )

@@ -28,7 +28,6 @@ Method (why it is shaped this way):
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,7 +40,7 @@ from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
 from hwprune.families.encoder.model import Attention, Embeddings, Encoder, EncoderConfig, FeedForward
 from hwprune.latency._base import Backend, Timing
-from hwprune.latency.backends import OrtCpuBackend, Runner, interleave
+from hwprune.latency.backends import OrtCpuBackend, Runner, time_profile
 from hwprune.space import PruningSpace
 
 __all__ = ["measure", "prepare", "Profiling", "chain_length", "profiled_sizes"]
@@ -220,22 +219,10 @@ def measure(
     Stops after 300 rounds (median noise ~0.3 % on a shared core) or ``budget_s``: MiniLM needs about
     120 s for 300 rounds on one idle core, which keeps a profile with export under 3 minutes.
     """
-    budget_s = 120.0 if budget_s is None else budget_s
-    from rich.progress import Progress
-
-    t0 = time.perf_counter()
-    prof = prepare(adapter, backend, batch=batch, seq=seq, space=space, progress=progress)
-    t_export = time.perf_counter() - t0
-    with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"time {len(prof.runners)} graphs (~{budget_s:.0f} s)", total=100)
-        timings = interleave(
-            prof.runners,
-            rounds=_ROUNDS,
-            seconds=budget_s,
-            common_mode=True,
-            on_round=lambda f: bar.update(task, completed=100 * f),
-        )
-    meta = prof.meta(timings)
-    clock = backend.clock
-    meta.update(export_seconds=round(t_export, 1), clock=clock)
-    return prof.frame(timings), meta
+    return time_profile(
+        functools.partial(prepare, adapter, backend, batch=batch, seq=seq, space=space, progress=progress),
+        backend,
+        budget_s=120.0 if budget_s is None else budget_s,
+        rounds=_ROUNDS,
+        progress=progress,
+    )
