@@ -17,6 +17,7 @@ Nothing here names a model family: every family-specific step goes through the a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -157,8 +158,8 @@ class SearchRequest:
     proxy: str = "obs"
     calib: str | None = None
     space: str | None = None
-    n_calib: int = 128
-    n_heldout: int = 64
+    n_calib: int | None = None  # None: the family's default (``Family.search_defaults``)
+    n_heldout: int | None = None
     out: str = "runs/latest"
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
@@ -200,7 +201,20 @@ def _resolve_table(adapter: Family, req_table: str | None) -> Path:
 
 
 def _calib(adapter: Family, req: SearchRequest, *, seq: int) -> CalibData:
+    assert req.n_calib is not None and req.n_heldout is not None  # with_defaults ran
     return adapter.load_calib(req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.search.seed)
+
+
+def with_defaults(req: SearchRequest, adapter: Family) -> SearchRequest:
+    """``req`` with every setting left None filled from the family's ``search_defaults``."""
+    d = adapter.search_defaults
+    search = req.search if req.search.trials is not None else dataclasses.replace(req.search, trials=d["trials"])
+    return dataclasses.replace(
+        req,
+        n_calib=req.n_calib if req.n_calib is not None else d["n_calib"],
+        n_heldout=req.n_heldout if req.n_heldout is not None else d["n_heldout"],
+        search=search,
+    )
 
 
 def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -> SearchResult:
@@ -213,6 +227,7 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     from hwprune.search.run import check_reachable, search
 
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
+    req = with_defaults(req, adapter)
     space = adapter.space(req.space)
     table_path = _resolve_table(adapter, req.table)
     table = LatencyTable.load(table_path)

@@ -158,17 +158,19 @@ def search(
     space: Optional[Path] = typer.Option(
         None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
     ),
-    trials: int = typer.Option(
-        150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."
+    trials: Optional[int] = typer.Option(
+        None,
+        "--trials",
+        help="Finished trials in the study, DP seeds included (each builds and scores one subnet). Default: 150; LLMs 48.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same front)."),
-    n_calib: int = typer.Option(
-        128, "--n-calib", help="Calibration samples (texts or images) for the proxy's statistics."
+    n_calib: Optional[int] = typer.Option(
+        None, "--n-calib", help="Calibration samples (texts or images) for the proxy's statistics. Default: 128."
     ),
-    n_heldout: int = typer.Option(
-        64,
+    n_heldout: Optional[int] = typer.Option(
+        None,
         "--n-heldout",
-        help="Selection samples, disjoint from calibration, that score each trial end to end (fewer = faster trials; LLMs: 16).",
+        help="Selection samples, disjoint from calibration, that score each trial end to end (fewer = faster trials). Default: 64; LLMs 16.",
     ),
     margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
     output: Path = typer.Option(

@@ -58,6 +58,8 @@ class FakeProxy:
     def build(self, cand: Candidate) -> nn.Module:
         return _Sized(cand.sizes)
 
+    scoring_model = build
+
 
 class FakeScorer:
     """Additive error plus an interaction term, so end-to-end ranking can differ from the DP's."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
@@ -78,6 +79,8 @@ class Family(ABC):
     min_kept: ClassVar[int] = 0  # fewest indices a unit may keep (CNN channel groups keep one)
     #: default max |ONNX Runtime - torch| of the first output that an export accepts (``--parity-tol``)
     parity_tol: ClassVar[float] = 1e-3
+    # what `hwprune search` uses when the user names none: trials, calibration and selection samples
+    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType({"trials": 150, "n_calib": 128, "n_heldout": 64})
     name: str = ""
 
     # ---- identity -----------------------------------------------------------------------------

@@ -62,6 +62,11 @@ class ProxyState(ABC):
         plan, overrides = self.materialize(cand)
         return self.adapter.prune(self.adapter.dense(), plan, overrides)
 
+    def scoring_model(self, cand: Candidate) -> nn.Module:
+        """The model the end-to-end scorer sees for ``cand``: ``build(cand)`` unless a family offers a
+        read-only equivalent that costs less memory (the decoder's slices one block at a time)."""
+        return self.build(cand)
+
 
 ProxyFit = Callable[..., ProxyState]
 _PROXIES: dict[tuple[str, str], ProxyFit] = {}

@@ -53,12 +53,15 @@ def curve(err_by_removed: np.ndarray, unit: Unit, energy: float) -> np.ndarray:
 def prefix_errors(weight: torch.Tensor, moment: torch.Tensor, order: np.ndarray, granule: int) -> np.ndarray:
     """err[k] = trace(W_P M_PP W_P^T) for P = first k elements of ``order``, k = 0..n (plain removal).
 
-    ``weight`` (out, n*granule) and ``moment`` (n*granule, n*granule) in float64; element e owns
-    columns e*granule .. (e+1)*granule - 1.
+    ``weight`` (out, n*granule) and ``moment`` (n*granule, n*granule), float64 (or float32 for very wide
+    projections: the sums then run in float32); element e owns columns e*granule .. (e+1)*granule - 1.
     """
-    a = (weight.T @ weight) * moment  # column-pair contributions
+    a = (weight.T @ weight).to(moment.dtype).mul_(moment)  # column-pair contributions, in moment's dtype
     n = a.shape[0] // granule
-    g = a.reshape(n, granule, n, granule).sum((1, 3))  # element-pair contributions
+    if granule > 1:
+        a = a.reshape(n, granule, n, granule).sum((1, 3))  # element-pair contributions
     idx = torch.as_tensor(order, dtype=torch.long)
-    c = g[idx][:, idx].cumsum(0).cumsum(1)
-    return np.concatenate([[0.0], torch.diagonal(c).numpy()])
+    c = a.index_select(0, idx)
+    del a
+    c = c.index_select(1, idx).cumsum_(0).cumsum_(1)
+    return np.concatenate([[0.0], torch.diagonal(c).double().numpy()])

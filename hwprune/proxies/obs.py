@@ -28,10 +28,14 @@ import torch
 __all__ = ["obs_order", "ls_weights", "damped"]
 
 
-def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
-    """cov + damp * mean(diag) * I: keeps the inverse finite for dead or collinear channels."""
+def damped(cov: torch.Tensor, damp: float, *, inplace: bool = False) -> torch.Tensor:
+    """cov + damp * mean(diag) * I: keeps the inverse finite for dead or collinear channels.
+
+    ``inplace=True`` adds to ``cov``'s own diagonal (no width^2 copy)."""
     lam = damp * float(torch.diagonal(cov).mean().clamp_min(1e-12))
-    return cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+    out = cov if inplace else cov.clone()
+    out.diagonal().add_(lam)
+    return out
 
 
 def _group_errors(w: torch.Tensor, hinv: torch.Tensor, g: int) -> torch.Tensor:
@@ -67,14 +71,21 @@ def _block_order(w: np.ndarray, h: np.ndarray) -> tuple[list[int], list[float]]:
 
 
 def obs_order(
-    weight: torch.Tensor, hinv: torch.Tensor, *, granule: int = 1, stop: int = 0, block: float = 0.02
+    weight: torch.Tensor,
+    hinv: torch.Tensor,
+    *,
+    granule: int = 1,
+    stop: int = 0,
+    block: float = 0.02,
+    overwrite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy structured OBS down to ``stop`` kept groups.
 
     Returns (order of all groups, least important first; error of each removal step). The steps'
-    errors add up to the least-squares error of the kept set.
+    errors add up to the least-squares error of the kept set. ``overwrite=True`` lets the loop work in
+    ``weight`` and ``hinv`` themselves (no copies: one width^2 buffer less for very wide layers).
     """
-    w, h = weight.clone(), hinv.clone()
+    w, h = (weight, hinv) if overwrite else (weight.clone(), hinv.clone())
     ids = torch.arange(weight.shape[1] // granule)  # group id of each stored group slot
     dead = torch.zeros(len(ids), dtype=torch.bool)  # removed groups stay stored until compaction
     order: list[int] = []

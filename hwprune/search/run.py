@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 PICKS_FORMAT = "hwprune.picks/1"
+DEFAULT_TRIALS = 150
 _BUDGET_TOL = 1e-9  # relative; absorbs float summation order only
 
 
@@ -64,6 +65,7 @@ class ErrorModel(Protocol):
 
     def unit_errors(self) -> list[np.ndarray]: ...
     def build(self, cand: Candidate) -> nn.Module: ...
+    def scoring_model(self, cand: Candidate) -> nn.Module: ...
 
 
 class ScorerLike(Protocol):
@@ -75,7 +77,7 @@ class ScorerLike(Protocol):
 @dataclass(frozen=True)
 class SearchConfig:
     targets: tuple[float, ...]  # speedups over dense, each > 1
-    trials: int = 150  # finished trials in the study, seeds included
+    trials: int | None = None  # finished trials in the study, seeds included; None: 150 (api: the family's)
     seed: int = 0
     buckets: int = 4000  # DP time resolution over each budget
     margin: float = 0.0  # relative safety margin: budget = dense / (target * (1 + margin))
@@ -95,6 +97,8 @@ class SearchConfig:
             raise HwpruneError(f"pick_band must be in (0, 1] (got {self.pick_band!r}); 1 = anywhere under the budget")
         for name, lo in (("trials", 1), ("seed", 0), ("buckets", 10), ("population", 2)):
             v = getattr(self, name)
+            if v is None and name == "trials":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise HwpruneError(f"{name} must be an integer >= {lo} (got {v!r})")
         m = self.margin
@@ -172,7 +176,7 @@ def pick_within(evaluations: Sequence[Evaluation], budget_ms: float, *, band: fl
 
 def _evaluator(proxy_state: ErrorModel, scorer: ScorerLike) -> Evaluate:
     def evaluate(cand: Candidate) -> dict[str, Any]:
-        model = proxy_state.build(cand)
+        model = proxy_state.scoring_model(cand)
         scores = dict(scorer.score(model))
         scores["params"] = sum(p.numel() for p in model.parameters())
         return scores
@@ -269,7 +273,7 @@ def search(
         evaluate=_evaluator(proxy_state, scorer),
         dense_ms=dense_ms,
         storage_path=run_dir / "study.db",
-        trials=config.trials,
+        trials=config.trials if config.trials is not None else DEFAULT_TRIALS,
         seed=config.seed,
         population=config.population,
         seeds=seeds,

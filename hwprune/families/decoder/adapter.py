@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ class DecoderAdapter(Family):
     # Logits of a deep fp32 decoder over a large vocabulary are O(10-30): ONNX Runtime's fused kernels and
     # torch sum in different orders and differ by ~1e-3 absolute (1e-4 relative) on SmolLM2's 30 layers.
     parity_tol = 1e-2
+    # an LLM trial scores every selection token through the LM head: fewer, longer trials than an encoder's
+    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType({"trials": 48, "n_calib": 128, "n_heldout": 16})
 
     def __init__(
         self,

@@ -20,7 +20,12 @@ the projection had a bias (``o_proj_bias`` / ``mlp_bias``), the constant it leav
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from abc import abstractmethod
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +40,10 @@ from hwprune.proxies.stats import SublayerStats
 from hwprune.space import Candidate, PruningSpace, Unit
 from hwprune.surgery.plan import Plan
 
-from .collect import LayerStats, collect_stats
+from .collect import WIDE, LayerStats, collect_stats
+from .config import DecoderConfig
 from .model import Block, Decoder
+from .stream import PrunedView
 
 __all__ = ["DecoderState", "unit_names", "sublayer", "ensure_stats", "group_columns"]
 
@@ -91,7 +98,34 @@ def ensure_stats(
         return stats
     model = adapter.dense()
     assert isinstance(model, Decoder)
-    return collect_stats(model, calib.calib, batch=batch, threads=threads, progress=progress)
+    return collect_stats(
+        model, calib.calib, batch=batch, threads=threads, progress=progress, spill=spill_folder(model.config)
+    )
+
+
+SPILL_BYTES = 1 << 30  # statistics of a whole model above this go to disk, one layer at a time
+LEVEL_CACHE_BYTES = 512 << 20  # reconstructed weights kept for reuse across trials
+
+
+def stats_bytes(cfg: DecoderConfig) -> int:
+    """Memory of every layer's ``x^T x`` sums (float64; float32 above ``collect.WIDE`` columns)."""
+    total = 0
+    for i in range(cfg.num_layers):
+        g, p, f = cfg.layer_shape(i)
+        for w in (g * p * cfg.head_dim, f):
+            total += w * w * (4 if w > WIDE else 8)
+    return total
+
+
+def spill_folder(cfg: DecoderConfig) -> Path | None:
+    """A temporary folder for the statistics when they would take more than ``SPILL_BYTES`` in memory.
+
+    Removed when the process exits (the proxy states read it until then)."""
+    if stats_bytes(cfg) <= SPILL_BYTES:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="hwprune-stats-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class DecoderState(ProxyState):
@@ -102,7 +136,9 @@ class DecoderState(ProxyState):
     ) -> None:
         super().__init__(adapter, space)
         self.tracks, self.meta = tracks, dict(meta or {})
-        self._levels: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # reconstructed levels, least recently used first; bounded so a wide model's search stays lean
+        self._levels: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+        self.cache_bytes = LEVEL_CACHE_BYTES
 
     def unit_errors(self) -> list[np.ndarray]:
         """Per unit (space order), the error at each of ``unit.sizes``: float64, 0 at full, non-increasing."""
@@ -130,7 +166,22 @@ class DecoderState(ProxyState):
                 elif bias is not None:  # the sublayer is gone; its out_bias carries the constant it leaves
                     out[removed] = bias.to(torch.float32).contiguous()
             self._levels[key] = out
+            self._trim()
+        self._levels.move_to_end(key)
         return self._levels[key]
+
+    def _trim(self) -> None:
+        size = sum(t.nbytes for lv in self._levels.values() for t in lv.values())
+        while size > self.cache_bytes and len(self._levels) > 1:
+            _, lv = self._levels.popitem(last=False)
+            size -= sum(t.nbytes for t in lv.values())
+
+    def scoring_model(self, cand: Candidate) -> nn.Module:
+        """The pruned model as a :class:`PrunedView`: blocks sliced one at a time while the scorer runs."""
+        plan, overrides = self.materialize(cand)
+        dense = self.adapter.dense()
+        assert isinstance(dense, Decoder)
+        return PrunedView(dense, plan.units, overrides)
 
     def materialize(self, cand: Candidate) -> tuple[Plan, dict[str, torch.Tensor]]:
         kept = self.kept(cand)

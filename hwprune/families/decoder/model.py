@@ -16,7 +16,7 @@ for the real tokens (scores depend on relative positions only, pads are masked),
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ __all__ = [
     "MLP",
     "RMSNorm",
     "KVCache",
+    "Prepared",
     "rope_inv_freq",
     "init_weights",
     "materialize",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 KVCache = list["tuple[torch.Tensor, torch.Tensor] | None"]
+# (embeddings (batch, seq, hidden), additive mask (batch, 1, seq, total), RoPE (cos, sin) (seq, head_dim) or None)
+Prepared = tuple[torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 class RMSNorm(nn.Module):
@@ -226,18 +229,13 @@ class Decoder(nn.Module):
         allowed = allowed[None, None, :, :] & attention_mask[:, None, None, :].to(torch.bool)
         return (~allowed).to(dtype) * torch.finfo(dtype).min
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        past_key_values: KVCache | None = None,
-        use_cache: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
-        """input_ids (batch, seq) int64; attention_mask (batch, past_len + seq) 1 = token, 0 = pad."""
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Prepared:
+        """What every block of a forward pass reads: (embeddings, additive causal mask, RoPE cos/sin or None).
+
+        ``attention_mask`` (batch, past_len + seq) covers the cached tokens too; ``input_ids`` (batch, seq).
+        """
         s = input_ids.shape[1]
         past_len = attention_mask.shape[1] - s
-        if past_key_values is not None and len(past_key_values) != len(self.layers):
-            raise ValueError(f"past_key_values has {len(past_key_values)} entries for {len(self.layers)} layers")
         x = self.embed_tokens(input_ids)
         positions = torch.arange(s, device=input_ids.device) + past_len
         rope = None
@@ -247,13 +245,35 @@ class Decoder(nn.Module):
             freqs = positions[:, None].to(torch.float32) * self.inv_freq[None, :]  # (seq, head_dim/2)
             emb = torch.cat((freqs, freqs), dim=-1)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
-        mask = self.causal_mask(attention_mask, s, x.dtype)
+        return x, self.causal_mask(attention_mask, s, x.dtype), rope
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: residual stream (..., hidden) -> logits (..., vocab)."""
+        x = self.norm(x)
+        return self.lm_head(x) if self.lm_head is not None else nn.functional.linear(x, self.embed_tokens.weight)
+
+    def blocks(self) -> Iterator[Block]:
+        """The blocks in order (a pruned view builds each on demand; see ``stream``)."""
+        for layer in self.layers:
+            assert isinstance(layer, Block)
+            yield layer
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """input_ids (batch, seq) int64; attention_mask (batch, past_len + seq) 1 = token, 0 = pad."""
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(past_key_values)} entries for {len(self.layers)} layers")
+        x, mask, rope = self.prepare(input_ids, attention_mask)
         cache: KVCache = []
         for i, layer in enumerate(self.layers):
             x, present = layer(x, mask, rope, past_key_values[i] if past_key_values is not None else None)
             cache.append(present)
-        x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else nn.functional.linear(x, self.embed_tokens.weight)
+        logits = self.head(x)
         if isinstance(use_cache, torch.Tensor):  # the TorchScript ONNX exporter passes omitted defaults as tensors
             return logits
         return (logits, cache) if use_cache else logits

@@ -50,10 +50,19 @@ __all__ = [
 ]
 
 
-def _weight(lin: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W (out, in), b (out,) or None) in float64."""
+def _weight(lin: torch.nn.Linear, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W (out, in) in ``dtype``, b (out,) float64 or None): fresh copies, the caller's to keep or overwrite."""
     b = lin.bias.detach().double() if lin.bias is not None else None
-    return lin.weight.detach().double(), b
+    return lin.weight.detach().to(dtype, copy=True), b
+
+
+# States keep the dense model's own float32 weight tensors (no copies: a float64 copy of every
+# projection would double llama-3.2-1b's footprint) and convert per use.
+Params = tuple[torch.Tensor, torch.Tensor | None, SublayerStats]  # (dense W (out, in), dense b or None, stats)
+
+
+def _params(lin: torch.nn.Linear, st: SublayerStats) -> Params:
+    return lin.weight.detach(), (lin.bias.detach() if lin.bias is not None else None), st
 
 
 class _PlainState(DecoderState):
@@ -72,9 +81,10 @@ def _plain_tracks(score_fn: ScoreFn, adapter: Family, space: PruningSpace, stats
     with torch.inference_mode(), num_threads(1):  # mid-size float64 algebra: threads only add overhead
         for u in space.units:
             lin, st = sublayer(adapter, stats, u)
-            w, _ = _weight(lin)
+            w, _ = _weight(lin, st.dtype)
             order = np.argsort(score_fn(w, st, u.granule).numpy(), kind="stable")
             err = prefix_errors(w, st.second_moment(), order, u.granule)
+            del w
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
     return tracks
 
@@ -153,18 +163,18 @@ class FlapState(DecoderState):
     def __init__(
         self,
         *args: object,
-        params: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+        params: list[Params],
         scores: dict[str, np.ndarray],
         **kw: object,
     ) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards DecoderState.__init__ unchanged
-        self._params, self.scores = params, scores  # per unit: (W, b or None, mean) float64
+        self._params, self.scores = params, scores
 
     def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        w, b, mu = self._params[index]
+        w, b, st = self._params[index]
         if b is None:
             return None, None
-        return None, compensated_bias(w, b, mu, cols)
+        return None, compensated_bias(w.double(), b.double(), st.mean, cols)
 
 
 @register_proxy("flap", family="decoder")
@@ -185,14 +195,14 @@ def fit_flap(
     with torch.inference_mode(), num_threads(1):
         for u in space.units:
             lin, st = sublayer(adapter, stats, u)
-            w, b = _weight(lin)
-            score = fluctuation(w, st.var, u.granule).numpy()
+            w, b = _weight(lin, st.dtype)
+            score = fluctuation(w, st.var.to(w.dtype), u.granule).numpy()
             scores[u.name] = (score - score.mean()) / max(float(score.std()), 1e-30)
             order = np.argsort(score, kind="stable")
             moment = st.cov() if b is not None else st.second_moment()
             err = prefix_errors(w, moment, order, u.granule)
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
-            params.append((w, b, st.mean.clone()))
+            params.append(_params(lin, st))
             if b is not None:
                 compensated.append(u.name)
     meta = {"calib": calib.source, "bias_compensated": compensated}
@@ -215,7 +225,7 @@ class ObsState(DecoderState):
     def __init__(
         self,
         *args: object,
-        params: list[tuple[torch.Tensor, torch.Tensor | None, SublayerStats]],
+        params: list[Params],
         damp: float,
         **kw: object,
     ) -> None:
@@ -223,18 +233,21 @@ class ObsState(DecoderState):
         self._params, self.damp = params, damp  # per unit: (W, b or None, input statistics)
 
     def hessian(self, index: int) -> torch.Tensor:
-        """Damped Hessian (in, in) float64 of unit ``index``'s projection (see the class docstring)."""
+        """Damped Hessian (in, in) of unit ``index``'s projection (see the class docstring), in the
+        statistics' dtype (float64; float32 for very wide projections)."""
         _, b, st = self._params[index]
-        return damped(st.cov() if b is not None else st.second_moment(), self.damp)
+        return damped(st.cov() if b is not None else st.second_moment(), self.damp, inplace=True)
 
     def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        w, b, st = self._params[index]
-        mu = st.mean
+        w32, b32, st = self._params[index]
+        w, b, mu = w32.to(st.dtype), (b32.double() if b32 is not None else None), st.mean
         if len(cols) == 0:
-            return None, (b + w @ mu) if b is not None else None
+            return None, (b + w.double() @ mu) if b is not None else None
         with num_threads(1):  # one mid-size Cholesky: threads cost more than they bring
             new = ls_weights(w, self.hessian(index), cols)
-        return new, (b + w @ mu - new @ mu[cols]) if b is not None else None
+        if b is None:
+            return new, None
+        return new, b + w.double() @ mu - new.double() @ mu[cols]
 
 
 @register_proxy("obs", family="decoder")
@@ -253,7 +266,7 @@ def fit_obs(
     """Structured OBS (ZipLM-style) per unit: ``damp`` of the Hessian, ``block`` fraction of neurons per round."""
     stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
     tracks: list[Track] = []
-    params: list[tuple[torch.Tensor, torch.Tensor | None, SublayerStats]] = []
+    params: list[Params] = []
     state_meta = {"calib": calib.source, "damp": damp, "block": block}
     # one thread: the many small LAPACK/BLAS-2 calls of the greedy loop run much slower with threads
     with torch.inference_mode(), num_threads(1), progress_bar(progress) as bar:
@@ -261,15 +274,21 @@ def fit_obs(
         for u in space.units:
             bar.update(task, description=f"OBS {u.name}")
             lin, st = sublayer(adapter, stats, u)
-            w, b = _weight(lin)
-            params.append((w, b, st))
+            params.append(_params(lin, st))
             if len(u.sizes) == 1:  # kept whole: nothing to fit
                 order, err = np.arange(u.full), np.zeros(1)
             else:
-                hd = damped(st.cov() if b is not None else st.second_moment(), damp)
-                eye = torch.eye(hd.shape[0], dtype=hd.dtype)
-                hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(hd))  # cholesky_inverse is slow in MKL
-                order, steps = obs_order(w, hinv, granule=u.granule, stop=u.sizes[0], block=block)
+                w, b = _weight(lin, st.dtype)
+                hd = damped(st.cov() if b is not None else st.second_moment(), damp, inplace=True)
+                chol = torch.linalg.cholesky(hd)
+                del hd
+                if st.dtype == torch.float64:  # cholesky_inverse is slow in MKL; solve against I instead
+                    hinv = torch.cholesky_solve(torch.eye(chol.shape[0], dtype=chol.dtype), chol)
+                else:  # very wide (float32): one width^2 buffer less matters more than speed
+                    hinv = torch.cholesky_inverse(chol)
+                del chol
+                order, steps = obs_order(w, hinv, granule=u.granule, stop=u.sizes[0], block=block, overwrite=True)
+                del w, hinv
                 err = np.concatenate([[0.0], np.cumsum(steps)])
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
             bar.advance(task)

@@ -9,9 +9,10 @@ the dense model's on the same tokens.
 Memory: the dense log-probabilities of every real position take ``4 * tokens * vocab`` bytes (64 rows
 of 128 tokens at SmolLM2's 49152 words: up to 1.6 GB; real held-out texts are shorter than ``seq``,
 typically half of that). They are cached in float32 when they fit in ``cache_mb`` (default 1 GiB),
-else recomputed batch by batch at every :meth:`DecoderScorer.score` (exact either way, twice the
-compute). Per batch the scorer holds ``(batch, len, vocab)`` float32 logits twice (logits and
-log-probs): 8 x 128 x 49152 x 4 B = 200 MB each; the KL then runs 256 positions at a time.
+else recomputed from the dense model's final residual streams (kept: positions x hidden floats) at
+every :meth:`DecoderScorer.score` (exact either way). Logits are computed for real positions only,
+``rows`` positions at a time (about 128 MB of float32 per tensor), never as ``(batch, len, vocab)``.
+Models run layer-major, so a :class:`PrunedView` costs one pruned block at a time.
 
 Batches are length-sorted and cut to their longest row (``length_batches``): with right padding and
 causal attention, trailing pads change no real token's output, so this is exact and cheaper.
@@ -30,6 +31,8 @@ from hwprune.proxies._base import CalibData
 from hwprune.proxies.stats import length_batches, num_threads
 
 from .calib import check_right_padded
+from .model import Decoder
+from .stream import PrunedView, run_layer_major
 
 __all__ = ["DecoderScorer", "next_token_logprobs"]
 
@@ -58,8 +61,27 @@ def _perplexity(nll: float, n: int) -> float:
     return math.exp(mean) if mean < 700 else math.inf
 
 
+def _targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per real position (mask order), the id of the next token, or -1 where there is none (int64)."""
+    nxt = torch.full_like(ids, -1)
+    ok = mask[:, 1:].bool() & mask[:, :-1].bool()  # position t predicts token t + 1
+    nxt[:, :-1] = torch.where(ok, ids[:, 1:], torch.full_like(ids[:, 1:], -1))
+    return nxt[mask.bool()]
+
+
+def _stream_model(model: nn.Module) -> Decoder | PrunedView:
+    if not isinstance(model, (Decoder, PrunedView)):
+        raise TypeError(f"the decoder scorer needs a Decoder or a PrunedView, got {type(model).__name__}")
+    return model
+
+
 class DecoderScorer:
-    """Caches the dense model's next-token figures on ``heldout``; ``score(model)`` compares against them."""
+    """Caches the dense model's next-token figures on ``heldout``; ``score(model)`` compares against them.
+
+    Models run layer-major (:func:`.stream.run_layer_major`): a :class:`PrunedView` (what the search
+    scores) costs one pruned block at a time. Logits are computed for real positions only, ``rows`` at a
+    time, so no ``(batch, seq, vocab)`` tensor is ever built.
+    """
 
     def __init__(
         self,
@@ -72,61 +94,70 @@ class DecoderScorer:
     ) -> None:
         check_right_padded(heldout, "held-out inputs")
         self.adapter, self.threads = adapter, threads
+        dense = adapter.dense()
+        assert isinstance(dense, Decoder)
         self._batches = length_batches(heldout, batch)
-        n_real = int(heldout["attention_mask"].sum())
-        self.cached = True  # decided at the first batch, which gives the vocabulary size
+        self._targets = [_targets(ids, mask) for ids, mask in self._batches]
+        vocab = dense.config.vocab_size
+        self.rows = max(16, int(32e6 // vocab))  # logits rows per step: ~128 MB of float32 per tensor
+        self.n_positions = int(heldout["attention_mask"].sum())
+        self.cached = 4.0 * self.n_positions * vocab <= cache_mb * 2**20
+        with torch.inference_mode(), num_threads(threads):
+            self._dense_rows = self._real_rows(dense)  # per batch (real positions, hidden): small
         self._logp: list[torch.Tensor] = []  # per batch (real positions, vocab) float32, when cached
         self._top1: list[torch.Tensor] = []  # per batch (real positions,) int64
         nll, self.n_targets = 0.0, 0
-        for ids, mask in self._batches:
-            logp = self._dense_logp(ids, mask)
-            if not self._top1:
-                self.cached = 4.0 * n_real * logp.shape[-1] <= cache_mb * 2**20
-            b_nll, b_n = self._nll(logp, ids, mask)
-            nll, self.n_targets = nll + b_nll, self.n_targets + b_n
-            real = logp[mask.bool()]
-            self._top1.append(real.argmax(-1))
-            if self.cached:
-                self._logp.append(real)
-            del logp
-        self.n_positions = n_real
+        with torch.inference_mode(), num_threads(threads):
+            for rows, tgt in zip(self._dense_rows, self._targets):
+                chunks = [torch.log_softmax(dense.head(r).float(), -1) for r in rows.split(self.rows)]
+                nll += sum(_nll(c, t) for c, t in zip(chunks, tgt.split(self.rows)))
+                self._top1.append(torch.cat([c.argmax(-1) for c in chunks]))
+                if self.cached:
+                    self._logp.append(torch.cat(chunks))
+                del chunks
+        self.n_targets = int(sum(int((t >= 0).sum()) for t in self._targets))
         self.dense_perplexity = _perplexity(nll, self.n_targets)
 
     @classmethod
     def from_calib(cls, adapter: Family, calib: CalibData, **kw: float | int | None) -> DecoderScorer:
         return cls(adapter, calib.heldout, **kw)  # type: ignore[arg-type]  # kw are the options above
 
-    def _dense_logp(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Dense log-probs of one batch: (batch, len, vocab) float32."""
-        with torch.inference_mode(), num_threads(self.threads):
-            return next_token_logprobs(self.adapter.dense(), ids, mask)
+    def _real_rows(self, model: Decoder | PrunedView) -> list[torch.Tensor]:
+        """Final residual streams (before the final norm) at real positions, one (positions, hidden) per batch."""
+        outs = run_layer_major(model, self._batches)  # type: ignore[arg-type]  # duck-typed: Decoder or view
+        return [x[mask.bool()] for x, (_, mask) in zip(outs, self._batches)]
 
-    @staticmethod
-    def _nll(logp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-        """Summed negative log-likelihood of every real next token, and how many there are."""
-        tgt = mask[:, 1:].bool() & mask[:, :-1].bool()  # position t predicts token t + 1
-        picked = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)[tgt]
-        return -float(picked.double().sum()), int(tgt.sum())
+    def _dense_logp(self, i: int, j: int) -> torch.Tensor:
+        """Dense log-probs of rows chunk ``j`` of batch ``i``: (rows, vocab) float32."""
+        if self.cached:
+            return self._logp[i][j * self.rows : (j + 1) * self.rows]
+        dense = _stream_model(self.adapter.dense())
+        return torch.log_softmax(dense.head(self._dense_rows[i][j * self.rows : (j + 1) * self.rows]).float(), -1)
 
     def score(self, model: nn.Module) -> dict[str, float]:
         """``{"distance", "kl", "top1_agreement", "perplexity", "dense_perplexity"}`` of ``model``."""
+        m = _stream_model(model)
         kl, agree, nll = 0.0, 0, 0.0
-        for i, (ids, mask) in enumerate(self._batches):
-            ref = self._logp[i] if self.cached else self._dense_logp(ids, mask)[mask.bool()]
-            with torch.inference_mode(), num_threads(self.threads):
-                logq = next_token_logprobs(model, ids, mask)
-                b_nll, _ = self._nll(logq, ids, mask)
-                q = logq[mask.bool()]
-                del logq
-                kl += _kl_sum(ref, q)
-            agree += int((q.argmax(-1) == self._top1[i]).sum())
-            nll += b_nll
+        with torch.inference_mode(), num_threads(self.threads):
+            rows = self._real_rows(m)
+            for i, (r, tgt) in enumerate(zip(rows, self._targets)):
+                for j, (rc, tc) in enumerate(zip(r.split(self.rows), tgt.split(self.rows))):
+                    logq = torch.log_softmax(m.head(rc).float(), -1)
+                    kl += _kl_sum(self._dense_logp(i, j), logq)
+                    nll += _nll(logq, tc)
+                    top = self._top1[i][j * self.rows : (j + 1) * self.rows]
+                    agree += int((logq.argmax(-1) == top).sum())
         n = max(self.n_positions, 1)
-        ppl = _perplexity(nll, self.n_targets)
         return {
             "distance": kl / n,
             "kl": kl / n,
             "top1_agreement": agree / n,
-            "perplexity": ppl,
+            "perplexity": _perplexity(nll, self.n_targets),
             "dense_perplexity": self.dense_perplexity,
         }
+
+
+def _nll(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood of the rows with a next token (target >= 0)."""
+    ok = targets >= 0
+    return -float(logp[ok].gather(-1, targets[ok, None]).double().sum())

@@ -22,9 +22,9 @@ import torch
 from hwprune.errors import HwpruneError
 
 from .config import DecoderConfig
-from .model import Decoder, assemble, materialize
+from .model import Block, Decoder, assemble, materialize
 
-__all__ = ["prune_decoder", "skeleton", "decoder_units", "UNIT_KINDS"]
+__all__ = ["prune_decoder", "prune_block", "skeleton", "decoder_units", "UNIT_KINDS"]
 
 UNIT_KINDS = ("attn", "qpg", "ffn", "block")
 _UNIT = re.compile(r"layer\.(\d+)\.(attn|qpg|ffn|block)")
@@ -89,6 +89,86 @@ def _group_rows(groups: torch.Tensor, d: int) -> torch.Tensor:
     return (groups[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
 
 
+def _layer_tensors(
+    src: Mapping[str, torch.Tensor], cfg: DecoderConfig, i: int, sel: Mapping[tuple[int, str], torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
+    """Layer ``i``'s tensors of the pruned model (full state-dict names) and its (groups, per_group, ffn).
+
+    Sliced tensors are fresh copies; the others (norms, biases) are ``src``'s own.
+    """
+    d = cfg.head_dim
+    g, p, f = cfg.layer_shape(i)
+    pre = f"layers.{i}."
+    state: dict[str, torch.Tensor] = {}
+    groups = sel.get((i, "attn"), torch.arange(g))
+    slots = sel.get((i, "qpg"), torch.arange(p))
+    neurons = sel.get((i, "ffn"), torch.arange(f))
+    ng, npg, nf = (len(groups), len(slots), len(neurons)) if len(groups) and len(slots) else (0, 0, len(neurons))
+    if ng:
+        q, kv = _head_rows(groups, slots, p, d), _group_rows(groups, d)
+        for n, rows in (("q", q), ("k", kv), ("v", kv)):
+            for kind in ("weight", "bias"):
+                if f"{pre}attn.{n}_proj.{kind}" in src:
+                    state[f"{pre}attn.{n}_proj.{kind}"] = src[f"{pre}attn.{n}_proj.{kind}"][rows]
+        state[f"{pre}attn.o_proj.weight"] = src[f"{pre}attn.o_proj.weight"][:, q]
+        for k in (f"{pre}attn.o_proj.bias", f"{pre}attn_norm.weight", f"{pre}attn_norm.bias"):
+            if k in src:
+                state[k] = src[k]
+    elif cfg.o_proj_bias:  # all heads gone: the output projection leaves its bias
+        bias = f"{pre}attn.o_proj.bias"
+        state[f"{pre}attn.out_bias"] = src[bias] if bias in src else src[f"{pre}attn.out_bias"]
+    if nf:
+        for n in ("gate", "up"):
+            for kind in ("weight", "bias"):
+                if f"{pre}mlp.{n}_proj.{kind}" in src:
+                    state[f"{pre}mlp.{n}_proj.{kind}"] = src[f"{pre}mlp.{n}_proj.{kind}"][neurons]
+        state[f"{pre}mlp.down_proj.weight"] = src[f"{pre}mlp.down_proj.weight"][:, neurons]
+        for k in (f"{pre}mlp.down_proj.bias", f"{pre}mlp_norm.weight", f"{pre}mlp_norm.bias"):
+            if k in src:
+                state[k] = src[k]
+    elif cfg.mlp_bias:
+        bias = f"{pre}mlp.down_proj.bias"
+        state[f"{pre}mlp.out_bias"] = src[bias] if bias in src else src[f"{pre}mlp.out_bias"]
+    return state, (ng, npg, nf)
+
+
+def _apply_overrides(state: dict[str, torch.Tensor], overrides: Mapping[str, torch.Tensor]) -> None:
+    for name, t in overrides.items():
+        if name not in state:
+            raise HwpruneError(f"override {name!r} is not a tensor of the pruned model")
+        state[name] = t
+
+
+def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    for k, t in expected.items():
+        if k not in state:
+            raise HwpruneError(f"pruned model lacks {k!r}")  # a bug in this module, not in the input
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise HwpruneError(f"{k}: got shape {tuple(state[k].shape)}, the pruned model needs {tuple(t.shape)}")
+
+
+def prune_block(
+    model: Decoder, i: int, kept: Mapping[str, Iterable[int]], overrides: Mapping[str, torch.Tensor] | None = None
+) -> Block:
+    """Block ``i`` of ``prune_decoder(model, kept, overrides)``, alone: one block's memory instead of a model's.
+
+    Read-only use (scoring): tensors the block keeps whole (norms, biases) are shared with ``model``.
+    ``overrides`` may name tensors of any layer; only layer ``i``'s are used.
+    """
+    cfg = model.config
+    sel = _parse(cfg, kept)
+    pre = f"layers.{i}."
+    src = {k: v for k, v in model.state_dict().items() if k.startswith(pre)}
+    state, (g, p, f) = _layer_tensors(src, cfg, i, sel)
+    _apply_overrides(state, {k: v for k, v in (overrides or {}).items() if k.startswith(pre)})
+    with torch.device("meta"):
+        block = Block(cfg, g, p, f)
+    local = {k[len(pre) :]: v for k, v in state.items()}
+    _check_shapes(local, block.state_dict())
+    block.load_state_dict(local, assign=True)
+    return block.eval()
+
+
 def prune_decoder(
     model: Decoder, kept: Mapping[str, Iterable[int]], overrides: Mapping[str, torch.Tensor] | None = None
 ) -> Decoder:
@@ -99,54 +179,17 @@ def prune_decoder(
     """
     cfg = model.config
     sel = _parse(cfg, kept)
-    d = cfg.head_dim
     src = model.state_dict()
     state: dict[str, torch.Tensor] = {k: v for k, v in src.items() if not k.startswith("layers.")}
     sizes: list[tuple[int, int, int]] = []
     for i in range(cfg.num_layers):
-        g, p, f = cfg.layer_shape(i)
-        pre = f"layers.{i}."
-        groups = sel.get((i, "attn"), torch.arange(g))
-        slots = sel.get((i, "qpg"), torch.arange(p))
-        neurons = sel.get((i, "ffn"), torch.arange(f))
-        ng, npg, nf = (len(groups), len(slots), len(neurons)) if len(groups) and len(slots) else (0, 0, len(neurons))
-        sizes.append((ng, npg, nf))
-        if ng:
-            q, kv = _head_rows(groups, slots, p, d), _group_rows(groups, d)
-            for n, rows in (("q", q), ("k", kv), ("v", kv)):
-                for kind in ("weight", "bias"):
-                    if f"{pre}attn.{n}_proj.{kind}" in src:
-                        state[f"{pre}attn.{n}_proj.{kind}"] = src[f"{pre}attn.{n}_proj.{kind}"][rows]
-            state[f"{pre}attn.o_proj.weight"] = src[f"{pre}attn.o_proj.weight"][:, q]
-            for k in (f"{pre}attn.o_proj.bias", f"{pre}attn_norm.weight", f"{pre}attn_norm.bias"):
-                if k in src:
-                    state[k] = src[k]
-        elif cfg.o_proj_bias:  # all heads gone: the output projection leaves its bias
-            bias = f"{pre}attn.o_proj.bias"
-            state[f"{pre}attn.out_bias"] = src[bias] if bias in src else src[f"{pre}attn.out_bias"]
-        if nf:
-            for n in ("gate", "up"):
-                for kind in ("weight", "bias"):
-                    if f"{pre}mlp.{n}_proj.{kind}" in src:
-                        state[f"{pre}mlp.{n}_proj.{kind}"] = src[f"{pre}mlp.{n}_proj.{kind}"][neurons]
-            state[f"{pre}mlp.down_proj.weight"] = src[f"{pre}mlp.down_proj.weight"][:, neurons]
-            for k in (f"{pre}mlp.down_proj.bias", f"{pre}mlp_norm.weight", f"{pre}mlp_norm.bias"):
-                if k in src:
-                    state[k] = src[k]
-        elif cfg.mlp_bias:
-            bias = f"{pre}mlp.down_proj.bias"
-            state[f"{pre}mlp.out_bias"] = src[bias] if bias in src else src[f"{pre}mlp.out_bias"]
+        layer, shape = _layer_tensors(src, cfg, i, sel)
+        state.update(layer)
+        sizes.append(shape)
     new_cfg = cfg.with_sizes(*(tuple(s[j] for s in sizes) for j in range(3)))
-    for name, t in (overrides or {}).items():
-        if name not in state:
-            raise HwpruneError(f"override {name!r} is not a tensor of the pruned model")
-        state[name] = t
+    _apply_overrides(state, overrides or {})
     expected = materialize(new_cfg, "meta").state_dict()
-    for k, t in expected.items():
-        if k not in state:
-            raise HwpruneError(f"pruned model lacks {k!r}")  # a bug in this function, not in the input
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise HwpruneError(f"{k}: got shape {tuple(state[k].shape)}, the pruned model needs {tuple(t.shape)}")
+    _check_shapes(state, expected)
     # sliced tensors are fresh copies; clone the rest so the two models never share storage
     fresh = {k for k in expected if state[k] is not src.get(k) and k not in (overrides or {})}
     out = assemble(new_cfg, {k: state[k] if k in fresh else state[k].clone() for k in expected})
