@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -48,9 +49,11 @@ def _known(e: Exception, *, study: Optional[Path] = None) -> HwpruneError:
         return HwpruneError(f"out of memory ({first}); free memory (other jobs) or use a smaller model, batch or --seq")
     if isinstance(e, OSError):  # permissions, a file where a folder should be, a full disk
         where = e.filename or "the output path"
-        return HwpruneError(
-            f"cannot write {where}: {e.strerror or first}; choose a writable output folder (-o) or fix its permissions"
-        )
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOSPC):
+            return HwpruneError(
+                f"cannot write {where}: {e.strerror}; choose a writable output folder (-o) or fix its permissions"
+            )
+        return HwpruneError(f"cannot read or write {where}: {e.strerror or first}; check the path")
     if study is not None and type(e).__module__.startswith("sqlalchemy"):
         return HwpruneError(
             f"the search study in {study} cannot be opened ({first}); it is corrupt or not an optuna "

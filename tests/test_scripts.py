@@ -295,3 +295,14 @@ def test_bench_llm_quality_end_to_end_on_a_tiny_decoder(tmp_path: Path, monkeypa
         assert all(g in (0, 2) for g in r["kv_groups"]) and all(f in (0, 48) for f in r["ffn"])
     for n in rep["fronts"]["magnitude"]:
         assert all(f % 12 == 0 for f in models[n]["ffn"])  # the space's grid
+
+
+def test_cnn_digits_time_all_records_wall_clock_and_cpu_check() -> None:
+    tiny = {
+        "a": torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten()),
+        "b": torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()),
+    }
+    res = _script("bench_cnn_digits").time_all(tiny, torch.zeros(1, 1, 8, 8), seconds=0.05, ballast=1)
+    for r in res.values():
+        assert r["measured_ms"] == pytest.approx(0.5 * (r["ms_a"] + r["ms_b"]))
+        assert r["measured_wall_ms"] > 0 and r["cpu_excess_pct_a"] is not None and r["cpu_excess_pct_b"] is not None
