@@ -54,8 +54,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def check_writable(path: str | os.PathLike[str], *, what: str = "output") -> None:
     """Refuse, before any work, an output ``path`` that could not be written: its nearest existing
-    ancestor must be a writable folder (and ``path`` itself, if it exists, not a file where a folder
-    belongs is the caller's check)."""
+    ancestor must be a writable folder. (Whether an existing ``path`` is of the right kind, a file or a
+    folder, is the caller's check.)"""
     from hwprune.errors import HwpruneError
 
     p = Path(path).absolute()

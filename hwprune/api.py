@@ -300,9 +300,10 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     except (ValueError, OSError):  # not JSON, not UTF-8, unreadable
         raise HwpruneError(f"{p} is corrupt (not JSON); re-run the search") from None
     fmt = run.get("format") if isinstance(run, dict) else None
-    if not (isinstance(fmt, str) and fmt.startswith("hwprune.run/")) or not isinstance(run.get("request"), dict):
+    ours = isinstance(fmt, str) and fmt.startswith("hwprune.run/")
+    if not (ours and isinstance(run.get("request"), dict) and isinstance(run.get("table"), str)):
         raise HwpruneError(
-            f"{p} is not a hwprune run file (format {fmt!r}, expected {RUN_FORMAT!r} with a request); "
+            f"{p} is not a hwprune run file (format {fmt!r}, expected {RUN_FORMAT!r} with a request and a table); "
             f"point export at a folder written by `hwprune search -o DIR`"
         )
     return run

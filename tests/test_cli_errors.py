@@ -65,7 +65,9 @@ def test_pareto_csv_without_its_columns(run: Path) -> None:
     assert _files(run) == before
 
 
-@pytest.mark.parametrize("doc", ['{"format": "someone-else/3", "request": {}}', "[1, 2, 3]", '{"format": "x"}'])
+@pytest.mark.parametrize(
+    "doc", ['{"format": "someone-else/3", "request": {}}', "[1, 2, 3]", '{"format": "hwprune.run/2", "request": {}}']
+)
 def test_foreign_run_json(run: Path, doc: str) -> None:
     (run / "run.json").write_text(doc)
     before = _files(run)
