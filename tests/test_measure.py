@@ -151,3 +151,30 @@ def test_old_manifests_are_read_with_the_new_names(tmp_path: Any) -> None:
     assert m["dense_prediction_error_pct"] == pytest.approx(-20.0)  # predicted 16 ms, measured 20 ms
     assert m["dense_control_pct"] is None and m["warnings"] == []
     assert "dense_drift_pct" not in m and "prediction_error_drift_adjusted_pct" not in m
+
+
+def test_cli_table_shows_raw_error_first_and_prints_the_control_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from hwprune.cli import _print_manifests
+
+    def m(*sessions: float) -> Measured:
+        mean = sum(sessions) / len(sessions)
+        return Measured(median_ms=mean, rounds_ms=(mean,), sessions_ms=sessions, wall_ms=mean * 1.1)
+
+    loud = Comparison(dense=m(10.0, 10.3), pruned={"c": m(5.0, 5.0)}, settings={"clock": "thread-cpu"})
+    stats = ModelStats(params=1, flops=1, batch=1, seq=SEQ)
+    man = build_manifest(
+        plan_summary={},
+        measurement=Measurement.of(loud, "c", clock="thread-cpu"),
+        parity_max_abs_diff=0.0,
+        parity_tol=1e-3,
+        stats=stats,
+        dense_stats=stats,
+        settings={},
+        prediction=Prediction(predicted_ms=4.0, dense_predicted_ms=8.0, target_speedup=2.0),
+    )
+    _print_manifests([{**man, "key": "c"}])
+    cap = capsys.readouterr()
+    text = " ".join(cap.out.split())
+    assert "pred err" in text and "speedup err" in text and "control" in text and "+3.0%" in text
+    assert "drift" not in text and "harmless" not in text and "unaffected" not in text
+    assert "warning: dense-vs-dense control +3.0% exceeds" in " ".join(cap.err.split())
