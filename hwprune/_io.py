@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "check_writable"]
 
 
 @contextlib.contextmanager
@@ -50,6 +50,24 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike[str], *, what: str = "output") -> None:
+    """Refuse, before any work, an output ``path`` that could not be written: its nearest existing
+    ancestor must be a writable folder. (Whether an existing ``path`` is of the right kind, a file or a
+    folder, is the caller's check.)"""
+    from hwprune.errors import HwpruneError
+
+    p = Path(path).absolute()
+    for parent in (p, *p.parents):
+        if parent.exists():
+            break
+    if parent != p and not parent.is_dir():
+        raise HwpruneError(f"cannot write {what} {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
+        raise HwpruneError(
+            f"cannot write {what} {path}: {parent} is not writable; choose another path or fix its permissions"
+        )
 
 
 def _umask() -> int:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from hwprune._io import read_json, write_json
+from hwprune._io import check_writable, read_json, write_json
 from hwprune.errors import HwpruneError
 from hwprune.families import Family, resolve_model
 from hwprune.latency.predictor import Predictor
@@ -132,6 +132,7 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
     )
     if path.suffix != ".parquet":
         raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
+    check_writable(path, what="table")
     table = profile(
         adapter,
         runtime=req.runtime,
@@ -226,6 +227,7 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     from hwprune.proxies._base import get_proxy
     from hwprune.search.run import check_reachable, search
 
+    check_writable(req.out, what="run folder")
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
     req = with_defaults(req, adapter)
     space = adapter.space(req.space)
@@ -309,9 +311,34 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     if not p.is_file():
         raise HwpruneError(f"{run_dir} is not a search run (no run.json); run `hwprune search -o {run_dir}` first")
     try:
-        return read_json(p)
-    except json.JSONDecodeError:
+        run = read_json(p)
+    except (ValueError, OSError):  # not JSON, not UTF-8, unreadable
         raise HwpruneError(f"{p} is corrupt (not JSON); re-run the search") from None
+    fmt = run.get("format") if isinstance(run, dict) else None
+    ours = isinstance(fmt, str) and fmt.startswith("hwprune.run/")
+    if not (ours and isinstance(run.get("request"), dict) and isinstance(run.get("table"), str)):
+        raise HwpruneError(
+            f"{p} is not a hwprune run file (format {fmt!r}, expected {RUN_FORMAT!r} with a request and a table); "
+            f"point export at a folder written by `hwprune search -o DIR`"
+        )
+    return run
+
+
+def _corrupt(path: Path, e: Exception) -> HwpruneError:
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return HwpruneError(f"{path} is corrupt ({why}); re-run the search with the same -o to rewrite it")
+
+
+def _read_picks(path: Path) -> list[dict[str, Any]]:
+    """picks.json as rows (one per target); a corrupt file is one line naming it."""
+    try:
+        picks = [{**p, "target_speedup": p.get("target")} for p in read_json(path)["picks"].values()]
+        for p in picks:
+            if not (isinstance(p["key"], str) and isinstance(p["sizes"], dict)):
+                raise ValueError("a pick lacks its key or sizes")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise _corrupt(path, e) from None
+    return picks
 
 
 def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
@@ -319,10 +346,7 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     import pandas as pd
 
     picks_path = run_dir / "picks.json"
-    picks = []
-    if picks_path.is_file():
-        for p in read_json(picks_path)["picks"].values():  # keyed by target; one row per target
-            picks.append({**p, "target_speedup": p.get("target")})
+    picks = _read_picks(picks_path) if picks_path.is_file() else []  # keyed by target; one row per target
     if pick == "targets":
         if not picks:
             raise HwpruneError(f"{run_dir} has no picks.json; the search did not finish — re-run it to resume")
@@ -330,25 +354,28 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     csv = run_dir / "pareto.csv"
     if not csv.is_file():
         raise HwpruneError(f"{run_dir} has no pareto.csv; the search did not finish — re-run it to resume")
-    df = pd.read_csv(csv, dtype={"key": str})
-    rows = df[df["pareto"]] if pick == "all" else df[df["key"] == pick]
-    if rows.empty:
-        raise HwpruneError(
-            f"--pick {pick!r} matches no candidate in {csv}; use targets, all or a key from its 'key' column"
-        )
-    by_key = {p["key"]: p for p in picks}
-    out = []
-    for _, r in rows.iterrows():
-        sc = {k: float(r[k]) for k in ("distance", "cosine") if k in r and r[k] == r[k]}
-        out.append(
-            by_key.get(r["key"])
-            or {
-                "key": r["key"],
+    try:
+        df = pd.read_csv(csv, dtype={"key": str})
+        rows = df[df["pareto"]] if pick == "all" else df[df["key"] == pick]
+        by_key = {p["key"]: p for p in picks}
+        out = []
+        for _, r in rows.iterrows():
+            sc = {k: float(r[k]) for k in ("distance", "cosine") if k in r and r[k] == r[k]}
+            row = by_key.get(r["key"]) or {
+                "key": str(r["key"]),
                 "sizes": json.loads(r["sizes"]),
                 "predicted_ms": float(r["predicted_ms"]),
                 "target_speedup": None,
                 "scores": sc,
             }
+            if not isinstance(row["sizes"], dict):
+                raise ValueError(f"row {r['key']}: sizes is not a JSON object")
+            out.append(row)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # pandas' parser errors are ValueErrors
+        raise _corrupt(csv, e) from None
+    if not out:
+        raise HwpruneError(
+            f"--pick {pick!r} matches no candidate in {csv}; use targets, all or a key from its 'key' column"
         )
     return out
 

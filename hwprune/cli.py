@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -36,6 +37,29 @@ out = Console(width=None if sys.stdout.isatty() else 100)
 def _fail(e: HwpruneError) -> None:
     err.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(2)
+
+
+def _known(e: Exception, *, study: Optional[Path] = None) -> HwpruneError:
+    """An environment failure the user can fix, as one line (re-raises anything else: a bug keeps its
+    traceback): out of memory, an unwritable output path, a corrupt study database."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and ("enough memory" in first or "allocate" in first)
+    ):
+        return HwpruneError(f"out of memory ({first}); free memory (other jobs) or use a smaller model, batch or --seq")
+    if isinstance(e, OSError):  # permissions, a file where a folder should be, a full disk
+        where = e.filename or "the output path"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOSPC):
+            return HwpruneError(
+                f"cannot write {where}: {e.strerror}; choose a writable output folder (-o) or fix its permissions"
+            )
+        return HwpruneError(f"cannot read or write {where}: {e.strerror or first}; check the path")
+    if study is not None and type(e).__module__.startswith("sqlalchemy"):
+        return HwpruneError(
+            f"the search study in {study} cannot be opened ({first}); it is corrupt or not an optuna "
+            f"database: delete {study} to start the search afresh, or choose another -o"
+        )
+    raise e
 
 
 def _shape(s: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -110,6 +134,8 @@ def profile(
         )
     except HwpruneError as e:
         _fail(e)
+    except Exception as e:
+        _fail(_known(e))
     out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
     out.print(
         f"dense model: {res.dense_ms:.3f} ms predicted from the table (profiled in {res.table.profile_seconds:.0f} s)"
@@ -209,6 +235,8 @@ def search(
             _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress))
     except HwpruneError as e:
         _fail(e)
+    except Exception as e:
+        _fail(_known(e, study=output / "study.db"))
 
 
 @app.command()
@@ -238,6 +266,8 @@ def export(
         )
     except HwpruneError as e:
         _fail(e)
+    except Exception as e:
+        _fail(_known(e))
 
 
 def _print_picks(result: "SearchResult") -> None:
@@ -255,9 +285,14 @@ def _print_picks(result: "SearchResult") -> None:
     out.print(t)
 
 
+def _pct(v: object) -> str:
+    return f"{v:+.1f}%" if isinstance(v, (int, float)) else "-"
+
+
 def _print_manifests(manifests: "list[Manifest]") -> None:
     t = Table(title="predicted vs measured (speedup = dense / pruned, measured in one process)")
-    for c in ("target", "key", "pred ms", "meas ms", "dense ms", "speedup", "pred err", "drift", "parity"):
+    cols = ("target", "key", "pred ms", "meas ms", "dense ms", "speedup", "pred err", "speedup err", "control")
+    for c in (*cols, "parity"):
         t.add_column(c, justify="right")
     for m in manifests:
         tgt = m.get("target_speedup")
@@ -268,17 +303,19 @@ def _print_manifests(manifests: "list[Manifest]") -> None:
             f"{m['measured_ms']:.2f}",
             f"{m['dense_measured_ms']:.2f}",
             f"{m['measured_speedup']:.2f}x",
-            f"{m['prediction_error_pct']:+.1f}%",
-            f"{m.get('dense_drift_pct') or 0:+.1f}%",
+            _pct(m.get("prediction_error_pct")),
+            _pct(m.get("speedup_error_pct")),
+            _pct(m.get("dense_control_pct")),
             f"{m['parity_max_abs_diff']:.1e}",
         )
     out.print(t)
-    if any(abs(m.get("dense_drift_pct") or 0) > 5 for m in manifests):
-        out.print(
-            "drift: the dense model now runs at a different speed than when the table was profiled "
-            "(machine load or clocks); the prediction error includes it. Re-profile for absolute ms; "
-            "speedups are unaffected."
-        )
+    out.print(
+        "pred err: predicted vs measured ms, raw. speedup err: predicted vs measured speedup. "
+        "control: the dense model's second session vs its first, same rounds (the timing's own noise).",
+        soft_wrap=True,
+    )
+    for w in dict.fromkeys(w for m in manifests for w in m.get("warnings") or []):
+        err.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
 
 
 def main() -> int:  # pragma: no cover

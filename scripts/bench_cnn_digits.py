@@ -136,7 +136,9 @@ def time_all(
     run several % slower than later ones of the very same graph. So ``ballast`` untimed sessions are
     created first, and each graph then gets two sessions, the first set in a seeded random order and the
     second in the reverse of it. ``measured_ms`` is the mean of the two medians; ``gap_pct`` (second /
-    first - 1) is the timing noise the comparison lives with.
+    first - 1) is the timing noise the comparison lives with. ``measured_wall_ms`` is the same mean on the
+    wall clock (the timings are thread CPU time, a lower bound); ``cpu_excess_pct_a/b`` is the process's
+    CPU beyond the timing thread's during each session's calls (ORT not on one thread if large).
     """
     be = get_backend("ort-cpu", threads=1)
     feed = {"input": x.numpy()}
@@ -158,13 +160,23 @@ def time_all(
     t0 = time.perf_counter()
     interleave(runners, rounds=2, warmup=0)
     rounds = int(np.clip(seconds / max((time.perf_counter() - t0) / 2, 1e-3), 30, 2000))
+    for r in runners:  # log only the timed rounds (wall clock, process vs thread CPU)
+        r.log.reset()
     t = interleave(runners, rounds=rounds, warmup=0, common_mode=True, seed=seed)
     res: dict[str, dict[str, float]] = {k: {} for k in graphs}
-    for (k, s), tt in zip(order, t):
+    for (k, s), tt, rn in zip(order, t, runners):
         res[k].update(
-            {f"ms_{'ab'[s]}": tt.median_ms, f"p10_{'ab'[s]}": tt.p10_ms, f"p90_{'ab'[s]}": tt.p90_ms, "n": tt.n}
+            {
+                f"ms_{'ab'[s]}": tt.median_ms,
+                f"p10_{'ab'[s]}": tt.p10_ms,
+                f"p90_{'ab'[s]}": tt.p90_ms,
+                "n": tt.n,
+                f"wall_ms_{'ab'[s]}": float(np.median(rn.log.wall_ms)),  # not common-mode scaled
+                f"cpu_excess_pct_{'ab'[s]}": rn.log.cpu_excess_pct or 0.0,
+            }
         )
     for k, r in res.items():
+        r["measured_wall_ms"] = 0.5 * (r["wall_ms_a"] + r["wall_ms_b"])
         r["measured_ms"] = 0.5 * (r["ms_a"] + r["ms_b"])
         r["gap_pct"] = 100.0 * (r["ms_b"] / r["ms_a"] - 1.0)
         r["created_at"] = [i for i, (n, _) in enumerate(order) if n == k]

@@ -8,8 +8,10 @@ The same flow as ``hwprune search --export``, through the same api calls: withou
 model is profiled first when no table for it exists yet (``run_profile`` into ``latency_tables/local/``,
 the time is reported), then DP + NSGA-II search per target (``run_search``), export (ONNX parity) and
 dense vs picks timed interleaved in one process (``run_export``). Each result row is the manifest's
-figures; ``clock`` and ``timing`` say how the export measured them (``manifest["settings"]["clock"]``
-and the rounds/repeats/warmup of ``manifest["timings"]``).
+figures: the raw ``prediction_error_pct`` first, the ``speedup_error_pct`` beside it, the dense-vs-dense
+``dense_control_pct`` of the same rounds, wall-clock medians beside the thread-CPU ones and the CPU
+check (see :mod:`hwprune.export.manifest`); ``clock`` and ``timing`` say how the export measured them
+(``manifest["settings"]["clock"]`` and the rounds/repeats/warmup/session order of ``manifest["timings"]``).
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ ROW_KEYS = (
     "predicted_speedup",
     "measured_speedup",
     "prediction_error_pct",
-    "dense_drift_pct",
-    "prediction_error_drift_adjusted_pct",
+    "speedup_error_pct",
+    "dense_prediction_error_pct",
+    "dense_control_pct",
+    "measured_wall_ms",
+    "dense_measured_wall_ms",
+    "cpu_excess_pct",
+    "warnings",
     "parity_max_abs_diff",
     "params",
     "dense_params",
@@ -89,7 +96,7 @@ def result_row(m: dict[str, Any]) -> dict[str, Any]:
         "cosine": (m.get("scores") or {}).get("cosine"),
         "meets_0.97": m["measured_speedup"] >= 0.97 * m["target_speedup"],
         "clock": (m.get("settings") or {}).get("clock"),
-        "timing": {k: timings[k] for k in ("rounds", "repeats", "warmup") if k in timings},
+        "timing": {k: timings[k] for k in ("rounds", "repeats", "warmup", "session_order") if k in timings},
     }
 
 
@@ -158,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['target_speedup']:g}x: measured {r['measured_speedup']:.3f}x (pred {r['predicted_speedup']:.3f}x) "
+            f"raw error {r['prediction_error_pct']:+.1f}%  control {r['dense_control_pct']:+.2f}%  "
             f"cosine {r['cosine']}  {'OK' if r['meets_0.97'] else 'MISS'}"
         )
+        for w in r["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
     write_result(
         a.out or OUT_DIR / f"targets_{name}.json",
         {

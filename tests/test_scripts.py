@@ -93,6 +93,10 @@ def test_bench_latency_takes_a_factory_cnn(tmp_path: Path) -> None:
     assert smallest["predicted_ms"] < dense["predicted_ms"] and all(r["measured_ms"] > 0 for r in rep["subnets"])
     # the dense subnet is the profile's own dense network, timed again in a later session
     assert "dense" in rep["session_effect_pct"]
+    # one chunk: one dense-vs-dense control; wall clock and the CPU check beside every subnet's timing
+    assert len(rep["dense_control_pct"]) == 1 and isinstance(rep["warnings"], list)
+    assert all(r["measured_wall_ms"] > 0 and r["cpu_excess_pct"] is not None for r in rep["subnets"])
+    assert rep["speedup_error_mape_pct"] >= 0 and "mape_dense_adjusted_pct" not in rep
 
 
 def test_bench_latency_bad_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,7 +156,15 @@ def test_bench_targets_end_to_end_on_a_tiny_encoder(
     assert rep["profile_seconds"] is not None and Path(rep["table"]).is_file()
     (row,) = rep["results"]
     assert row["target_speedup"] == 1.2 and row["measured_speedup"] > 0 and row["clock"] in ("thread-cpu", "wall")
-    assert row["timing"] == {"rounds": 2, "repeats": 5, "warmup": 5}
+    assert row["timing"] == {"rounds": 2, "repeats": 5, "warmup": 5, "session_order": "mirrored"}
+    # raw error first, the speedup error beside it, the dense-vs-dense control and the wall clock recorded
+    assert row["prediction_error_pct"] == pytest.approx(
+        100 * (row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"]
+    )
+    assert row["speedup_error_pct"] == pytest.approx(100 * (row["measured_speedup"] / row["predicted_speedup"] - 1))
+    assert isinstance(row["dense_control_pct"], float) and isinstance(row["warnings"], list)
+    assert row["measured_wall_ms"] >= row["measured_ms"] * 0.999 and row["cpu_excess_pct"] is not None
+    assert "prediction_error_drift_adjusted_pct" not in row and "dense_drift_pct" not in row
 
 
 def test_bench_targets_missing_table_is_one_line(
@@ -283,3 +295,14 @@ def test_bench_llm_quality_end_to_end_on_a_tiny_decoder(tmp_path: Path, monkeypa
         assert all(g in (0, 2) for g in r["kv_groups"]) and all(f in (0, 48) for f in r["ffn"])
     for n in rep["fronts"]["magnitude"]:
         assert all(f % 12 == 0 for f in models[n]["ffn"])  # the space's grid
+
+
+def test_cnn_digits_time_all_records_wall_clock_and_cpu_check() -> None:
+    tiny = {
+        "a": torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten()),
+        "b": torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()),
+    }
+    res = _script("bench_cnn_digits").time_all(tiny, torch.zeros(1, 1, 8, 8), seconds=0.05, ballast=1)
+    for r in res.values():
+        assert r["measured_ms"] == pytest.approx(0.5 * (r["ms_a"] + r["ms_b"]))
+        assert r["measured_wall_ms"] > 0 and r["cpu_excess_pct_a"] is not None and r["cpu_excess_pct_b"] is not None

@@ -6,8 +6,20 @@ measured latency, predicted vs measured speedup, pruned vs dense params and FLOP
 - latencies in ms, one forward pass at ``settings.batch`` x ``settings.seq``;
 - ``measured_speedup = dense_measured_ms / measured_ms`` (both timed in the same process, interleaved);
 - ``predicted_speedup = dense_predicted_ms / predicted_ms`` (both from the latency table);
-- ``prediction_error_pct = 100 * (predicted_ms - measured_ms) / measured_ms``: positive means the table
-  was pessimistic (the model ran faster than predicted);
+- ``prediction_error_pct = 100 * (predicted_ms - measured_ms) / measured_ms``: **the headline**, raw
+  (no rescaling); positive means the table was pessimistic (the model ran faster than predicted);
+- ``speedup_error_pct = 100 * (measured_speedup / predicted_speedup - 1)``: the error of the predicted
+  *speedup*, i.e. the prediction rescaled by the dense model measured in the same run. It stands beside
+  the raw error, never instead of it (manifests before issue 10 called it
+  ``prediction_error_drift_adjusted_pct``; :func:`read_manifest` renames it);
+- ``dense_prediction_error_pct``: the raw error of the dense model itself (was ``dense_drift_pct``, as
+  ``100 * (dense_measured / dense_predicted - 1)``); where it is large, so is the raw error;
+- ``dense_control_pct``: the dense model's second session against its first, timed in the same rounds
+  (:mod:`hwprune.export.measure`): the noise floor of ``measured_speedup``; ``warnings`` says when it
+  exceeds ``control_tol_pct``, or when the process used more CPU than the timing thread
+  (``cpu_excess_pct``);
+- ``measured_wall_ms`` / ``dense_measured_wall_ms``: the same medians on the wall clock, beside the
+  ``settings.clock`` ones (thread CPU time for one-thread CPU runs, a lower bound);
 - ``flops`` = 2 x MACs of the matrix products and convolutions (see :mod:`hwprune.export.stats`);
 - ``plan`` is the family's readable summary of the kept sizes (``Family.plan_summary``).
 """
@@ -23,7 +35,7 @@ from typing import Any
 
 from hwprune._io import read_json
 from hwprune.errors import HwpruneError
-from hwprune.export.measure import Measurement
+from hwprune.export.measure import CONTROL_TOL_PCT, Measurement
 from hwprune.export.stats import ModelStats
 
 __all__ = ["MANIFEST_FORMAT", "Prediction", "build_manifest", "read_manifest", "versions"]
@@ -87,6 +99,7 @@ def build_manifest(
     """The manifest as a JSON-ready dict (key order is the order a reader wants)."""
     pred, dense_pred = prediction.predicted_ms, prediction.dense_predicted_ms
     meas, dense_meas = measurement.measured_ms, measurement.dense_ms
+    evidence = measurement.evidence_json()  # dense_control_pct, wall ms, cpu_excess_pct, warnings
     return {
         "format": MANIFEST_FORMAT,
         "target_speedup": prediction.target_speedup,
@@ -97,12 +110,12 @@ def build_manifest(
         "predicted_speedup": _ratio(dense_pred, pred),
         "measured_speedup": measurement.speedup,
         "prediction_error_pct": None if pred is None else 100.0 * (pred - meas) / meas,
-        # the device's speed now vs when the table was measured (load, clocks): >0 means slower now.
-        # Dividing it out isolates the predictor's own error from the machine's drift.
-        "dense_drift_pct": None if dense_pred is None else 100 * (dense_meas / dense_pred - 1),
-        "prediction_error_drift_adjusted_pct": None
+        "speedup_error_pct": None
         if pred is None or dense_pred is None
         else 100 * (pred * dense_meas / dense_pred - meas) / meas,
+        "dense_prediction_error_pct": None if dense_pred is None else 100.0 * (dense_pred - dense_meas) / dense_meas,
+        **evidence,
+        "control_tol_pct": CONTROL_TOL_PCT,
         "parity_max_abs_diff": parity_max_abs_diff,
         "parity_tol": parity_tol,
         "scores": dict(scores or {}),
@@ -136,7 +149,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise HwpruneError(f"{path}: not a hwprune manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+    _upgrade(m)
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         raise HwpruneError(f"{path}: manifest lacks {', '.join(missing)}; export the candidate again")
     return m
+
+
+def _upgrade(m: dict[str, Any]) -> None:
+    """Rename the fields of manifests written before issue 10 in place (the numbers are unchanged)."""
+    if "prediction_error_drift_adjusted_pct" in m:
+        m.setdefault("speedup_error_pct", m.pop("prediction_error_drift_adjusted_pct"))
+    drift = m.pop("dense_drift_pct", None)  # 100 * (dense_measured / dense_predicted - 1)
+    if drift is not None and "dense_prediction_error_pct" not in m:
+        m["dense_prediction_error_pct"] = 100.0 * (1.0 / (1.0 + drift / 100.0) - 1.0)
+    m.setdefault("dense_control_pct", None)  # not measured then
+    m.setdefault("warnings", [])

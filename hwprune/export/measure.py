@@ -2,10 +2,23 @@
 
 A speedup is a ratio of two timings; on a shared or thermally drifting machine, timing the dense
 model first and the pruned one a minute later can make that ratio say anything. So the models are
-timed in *rounds* with the same backend (same runtime, threads and feed): within a round every model
-is timed ``repeats`` times, alternating between models, and a model's latency is the median over
-rounds of its per-round median. Load from other tenants and drift land on every model alike, and a
+timed in *rounds* with the same backend (same runtime, threads and feed): within a round every session
+is timed ``repeats`` times, call by call in a shuffled order, and a model's latency is the median over
+rounds of its per-round figure. Load from other tenants and drift land on every model alike, and a
 single disturbed round cannot move the result.
+
+Session order. A session's speed depends a little on when it was created (the same graph has timed
+1-8 % apart in sessions made at different moments of one process). So every model gets two sessions,
+created in mirrored order -- dense, c1, ..., cN, then cN', ..., c1', dense' -- and its per-round figure
+is the mean of its two sessions' per-round medians: an effect that grows or shrinks with creation
+order cancels. The dense model's second session against its first, timed in the same rounds, is the
+**control** (``Comparison.control_pct``): the same graph, so anything it shows is the measurement's
+own noise. Above :data:`CONTROL_TOL_PCT` the comparison carries a warning.
+
+Clock. One-thread CPU runs are timed by thread CPU time (``Backend.clock``), a lower bound that leaves
+out preemption and throttling; the wall-clock figure is kept beside it (``Measured.wall_ms``), and a
+model whose process used more CPU than its timing thread (``cpu_excess_pct`` above
+:data:`CPU_EXCESS_TOL_PCT`: ONNX Runtime was not on one thread after all) is flagged.
 
 Several candidates share one dense measurement per round: pass them all in ``pruned``.
 """
@@ -13,7 +26,7 @@ Several candidates share one dense measurement per round: pass them all in ``pru
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,25 +35,48 @@ import numpy as np
 from hwprune.errors import HwpruneError
 from hwprune.latency._base import Backend
 
-__all__ = ["Measured", "Comparison", "Measurement", "measure_dense_and_pruned", "DENSE"]
+__all__ = [
+    "Measured",
+    "Comparison",
+    "Measurement",
+    "measure_dense_and_pruned",
+    "DENSE",
+    "CONTROL_TOL_PCT",
+    "CPU_EXCESS_TOL_PCT",
+]
 
 DENSE = "dense"
+#: the precision a measured speedup claims: a dense-vs-dense control beyond it is reported as a warning
+CONTROL_TOL_PCT = 1.5
+#: process CPU above the timing thread's by more than this (in %) means other threads did part of the work
+CPU_EXCESS_TOL_PCT = 10.0
 
 
 @dataclass(frozen=True)
 class Measured:
-    """Latency of one model in ms: ``median_ms`` over rounds of each round's median."""
+    """Latency of one model in ms: ``median_ms`` over rounds of each round's figure (the mean of its
+    sessions' medians in that round), on the backend's clock."""
 
     median_ms: float
-    rounds_ms: tuple[float, ...]  # per-round medians, in round order
+    rounds_ms: tuple[float, ...]  # per-round figures, in round order
+    sessions_ms: tuple[float, ...] = ()  # per session, in creation order: median over rounds of its medians
+    wall_ms: float | None = None  # ``median_ms`` on the wall clock (None: the backend does not log it)
+    cpu_excess_pct: float | None = None  # process CPU over thread CPU in the timed calls, % of thread CPU
 
     @property
     def spread_pct(self) -> float:
-        """(max - min) / median of the per-round medians, in percent: how steady the machine was."""
+        """(max - min) / median of the per-round figures, in percent: how steady the machine was."""
         return 100.0 * (max(self.rounds_ms) - min(self.rounds_ms)) / self.median_ms
 
     def to_json(self) -> dict[str, Any]:
-        return {"median_ms": self.median_ms, "rounds_ms": list(self.rounds_ms), "spread_pct": self.spread_pct}
+        return {
+            "median_ms": self.median_ms,
+            "rounds_ms": list(self.rounds_ms),
+            "spread_pct": self.spread_pct,
+            "sessions_ms": list(self.sessions_ms),
+            "wall_ms": self.wall_ms,
+            "cpu_excess_pct": self.cpu_excess_pct,
+        }
 
 
 @dataclass(frozen=True)
@@ -49,10 +85,35 @@ class Comparison:
 
     dense: Measured
     pruned: Mapping[str, Measured]
-    settings: Mapping[str, Any]  # runtime, threads, rounds, repeats, warmup
+    settings: Mapping[str, Any]  # runtime, threads, clock, rounds, repeats, warmup, session order
 
     def speedup(self, key: str) -> float:
         return self.dense.median_ms / self.pruned[key].median_ms
+
+    @property
+    def control_pct(self) -> float | None:
+        """The dense model's second session against its first, in % (same graph, same rounds): the noise
+        floor of every ratio in this comparison. None with fewer than two dense sessions."""
+        s = self.dense.sessions_ms
+        return 100.0 * (s[-1] / s[0] - 1) if len(s) >= 2 else None
+
+    def warnings(self, keys: Sequence[str] = ()) -> list[str]:
+        """One line per problem with this comparison (for the models in ``keys`` and the dense one)."""
+        out = []
+        c = self.control_pct
+        if c is not None and abs(c) > CONTROL_TOL_PCT:
+            out.append(
+                f"dense-vs-dense control {c:+.1f}% exceeds the +-{CONTROL_TOL_PCT:g}% precision claimed: the same "
+                "graph timed that far apart in two sessions; treat speedups as +-that much (a busy machine? re-run)"
+            )
+        if self.settings.get("clock") == "thread-cpu":
+            for k, m in [(DENSE, self.dense), *((k, self.pruned[k]) for k in keys)]:
+                if m.cpu_excess_pct is not None and m.cpu_excess_pct > CPU_EXCESS_TOL_PCT:
+                    out.append(
+                        f"{k}: the process used {m.cpu_excess_pct:.0f}% more CPU than the timing thread "
+                        "(ONNX Runtime not on one thread); its thread-CPU time leaves that work out"
+                    )
+        return out
 
 
 @dataclass(frozen=True)
@@ -80,15 +141,43 @@ class Measurement:
     def speedup(self) -> float:
         return self.dense_ms / self.measured_ms
 
+    @property
+    def _models(self) -> tuple[Measured, Measured] | None:
+        if self.timing is None or self.key is None:
+            return None
+        return self.timing.dense, self.timing.pruned[self.key]
+
+    def evidence_json(self) -> dict[str, Any]:
+        """The manifest's control, wall-clock and CPU-check fields (None where the timing is not ours)."""
+        both = self._models
+        if both is None or self.timing is None or self.key is None:
+            return dict.fromkeys(
+                ("dense_control_pct", "measured_wall_ms", "dense_measured_wall_ms", "cpu_excess_pct"), None
+            ) | {"warnings": []}
+        dense, pruned = both
+        excess = [x for x in (dense.cpu_excess_pct, pruned.cpu_excess_pct) if x is not None]
+        return {
+            "dense_control_pct": self.timing.control_pct,
+            "measured_wall_ms": pruned.wall_ms,
+            "dense_measured_wall_ms": dense.wall_ms,
+            "cpu_excess_pct": max(excess) if excess else None,
+            "warnings": self.timing.warnings([self.key]),
+        }
+
     def timings_json(self) -> dict[str, Any]:
         if self.timing is None or self.key is None:
             return {"source": "supplied"}
+        keys = ("rounds", "repeats", "warmup", "session_order")
         return {
             "dense": self.timing.dense.to_json(),
             "pruned": self.timing.pruned[self.key].to_json(),
             "source": "interleaved",
-            **{k: self.timing.settings[k] for k in ("rounds", "repeats", "warmup")},
+            **{k: self.timing.settings[k] for k in keys if k in self.timing.settings},
         }
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
 
 
 def measure_dense_and_pruned(
@@ -101,10 +190,11 @@ def measure_dense_and_pruned(
     repeats: int = 20,
     warmup: int = 5,
 ) -> Comparison:
-    """Time ``dense`` and every ONNX model in ``pruned`` (key -> serialized model), interleaved.
+    """Time ``dense`` and every ONNX model in ``pruned`` (key -> serialized model), interleaved, two
+    sessions per model in mirrored creation order (see the module doc).
 
-    Cost is about ``(1 + len(pruned)) * (warmup + rounds * repeats)`` runs (backends without
-    ``prepare`` warm up every round). Memory: one session per model is held for the whole call.
+    Cost is about ``2 * (1 + len(pruned)) * (warmup + rounds * repeats)`` runs. Memory: two sessions
+    per model are held for the whole call.
     """
     if rounds < 1 or repeats < 1 or warmup < 0:
         raise HwpruneError(f"rounds and repeats must be >= 1, warmup >= 0 (got {rounds}, {repeats}, {warmup})")
@@ -112,29 +202,55 @@ def measure_dense_and_pruned(
         raise HwpruneError(f"candidate key {DENSE!r} is reserved for the dense model")
     models: dict[str, bytes] = {DENSE: dense, **pruned}
     keys = list(models)
-    per_round: dict[str, list[float]] = {k: [] for k in keys}
-    runners = [backend.prepare(models[k], feed) for k in keys]
+    slots = keys + keys[::-1]  # session creation order: dense, c1..cN, cN..c1, dense
+    # per slot: per-round medians on the backend's clock and on the wall clock
+    prim: list[list[float]] = [[] for _ in slots]
+    wall: list[list[float]] = [[] for _ in slots]
+    runners = [backend.prepare(models[k], feed) for k in slots]
+    excess: dict[str, float | None] = dict.fromkeys(keys)
     if all(r is not None for r in runners):
-        # ORT backends: one session per graph for all rounds; within a round the graphs alternate
+        # ORT backends: one session per slot for all rounds; within a round the sessions alternate
         # call by call in a shuffled order (latency.backends.interleave), so a burst of load lands on all.
         from hwprune.latency.backends import interleave
 
-        for r in range(rounds):
-            ts = interleave(runners, rounds=repeats, per_round=1, warmup=warmup if r == 0 else 0, seed=r)
-            for k, t in zip(keys, ts):
-                per_round[k].append(float(t.median_ms))
-    else:  # any other backend: only the contract's time(); rotate who goes first each round
-        for r in range(rounds):
-            shift = r % len(keys)
-            for k in keys[shift:] + keys[:shift]:
-                per_round[k].append(float(backend.time(models[k], feed, warmup=warmup, repeats=repeats).median_ms))
-    out = {k: Measured(median_ms=statistics.median(v), rounds_ms=tuple(v)) for k, v in per_round.items()}
+        for r in runners:
+            r.sample(warmup)
+            r.log.reset()
+        for rnd in range(rounds):
+            starts = [len(r.log.wall_ms) for r in runners]
+            ts = interleave(runners, rounds=repeats, per_round=1, warmup=0, seed=rnd)
+            for j, (t, r, s0) in enumerate(zip(ts, runners, starts)):
+                prim[j].append(float(t.median_ms))
+                wall[j].append(_median(r.log.wall_ms[s0:]))
+        for k in keys:
+            mine = [r for r, sk in zip(runners, slots) if sk == k]
+            thread_ns = sum(r.log.thread_ns for r in mine)
+            excess[k] = 100.0 * (sum(r.log.process_ns for r in mine) / thread_ns - 1) if thread_ns > 0 else None
+    else:  # any other backend: only the contract's time(), a session per call; mirrored order each round
+        for _ in range(rounds):
+            for j in range(len(slots)):
+                t = backend.time(models[slots[j]], feed, warmup=warmup, repeats=repeats)
+                prim[j].append(float(t.median_ms))
+    out = {}
+    for k in keys:
+        js = [j for j, sk in enumerate(slots) if sk == k]  # its two slots, first-created first
+        per_round = [statistics.fmean(prim[j][i] for j in js) for i in range(rounds)]
+        walls = [statistics.fmean(wall[j][i] for j in js) for i in range(rounds)] if wall[js[0]] else None
+        out[k] = Measured(
+            median_ms=_median(per_round),
+            rounds_ms=tuple(per_round),
+            sessions_ms=tuple(_median(prim[j]) for j in js),
+            wall_ms=_median(walls) if walls else None,
+            cpu_excess_pct=excess[k],
+        )
     settings = {
         "runtime": backend.name,
         "runtime_version": backend.version(),
         "threads": backend.threads,
+        "clock": backend.clock,
         "rounds": rounds,
         "repeats": repeats,
         "warmup": warmup,
+        "session_order": "mirrored",
     }
     return Comparison(dense=out.pop(DENSE), pruned=out, settings=settings)

@@ -25,7 +25,17 @@ from hwprune.latency._base import Backend, Profiling, Timing, register_backend
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["OrtCpuBackend", "OrtCudaBackend", "OrtTensorRTBackend", "Runner", "interleave", "timing_of", "time_profile"]
+__all__ = [
+    "OrtCpuBackend",
+    "OrtCudaBackend",
+    "OrtTensorRTBackend",
+    "ClockLog",
+    "Runner",
+    "interleave",
+    "run_failure",
+    "timing_of",
+    "time_profile",
+]
 
 
 def _import_ort() -> Any:
@@ -45,18 +55,47 @@ def timing_of(samples_ms: Sequence[float]) -> Timing:
     return Timing(median_ms=float(med), p10_ms=float(p10), p90_ms=float(p90), n=int(a.size))
 
 
+class ClockLog:
+    """What a runner's timed calls cost on every clock, beside the one its timings use.
+
+    ``wall_ms``: wall time per call (it includes the slices in which the scheduler ran someone else,
+    and throttling). ``thread_ns`` / ``process_ns``: CPU time of the calling thread and of the whole
+    process over the same calls. With one intra-op thread ORT runs the graph on the calling thread, so
+    the two CPU times agree; a process that used more CPU than the thread means other threads worked
+    during the timed calls (ORT not on one thread after all), and a thread-CPU timing then leaves
+    their work out.
+    """
+
+    def __init__(self) -> None:
+        self.wall_ms: list[float] = []
+        self.thread_ns = 0
+        self.process_ns = 0
+
+    def reset(self) -> None:
+        """Forget the calls so far (e.g. the warm-up)."""
+        self.wall_ms, self.thread_ns, self.process_ns = [], 0, 0
+
+    @property
+    def cpu_excess_pct(self) -> float | None:
+        """Process CPU over thread CPU during the logged calls, in % of the thread's (0: one thread did it
+        all); None before any call was logged."""
+        return 100.0 * (self.process_ns / self.thread_ns - 1) if self.thread_ns > 0 else None
+
+
 class Runner:
     """One loaded session plus its feed: call it to run once, :meth:`sample` to time ``n`` calls.
 
     ``cpu_clock``: time a call by the calling thread's CPU time instead of wall time. With one intra-op
     thread ORT runs the whole graph on the calling thread, so on an idle core the two agree; on a shared
     machine CPU time leaves out the slices in which the scheduler ran someone else, which wall time
-    would add to our latency at random.
+    would add to our latency at random. CPU time is a lower bound, so every call is also logged on the
+    wall clock and against the process's CPU time (:attr:`log`, a :class:`ClockLog`).
     """
 
     def __init__(self, session: Any, feed: Mapping[str, np.ndarray], *, cpu_clock: bool = False) -> None:
         self.session = session
-        self.clock = time.thread_time_ns if cpu_clock else time.perf_counter_ns
+        self.cpu_clock = cpu_clock
+        self.log = ClockLog()
         # the exporter drops inputs a graph ignores (the mask of a zero-head block); feed only the rest
         names = {i.name for i in session.get_inputs()}
         missing = names - set(feed)
@@ -65,15 +104,45 @@ class Runner:
         self.feed = {k: np.ascontiguousarray(v) for k, v in feed.items() if k in names}
 
     def __call__(self) -> list[np.ndarray]:
-        return self.session.run(None, self.feed)
+        try:
+            return self.session.run(None, self.feed)
+        except Exception as e:  # ORT's own exception types, or MemoryError
+            raise run_failure(e) from None
 
     def sample(self, n: int) -> list[float]:
-        run, feed, clock, out = self.session.run, self.feed, self.clock, []
-        for _ in range(n):
-            t0 = clock()
-            run(None, feed)
-            out.append((clock() - t0) / 1e6)
+        """Time ``n`` calls: ms on the runner's clock; every call is also added to :attr:`log`."""
+        run, feed, out, walls = self.session.run, self.feed, [], self.log.wall_ms
+        wall, thread, process = time.perf_counter_ns, time.thread_time_ns, time.process_time_ns
+        cpu, thread_ns, process_ns = self.cpu_clock, 0, 0
+        try:
+            for _ in range(n):
+                p0 = process()
+                w0 = wall()
+                t0 = thread()
+                run(None, feed)
+                t1 = thread()  # the thread-CPU window holds the call and nothing else
+                w1 = wall()
+                p1 = process()
+                walls.append((w1 - w0) / 1e6)
+                thread_ns += t1 - t0
+                process_ns += p1 - p0
+                out.append((t1 - t0 if cpu else w1 - w0) / 1e6)
+        except Exception as e:
+            raise run_failure(e) from None
+        self.log.thread_ns += thread_ns
+        self.log.process_ns += process_ns
         return out
+
+
+def run_failure(e: BaseException, *, doing: str = "running a graph") -> HwpruneError:
+    """ONNX Runtime failing while ``doing`` something (out of memory included), as one line."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, MemoryError) or "alloc" in first.lower():
+        return HwpruneError(
+            f"out of memory in ONNX Runtime while {doing} ({first}); free memory (other jobs), or time "
+            "fewer or smaller graphs at once (export: --pick KEY)"
+        )
+    return HwpruneError(f"ONNX Runtime failed while {doing}: {first}")
 
 
 def interleave(
@@ -161,7 +230,11 @@ class OrtCpuBackend(Backend):
     def session(self, onnx: bytes) -> Any:
         try:
             return self._ort.InferenceSession(onnx, self.session_options(), providers=list(self.providers))
+        except MemoryError as e:
+            raise run_failure(e, doing="loading a graph") from None
         except Exception as e:  # ORT raises its own exception types for bad graphs
+            if "alloc" in str(e).lower():
+                raise run_failure(e, doing="loading a graph") from None
             raise HwpruneError(f"{self.name}: cannot load the ONNX graph ({str(e).splitlines()[0]})") from None
 
     def prepare(self, onnx: bytes, feed: Mapping[str, np.ndarray]) -> Runner:

@@ -137,7 +137,14 @@ def _build(model: str, *, seed: int, meta: bool = False) -> nn.Module:
             pass
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        m = fn()
+        try:
+            m = fn()
+        except Exception as e:  # the user's code failing: say whose, in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise HwpruneError(
+                f"--model {model!r}: the factory raised {type(e).__name__}: {first}; fix the factory "
+                "(it is called with no arguments and must return an nn.Module)"
+            ) from None
     if not isinstance(m, nn.Module):
         raise HwpruneError(f"--model {model!r} returned a {type(m).__name__}, not a torch nn.Module")
     return m.float().eval()

@@ -106,6 +106,11 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> Any:
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as e:  # tracing fails in many library-specific ways; report the first line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, MemoryError) or "allocate memory" in msg:
+            raise HwpruneError(
+                f"out of memory tracing the model on an input of shape {tuple(example.shape)} ({msg.strip()}); "
+                "use a smaller --input-shape or free memory"
+            ) from None
         raise HwpruneError(
             f"cannot trace the model's graph on an input of shape {tuple(example.shape)} "
             f"({type(e).__name__}: {msg}); check --input-shape"

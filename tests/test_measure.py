@@ -1,0 +1,180 @@
+"""Dense vs pruned timing (issue 10): mirrored session order, the dense-vs-dense control, the wall
+clock beside thread CPU time, and the check that ORT really ran on the timing thread."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import pytest
+
+from hwprune.export.candidate import candidate_onnx, timing_feed
+from hwprune.export.manifest import Prediction, build_manifest, read_manifest
+from hwprune.export.measure import (
+    CONTROL_TOL_PCT,
+    DENSE,
+    Comparison,
+    Measured,
+    Measurement,
+    measure_dense_and_pruned,
+)
+from hwprune.export.stats import ModelStats
+from hwprune.families.encoder.adapter import EncoderAdapter
+from hwprune.latency.backends import OrtCpuBackend
+
+SEQ = 16
+
+
+class _Recording(OrtCpuBackend):
+    """The real ORT CPU backend, noting the order in which sessions are created."""
+
+    def __init__(self, *, threads: int = 1) -> None:
+        super().__init__(threads=threads)
+        self.created: list[bytes] = []
+
+    def prepare(self, onnx: bytes, feed: Any) -> Any:
+        self.created.append(onnx)
+        return super().prepare(onnx, feed)
+
+
+class _ThreadClockOnTwoThreads(OrtCpuBackend):
+    """Two intra-op threads yet timed by thread CPU time: the mistake the CPU check exists to catch."""
+
+    @property
+    def cpu_clock(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def graphs() -> tuple[EncoderAdapter, bytes, dict[str, bytes]]:
+    a = EncoderAdapter.tiny(layers=2, heads=4, head_dim=8, ffn=64)
+    small = a.prune(a.dense(), a.plan({"layer.0.heads": [0], "layer.1.ffn": list(range(8))}))
+    half = a.prune(a.dense(), a.plan({"layer.0.heads": [0, 1], "layer.1.heads": [2, 3]}))
+    dense = candidate_onnx(a, a.dense(), batch=1, seq=SEQ)
+    return a, dense, {"c1": candidate_onnx(a, small, batch=1, seq=SEQ), "c2": candidate_onnx(a, half, batch=1, seq=SEQ)}
+
+
+def test_sessions_are_created_in_mirrored_order_and_the_control_is_recorded(graphs: Any) -> None:
+    a, dense, pruned = graphs
+    be = _Recording()
+    cmp = measure_dense_and_pruned(
+        be, dense=dense, pruned=pruned, feed=timing_feed(a, batch=1, seq=SEQ), rounds=3, repeats=6, warmup=1
+    )
+    assert be.created == [dense, pruned["c1"], pruned["c2"], pruned["c2"], pruned["c1"], dense]
+    assert cmp.settings["session_order"] == "mirrored" and cmp.settings["clock"] == "thread-cpu"
+    for m in (cmp.dense, *cmp.pruned.values()):
+        assert len(m.sessions_ms) == 2 and len(m.rounds_ms) == 3
+        assert m.median_ms == statistics.median(m.rounds_ms)
+        # a call's wall window holds its thread-CPU window, so every median on the wall clock is >= it
+        assert m.wall_ms is not None and m.wall_ms >= m.median_ms
+        assert m.cpu_excess_pct is not None and m.cpu_excess_pct >= -1.0
+    s = cmp.dense.sessions_ms
+    assert cmp.control_pct == pytest.approx(100 * (s[1] / s[0] - 1))
+
+
+def test_manifest_states_control_wall_clock_and_raw_error_first(graphs: Any) -> None:
+    a, dense, pruned = graphs
+    be = OrtCpuBackend(threads=1)
+    cmp = measure_dense_and_pruned(
+        be, dense=dense, pruned=pruned, feed=timing_feed(a, batch=1, seq=SEQ), rounds=2, repeats=4, warmup=1
+    )
+    meas = Measurement.of(cmp, "c1", clock=be.clock)
+    stats = ModelStats(params=1, flops=1, batch=1, seq=SEQ)
+    man = build_manifest(
+        plan_summary={},
+        measurement=meas,
+        parity_max_abs_diff=0.0,
+        parity_tol=1e-3,
+        stats=stats,
+        dense_stats=stats,
+        settings={"runtime": be.name},
+        prediction=Prediction(predicted_ms=0.05, dense_predicted_ms=0.2, target_speedup=2.0),
+    )
+    keys = list(man)
+    assert keys.index("prediction_error_pct") < keys.index("speedup_error_pct")
+    assert man["prediction_error_pct"] == pytest.approx(100 * (0.05 - meas.measured_ms) / meas.measured_ms)
+    assert man["speedup_error_pct"] == pytest.approx(100 * (man["measured_speedup"] / man["predicted_speedup"] - 1))
+    assert man["dense_prediction_error_pct"] == pytest.approx(100 * (0.2 - meas.dense_ms) / meas.dense_ms)
+    assert man["dense_control_pct"] == cmp.control_pct and man["control_tol_pct"] == CONTROL_TOL_PCT
+    assert man["measured_wall_ms"] == cmp.pruned["c1"].wall_ms and man["dense_measured_wall_ms"] == cmp.dense.wall_ms
+    assert man["warnings"] == cmp.warnings(["c1"])
+    assert "prediction_error_drift_adjusted_pct" not in man and "dense_drift_pct" not in man
+    assert man["timings"]["session_order"] == "mirrored" and len(man["timings"]["dense"]["sessions_ms"]) == 2
+
+
+def test_a_control_beyond_the_claimed_precision_is_a_warning() -> None:
+    def m(*sessions: float) -> Measured:
+        mean = sum(sessions) / len(sessions)
+        return Measured(median_ms=mean, rounds_ms=(mean,), sessions_ms=sessions)
+
+    quiet = Comparison(dense=m(10.0, 10.1), pruned={"c": m(5.0, 5.0)}, settings={"clock": "thread-cpu"})
+    assert quiet.control_pct == pytest.approx(1.0) and quiet.warnings(["c"]) == []
+    loud = Comparison(dense=m(10.0, 10.3), pruned={"c": m(5.0, 5.0)}, settings={"clock": "thread-cpu"})
+    (w,) = loud.warnings(["c"])
+    assert "control +3.0% exceeds" in w and "\n" not in w
+
+
+def test_process_cpu_beyond_the_timing_thread_is_flagged(graphs: Any) -> None:
+    """Two real ORT intra-op threads timed by one thread's CPU clock: the process's CPU time shows the
+    work the timing thread's clock left out."""
+    a, dense, pruned = graphs
+    be = _ThreadClockOnTwoThreads(threads=2)
+    cmp = measure_dense_and_pruned(
+        be, dense=dense, pruned={"c2": pruned["c2"]}, feed=timing_feed(a, batch=1, seq=SEQ), rounds=2, repeats=10
+    )
+    assert cmp.dense.cpu_excess_pct is not None and cmp.dense.cpu_excess_pct > 10
+    assert any(w.startswith(f"{DENSE}: the process used") for w in cmp.warnings(["c2"]))
+    one = OrtCpuBackend(threads=1)  # one thread: the check stays quiet
+    ok = measure_dense_and_pruned(
+        one, dense=dense, pruned={"c2": pruned["c2"]}, feed=timing_feed(a, batch=1, seq=SEQ), rounds=2, repeats=10
+    )
+    assert not [w for w in ok.warnings(["c2"]) if "more CPU" in w]
+
+
+def test_old_manifests_are_read_with_the_new_names(tmp_path: Any) -> None:
+    old = {
+        "format": "hwprune.manifest/1",
+        "measured_ms": 10.0,
+        "dense_measured_ms": 20.0,
+        "measured_speedup": 2.0,
+        "parity_max_abs_diff": 0.0,
+        "settings": {},
+        "prediction_error_pct": 3.0,
+        "dense_drift_pct": 25.0,  # dense measured 1.25 x its prediction
+        "prediction_error_drift_adjusted_pct": 1.5,
+    }
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    m = read_manifest(tmp_path)
+    assert m["speedup_error_pct"] == 1.5 and m["prediction_error_pct"] == 3.0
+    assert m["dense_prediction_error_pct"] == pytest.approx(-20.0)  # predicted 16 ms, measured 20 ms
+    assert m["dense_control_pct"] is None and m["warnings"] == []
+    assert "dense_drift_pct" not in m and "prediction_error_drift_adjusted_pct" not in m
+
+
+def test_cli_table_shows_raw_error_first_and_prints_the_control_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from hwprune.cli import _print_manifests
+
+    def m(*sessions: float) -> Measured:
+        mean = sum(sessions) / len(sessions)
+        return Measured(median_ms=mean, rounds_ms=(mean,), sessions_ms=sessions, wall_ms=mean * 1.1)
+
+    loud = Comparison(dense=m(10.0, 10.3), pruned={"c": m(5.0, 5.0)}, settings={"clock": "thread-cpu"})
+    stats = ModelStats(params=1, flops=1, batch=1, seq=SEQ)
+    man = build_manifest(
+        plan_summary={},
+        measurement=Measurement.of(loud, "c", clock="thread-cpu"),
+        parity_max_abs_diff=0.0,
+        parity_tol=1e-3,
+        stats=stats,
+        dense_stats=stats,
+        settings={},
+        prediction=Prediction(predicted_ms=4.0, dense_predicted_ms=8.0, target_speedup=2.0),
+    )
+    _print_manifests([{**man, "key": "c"}])
+    cap = capsys.readouterr()
+    text = " ".join(cap.out.split())
+    assert "pred err" in text and "speedup err" in text and "control" in text and "+3.0%" in text
+    assert "drift" not in text and "harmless" not in text and "unaffected" not in text
+    assert "warning: dense-vs-dense control +3.0% exceeds" in " ".join(cap.err.split())
