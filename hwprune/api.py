@@ -30,6 +30,8 @@ from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.search.run import SearchConfig, SearchResult
+from hwprune.search.storage import StudyStore, describe
+from hwprune.search.study import study_key
 from hwprune.space import PruningSpace
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "run_profile",
     "run_search",
     "run_export",
+    "run_picks",
     "load_adapter",
     "default_table_path",
     "find_table",
@@ -203,11 +206,14 @@ def _calib(adapter: Family, req: SearchRequest, *, seq: int) -> CalibData:
     return adapter.load_calib(req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.search.seed)
 
 
-def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -> SearchResult:
+def run_search(
+    req: SearchRequest, *, log: Log = _noop, progress: bool = True, store: StudyStore | None = None
+) -> SearchResult:
     """Validate every input, then: table -> predictor, calibration -> proxy + scorer, DP + NSGA-II.
 
     Nothing is written to ``req.out`` until all inputs have been checked and every target is known to
     be reachable; the chosen subnet per target is then materialised under ``candidates/<key>/``.
+    ``store``: the study this worker joins (default ``<out>/study.db``; see :mod:`hwprune.search.storage`).
     """
     from hwprune.proxies._base import get_proxy
     from hwprune.search.run import check_reachable, search
@@ -228,19 +234,18 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     scorer = adapter.scorer(calib)
     run_dir = Path(req.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        run_dir / "run.json",
-        {
-            "format": RUN_FORMAT,
-            "request": req.to_json(),
-            "adapter": adapter.spec(),
-            "table": str(table_path),
-            "space_source": space.source,
-            "settings": settings,
-            "fingerprint": table.fingerprint.to_json(),
-            "calib_source": calib.source,
-        },
-    )
+    run_doc = {
+        "format": RUN_FORMAT,
+        "request": req.to_json(),
+        "adapter": adapter.spec(),
+        "table": str(table_path),
+        "space_source": space.source,
+        "settings": settings,
+        "fingerprint": table.fingerprint.to_json(),
+        "calib_source": calib.source,
+    }
+    store = store or StudyStore()
+    write_json(run_dir / "run.json", {**run_doc, "storage": describe(store.resolved(run_dir)), "study": store.name})
     result = search(
         space=space,
         predictor=predictor,
@@ -249,9 +254,20 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
         config=req.search,
         run_dir=run_dir,
         progress=progress,
+        store=store,
+        key=study_key(run_doc, space),
+        request=run_doc,
     )
     _materialize_picks(adapter, state, result, run_dir)
     return result
+
+
+def run_picks(store: StudyStore, *, out: str) -> SearchResult:
+    """``hwprune picks``: the front and one pick per target from a study, written as a run directory
+    that ``run_export`` reads; nothing is searched."""
+    from hwprune.search.front import read_front
+
+    return read_front(store, out=out)[0]
 
 
 def _materialize_picks(adapter: Family, state: ProxyState, result: SearchResult, run_dir: Path) -> None:

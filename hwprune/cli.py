@@ -178,13 +178,30 @@ def search(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W."),
     weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights (.safetensors)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    storage: Optional[str] = typer.Option(
+        None,
+        "--storage",
+        help="Where the study lives, shared by every worker that joins it: postgresql://user:pass@host:5432/db, journal:PATH (a shared file system) or an SQLite path. Default: <run dir>/study.db.",
+    ),
+    study: str = typer.Option(
+        "hwprune", "--study", help="Study name in --storage; every worker of one search uses the same."
+    ),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Delete the study's trials first and start over (for every worker of it)."
+    ),
+    heartbeat_s: int = typer.Option(
+        10, "--heartbeat-s", help="A killed worker's trial is failed and retried after 3x this."
+    ),
 ) -> None:
     """Find the most accurate subnets for target speedups: exact DP under the table's additive latency model seeds an Optuna NSGA-II search over (predicted latency, end-to-end distance to the dense model). Writes study.db (resumable), pareto.csv, pareto.png and picks.json into the run directory.
 
     Example:  hwprune search --model minilm --targets 1.5,2,3 -o runs/minilm --export
+
+    Many workers (any machines; --trials is the study's total):  hwprune search --model minilm --storage postgresql://hw:pw@db:5432/hw --study minilm-2x --trials 400 -o runs/w1
     """
     from hwprune.api import ExportRequest, SearchRequest, run_export, run_search
     from hwprune.search import SearchConfig
+    from hwprune.search.storage import StudyStore
 
     try:
         cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
@@ -201,7 +218,10 @@ def search(
             n_heldout=n_heldout,
             search=cfg,
         )
-        result = run_search(req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress)
+        store = StudyStore(url=storage, name=study, fresh=fresh, heartbeat_s=heartbeat_s)
+        result = run_search(
+            req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress, store=store
+        )
         _print_picks(result)
         if export:
             _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress))
@@ -236,6 +256,31 @@ def export(
         )
     except HwpruneError as e:
         _fail(e)
+
+
+@app.command()
+def picks(
+    storage: str = typer.Option(
+        ..., "--storage", help="The study's storage: postgresql://..., journal:PATH or a study.db path."
+    ),
+    study: str = typer.Option("hwprune", "--study", help="Study name in --storage."),
+    output: Path = typer.Option(
+        Path("runs/picks"), "-o", "--output", help="Run directory to write (then: hwprune export DIR)."
+    ),
+) -> None:
+    """Read a study's Pareto front and the pick per target from any machine, without searching: writes run.json, pareto.csv, pareto.png and picks.json for `hwprune export`.
+
+    Example:  hwprune picks --storage postgresql://hw:pw@db:5432/hw --study minilm-2x -o runs/minilm && hwprune export runs/minilm
+    """
+    from hwprune.api import run_picks
+    from hwprune.search.storage import StudyStore
+
+    try:
+        result = run_picks(StudyStore(url=storage, name=study), out=str(output))
+    except HwpruneError as e:
+        _fail(e)
+    out.print(f"{len(result.evaluations)} distinct subnets, {len(result.front)} on the front; wrote {output}")
+    _print_picks(result)
 
 
 def _print_picks(result: "SearchResult") -> None:

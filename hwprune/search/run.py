@@ -305,11 +305,11 @@ def search(
         picks=picks,
         run_dir=run_dir,
     )
-    _write_outputs(result)
+    write_outputs(result)
     return result
 
 
-def _write_outputs(result: SearchResult) -> None:
+def write_outputs(result: SearchResult) -> None:
     """All three files appear together or not at all: each goes to a temporary name, renamed at the end."""
     d = result.run_dir
     with contextlib.ExitStack() as stack:

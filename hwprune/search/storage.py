@@ -77,8 +77,8 @@ def describe(url: str) -> str:
         return url
     try:
         return sqlalchemy.engine.make_url(_pg_url(url)).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+    except Exception:  # unparsable: keep the scheme, drop user and password
+        return url.split("://")[0] + "://***@" + url.split("@")[-1] if "@" in url else url
 
 
 def _pg_url(url: str) -> str:
@@ -123,12 +123,14 @@ def open_storage(url: str, *, heartbeat_s: int | None = 10, create: bool = True)
         except Exception as e:
             raise HwpruneError(f"--storage {url}: not a readable Optuna journal ({_reason(e)})") from None
     hb: dict[str, object] = {}
-    if heartbeat_s is not None:
-        hb = dict(
-            heartbeat_interval=heartbeat_s,
-            grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if heartbeat_s is not None:
+            hb = dict(
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
     if kind == "sqlite":
         path = Path(url.removeprefix("sqlite:///"))
         if not create and not path.is_file():
@@ -147,8 +149,11 @@ def open_storage(url: str, *, heartbeat_s: int | None = 10, create: bool = True)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             last = e
             time.sleep(0.2 * (attempt + 1))
-        except sqlalchemy.exc.ArgumentError as e:
-            raise HwpruneError(f"--storage {describe(url)}: not a valid database URL ({_reason(e)})") from None
+        except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+            raise HwpruneError(
+                f"--storage {describe(url)}: not a valid database URL ({_reason(e)}); "
+                "expected postgresql://user:password@host:5432/dbname"
+            ) from None
         except (sqlalchemy.exc.DatabaseError, sqlalchemy.exc.OperationalError) as e:
             what = "cannot open the SQLite file" if kind == "sqlite" else "cannot connect to PostgreSQL"
             raise HwpruneError(
@@ -159,7 +164,7 @@ def open_storage(url: str, *, heartbeat_s: int | None = 10, create: bool = True)
                     else "check the server is running, the host, port, user and password"
                 )
             ) from None
-        except (ValueError, RuntimeError) as e:
+        except RuntimeError as e:
             raise HwpruneError(f"--storage {describe(url)}: {_reason(e)}") from None
     else:
         why = _reason(last or Exception())

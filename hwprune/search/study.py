@@ -25,6 +25,7 @@ import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import optuna
@@ -35,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hwprune.errors import HwpruneError
 from hwprune.space import Candidate, PruningSpace, Unit
 
-__all__ = ["join_study", "load_study", "slot", "finished", "space_signature", "request_hash", "units_space"]
+__all__ = ["join_study", "study_key", "load_study", "slot", "finished", "space_signature", "request_hash"]
 
 STUDY_FORMAT = "hwprune.study/1"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -49,6 +50,35 @@ def space_signature(space: PruningSpace) -> str:
 
 def request_hash(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digest(path: object) -> str | None:
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def study_key(run: Mapping[str, Any], space: PruningSpace) -> dict[str, Any]:
+    """What a trial's scores depend on, from a run.json document: the model (and its weights file's
+    content), space, proxy, calibration (source and file content, sizes, seed) and the table's
+    fingerprint. Targets, margin and trial count are left out: workers may differ in them."""
+    req = run["request"]
+    return {
+        "model": run["adapter"],
+        "weights": [req.get("weights"), _digest(req.get("weights"))],
+        "input_shape": req.get("input_shape"),
+        "space": space_signature(space),
+        "proxy": req["proxy"],
+        "calib": [run.get("calib_source"), _digest(req.get("calib"))],
+        "n_calib": req["n_calib"],
+        "n_heldout": req["n_heldout"],
+        "seed": req["search"]["seed"],
+        "table_fingerprint": run["fingerprint"],
+    }
 
 
 def units_space(units: Sequence[Mapping[str, Any]]) -> PruningSpace:
