@@ -18,6 +18,7 @@ import contextlib
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hwprune.errors import HwpruneError
 from hwprune.search.pareto import Evaluation
-from hwprune.search.storage import STUDY_NAME, StudyStore, close_storage, describe, open_storage
+from hwprune.search.storage import STUDY_NAME, StudyStore, close_storage, describe, open_storage, storage_kind
 from hwprune.search.study import finished, join_study, slot
 from hwprune.space import Candidate, PruningSpace
 
@@ -122,6 +123,9 @@ def run_nsga(
     where = f"{describe(url)} (study {store.name!r})" if store.url else url
     cache: dict[str, Evaluation] = {}
     with _quiet_optuna():
+        if store.fresh and storage_kind(url) == "sqlite":  # a corrupt file cannot even be opened to delete a study
+            for f in (url, f"{url}-wal", f"{url}-shm"):
+                Path(f.removeprefix("sqlite:///")).unlink(missing_ok=True)
         storage = open_storage(url, heartbeat_s=store.heartbeat_s)
         try:
             study, _ = join_study(
@@ -138,22 +142,27 @@ def run_nsga(
                 fresh=store.fresh,
             )
 
-            def rebuild() -> None:
+            def rebuild(trials: Sequence[FrozenTrial]) -> None:
                 # Evaluations of finished trials (any worker's); latency is re-predicted (the table may be newer).
-                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                    if "sizes" in t.user_attrs and "scores" in t.user_attrs:
+                for t in trials:
+                    if t.state == TrialState.COMPLETE and "sizes" in t.user_attrs and "scores" in t.user_attrs:
                         cand = Candidate(tuple(int(s) for s in t.user_attrs["sizes"]))
                         if cand.key() not in cache:
                             scores = {**t.user_attrs["scores"], "params": t.user_attrs.get("params", 0)}
                             src = t.user_attrs.get("source", "nsga")
                             cache[cand.key()] = _to_evaluation(cand, float(predict(cand)), scores, src)
 
-            rebuild()
+            rebuild(study.get_trials(deepcopy=False))
 
             def objective(trial: optuna.Trial) -> tuple[float, float]:
-                while (state := slot(study, trial.number, trials)) == "wait":
+                seen = study.get_trials(deepcopy=False)
+                while (state := slot(seen, trial.number, trials)) == "wait":
                     time.sleep(0.5)  # a lower trial still runs; if its worker died, heartbeats fail it
-                    optuna.storages.fail_stale_trials(study)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(study)
+                    seen = study.get_trials(deepcopy=False)
+                rebuild(seen)  # another worker may have scored this very candidate already
                 if state == "surplus":
                     trial.set_user_attr("surplus", f"all {trials} trials of the study were taken")
                     raise _Surplus(trial.number)
@@ -166,7 +175,6 @@ def run_nsga(
                 trial.set_user_attr("predicted_speedup", dense_ms / ms)
                 if ms > dense_ms * (1 + _SLOWER_TOL):
                     raise optuna.TrialPruned()
-                rebuild()  # another worker may have scored this candidate already
                 ev = cache.get(cand.key())
                 if ev is None:
                     ev = _to_evaluation(cand, ms, _clean_scores(evaluate(cand)), source)
@@ -196,7 +204,7 @@ def run_nsga(
 
                 if finished(study) < trials:
                     study.optimize(objective, catch=(_Surplus,), callbacks=[after])
-            rebuild()
+            rebuild(study.get_trials(deepcopy=False))
         finally:
             close_storage(storage)
     return list(cache.values())

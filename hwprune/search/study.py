@@ -101,9 +101,10 @@ def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def slot(study: optuna.Study, number: int, total: int) -> Literal["go", "wait", "surplus"]:
-    """May trial ``number`` run? ``go`` while fewer than ``total`` non-failed trials are numbered below it."""
-    below = [t for t in study.get_trials(deepcopy=False) if t.number < number]
+def slot(trials: Sequence[FrozenTrial], number: int, total: int) -> Literal["go", "wait", "surplus"]:
+    """May trial ``number`` run (``trials``: all of the study's)? ``go`` while fewer than ``total``
+    non-failed trials are numbered below it; ``wait`` while one below still runs."""
+    below = [t for t in trials if t.number < number]
     if sum(t.state != TrialState.FAIL for t in below) < total:
         return "go"
     return "wait" if any(t.state == TrialState.RUNNING for t in below) else "surplus"
