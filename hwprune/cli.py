@@ -227,6 +227,9 @@ def search(
             _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress))
     except HwpruneError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished trials stay in the study; run the same command again to resume")
+        raise typer.Exit(130) from None
 
 
 @app.command()

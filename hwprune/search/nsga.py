@@ -162,9 +162,12 @@ def run_nsga(
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                         optuna.storages.fail_stale_trials(study)
                     seen = study.get_trials(deepcopy=False)
+                    if any(t.state == TrialState.WAITING for t in seen):
+                        state = "surplus"  # a dead worker's trial was queued again: it takes the freed slot
+                        break
                 rebuild(seen)  # another worker may have scored this very candidate already
                 if state == "surplus":
-                    trial.set_user_attr("surplus", f"all {trials} trials of the study were taken")
+                    trial.set_user_attr("surplus", f"not counted: the study's {trials} trial slots were taken")
                     raise _Surplus(trial.number)
                 cand = Candidate(tuple(int(trial.suggest_categorical(u.name, list(u.sizes))) for u in space.units))
                 source = str(trial.user_attrs.get("source", "nsga"))
