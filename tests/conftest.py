@@ -37,10 +37,10 @@ def _start_postgres(tmp: Path) -> tuple[str, list[str]]:
     import subprocess
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
-    initdb = shutil.which("initdb") or (bins[-1] + "/initdb" if bins else None)
+    initdb = bins[-1] + "/initdb" if bins else shutil.which("initdb")
     if initdb is None:
         raise RuntimeError("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
-    pg_bin = Path(initdb).parent
+    pg_bin = Path(initdb).resolve().parent  # Debian keeps initdb, pg_ctl and psql together there
     as_pg: list[str] = []
     if os.geteuid() == 0:  # postgres refuses to run as root
         as_pg = ["runuser", "-u", "postgres", "--"]
@@ -56,7 +56,12 @@ def _start_postgres(tmp: Path) -> tuple[str, list[str]]:
     run(str(pg_bin / "pg_ctl"), "-D", str(tmp / "data"), "-l", str(tmp / "log"), "-w", "start", "-o", opts)
     stop = [*as_pg, str(pg_bin / "pg_ctl"), "-D", str(tmp / "data"), "-m", "immediate", "stop"]
     psql = [str(pg_bin / "psql"), "-q", "-h", str(tmp), "-p", str(port), "-U", "postgres", "-d", "postgres"]
-    run(*psql, "-c", "CREATE ROLE hwprune LOGIN PASSWORD 'hwprune-test'", "-c", "CREATE DATABASE hwprune OWNER hwprune")
+    try:
+        run(*psql, "-c", "CREATE ROLE hwprune LOGIN PASSWORD 'hwprune-test'")
+        run(*psql, "-c", "CREATE DATABASE hwprune OWNER hwprune")
+    except Exception:
+        subprocess.run(stop, capture_output=True, timeout=60)
+        raise
     return f"postgresql+psycopg://hwprune:hwprune-test@127.0.0.1:{port}/hwprune", stop
 
 
