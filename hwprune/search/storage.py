@@ -164,6 +164,11 @@ def open_storage(url: str, *, heartbeat_s: int | None = 10, create: bool = True)
                     else "check the server is running, the host, port, user and password"
                 )
             ) from None
+        except ImportError:
+            raise HwpruneError(
+                f"--storage {describe(url)}: PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]' "
+                "(or pip install 'hwprune[postgres]')"
+            ) from None
         except RuntimeError as e:
             raise HwpruneError(f"--storage {describe(url)}: {_reason(e)}") from None
     else:
