@@ -105,6 +105,8 @@ class ProfileRequest:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     budget_s: float | None = None
+    table_store: str | None = None  # also file the table in this registry (hwprune.latency.store) ...
+    device: str | None = None  # ... under this device name
 
     def __post_init__(self) -> None:
         if self.budget_s is not None and not self.budget_s > 0:
@@ -145,6 +147,10 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         progress=progress,
         budget_s=req.budget_s,
     )
+    if req.table_store:
+        from hwprune.latency.store import file_table
+
+        file_table(table, req.table_store, device=req.device)
     return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
 
 
@@ -166,6 +172,8 @@ class SearchRequest:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     search: SearchConfig = field(default_factory=lambda: SearchConfig(targets=(2.0,), margin=0.01))
+    device: str | None = None  # instead of table: this device's table in the registry table_store
+    table_store: str | None = None  # default latency_tables/store
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "search"}
@@ -220,7 +228,13 @@ def run_search(
 
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
     space = adapter.space(req.space)
-    table_path = _resolve_table(adapter, req.table)
+    if req.device:
+        from hwprune.latency.store import for_device
+
+        registry = req.table_store or str(TABLES_DIR / "store")
+        table_path = for_device(registry, device=req.device, model=adapter.name, shape_key=adapter.shape_key())
+    else:
+        table_path = _resolve_table(adapter, req.table)
     table = LatencyTable.load(table_path)
     table.check_model(adapter)
     settings = dict(table.settings)
