@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--storage", required=True, help="postgresql://user:password@host:port/db")
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--table", default="latency_tables/minilm_ort-cpu_t1_b1_s128.parquet")
+    ap.add_argument("--space", default=None, help="pruning space YAML (default: the model's)")
     ap.add_argument("--proxy", default="obs")
     ap.add_argument("--targets", default="1.5,2")
     ap.add_argument("--trials", type=int, default=24, help="study total per configuration")
@@ -91,6 +92,7 @@ def run_config(a: argparse.Namespace, workers: int, tmp: Path) -> dict[str, Any]
     cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", a.model, "--table", a.table, "--proxy", a.proxy]
     cmd += ["--targets", a.targets, "--trials", str(a.trials), "--n-calib", str(a.n_calib)]
     cmd += ["--n-heldout", str(a.n_heldout), "--storage", a.storage, "--study", study, "--no-progress"]
+    cmd += ["--space", a.space] if a.space else []
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -108,6 +110,14 @@ def run_config(a: argparse.Namespace, workers: int, tmp: Path) -> dict[str, Any]
     end = max(t.datetime_complete for t in done)
     span = (end - start).total_seconds()
     per = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    # all workers in their search phase at once: from the last worker's first trial to the first one's last
+    by_worker: dict[str, list[Any]] = {}
+    for t in done:
+        by_worker.setdefault(t.user_attrs.get("worker", "?"), []).append(t)
+    lo = max(min(t.datetime_start for t in ts) for ts in by_worker.values())
+    hi = min(max(t.datetime_complete for t in ts) for ts in by_worker.values())
+    inside = [t for t in done if t.datetime_start >= lo and t.datetime_complete <= hi]
+    overlap_s = (hi - lo).total_seconds()
     scored = [t.user_attrs["score_s"] for t in done if "score_s" in t.user_attrs]
     overhead = [w - t.user_attrs["score_s"] for w, t in zip(per, done) if "score_s" in t.user_attrs]
     return {
@@ -117,6 +127,9 @@ def run_config(a: argparse.Namespace, workers: int, tmp: Path) -> dict[str, Any]
         "surplus_trials": sum("surplus" in t.user_attrs for t in trials),
         "search_phase_s": span,
         "trials_per_min": 60 * len(done) / span,
+        "all_busy_window_s": overlap_s,
+        "all_busy_trials": len(inside),
+        "all_busy_trials_per_min": 60 * len(inside) / overlap_s if overlap_s > 0 and inside else None,
         "wall_with_startup_s": wall,
         "mean_trial_s": float(np.mean(per)),
         "mean_score_s": float(np.mean(scored)) if scored else None,
@@ -132,7 +145,7 @@ def micro(a: argparse.Namespace, tmp: Path) -> dict[str, float]:
     from hwprune.search.nsga import run_nsga
 
     adapter = load_adapter(a.model)
-    space = adapter.space(None)
+    space = adapter.space(a.space)
     pred = make_predictor(LatencyTable.load(a.table), space, adapter)
     out = {}
     for name, url in (("postgresql", a.storage), ("sqlite", str(tmp / "micro.db"))):
@@ -172,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     first, last = configs[0]["front"], configs[-1]["front"]
     ref = (max(p[0] for p in first + last) * 1.01, max(p[1] for p in first + last) * 1.01)
     result = {
-        "setup": {k: getattr(a, k) for k in ("model", "table", "proxy", "targets", "trials", "n_calib", "n_heldout")},
+        "setup": {
+            k: getattr(a, k) for k in ("model", "table", "space", "proxy", "targets", "trials", "n_calib", "n_heldout")
+        },
         "storage": "PostgreSQL (optuna RDBStorage, psycopg 3)",
         "cores": cores,
+        "n_heldout": a.n_heldout,
         "configs": configs,
         "front_comparison": {
             "workers": [counts[0], counts[-1]],

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -153,6 +155,7 @@ def run_nsga(
                             cache[cand.key()] = _to_evaluation(cand, float(predict(cand)), scores, src)
 
             rebuild(study.get_trials(deepcopy=False))
+            worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
 
             def objective(trial: optuna.Trial) -> tuple[float, float]:
                 seen = study.get_trials(deepcopy=False)
@@ -172,6 +175,7 @@ def run_nsga(
                 cand = Candidate(tuple(int(trial.suggest_categorical(u.name, list(u.sizes))) for u in space.units))
                 source = str(trial.user_attrs.get("source", "nsga"))
                 trial.set_user_attr("source", source)
+                trial.set_user_attr("worker", worker)
                 trial.set_user_attr("sizes", list(cand.sizes))
                 ms = float(predict(cand))
                 trial.set_user_attr("predicted_ms", ms)
