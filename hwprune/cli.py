@@ -197,7 +197,9 @@ def search(
         "hwprune", "--study", help="Study name in --storage; every worker of one search uses the same."
     ),
     fresh: bool = typer.Option(
-        False, "--fresh", help="Delete the study's trials first and start over (for every worker of it)."
+        False,
+        "--fresh",
+        help="Delete the study's trials first and start over (for every worker of it: give it to one worker only, start the others without it).",
     ),
     device: Optional[str] = typer.Option(
         None, "--device", help="Use this device's table from --table-store (instead of --table)."
