@@ -69,11 +69,12 @@ def study_key(run: Mapping[str, Any], space: PruningSpace) -> dict[str, Any]:
     req = run["request"]
     return {
         "model": run["adapter"],
-        "weights": [req.get("weights"), _digest(req.get("weights"))],
+        # files by content, so workers may keep them at different paths
+        "weights": _digest(req.get("weights")) or req.get("weights"),
         "input_shape": req.get("input_shape"),
         "space": space_signature(space),
         "proxy": req["proxy"],
-        "calib": [run.get("calib_source"), _digest(req.get("calib"))],
+        "calib": _digest(req.get("calib")) or run.get("calib_source"),
         "n_calib": req["n_calib"],
         "n_heldout": req["n_heldout"],
         "seed": req["search"]["seed"],
