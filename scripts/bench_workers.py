@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         counts = [int(w) for w in a.workers.split(",")]
+        close_storage(open_storage(a.storage, heartbeat_s=None))  # an unreachable server fails here, in one line
         with tempfile.TemporaryDirectory(prefix="bench-workers-") as d:
             tmp = Path(d)
             configs = []

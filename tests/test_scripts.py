@@ -283,3 +283,11 @@ def test_bench_llm_quality_end_to_end_on_a_tiny_decoder(tmp_path: Path, monkeypa
         assert all(g in (0, 2) for g in r["kv_groups"]) and all(f in (0, 48) for f in r["ffn"])
     for n in rep["fronts"]["magnitude"]:
         assert all(f % 12 == 0 for f in models[n]["ffn"])  # the space's grid
+
+
+def test_bench_workers_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "w.json"
+    rc = _script("bench_workers").main(["--storage", "postgresql://u:secret@127.0.0.1:1/db", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "cannot connect to PostgreSQL" in err and "\n" not in err
+    assert "secret" not in err and not out.exists()
