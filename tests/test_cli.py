@@ -275,3 +275,7 @@ def test_rerun_with_another_request_is_refused_and_picks_reads_the_study(tiny_fo
     assert {k: v["key"] for k, v in new.items()} == {k: v["key"] for k, v in old.items()}
     run_json = json.loads((tmp_path / "picked" / "run.json").read_text())
     assert run_json["request"]["proxy"] == "obs" and run_json["table"] == str(tiny_table)
+    res = invoke("export", tmp_path / "picked", "--no-progress")  # cut and measured from the study alone
+    assert res.exit_code == 0, res.output
+    for p in new.values():
+        assert (tmp_path / "picked" / "candidates" / p["key"] / "manifest.json").is_file()
