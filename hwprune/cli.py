@@ -169,7 +169,9 @@ def search(
         None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
     ),
     trials: int = typer.Option(
-        150, "--trials", help="NSGA-II evaluations after the DP seeds (each builds and scores one subnet)."
+        150,
+        "--trials",
+        help="Finished trials in the study in all, DP seeds included, however many workers share it (each builds and scores one subnet).",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same front)."),
     n_calib: int = typer.Option(

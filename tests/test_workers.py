@@ -200,3 +200,16 @@ def test_bad_storage_is_one_line(pg_url, tmp_path) -> None:
     bad = tmp_path / "corrupt.db"
     bad.write_bytes(b"this is not a database" * 100)
     _one_line(["picks", "--storage", str(bad)], "cannot open the SQLite file")
+
+
+def test_study_db_from_an_older_hwprune_is_refused_with_fresh_offered(tmp_path) -> None:
+    import optuna
+
+    run = tmp_path / "run"
+    run.mkdir()
+    storage = open_storage(str(run / "study.db"), heartbeat_s=None)
+    old = optuna.create_study(storage=storage, study_name="hwprune", directions=["minimize", "minimize"])
+    old.set_user_attr("space_signature", "from-an-older-version")  # what hwprune wrote before issue 11
+    rc, _, err = finish(spawn(run, "--trials", 4))
+    assert rc == 2 and "older hwprune" in err and "--fresh" in err
+    assert finish(spawn(run, "--trials", 4, "--fresh"))[0] == 0
