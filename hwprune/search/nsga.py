@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -94,6 +95,13 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(old)
 
 
+_NO_HEARTBEAT = (
+    "still waiting for a trial another worker of {where} runs; Optuna's journal storage has no heartbeats, so "
+    "if that worker was killed its trial keeps its slot: stop here (Ctrl-C keeps every finished trial), and use "
+    "PostgreSQL when workers may die"
+)
+
+
 class _Surplus(Exception):
     """Every one of the study's ``trials`` slots is taken by a finished trial: this one is not counted."""
 
@@ -156,11 +164,16 @@ def run_nsga(
 
             rebuild(study.get_trials(deepcopy=False))
             worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
+            heartbeats = storage_kind(url) != "journal"
 
             def objective(trial: optuna.Trial) -> tuple[float, float]:
                 seen = study.get_trials(deepcopy=False)
+                waited = 0
                 while (state := slot(seen, trial.number, trials)) == "wait":
                     time.sleep(0.5)  # a lower trial still runs; if its worker died, heartbeats fail it
+                    waited += 1
+                    if waited == 120 and not heartbeats:
+                        print(_NO_HEARTBEAT.format(where=where), file=sys.stderr)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                         optuna.storages.fail_stale_trials(study)
