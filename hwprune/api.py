@@ -31,6 +31,8 @@ from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.search.run import SearchConfig, SearchResult
+from hwprune.search.storage import StudyStore, describe
+from hwprune.search.study import study_key
 from hwprune.space import PruningSpace
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "run_profile",
     "run_search",
     "run_export",
+    "run_picks",
     "load_adapter",
     "default_table_path",
     "find_table",
@@ -103,6 +106,8 @@ class ProfileRequest:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     budget_s: float | None = None
+    table_store: str | None = None  # also file the table in this registry (hwprune.latency.store) ...
+    device: str | None = None  # ... under this device name
 
     def __post_init__(self) -> None:
         if self.budget_s is not None and not self.budget_s > 0:
@@ -144,6 +149,10 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         progress=progress,
         budget_s=req.budget_s,
     )
+    if req.table_store:
+        from hwprune.latency.store import file_table
+
+        file_table(table, req.table_store, device=req.device)
     return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
 
 
@@ -165,6 +174,8 @@ class SearchRequest:
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
     search: SearchConfig = field(default_factory=lambda: SearchConfig(targets=(2.0,), margin=0.01))
+    device: str | None = None  # instead of table: this device's table in the registry table_store
+    table_store: str | None = None  # default latency_tables/store
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "search"}
@@ -218,11 +229,14 @@ def with_defaults(req: SearchRequest, adapter: Family) -> SearchRequest:
     )
 
 
-def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -> SearchResult:
+def run_search(
+    req: SearchRequest, *, log: Log = _noop, progress: bool = True, store: StudyStore | None = None
+) -> SearchResult:
     """Validate every input, then: table -> predictor, calibration -> proxy + scorer, DP + NSGA-II.
 
     Nothing is written to ``req.out`` until all inputs have been checked and every target is known to
     be reachable; the chosen subnet per target is then materialised under ``candidates/<key>/``.
+    ``store``: the study this worker joins (default ``<out>/study.db``; see :mod:`hwprune.search.storage`).
     """
     from hwprune.proxies._base import get_proxy
     from hwprune.search.run import check_reachable, search
@@ -231,7 +245,13 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     adapter = load_adapter(req.model, weights=req.weights, input_shape=req.input_shape)
     req = with_defaults(req, adapter)
     space = adapter.space(req.space)
-    table_path = _resolve_table(adapter, req.table)
+    if req.device:
+        from hwprune.latency.store import for_device
+
+        registry = req.table_store or str(TABLES_DIR / "store")
+        table_path = for_device(registry, device=req.device, model=adapter.name, shape_key=adapter.shape_key())
+    else:
+        table_path = _resolve_table(adapter, req.table)
     table = LatencyTable.load(table_path)
     table.check_model(adapter)
     settings = dict(table.settings)
@@ -245,19 +265,18 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
     scorer = adapter.scorer(calib)
     run_dir = Path(req.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        run_dir / "run.json",
-        {
-            "format": RUN_FORMAT,
-            "request": req.to_json(),
-            "adapter": adapter.spec(),
-            "table": str(table_path),
-            "space_source": space.source,
-            "settings": settings,
-            "fingerprint": table.fingerprint.to_json(),
-            "calib_source": calib.source,
-        },
-    )
+    run_doc = {
+        "format": RUN_FORMAT,
+        "request": req.to_json(),
+        "adapter": adapter.spec(),
+        "table": str(table_path),
+        "space_source": space.source,
+        "settings": settings,
+        "fingerprint": table.fingerprint.to_json(),
+        "calib_source": calib.source,
+    }
+    store = store or StudyStore()
+    write_json(run_dir / "run.json", {**run_doc, "storage": describe(store.resolved(run_dir)), "study": store.name})
     result = search(
         space=space,
         predictor=predictor,
@@ -266,9 +285,20 @@ def run_search(req: SearchRequest, *, log: Log = _noop, progress: bool = True) -
         config=req.search,
         run_dir=run_dir,
         progress=progress,
+        store=store,
+        key=study_key(run_doc, space),
+        request=run_doc,
     )
     _materialize_picks(adapter, state, result, run_dir)
     return result
+
+
+def run_picks(store: StudyStore, *, out: str) -> SearchResult:
+    """``hwprune picks``: the front and one pick per target from a study, written as a run directory
+    that ``run_export`` reads; nothing is searched."""
+    from hwprune.search.front import read_front
+
+    return read_front(store, out=out)[0]
 
 
 def _materialize_picks(adapter: Family, state: ProxyState, result: SearchResult, run_dir: Path) -> None:

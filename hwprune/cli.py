@@ -109,6 +109,12 @@ def profile(
         help="Seconds for the timing phase; longer gives steadier medians (default: 120 s for encoders, per-model for CNNs).",
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    store: Optional[Path] = typer.Option(
+        None, "--store", help="Also file the table in this registry under its fingerprint (see hwprune tables)."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="Device name in --store (default: CPU/GPU model + runtime)."
+    ),
 ) -> None:
     """Measure this device: time every prunable block shape (attention with k heads, FFN with n neurons, convs over channel grids, and the unprunable rest) in the deployment runtime, median and spread after warm-up, and save a latency table with a device fingerprint.
 
@@ -129,6 +135,8 @@ def profile(
                 weights=weights,
                 input_shape=_shape(input_shape),
                 budget_s=budget_s,
+                table_store=str(store) if store else None,
+                device=device,
             ),
             progress=not no_progress,
         )
@@ -137,6 +145,8 @@ def profile(
     except Exception as e:
         _fail(_known(e))
     out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
+    if store:
+        out.print(f"filed in {store} as {res.table.path.parent.name if res.table.path else '?'}")
     out.print(
         f"dense model: {res.dense_ms:.3f} ms predicted from the table (profiled in {res.table.profile_seconds:.0f} s)"
     )
@@ -187,7 +197,7 @@ def search(
     trials: Optional[int] = typer.Option(
         None,
         "--trials",
-        help="Finished trials in the study, DP seeds included (each builds and scores one subnet). Default: 150; LLMs 48.",
+        help="Finished trials in the study in all, DP seeds included, however many workers share it (each builds and scores one subnet). Default: 150; LLMs 48.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same front)."),
     n_calib: Optional[int] = typer.Option(
@@ -206,13 +216,38 @@ def search(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CNN input N,C,H,W."),
     weights: Optional[str] = typer.Option(None, "--weights", help="CNN weights (.safetensors)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    storage: Optional[str] = typer.Option(
+        None,
+        "--storage",
+        help="Where the study lives, shared by every worker that joins it: postgresql://user:pass@host:5432/db, journal:PATH (a shared file system) or an SQLite path. Default: <run dir>/study.db.",
+    ),
+    study: str = typer.Option(
+        "hwprune", "--study", help="Study name in --storage; every worker of one search uses the same."
+    ),
+    fresh: bool = typer.Option(
+        False,
+        "--fresh",
+        help="Delete the study's trials first and start over (for every worker of it: give it to one worker only, start the others without it).",
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="Use this device's table from --table-store (instead of --table)."
+    ),
+    table_store: Optional[Path] = typer.Option(
+        None, "--table-store", help="Table registry for --device (default latency_tables/store)."
+    ),
+    heartbeat_s: int = typer.Option(
+        10, "--heartbeat-s", help="A killed worker's trial is failed and retried after 3x this."
+    ),
 ) -> None:
     """Find the most accurate subnets for target speedups: exact DP under the table's additive latency model seeds an Optuna NSGA-II search over (predicted latency, end-to-end distance to the dense model). Writes study.db (resumable), pareto.csv, pareto.png and picks.json into the run directory.
 
     Example:  hwprune search --model minilm --targets 1.5,2,3 -o runs/minilm --export
+
+    Many workers (any machines; --trials is the study's total):  hwprune search --model minilm --storage postgresql://hw:pw@db:5432/hw --study minilm-2x --trials 400 -o runs/w1
     """
     from hwprune.api import ExportRequest, SearchRequest, run_export, run_search
     from hwprune.search import SearchConfig
+    from hwprune.search.storage import StudyStore
 
     try:
         cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
@@ -228,15 +263,23 @@ def search(
             n_calib=n_calib,
             n_heldout=n_heldout,
             search=cfg,
+            device=device,
+            table_store=str(table_store) if table_store else None,
         )
-        result = run_search(req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress)
+        store = StudyStore(url=storage, name=study, fresh=fresh, heartbeat_s=heartbeat_s)
+        result = run_search(
+            req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress, store=store
+        )
         _print_picks(result)
         if export:
             _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress))
     except HwpruneError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished trials stay in the study; run the same command again to resume")
+        raise typer.Exit(130) from None
     except Exception as e:
-        _fail(_known(e, study=output / "study.db"))
+        _fail(_known(e, study=output / "study.db" if storage is None else None))
 
 
 @app.command()
@@ -270,7 +313,113 @@ def export(
         _fail(_known(e))
 
 
+@app.command()
+def picks(
+    storage: str = typer.Option(
+        ..., "--storage", help="The study's storage: postgresql://..., journal:PATH or a study.db path."
+    ),
+    study: str = typer.Option("hwprune", "--study", help="Study name in --storage."),
+    output: Path = typer.Option(
+        Path("runs/picks"), "-o", "--output", help="Run directory to write (then: hwprune export DIR)."
+    ),
+) -> None:
+    """Read a study's Pareto front and the pick per target from any machine, without searching: writes run.json, pareto.csv, pareto.png and picks.json for `hwprune export`.
+
+    Example:  hwprune picks --storage postgresql://hw:pw@db:5432/hw --study minilm-2x -o runs/minilm && hwprune export runs/minilm
+    """
+    from hwprune.api import run_picks
+    from hwprune.search.storage import StudyStore
+
+    try:
+        result = run_picks(StudyStore(url=storage, name=study), out=str(output))
+    except HwpruneError as e:
+        _fail(e)
+    out.print(f"{len(result.evaluations)} distinct subnets, {len(result.front)} on the front; wrote {output}")
+    _print_picks(result)
+
+
+tables_app = typer.Typer(
+    help="The latency-table registry of a fleet (filed by hwprune profile --store DIR).", no_args_is_help=True
+)
+app.add_typer(tables_app, name="tables")
+STORE_OPT = typer.Option(Path("latency_tables/store"), "--store", help="Table registry folder.")
+
+
+@tables_app.command("list")
+def tables_list(store: Path = STORE_OPT) -> None:
+    """Every table in the registry: device, model, runtime, threads, batch, seq, when.
+
+    Example:  hwprune tables list --store latency_tables/store
+    """
+    from hwprune.latency.store import list_tables
+
+    try:
+        tables = list_tables(store)
+    except HwpruneError as e:
+        _fail(e)
+    t = Table(title=f"{len(tables)} latency tables in {store}")
+    for c in ("name", "model", "runtime", "threads", "batch", "seq", "cpu / gpu", "created"):
+        t.add_column(c)
+    for st in tables:
+        sd, fp = st.sidecar.get("settings", {}), st.sidecar.get("fingerprint", {})
+        cells = (st.sidecar.get("model"), *(sd.get(k) for k in ("runtime", "threads", "batch", "seq")))
+        t.add_row(st.name, *map(str, cells), str(fp.get("gpu") or fp.get("cpu")), str(st.sidecar.get("created")))
+    out.print(t)
+
+
+@tables_app.command("show")
+def tables_show(
+    ref: str = typer.Argument(..., help="Folder name, id prefix or device name."), store: Path = STORE_OPT
+) -> None:
+    """One table: its fingerprint, settings and the predicted-vs-measured history recorded beside it (history.json).
+
+    Example:  hwprune tables show 3fa2c1
+    """
+    import json
+
+    from hwprune.latency.store import find_table, history
+
+    try:
+        st = find_table(store, ref)
+        hist = history(st)
+    except HwpruneError as e:
+        _fail(e)
+    out.print(f"{st.name}  {st.path}", highlight=False)
+    keys = ("model", "shape_key", "settings", "created", "profile_seconds", "fingerprint")
+    out.print(json.dumps({k: st.sidecar.get(k) for k in keys}, indent=2), highlight=False)
+    if not hist:
+        out.print("no predicted-vs-measured history recorded (history.json)")
+    nan = float("nan")
+    for h in hist:
+        out.print(
+            f"{h.get('when', '?')}  {h.get('key', '?')}  predicted {h.get('predicted_ms', nan):.3f} ms  "
+            f"measured {h.get('measured_ms', nan):.3f} ms  error {h.get('error_pct', nan):+.1f} %  {h.get('source', '')}",
+            highlight=False,
+        )
+
+
+@tables_app.command("diff")
+def tables_diff(
+    a: str = typer.Argument(..., help="First table."),
+    b: str = typer.Argument(..., help="Second table."),
+    store: Path = STORE_OPT,
+) -> None:
+    """What differs between two tables: device fingerprint, settings, and block latencies.
+
+    Example:  hwprune tables diff xeon-ort-cpu-t1 xeon-ort-cpu-t4
+    """
+    from hwprune.latency.store import diff, find_table
+
+    try:
+        lines = diff(find_table(store, a), find_table(store, b))
+    except HwpruneError as e:
+        _fail(e)
+    for line in lines:
+        out.print(line, highlight=False)
+
+
 def _print_picks(result: "SearchResult") -> None:
+
     t = Table(title="chosen subnet per target (predicted)")
     for c in ("target", "key", "pred ms", "pred speedup", "cosine to dense"):
         t.add_column(c, justify="right")

@@ -247,3 +247,35 @@ def test_cnn_bad_inputs_via_cli(tmp_path):
         "3,224,224",
     )
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_rerun_with_another_request_is_refused_and_picks_reads_the_study(tiny_folder, tiny_table, tiny_run, tmp_path):
+    run = tmp_path / "copy"
+    run.mkdir()
+    shutil.copy(tiny_run / "study.db", run / "study.db")
+    common = [
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--table",
+        tiny_table,
+        "--targets",
+        "1.2,1.4",
+    ]
+    msg = one_line_error(
+        invoke("search", *common, "--trials", "14", "--proxy", "magnitude", "-o", run, "--no-progress"),
+        "holds a search with a different request (proxy differ",
+    )
+    assert "--fresh" in msg
+    res = invoke("picks", "--storage", run / "study.db", "-o", tmp_path / "picked")
+    assert res.exit_code == 0, res.output
+    old = json.loads((tiny_run / "picks.json").read_text())["picks"]
+    new = json.loads((tmp_path / "picked" / "picks.json").read_text())["picks"]
+    assert {k: v["key"] for k, v in new.items()} == {k: v["key"] for k, v in old.items()}
+    run_json = json.loads((tmp_path / "picked" / "run.json").read_text())
+    assert run_json["request"]["proxy"] == "obs" and run_json["table"] == str(tiny_table)
+    res = invoke("export", tmp_path / "picked", "--no-progress")  # cut and measured from the study alone
+    assert res.exit_code == 0, res.output
+    for p in new.values():
+        assert (tmp_path / "picked" / "candidates" / p["key"] / "manifest.json").is_file()

@@ -306,3 +306,11 @@ def test_cnn_digits_time_all_records_wall_clock_and_cpu_check() -> None:
     for r in res.values():
         assert r["measured_ms"] == pytest.approx(0.5 * (r["ms_a"] + r["ms_b"]))
         assert r["measured_wall_ms"] > 0 and r["cpu_excess_pct_a"] is not None and r["cpu_excess_pct_b"] is not None
+
+
+def test_bench_workers_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "w.json"
+    rc = _script("bench_workers").main(["--storage", "postgresql://u:secret@127.0.0.1:1/db", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "cannot connect to PostgreSQL" in err and "\n" not in err
+    assert "secret" not in err and not out.exists()

@@ -10,6 +10,7 @@ from hwprune.search.dp import DPSolution, fastest_ms, max_speedup, solve_dp
 from hwprune.search.nsga import Seed, run_nsga, uniform_seed
 from hwprune.search.pareto import Evaluation, ParetoSet, pareto_mask
 from hwprune.search.run import SearchConfig, SearchResult, budgets_for, pick_within, search
+from hwprune.search.storage import StudyStore
 
 __all__ = [
     "DPSolution",
@@ -27,4 +28,5 @@ __all__ = [
     "search",
     "budgets_for",
     "pick_within",
+    "StudyStore",
 ]

@@ -1,8 +1,10 @@
 """NSGA-II over the pruning space with Optuna: minimise (predicted latency ms, end-to-end distance).
 
 One categorical parameter per unit (named like the unit) over its allowed sizes. The study lives in
-an SQLite file, so an interrupted search resumes: trials already finished (complete or pruned)
-count toward ``trials`` and only the rest run. Every complete trial stores ``sizes``, ``scores``,
+an SQLite file by default, or on a PostgreSQL server / journal file shared by many workers
+(:mod:`hwprune.search.storage`); an interrupted search resumes: trials already finished (complete or
+pruned) by any worker count toward ``trials``, the study's exact total (:mod:`hwprune.search.study`).
+Every complete trial stores ``sizes``, ``scores``,
 ``params`` and ``source`` as user attributes, so a resumed study rebuilds its evaluations without
 scoring anything again. Seeds (DP picks, uniform baselines, the dense model) are enqueued first.
 
@@ -13,28 +15,31 @@ per distinct candidate; ``params`` (if present) becomes :attr:`Evaluation.params
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import numbers
+import os
+import socket
+import sys
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
-import sqlalchemy
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hwprune.errors import HwpruneError
 from hwprune.search.pareto import Evaluation
+from hwprune.search.storage import STUDY_NAME, StudyStore, close_storage, describe, open_storage, storage_kind
+from hwprune.search.study import finished, join_study, slot
 from hwprune.space import Candidate, PruningSpace
 
 __all__ = ["Seed", "Evaluate", "run_nsga", "uniform_seed", "STUDY_NAME"]
 
-STUDY_NAME = "hwprune"
 Evaluate = Callable[[Candidate], Mapping[str, float]]
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 _SLOWER_TOL = 1e-9  # relative; a candidate equal to dense (the dense seed itself) is kept
 
 
@@ -55,11 +60,6 @@ def uniform_seed(
         if ms <= budget_ms and (best is None or (ms, f) > best[:2]):
             best = (ms, float(f), cand)
     return None if best is None else best[2]
-
-
-def _space_signature(space: PruningSpace) -> str:
-    spec = [[u.name, list(u.sizes)] for u in space.units]
-    return hashlib.sha1(json.dumps(spec).encode()).hexdigest()
 
 
 def _clean_scores(raw: Mapping[str, object]) -> dict[str, float]:
@@ -84,52 +84,26 @@ def _to_evaluation(cand: Candidate, ms: float, scores: Mapping[str, float], sour
     )
 
 
-def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
-    cur = dbapi_conn.cursor()  # type: ignore[attr-defined]  # SQLAlchemy types the DB-API connection as Any-less
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
-
-
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    # Optuna logs one INFO line per trial; the progress bar says the same thing once.
+    # Optuna logs one INFO line per trial (and a WARNING per surplus trial); the progress bar says it once.
     old = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         yield
     finally:
         optuna.logging.set_verbosity(old)
 
 
-def _open_study(
-    path: Path, *, space: PruningSpace, seed: int, population: int
-) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
-    storage = optuna.storages.RDBStorage(url=f"sqlite:///{path.resolve()}")
-    # Optuna commits once per suggested parameter; with SQLite's default rollback journal each
-    # commit is an fsync (~10 ms here), which made storage 2/3 of a search. WAL + synchronous=NORMAL
-    # keeps the file consistent across crashes and power loss (it may lose the last trials only).
-    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
-    storage.engine.dispose()  # reopen pooled connections so they get the pragmas
-    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-    study = optuna.create_study(
-        storage=storage,
-        sampler=sampler,
-        study_name=STUDY_NAME,
-        directions=["minimize", "minimize"],
-        load_if_exists=True,
-    )
-    sig = _space_signature(space)
-    old = study.user_attrs.get("space_signature")
-    if old is None:
-        study.set_user_attr("space_signature", sig)
-        study.set_user_attr("units", [u.name for u in space.units])
-    elif old != sig:
-        raise HwpruneError(
-            f"{path} holds a study over a different pruning space; "
-            "use a new run directory or delete study.db to start over"
-        )
-    return study, storage
+_NO_HEARTBEAT = (
+    "still waiting for a trial another worker of {where} runs; Optuna's journal storage has no heartbeats, so "
+    "if that worker was killed its trial keeps its slot: stop here (Ctrl-C keeps every finished trial), and use "
+    "PostgreSQL when workers may die"
+)
+
+
+class _Surplus(Exception):
+    """Every one of the study's ``trials`` slots is taken by a finished trial: this one is not counted."""
 
 
 def run_nsga(
@@ -138,64 +112,100 @@ def run_nsga(
     predict: Callable[[Candidate], float],
     evaluate: Evaluate,
     dense_ms: float,
-    storage_path: str | Path,
+    store: StudyStore | None = None,
+    run_dir: str | Path = ".",
+    key: Mapping[str, Any] | None = None,
+    request: Mapping[str, Any] | None = None,
     trials: int,
     seed: int = 0,
     population: int = 24,
     seeds: Sequence[Seed] = (),
     progress: bool = True,
 ) -> list[Evaluation]:
-    """Run (or resume) the study up to ``trials`` finished trials; return every distinct evaluation.
+    """Join (or create) the study and work on it until it holds ``trials`` finished trials in all;
+    return every distinct evaluation in it.
 
     Candidates predicted slower than dense are pruned before scoring: they can never be picked.
+    ``key``: what the request's scores depend on (see :mod:`hwprune.search.study`).
     """
-    names = [u.name for u in space.units]
+    store = store or StudyStore()
+    url = store.resolved(Path(run_dir))
+    where = f"{describe(url)} (study {store.name!r})" if store.url else url
     cache: dict[str, Evaluation] = {}
     with _quiet_optuna():
-        study, storage = _open_study(Path(storage_path), space=space, seed=seed, population=population)
+        if store.fresh and storage_kind(url) == "sqlite":  # a corrupt file cannot even be opened to delete a study
+            for f in (url, f"{url}-wal", f"{url}-shm"):
+                Path(f.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        storage = open_storage(url, heartbeat_s=store.heartbeat_s)
         try:
-            # Rebuild evaluations of finished trials; latency is re-predicted (the table may be newer).
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                if "sizes" in t.user_attrs and "scores" in t.user_attrs:
-                    cand = Candidate(tuple(int(s) for s in t.user_attrs["sizes"]))
-                    scores = {**t.user_attrs["scores"], "params": t.user_attrs.get("params", 0)}
-                    cache.setdefault(
-                        cand.key(),
-                        _to_evaluation(cand, float(predict(cand)), scores, t.user_attrs.get("source", "nsga")),
-                    )
-            done = sum(t.state in _DONE for t in study.get_trials(deepcopy=False))
-            # A trial left RUNNING by an interrupted run is not counted and its seed is enqueued again.
-            queued = {
-                Candidate(tuple(int(t.system_attrs["fixed_params"][n]) for n in names)).key()
-                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            }
-            taken = {
-                Candidate(tuple(int(t.params[n]) for n in names)).key()
-                for t in study.get_trials(deepcopy=False, states=_DONE)
-            }
-            for s in seeds:
-                k = s.candidate.key()
-                if k not in queued and k not in taken:
-                    study.enqueue_trial(dict(zip(names, s.candidate.sizes)), user_attrs={"source": s.source})
-                    queued.add(k)
+            study, _ = join_study(
+                storage,
+                name=store.name,
+                where=where,
+                space=space,
+                key=key,
+                request=request,
+                dense_ms=dense_ms,
+                seeds=[(s.candidate, s.source) for s in seeds],
+                seed=seed,
+                population=population,
+                fresh=store.fresh,
+            )
+
+            def rebuild(trials: Sequence[FrozenTrial]) -> None:
+                # Evaluations of finished trials (any worker's); latency is re-predicted (the table may be newer).
+                for t in trials:
+                    if t.state == TrialState.COMPLETE and "sizes" in t.user_attrs and "scores" in t.user_attrs:
+                        cand = Candidate(tuple(int(s) for s in t.user_attrs["sizes"]))
+                        if cand.key() not in cache:
+                            scores = {**t.user_attrs["scores"], "params": t.user_attrs.get("params", 0)}
+                            src = t.user_attrs.get("source", "nsga")
+                            cache[cand.key()] = _to_evaluation(cand, float(predict(cand)), scores, src)
+
+            rebuild(study.get_trials(deepcopy=False))
+            worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
+            heartbeats = storage_kind(url) != "journal"
 
             def objective(trial: optuna.Trial) -> tuple[float, float]:
+                seen = study.get_trials(deepcopy=False)
+                waited = 0
+                while (state := slot(seen, trial.number, trials)) == "wait":
+                    time.sleep(0.5)  # a lower trial still runs; if its worker died, heartbeats fail it
+                    waited += 1
+                    if waited == 120 and not heartbeats:
+                        print(_NO_HEARTBEAT.format(where=where), file=sys.stderr)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(study)
+                    seen = study.get_trials(deepcopy=False)
+                    if any(t.state == TrialState.WAITING for t in seen):
+                        state = "surplus"  # a dead worker's trial was queued again: it takes the freed slot
+                        break
+                rebuild(seen)  # another worker may have scored this very candidate already
+                if state == "surplus":
+                    trial.set_user_attr("surplus", f"not counted: the study's {trials} trial slots were taken")
+                    raise _Surplus(trial.number)
                 cand = Candidate(tuple(int(trial.suggest_categorical(u.name, list(u.sizes))) for u in space.units))
                 source = str(trial.user_attrs.get("source", "nsga"))
                 trial.set_user_attr("source", source)
+                trial.set_user_attr("worker", worker)
                 trial.set_user_attr("sizes", list(cand.sizes))
                 ms = float(predict(cand))
+                trial.set_user_attr("predicted_ms", ms)
+                trial.set_user_attr("predicted_speedup", dense_ms / ms)
                 if ms > dense_ms * (1 + _SLOWER_TOL):
                     raise optuna.TrialPruned()
                 ev = cache.get(cand.key())
                 if ev is None:
+                    t0 = time.perf_counter()
                     ev = _to_evaluation(cand, ms, _clean_scores(evaluate(cand)), source)
+                    trial.set_user_attr("score_s", time.perf_counter() - t0)  # the rest of a trial is overhead
                     cache[cand.key()] = ev
                 trial.set_user_attr("scores", dict(ev.scores))
+                trial.set_user_attr("distance", ev.distance)
                 trial.set_user_attr("params", ev.params)
                 return ms, ev.distance
 
-            remaining = max(0, trials - done)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             with Progress(
@@ -206,10 +216,17 @@ def run_nsga(
                 disable=not progress,
                 transient=False,
             ) as bar:
-                task = bar.add_task("trials", total=trials, completed=done)
-                study.optimize(objective, n_trials=remaining, catch=(), callbacks=[lambda _s, _t: bar.advance(task)])
+                task = bar.add_task("trials", total=trials, completed=min(trials, finished(study)))
+
+                def after(st: optuna.Study, _t: FrozenTrial) -> None:
+                    n = finished(st)
+                    bar.update(task, completed=min(trials, n))
+                    if n >= trials:
+                        st.stop()
+
+                if finished(study) < trials:
+                    study.optimize(objective, catch=(_Surplus,), callbacks=[after])
+            rebuild(study.get_trials(deepcopy=False))
         finally:
-            # Release the SQLite file so the run directory can be moved or deleted right away.
-            storage.remove_session()
-            storage.engine.dispose()
+            close_storage(storage)
     return list(cache.values())

@@ -25,6 +25,7 @@ from hwprune.errors import HwpruneError, TargetUnreachableError
 from hwprune.search.dp import DPSolution, floor2, solve_dp
 from hwprune.search.nsga import Evaluate, Seed, run_nsga, uniform_seed
 from hwprune.search.pareto import Evaluation, ParetoSet
+from hwprune.search.storage import StudyStore
 from hwprune.space import Candidate, PruningSpace
 
 if TYPE_CHECKING:
@@ -246,8 +247,14 @@ def search(
     config: SearchConfig,
     run_dir: str | Path,
     progress: bool = True,
+    store: StudyStore | None = None,
+    key: Mapping[str, Any] | None = None,
+    request: Mapping[str, Any] | None = None,
 ) -> SearchResult:
-    """Search for one candidate per target; see the module docstring for the flow and the files."""
+    """Search for one candidate per target; see the module docstring for the flow and the files.
+
+    ``store``: the study to join (default ``run_dir/study.db``); ``key``: what the scores depend on,
+    recorded in the study so a worker with another request is refused (None: the space alone)."""
     run_dir = Path(run_dir)
     dense_ms = float(predictor.dense_ms())
     errors = proxy_state.unit_errors()
@@ -272,7 +279,10 @@ def search(
         predict=predictor.predict,
         evaluate=_evaluator(proxy_state, scorer),
         dense_ms=dense_ms,
-        storage_path=run_dir / "study.db",
+        store=store,
+        run_dir=run_dir,
+        key=key,
+        request=request,
         trials=config.trials if config.trials is not None else DEFAULT_TRIALS,
         seed=config.seed,
         population=config.population,
@@ -299,11 +309,11 @@ def search(
         picks=picks,
         run_dir=run_dir,
     )
-    _write_outputs(result)
+    write_outputs(result)
     return result
 
 
-def _write_outputs(result: SearchResult) -> None:
+def write_outputs(result: SearchResult) -> None:
     """All three files appear together or not at all: each goes to a temporary name, renamed at the end."""
     d = result.run_dir
     with contextlib.ExitStack() as stack:
