@@ -184,7 +184,7 @@ def search(
     proxy: str = typer.Option(
         "obs",
         "--proxy",
-        help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale, decoders also wanda_sp.",
+        help="Accuracy proxy: obs (ZipLM structured OBS with weight reconstruction), flap (fluctuation + bias compensation), magnitude (baseline); CNNs also bn_scale; decoders also wanda_sp and the depth proxies bi (ShortGPT Block Influence) and angular (angular distance).",
     ),
     calib: Optional[Path] = typer.Option(
         None,

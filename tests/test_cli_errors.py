@@ -116,9 +116,9 @@ def test_corrupt_study_db(run: Path, tiny_folder: Path, tiny_table: Path) -> Non
     before = _files(run)
     args = ["search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table]
     msg = one_line_error(
-        invoke(*args, "--target-speedup", "1.2", "--trials", "6", "-o", run, "--no-progress"), "cannot be opened"
+        invoke(*args, "--target-speedup", "1.2", "--trials", "6", "-o", run, "--no-progress"), "cannot open the SQLite file"
     )
-    assert "study.db" in msg and "delete" in msg
+    assert "study.db" in msg and "--fresh" in msg
     after = _files(run)
     # the damaged database is left for the user to inspect; run.json is rewritten whole with the same request
     assert {k: v for k, v in after.items() if k != "run.json"} == {k: v for k, v in before.items() if k != "run.json"}

@@ -15,6 +15,9 @@ LLaMA / Mistral / Qwen2 output projection has no bias, so nothing does: errors u
 - ``wanda_sp``: structured Wanda, ``sum_{j in e} sum_i |W_ij| * ||x_j||``; plain removal.
 - ``flap``: FLAP's fluctuation ``Var(x_j) * ||W[:, j]||^2``; bias compensation where there is a bias.
 - ``obs``: structured OBS order and least-squares refit of the kept columns.
+- ``bi`` / ``angular`` (depth): a sublayer's removal priced by ShortGPT's Block Influence ``1 - cos``
+  or by the angular distance ``arccos(cos) / pi`` between the streams entering and leaving it; sizes
+  between 0 and full cost as much as removal, so the search removes sublayers and blocks.
 
 All fits take ``(adapter, space, calib, *, stats=None, batch=8, threads=None, progress=True)`` plus
 their own options; ``stats`` (from :func:`.collect.collect_stats`) lets one pass serve several proxies.
@@ -27,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from hwprune.errors import HwpruneError
 from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData, register_proxy
 from hwprune.proxies.database import Track, curve, prefix_errors
@@ -47,6 +51,11 @@ __all__ = [
     "fit_wanda_sp",
     "fit_flap",
     "fit_obs",
+    "DepthState",
+    "BlockInfluenceState",
+    "AngularState",
+    "fit_block_influence",
+    "fit_angular",
 ]
 
 
@@ -293,3 +302,127 @@ def fit_obs(
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
             bar.advance(task)
     return ObsState(adapter, space, tracks, params=params, damp=damp, meta=state_meta)
+
+
+# ---- depth: Block Influence and angular distance -----------------------------------------------------
+
+
+class DepthState(_PlainState):
+    """A depth proxy prices a sublayer kept (0) or removed (its score), nothing in between.
+
+    Every size below full costs the removal score, so the DP spends its budget on removing whole
+    sublayers and blocks (narrowing one costs as much and saves less). Should a candidate still keep
+    a unit at an intermediate size, its elements go by weight magnitude, plain removal.
+    ``depth`` holds the per-layer scores for inspection: ``attn``, ``ffn`` and ``block`` (the whole
+    block's, ShortGPT's figure).
+    """
+
+    def __init__(self, *args: object, depth: dict[str, np.ndarray], **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards DecoderState.__init__ unchanged
+        self.depth = depth
+
+    def removal_order(self) -> list[int]:
+        """Blocks least important first by their own score (ShortGPT's order for ``bi``)."""
+        return [int(i) for i in np.argsort(self.depth["block"], kind="stable")]
+
+
+class BlockInfluenceState(DepthState):
+    name = "bi"
+
+
+class AngularState(DepthState):
+    """Angular distance ``arccos(cos) / pi`` per sublayer, and Gromov et al.'s rule for runs of blocks.
+
+    ``runs[n - 1, l]``: mean over calibration sequences of the angular distance between the stream
+    entering block ``l`` and leaving block ``l + n - 1`` at the sequence's last real token (NaN where
+    the run passes the last block). :meth:`best_run` picks the run to remove for ``n`` blocks.
+    """
+
+    name = "angular"
+
+    def __init__(self, *args: object, runs: np.ndarray, depth: dict[str, np.ndarray], **kw: object) -> None:
+        super().__init__(*args, depth=depth, **kw)
+        self.runs = runs
+
+    def best_run(self, n: int) -> tuple[int, float]:
+        """(first block, distance) of the ``n`` consecutive blocks whose removal changes the stream least."""
+        if not 1 <= n <= self.runs.shape[0]:
+            raise HwpruneError(f"a run of {n} blocks: choose 1 to {self.runs.shape[0]}")
+        row = self.runs[n - 1]
+        start = int(np.nanargmin(row))
+        return start, float(row[start])
+
+
+def _angle(cos: float | np.ndarray | torch.Tensor) -> np.ndarray:
+    return np.arccos(np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0)) / np.pi
+
+
+def _depth_tracks(
+    adapter: Family, space: PruningSpace, stats: list[LayerStats], score: dict[str, np.ndarray]
+) -> list[Track]:
+    tracks = []
+    with torch.inference_mode():
+        for u in space.units:
+            lin, st = sublayer(adapter, stats, u)
+            magnitude = _magnitude_score(lin.weight.detach().double(), st, u.granule)
+            order = np.argsort(magnitude.numpy(), kind="stable")
+            err = np.full(u.full + 1, float(max(score[u.kind][u.layer], 0.0)))
+            err[u.full] = 0.0
+            tracks.append(Track(u, order, err))
+    return tracks
+
+
+@register_proxy("bi", family="decoder")
+def fit_block_influence(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> BlockInfluenceState:
+    """ShortGPT's Block Influence, ``1 - mean cos(h_in, h_out)`` over calibration tokens, per sublayer.
+
+    A whole block's removal is priced as its two sublayers' sum; ``depth["block"]`` keeps the block's own.
+    """
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
+    depth = {
+        "attn": np.array([1.0 - s.cos_attn for s in stats]),
+        "ffn": np.array([1.0 - s.cos_ffn for s in stats]),
+        "block": np.array([1.0 - s.cos_block for s in stats]),
+    }
+    tracks = _depth_tracks(adapter, space, stats, depth)
+    return BlockInfluenceState(adapter, space, tracks, depth=depth, meta={"calib": calib.source})
+
+
+@register_proxy("angular", family="decoder")
+def fit_angular(
+    adapter: Family,
+    space: PruningSpace,
+    calib: CalibData,
+    *,
+    stats: list[LayerStats] | None = None,
+    batch: int = 8,
+    threads: int | None = None,
+    progress: bool = True,
+) -> AngularState:
+    """Angular distance (Gromov et al., 2024): ``arccos(cos) / pi`` between a sublayer's input and output
+    streams per unit; whole runs of blocks from the last-token streams (:meth:`AngularState.best_run`)."""
+    stats = ensure_stats(adapter, calib, stats, batch=batch, threads=threads, progress=progress)
+    layers = len(stats)
+    runs = np.full((layers, layers), np.nan)
+    for first in range(layers):
+        a = stats[first].last_in.double()
+        for n in range(1, layers - first + 1):
+            b = stats[first + n - 1].last_out.double()
+            cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+            runs[n - 1, first] = float(_angle(cos.numpy()).mean())
+    depth = {
+        "attn": _angle(np.array([s.cos_attn for s in stats])),
+        "ffn": _angle(np.array([s.cos_ffn for s in stats])),
+        "block": runs[0].copy(),
+    }
+    tracks = _depth_tracks(adapter, space, stats, depth)
+    return AngularState(adapter, space, tracks, depth=depth, runs=runs, meta={"calib": calib.source})
