@@ -115,9 +115,8 @@ def test_corrupt_study_db(run: Path, tiny_folder: Path, tiny_table: Path) -> Non
     (run / "study.db").write_bytes(b"SQLite format 2\x00" + bytes(range(256)) * 8)
     before = _files(run)
     args = ["search", "--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table]
-    msg = one_line_error(
-        invoke(*args, "--target-speedup", "1.2", "--trials", "6", "-o", run, "--no-progress"), "cannot open the SQLite file"
-    )
+    res = invoke(*args, "--target-speedup", "1.2", "--trials", "6", "-o", run, "--no-progress")
+    msg = one_line_error(res, "cannot open the SQLite file")
     assert "study.db" in msg and "--fresh" in msg
     after = _files(run)
     # the damaged database is left for the user to inspect; run.json is rewritten whole with the same request

@@ -314,3 +314,14 @@ def test_bench_workers_unreachable_server_is_one_line(tmp_path: Path, capsys: py
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "cannot connect to PostgreSQL" in err and "\n" not in err
     assert "secret" not in err and not out.exists()
+
+
+def test_bench_e2e_time_failing_stage_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage that fails (here: an unknown model) ends the benchmark in one line naming the command and
+    its log; no result file is written."""
+    out, work = tmp_path / "e.json", tmp_path / "work"
+    rc = _script("bench_e2e_time").main(["--model", "nope-model", "--work", str(work), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "`hwprune profile` exited with 2" in err and "\n" not in err
+    assert str(work / "commands.log") in err and "nope-model" in (work / "commands.log").read_text()
+    assert not out.exists()
