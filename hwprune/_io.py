@@ -19,8 +19,12 @@ __all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "check_writab
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    ``path`` must be a regular file or absent: renaming onto ``/dev/null`` (run as root) would replace
+    the device with a file, so special files are refused before anything is written."""
     path = Path(path)
+    _refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -52,6 +56,19 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _refuse_special(path: Path) -> None:
+    import stat
+
+    from hwprune.errors import HwpruneError
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise HwpruneError(f"cannot write {path}: it is a device or other special file; choose a file path")
+
+
 def check_writable(path: str | os.PathLike[str], *, what: str = "output") -> None:
     """Refuse, before any work, an output ``path`` that could not be written: its nearest existing
     ancestor must be a writable folder. (Whether an existing ``path`` is of the right kind, a file or a
@@ -59,6 +76,7 @@ def check_writable(path: str | os.PathLike[str], *, what: str = "output") -> Non
     from hwprune.errors import HwpruneError
 
     p = Path(path).absolute()
+    _refuse_special(p)
     for parent in (p, *p.parents):
         if parent.exists():
             break

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from test_cli import invoke, one_line_error, tiny_folder, tiny_table  # noqa: F401  (fixtures)
+
+from hwprune.errors import HwpruneError
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -172,3 +175,16 @@ def test_onnx_runtime_failure_is_one_line() -> None:
         with pytest.raises(HwpruneError, match="ONNX Runtime failed while running a graph") as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_atomic_writes_refuse_device_files() -> None:
+    """``-o /dev/null`` must not replace the device with a file (renaming onto it works for root)."""
+    from hwprune._io import check_writable, write_json
+
+    before = os.stat("/dev/null")
+    with pytest.raises(HwpruneError, match="device or other special file"):
+        write_json("/dev/null", {"a": 1})
+    with pytest.raises(HwpruneError, match="device or other special file"):
+        check_writable("/dev/null")
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
