@@ -296,9 +296,46 @@ def run_search(
 def run_picks(store: StudyStore, *, out: str) -> SearchResult:
     """``hwprune picks``: the front and one pick per target from a study, written as a run directory
     that ``run_export`` reads; nothing is searched."""
-    from hwprune.search.front import read_front
+    return run_device_picks(store, out=out)[""]
 
-    return read_front(store, out=out)[0]
+
+def run_device_picks(
+    store: StudyStore, *, out: str, devices: Sequence[str] = (), table_store: str | None = None
+) -> dict[str, SearchResult]:
+    """``hwprune picks --device A --device B``: one study, a front and picks per device.
+
+    ``""`` is the study's own table, written to ``out``; each device's table comes from the registry
+    (``table_store``) and its run directory is ``out/<device>`` (``hwprune export out/<device>`` on that
+    device). With devices, ``out/pareto_devices.png`` draws every front.
+    """
+    from hwprune.latency.store import for_device
+    from hwprune.search.front import plot_fronts, read_front, repredict
+    from hwprune.search.run import write_outputs
+
+    base, run, _ = read_front(store, out=out)
+    results = {"": base}
+    if not devices:
+        return results
+    sreq = SearchRequest.from_json(run["request"])
+    adapter = load_adapter(sreq.model, weights=sreq.weights, input_shape=sreq.input_shape)
+    registry = table_store or str(TABLES_DIR / "store")
+    space = base.pareto.space
+    for device in devices:
+        path = for_device(registry, device=device, model=adapter.name, shape_key=adapter.shape_key())
+        table = LatencyTable.load(path)
+        table.check_model(adapter)
+        predictor = make_predictor(table, space, adapter)
+        dest = Path(out) / Path(path).parent.name.split("--")[0]
+        res = repredict(base, predict=predictor.predict, dense_ms=float(predictor.dense_ms()), out=dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        doc = {**run, "table": str(path), "settings": dict(table.settings), "fingerprint": table.fingerprint.to_json()}
+        write_json(
+            dest / "run.json", {**doc, "device": device, "storage": describe(str(store.url)), "study": store.name}
+        )
+        write_outputs(res)
+        results[device] = res
+    plot_fronts({"study's table": base, **{d: r for d, r in results.items() if d}}, Path(out) / "pareto_devices.png")
+    return results
 
 
 def _materialize_picks(adapter: Family, state: ProxyState, result: SearchResult, run_dir: Path) -> None:

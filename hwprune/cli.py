@@ -322,20 +322,41 @@ def picks(
     output: Path = typer.Option(
         Path("runs/picks"), "-o", "--output", help="Run directory to write (then: hwprune export DIR)."
     ),
+    device: Optional[list[str]] = typer.Option(
+        None,
+        "--device",
+        help="Also pick for this device (repeatable): its table from --table-store re-predicts every trial; "
+        "written to OUTPUT/<device>, all fronts in OUTPUT/pareto_devices.png.",
+    ),
+    table_store: Optional[Path] = typer.Option(
+        None, "--table-store", help="Table registry for --device (default latency_tables/store)."
+    ),
 ) -> None:
     """Read a study's Pareto front and the pick per target from any machine, without searching: writes run.json, pareto.csv, pareto.png and picks.json for `hwprune export`.
 
+    Scores do not depend on the device, so one study serves a fleet: --device re-predicts its trials with
+    each device's table and picks per device (export each on its device).
+
     Example:  hwprune picks --storage postgresql://hw:pw@db:5432/hw --study minilm-2x -o runs/minilm && hwprune export runs/minilm
+    Example:  hwprune picks --storage runs/minilm/study.db --device edge-1 --device server-2 -o runs/fleet && hwprune export runs/fleet/edge-1
     """
-    from hwprune.api import run_picks
+    from hwprune.api import run_device_picks
     from hwprune.search.storage import StudyStore
 
     try:
-        result = run_picks(StudyStore(url=storage, name=study), out=str(output))
+        results = run_device_picks(
+            StudyStore(url=storage, name=study),
+            out=str(output),
+            devices=list(device or []),
+            table_store=str(table_store) if table_store else None,
+        )
     except HwpruneError as e:
         _fail(e)
-    out.print(f"{len(result.evaluations)} distinct subnets, {len(result.front)} on the front; wrote {output}")
-    _print_picks(result)
+    for name, result in results.items():
+        where = output / name if name else output
+        label = f"device {name}: " if name else ""
+        out.print(f"{label}{len(result.evaluations)} distinct subnets, {len(result.front)} on the front; wrote {where}")
+        _print_picks(result)
 
 
 tables_app = typer.Typer(

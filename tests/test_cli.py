@@ -279,3 +279,46 @@ def test_rerun_with_another_request_is_refused_and_picks_reads_the_study(tiny_fo
     assert res.exit_code == 0, res.output
     for p in new.values():
         assert (tmp_path / "picked" / "candidates" / p["key"] / "manifest.json").is_file()
+
+
+def test_picks_for_several_devices_from_one_study(tiny_folder, tiny_table, tiny_run, tmp_path):
+    """One study, two devices' tables: each device gets its own front and picks from the same trials."""
+    import dataclasses
+
+    import pandas as pd
+
+    from hwprune.api import load_adapter, make_predictor
+    from hwprune.latency.store import file_table
+    from hwprune.latency.table import LatencyTable
+    from hwprune.space import Candidate
+
+    reg = tmp_path / "reg"
+    a = LatencyTable.load(tiny_table)
+    file_table(a, reg, device="box-a")
+    b = LatencyTable.load(tiny_table)
+    slow_ffn = [v * (4.0 if k == "ffn" else 1.0) for k, v in zip(b.frame["kind"], b.frame["median_ms"])]
+    b.frame = b.frame.assign(median_ms=slow_ffn)
+    b.fingerprint = dataclasses.replace(b.fingerprint, threads=b.fingerprint.threads + 1)  # another machine's
+    file_table(b, reg, device="box-b")
+    out = tmp_path / "fleet"
+    res = invoke(
+        "picks", "--storage", tiny_run / "study.db", "--device", "box-a", "--device", "box-b",
+        "--table-store", reg, "-o", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "device box-b:" in res.output and (out / "pareto_devices.png").stat().st_size > 0
+    own = json.loads((out / "picks.json").read_text())["picks"]
+    same = json.loads((out / "box-a" / "picks.json").read_text())["picks"]
+    assert {k: v["key"] for k, v in same.items()} == {k: v["key"] for k, v in own.items()}  # same table, same picks
+    frame_b = pd.read_csv(out / "box-b" / "pareto.csv", dtype={"key": str})
+    run_b = json.loads((out / "box-b" / "run.json").read_text())
+    assert run_b["device"] == "box-b" and run_b["fingerprint"]["threads"] == b.fingerprint.threads
+    adapter = load_adapter(str(tiny_folder))
+    pred = make_predictor(LatencyTable.load(run_b["table"]), adapter.space(str(tiny_folder / "space.yaml")), adapter)
+    for _, r in frame_b.iterrows():
+        sizes = json.loads(r["sizes"])
+        cand = Candidate(tuple(sizes[u.name] for u in pred.space.units))
+        assert r["predicted_ms"] == pytest.approx(pred.predict(cand), rel=1e-9)
+    assert len(frame_b) == len(pd.read_csv(out / "pareto.csv"))  # the same trials, re-predicted
+    res = invoke("export", out / "box-b", "--no-progress")  # each device's picks export as a run
+    assert res.exit_code == 0, res.output

@@ -8,6 +8,8 @@ export`` reads, so the chosen subnets can be cut and measured on the machine tha
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from hwprune.search.storage import StudyStore, close_storage, describe, open_sto
 from hwprune.search.study import finished, load_study, units_space
 from hwprune.space import Candidate
 
-__all__ = ["read_front"]
+__all__ = ["read_front", "repredict", "plot_fronts"]
 
 
 def read_front(store: StudyStore, *, out: str | Path) -> tuple[SearchResult, dict[str, Any], int]:
@@ -87,3 +89,65 @@ def read_front(store: StudyStore, *, out: str | Path) -> tuple[SearchResult, dic
     write_json(out / "run.json", {**run, "storage": where, "study": store.name})
     write_outputs(result)
     return result, run, n_done
+
+
+def repredict(
+    result: SearchResult, *, predict: Callable[[Candidate], float], dense_ms: float, out: str | Path
+) -> SearchResult:
+    """``result``'s evaluated subnets with another device's predicted ms: its own front and picks.
+
+    Scores do not depend on the device (they compare outputs), so one study's trials serve every table;
+    only latency is re-predicted. The trials were steered by the study's own table, so another device's
+    front is the best *among them*, not a search of its own.
+    """
+    evals = [dataclasses.replace(e, predicted_ms=float(predict(e.candidate))) for e in result.evaluations]
+    budgets = budgets_for(result.config, dense_ms)
+    picks: dict[float, Evaluation] = {}
+    for target, b in budgets.items():
+        p = pick_within(evals, b, band=result.config.pick_band)
+        if p is not None:
+            picks[target] = p
+    pareto = ParetoSet.of(evals, space=result.pareto.space, dense_ms=dense_ms)
+    return SearchResult(
+        config=result.config,
+        dense_ms=dense_ms,
+        budgets=budgets,
+        dp={},
+        evaluations=pareto.evaluations,
+        pareto=pareto,
+        picks=picks,
+        run_dir=Path(out),
+    )
+
+
+def plot_fronts(results: Mapping[str, SearchResult], path: str | Path) -> Path:
+    """One Pareto front per device (predicted speedup over that device's dense model vs distance), PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hwprune._io import atomic_path
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, res in results.items():
+        front = res.pareto.front
+        line = ax.plot(
+            [res.dense_ms / e.predicted_ms for e in front],
+            [e.distance for e in front],
+            "-o",
+            ms=4,
+            drawstyle="steps-pre",
+            label=f"{name} (dense {res.dense_ms:.3g} ms)",
+        )[0]
+        for target, ev in res.picks.items():
+            ax.scatter([res.dense_ms / ev.predicted_ms], [ev.distance], marker="*", s=120, color=line.get_color())
+            ax.annotate(f"{target:g}x", (res.dense_ms / ev.predicted_ms, ev.distance), fontsize=8)
+    ax.set_xlabel("predicted speedup over the dense model on that device")
+    ax.set_ylabel("distance to the dense model (lower is better)")
+    ax.set_title("One study, one front per device (stars: picks per target)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)
