@@ -64,6 +64,8 @@ class Proxy:
     def build(self, cand: Candidate) -> _Model:
         return _Model(cand.sizes)
 
+    scoring_model = build
+
 
 class Scorer:
     def __init__(self, space: PruningSpace, errors: list[np.ndarray], seconds: float) -> None:
