@@ -69,7 +69,10 @@ class SublayerStats:
         """Fold ``x`` (tokens, width) in; the product runs in float32 (fast) and accumulates in ``dtype``."""
         if self._xtx is None:
             raise RuntimeError("statistics were spilled to disk; they take no more tokens")
-        self._xtx += (x.T @ x).to(self.dtype)
+        if x.dtype == self.dtype:  # accumulate in place: no width^2 temporary (268 MB for an 8192-wide FFN)
+            self._xtx.addmm_(x.T, x)
+        else:
+            self._xtx += (x.T @ x).to(self.dtype)
         self.sum += x.sum(0, dtype=torch.float64)
         self.sumsq += x.double().square().sum(0)
         self.count += int(x.shape[0])

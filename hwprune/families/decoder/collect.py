@@ -116,7 +116,9 @@ def collect_stats(
     with num_threads(threads), progress_bar(progress) as bar:
         task = bar.add_task("activation statistics", total=cfg.num_layers)
         prepared = [model.prepare(ids, mask) for ids, mask in parts]
-        xs = [p[0] for p in prepared]
+        xs = [p[0] for p in prepared]  # the residual streams, replaced block by block
+        ctx = [p[1:] for p in prepared]  # (mask, rope) per batch
+        del prepared
         for i, block in enumerate(model.blocks()):
             assert isinstance(block, Block)
             g, p, f = cfg.layer_shape(i)
@@ -128,27 +130,29 @@ def collect_stats(
             if block.mlp_norm is not None:
                 handles.append(block.mlp_norm.register_forward_pre_hook(on_residual(st.ffn, True)))
                 handles.append(block.mlp.down_proj.register_forward_hook(on_input(st.ffn)))
-            outs, cos = [], [0.0, 0.0, 0.0]
+            cos = [0.0, 0.0, 0.0]
+            st.last_in = last_tokens(xs)
             try:
-                for j, (x, prep) in enumerate(zip(xs, prepared)):
+                for j, (x, (mask, rope)) in enumerate(zip(xs, ctx)):
                     cur[0], mid[:] = j, []
-                    out = block(x, prep[1], prep[2], None)[0]
+                    out = block(x, mask, rope, None)[0]
                     x_in, x_out = tokens(x), tokens(out)
                     x_mid = tokens(mid[0]) if mid else x_out  # no FFN: the attention output is the block's
                     cos[0] += _cos_sum(x_in, x_mid)
                     cos[1] += _cos_sum(x_mid, x_out)
                     cos[2] += _cos_sum(x_in, x_out)
-                    outs.append(out)
+                    xs[j] = out  # block i's input is no longer needed: one copy of the streams, not two
+                    del x, x_in, x_out, x_mid
             finally:
                 for h in handles:
                     h.remove()
+                mid[:] = []
             n = max(sum(int(k.sum()) for k in keeps), 1)
             st.cos_attn, st.cos_ffn, st.cos_block = (c / n for c in cos)
-            st.last_in, st.last_out = last_tokens(xs), last_tokens(outs)
+            st.last_out = last_tokens(xs)
             if spill is not None:
                 st.attn.spill(spill, f"layer{i}.attn")
                 st.ffn.spill(spill, f"layer{i}.ffn")
             stats.append(st)
-            xs = outs
             bar.advance(task)
     return stats
