@@ -1,4 +1,4 @@
-"""hwprune command line: profile | search | export. Thin: arguments -> one call in hwprune.api -> exit code."""
+"""hwprune command line: profile | search | export | generate. Thin: arguments -> one call in hwprune.api -> exit code."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ app = typer.Typer(
         "1. profile: measure block latencies on this machine -> latency_tables/*.parquet\n\n"
         "2. search:  find the most accurate subnets for target speedups -> runs/NAME/\n\n"
         "3. export:  cut them physically, export ONNX, check parity, measure predicted vs real speedup.\n\n"
+        "4. generate: try an exported language model in one line (ONNX Runtime, streamed).\n\n"
         "Quick start:  hwprune search --model minilm --target-speedup 2 --export"
     ),
     no_args_is_help=True,
@@ -311,6 +312,54 @@ def export(
         _fail(e)
     except Exception as e:
         _fail(_known(e))
+
+
+@app.command()
+def generate(
+    folder: Path = typer.Argument(
+        ..., help="An exported candidate: RUN/candidates/KEY (manifest.json, decoder.onnx, tokenizer.json)."
+    ),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="New tokens at most (stops at end-of-text)."),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="0 = greedy (the most likely token, reproducible); > 0 samples softmax(logits / T)."
+    ),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="With --temperature: sample among the k most likely."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+    threads: int = typer.Option(1, "--threads", help="ONNX Runtime intra-op threads."),
+) -> None:
+    """Generate text with an exported language model in ONNX Runtime (CPU), streaming tokens as they come: the prompt runs through decoder.onnx with an empty KV cache, then one token per call with the cache. Prints time to first token and tokens/s on stderr.
+
+    Example:  hwprune generate runs/smollm2/candidates/KEY --prompt "The capital of France is" --max-new-tokens 32
+    """
+    from hwprune.generate import GenerateRequest, run_generate
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        req = GenerateRequest(
+            folder=str(folder),
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            threads=threads,
+        )
+        _, stats = run_generate(req, on_text=show)
+    except HwpruneError as e:
+        _fail(e)
+    except Exception as e:
+        _fail(_known(e))
+    sys.stdout.write("\n")
+    err.print(
+        f"{stats.new_tokens} new tokens after a {stats.prompt_tokens}-token prompt: first after {stats.ttft_ms:.1f} ms, "
+        f"then {stats.tokens_per_s:.1f} tokens/s (ONNX Runtime CPU, {threads} thread{'s' if threads > 1 else ''}, wall clock)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

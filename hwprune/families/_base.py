@@ -24,6 +24,8 @@ Contract, in the order the pipeline uses it:
 - accuracy: ``load_calib(...)`` returns calibration and held-out inputs; proxies are registered per
   family with ``@register_proxy(name, family=...)`` and fitted through ``fit_proxy``;
   ``scorer(calib)`` compares a pruned model with the dense one end to end.
+- export: ``extra_graphs(model)`` are ONNX graphs written beside ``model.onnx`` (a decoder's one-step
+  decode graph with its KV cache), each checked by ONNX Runtime against torch like ``model.onnx``.
 - reports: ``stats(model, batch=, seq=)`` (params and FLOPs), ``plan_summary(plan)``,
   ``parity_inputs(seq=)`` and ``parity_mask(inputs)`` for ONNX parity.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
     from hwprune.latency.table import LatencyTable
     from hwprune.proxies._base import CalibData, ProxyState
 
-__all__ = ["Family", "RawUnit", "Scorer", "SPACES_DIR"]
+__all__ = ["Family", "ExtraGraph", "RawUnit", "Scorer", "SPACES_DIR"]
 
 RawUnit = tuple[str, str, int, int, int]  # name, kind, full, layer, granule
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -70,6 +73,22 @@ class Scorer(Protocol):
     """
 
     def score(self, model: nn.Module) -> Mapping[str, float]: ...
+
+
+@dataclass(frozen=True)
+class ExtraGraph:
+    """One more ONNX graph of an exported candidate, with the evidence that it computes what torch does.
+
+    ``checks`` pairs ONNX Runtime feeds with torch's outputs on them (every output, in the graph's
+    order); the export fails when any output differs by more than the parity tolerance. ``info`` goes
+    to the manifest under ``graphs.<role>`` (how to drive the graph: its cache convention, ids...).
+    """
+
+    role: str  # manifest key, e.g. "decoder"
+    file: str  # file name in the candidate folder, e.g. "decoder.onnx"
+    onnx: bytes
+    checks: Sequence[tuple[Mapping[str, np.ndarray], Sequence[np.ndarray]]]
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Family(ABC):
@@ -177,6 +196,11 @@ class Family(ABC):
     def export_files(self, model: nn.Module, plan: Plan, folder: Path) -> dict[str, str]:
         """Extra files an export writes beside the model (a tokenizer), as {role: file name}. Default: none."""
         return {}
+
+    def extra_graphs(self, model: nn.Module) -> list[ExtraGraph]:
+        """ONNX graphs an export writes beside ``model.onnx`` (a decoder's one-step decode graph with its
+        KV cache), each with parity checks. Default: none."""
+        return []
 
     # ---- spaces -------------------------------------------------------------------------------
     def default_space_file(self) -> Path | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hwprune.families import register_family
-from hwprune.families._base import Family, RawUnit
+from hwprune.families._base import ExtraGraph, Family, RawUnit
 from hwprune.space import PruningSpace
 from hwprune.surgery.plan import Plan
 
@@ -299,6 +299,19 @@ class DecoderAdapter(Family):
             self.tokenizer.save(str(folder / "tokenizer.json"))
             files["tokenizer"] = "tokenizer.json"
         return files
+
+    def extra_graphs(self, model: nn.Module) -> list[ExtraGraph]:
+        """``decoder.onnx``: one step with a per-layer KV cache (see :mod:`.decode`), checked on a prompt
+        (empty past) and on a one-token step after a 6-token past, batch 2."""
+        from .decode import DECODER_FILE, decode_feed, decode_onnx, generation_info, reference_outputs
+
+        assert isinstance(model, Decoder)
+        checks = []
+        for past, seq in ((0, 4), (6, 1)):
+            feed = decode_feed(model.config, batch=2, past_len=past, seq=seq, seed=past)
+            checks.append(({k: v.numpy() for k, v in feed.items()}, reference_outputs(model, feed)))
+        info = generation_info(model.config)
+        return [ExtraGraph(role="decode", file=DECODER_FILE, onnx=decode_onnx(model), checks=checks, info=info)]
 
     # ---- latency, accuracy, reports ------------------------------------------------------------
     def measure_latency(
