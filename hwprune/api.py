@@ -80,13 +80,38 @@ def find_table(adapter: Family) -> tuple[Path | None, Path]:
     return next((p for p in (local, path) if p.is_file()), None), local
 
 
-def make_predictor(table: LatencyTable, space: PruningSpace, adapter: Family) -> Predictor:
-    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...)."""
+def make_predictor(
+    table: LatencyTable,
+    space: PruningSpace,
+    adapter: Family,
+    *,
+    regime: str = "prefill",
+    context: int | None = None,
+    log: Log = _noop,
+) -> Predictor:
+    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...).
+
+    ``regime="decode"``: one new token after a KV cache of ``context`` positions, from a decode table
+    (interpolated between its contexts; ``log`` gets the warning when ``context`` is outside them). A
+    table of the other regime is refused in one line.
+    """
+    from hwprune.latency.predictor import ContextPredictor
+
     if table.family != adapter.family:
         raise HwpruneError(
             f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}"
         )
-    return adapter.predictor(table, space)
+    table.check_regime(regime)
+    if regime == "prefill":
+        return adapter.predictor(table, space)
+    if context is None:
+        raise HwpruneError("a decode prediction needs the KV-cache length (context) to predict at")
+    where = f"latency table {table.path.name}" if table.path else "the latency table"
+    per = {c: adapter.predictor(table.at_context(c), space) for c in table.contexts}
+    pred = ContextPredictor(per, context, where=where)
+    if pred.warning:
+        log(pred.warning)
+    return pred
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -108,6 +133,8 @@ class ProfileRequest:
     budget_s: float | None = None
     table_store: str | None = None  # also file the table in this registry (hwprune.latency.store) ...
     device: str | None = None  # ... under this device name
+    regime: str = "prefill"  # or "decode": one new token after a KV cache of each of `contexts`
+    contexts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget_s is not None and not self.budget_s > 0:
@@ -120,7 +147,8 @@ class ProfileRequest:
 class ProfileResult:
     table: LatencyTable
     path: Path
-    dense_ms: float  # the dense model as the table predicts it
+    dense_ms: float  # the dense model as the table predicts it (decode: at the first context)
+    dense_by_context: dict[int, float] = field(default_factory=dict)  # decode tables: context -> dense ms
 
 
 def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
@@ -135,6 +163,8 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         if req.out
         else default_table_path(adapter, runtime=req.runtime, threads=req.threads, batch=batch, seq=seq)
     )
+    if req.regime == "decode" and not req.out:
+        path = path.with_name(path.stem.rsplit("_", 1)[0] + f"_decode-c{'-'.join(map(str, req.contexts))}.parquet")
     if path.suffix != ".parquet":
         raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
     check_writable(path, what="table")
@@ -148,11 +178,16 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         out=path,
         progress=progress,
         budget_s=req.budget_s,
+        regime=req.regime,
+        contexts=req.contexts,
     )
     if req.table_store:
         from hwprune.latency.store import file_table
 
         file_table(table, req.table_store, device=req.device)
+    if table.regime == "decode":
+        by = {c: make_predictor(table, space, adapter, regime="decode", context=c).dense_ms() for c in table.contexts}
+        return ProfileResult(table=table, path=path, dense_ms=by[table.contexts[0]], dense_by_context=by)
     return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
 
 

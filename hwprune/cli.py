@@ -72,6 +72,18 @@ def _shape(s: Optional[str]) -> Optional[tuple[int, ...]]:
         raise HwpruneError(f"--input-shape {s!r} must be comma-separated integers, e.g. 1,3,224,224") from None
 
 
+def _ints(s: Optional[str], opt: str, example: str) -> tuple[int, ...]:
+    if s is None:
+        return ()
+    try:
+        vals = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise HwpruneError(f"{opt} {s!r} must be comma-separated integers, e.g. {example}") from None
+    if not vals or min(vals) < 1:
+        raise HwpruneError(f"{opt} {s!r} must be positive integers, e.g. {example}")
+    return vals
+
+
 MODEL_HELP = (
     "minilm (all-MiniLM-L6-v2, real weights, offline), bert-base (random weights, bert-base shape), "
     "smollm2 (SmolLM2-135M-Instruct, real weights from a GGUF), llama-3.2-1b / qwen2.5-0.5b / gpt2 (random "
@@ -116,10 +128,22 @@ def profile(
     device: Optional[str] = typer.Option(
         None, "--device", help="Device name in --store (default: CPU/GPU model + runtime)."
     ),
+    regime: str = typer.Option(
+        "prefill",
+        "--regime",
+        help="prefill: one pass over a --seq-token prompt; decode (LLMs): one new token after a KV cache of each --context.",
+    ),
+    context: Optional[str] = typer.Option(
+        None,
+        "--context",
+        help="With --regime decode: KV-cache lengths to time, comma-separated, e.g. 128,512,1024 (searches interpolate between them).",
+    ),
 ) -> None:
     """Measure this device: time every prunable block shape (attention with k heads, FFN with n neurons, convs over channel grids, and the unprunable rest) in the deployment runtime, median and spread after warm-up, and save a latency table with a device fingerprint.
 
     Example:  hwprune profile --model minilm --threads 1 --seq 128
+
+    Decode (tokens of an LLM):  hwprune profile --model smollm2 --regime decode --context 128,512,1024
     """
     from hwprune.api import ProfileRequest, run_profile
 
@@ -138,6 +162,8 @@ def profile(
                 budget_s=budget_s,
                 table_store=str(store) if store else None,
                 device=device,
+                regime=regime,
+                contexts=_ints(context, "--context", "128,512,1024"),
             ),
             progress=not no_progress,
         )
@@ -148,6 +174,10 @@ def profile(
     out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
     if store:
         out.print(f"filed in {store} as {res.table.path.parent.name if res.table.path else '?'}")
+    if res.dense_by_context:
+        per = ", ".join(f"{ms:.3f} ms at context {c}" for c, ms in res.dense_by_context.items())
+        out.print(f"dense model, one new token: {per} (profiled in {res.table.profile_seconds:.0f} s)")
+        return
     out.print(
         f"dense model: {res.dense_ms:.3f} ms predicted from the table (profiled in {res.table.profile_seconds:.0f} s)"
     )

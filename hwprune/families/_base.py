@@ -19,8 +19,9 @@ Contract, in the order the pipeline uses it:
   dense one is untouched), optionally replacing tensors by ``overrides`` (pruned-model state-dict
   names); ``skeleton(plan)`` builds the pruned shapes with uninitialised weights for loading.
 - latency: ``measure_latency(backend, ...)`` times the family's blocks and returns the table's rows
-  and meta; ``prepare_profiling`` loads the same graphs untimed (for benchmarks that time them in
-  their own rounds); ``predictor(table, space)`` turns a table into a :class:`Predictor`.
+  and meta (``measure_decode_latency(backend, contexts=...)`` the same for one generated token after a
+  KV cache, where the family has one); ``prepare_profiling`` loads the same graphs untimed (for
+  benchmarks that time them in their own rounds); ``predictor(table, space)`` turns a table into a :class:`Predictor`.
 - accuracy: ``load_calib(...)`` returns calibration and held-out inputs; proxies are registered per
   family with ``@register_proxy(name, family=...)`` and fitted through ``fit_proxy``;
   ``scorer(calib)`` compares a pruned model with the dense one end to end.
@@ -248,6 +249,24 @@ class Family(ABC):
     ) -> "Profiling":
         """Export and load the profile's graphs without timing them (benchmarks time them in their own
         rounds). ``levels``: sizes per unit where the family samples a grid (None: its default)."""
+
+    def measure_decode_latency(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        contexts: Sequence[int],
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple["pd.DataFrame", dict[str, Any]]:
+        """The decode regime: time one new token after a KV cache of each of ``contexts`` positions for every
+        block size of ``space``. Rows as :meth:`measure_latency`'s plus a ``context`` column; ``meta``
+        holds each context's meta under ``contexts``. ``budget_s`` is for all contexts together.
+        Default: the family has no KV cache, said in one line."""
+        raise HwpruneError(
+            f"{self.family} models do not generate token by token (no KV cache); profile them with --regime prefill"
+        )
 
     def predictor(self, table: "LatencyTable", space: PruningSpace) -> "Predictor":
         """The table's latency model. Default: additive per-unit lookups (:class:`LUTPredictor`)."""

@@ -8,6 +8,7 @@ reads the costs from a measured :class:`~hwprune.latency.table.LatencyTable`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -16,7 +17,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["Predictor", "LUTPredictor"]
+__all__ = ["Predictor", "LUTPredictor", "ContextPredictor"]
 
 
 class Predictor(ABC):
@@ -106,6 +107,88 @@ class LUTPredictor(Predictor):
         except (KeyError, ValueError):
             self.space.validate(cand)  # raises the one-line error naming the unit
             raise
+
+
+class ContextPredictor(Predictor):
+    """A decode table's latency model at one KV-cache length ``context``.
+
+    ``per_context`` holds the family's predictor at every context the table measured. Between two
+    measured contexts the prediction (base and every unit cost) is interpolated linearly in the context,
+    exact at a measured one: attention reads a cache that grows linearly. Outside the grid it is
+    extrapolated linearly from the two nearest contexts, and :attr:`warning` says so with an honest error
+    estimate: the same extrapolation, made from the grid's other points to its own end point, against
+    what the table holds there (needs three contexts).
+    """
+
+    def __init__(self, per_context: Mapping[int, Predictor], context: int, *, where: str = "the latency table") -> None:
+        grid = sorted(int(c) for c in per_context)
+        if not grid:
+            raise HwpruneError(f"{where} has no decode contexts; re-profile with --regime decode --context ...")
+        first = per_context[grid[0]]
+        super().__init__(first.space)
+        self.per_context, self.context, self.grid = dict(per_context), int(context), grid
+        self.additive = all(p.additive for p in per_context.values())  # type: ignore[misc]  # per instance
+        self.weights = _weights(grid, self.context)
+        self.warning: str | None = None
+        if len(grid) > 1 and not grid[0] <= self.context <= grid[-1]:
+            self.warning = self._extrapolation_warning(where)
+        elif len(grid) == 1 and self.context != grid[0]:
+            raise HwpruneError(
+                f"{where} was profiled at context {grid[0]} only; predicting context {self.context} needs at "
+                "least two contexts around it: re-profile with --context listing both"
+            )
+
+    def _extrapolation_warning(self, where: str) -> str:
+        g = self.grid
+        end, pts = (g[-1], g[-3:-1]) if self.context > g[-1] else (g[0], g[1:3])
+        side = "above" if self.context > g[-1] else "below"
+        msg = (
+            f"context {self.context} is {side} the profiled grid {', '.join(map(str, g))} of {where}; "
+            f"predictions are extrapolated linearly from contexts {self._pair()}"
+        )
+        if len(g) < 3:
+            return msg + " (with two contexts its error cannot be estimated; profile a context beyond it)"
+        dense = {c: self.per_context[c].dense_ms() for c in g}
+        w = _weights(list(pts), end)
+        guess = sum(wi * dense[c] for c, wi in w.items())
+        err = 100 * (guess - dense[end]) / dense[end]
+        reach = abs(self.context - end) / max(abs(end - pts[-1 if side == "above" else 0]), 1)
+        return (
+            msg + f"; the same extrapolation from {pts[0]} and {pts[1]} to {end} misses the dense model by "
+            f"{err:+.1f} %, here {reach:.1f}x as far past the grid (profile a context beyond {self.context})"
+        )
+
+    def _pair(self) -> str:
+        return " and ".join(str(c) for c in self.weights)
+
+    def _mix(self, f: Callable[[Predictor], float]) -> float:
+        return float(sum(w * f(self.per_context[c]) for c, w in self.weights.items()))
+
+    def unit_costs(self) -> tuple[float, list[np.ndarray]]:
+        parts = {c: self.per_context[c].unit_costs() for c in self.weights}
+        base = sum(w * parts[c][0] for c, w in self.weights.items())
+        n = len(next(iter(parts.values()))[1])
+        costs = [sum(w * parts[c][1][i] for c, w in self.weights.items()) for i in range(n)]
+        return float(base), [np.asarray(c, dtype=np.float64) for c in costs]
+
+    def predict(self, cand: Candidate) -> float:
+        return self._mix(lambda p: p.predict(cand))
+
+    def linearized_at(self, reference: Candidate) -> Predictor:
+        if self.additive:
+            return self
+        lin = {c: p.linearized_at(reference) for c, p in self.per_context.items()}
+        return ContextPredictor(lin, self.context)
+
+
+def _weights(grid: list[int], context: int) -> dict[int, float]:
+    """Linear interpolation (or extrapolation past the ends) weights over the two nearest grid points."""
+    if context in grid or len(grid) == 1:
+        return {context if context in grid else grid[0]: 1.0}
+    k = int(np.searchsorted(grid, context))
+    lo, hi = (grid[0], grid[1]) if k == 0 else (grid[-2], grid[-1]) if k == len(grid) else (grid[k - 1], grid[k])
+    t = (context - lo) / (hi - lo)
+    return {lo: 1.0 - t, hi: t}
 
 
 def _lookup(sizes: np.ndarray, ms: np.ndarray, wanted: tuple[int, ...], *, unit: str, where: str) -> np.ndarray:

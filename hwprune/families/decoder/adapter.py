@@ -328,6 +328,33 @@ class DecoderAdapter(Family):
 
         return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s)
 
+    def measure_decode_latency(
+        self,
+        backend: Backend,
+        *,
+        batch: int,
+        contexts: Sequence[int],
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Each context's graphs exported, loaded and timed in their own interleaved rounds (one context's
+        sessions in memory at a time), the budget shared out evenly."""
+        import pandas as pd
+
+        from .profile import check_context, measure
+
+        for c in contexts:  # every context checked before any is timed
+            check_context(self.config, c)
+        share = None if budget_s is None else budget_s / max(len(contexts), 1)
+        frames, metas = [], {}
+        for c in contexts:
+            f, m = measure(self, backend, batch=batch, seq=1, space=space, progress=progress, budget_s=share, context=c)
+            frames.append(f.assign(context=c))
+            metas[str(c)] = m
+        meta = {"method": "one new token per call after a KV cache of each context", "contexts": metas}
+        return pd.concat(frames, ignore_index=True), meta
+
     def prepare_profiling(
         self,
         backend: Backend,
