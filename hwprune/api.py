@@ -211,6 +211,9 @@ class SearchRequest:
     search: SearchConfig = field(default_factory=lambda: SearchConfig(targets=(2.0,), margin=0.01))
     device: str | None = None  # instead of table: this device's table in the registry table_store
     table_store: str | None = None  # default latency_tables/store
+    regime: str = "prefill"  # prefill | decode | serve (hwprune.search.workload)
+    workload: str | None = None  # "prompt=512,new=128,batch=1"; needed for decode and serve
+    decode_table: str | None = None  # serve: the decode table beside the prefill one (table)
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "search"}
@@ -292,10 +295,10 @@ def run_search(
     settings = dict(table.settings)
     for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
         log(w)
-    predictor = make_predictor(table, space, adapter)
+    predictor, workload, calib_seq = _objective(req, table, space, adapter, log)
     get_proxy(req.proxy, adapter.family)  # unknown proxy -> error before any work
     check_reachable(req.search, predictor)
-    calib = _calib(adapter, req, seq=int(settings.get("seq", 128)))
+    calib = _calib(adapter, req, seq=calib_seq)
     state = adapter.fit_proxy(req.proxy, space, calib)
     scorer = adapter.scorer(calib)
     run_dir = Path(req.out)
@@ -310,6 +313,8 @@ def run_search(
         "fingerprint": table.fingerprint.to_json(),
         "calib_source": calib.source,
     }
+    if workload is not None:
+        run_doc["workload"] = workload
     store = store or StudyStore()
     write_json(run_dir / "run.json", {**run_doc, "storage": describe(store.resolved(run_dir)), "study": store.name})
     result = search(
@@ -325,7 +330,57 @@ def run_search(
         request=run_doc,
     )
     _materialize_picks(adapter, state, result, run_dir)
+    if workload is not None:
+        from hwprune.search.workload import WorkloadPredictor, describe_pick
+
+        assert isinstance(predictor, WorkloadPredictor)
+        picks = {
+            str(t): {"key": ev.candidate.key(), **describe_pick(predictor, ev.candidate, space.dense())}
+            for t, ev in result.picks.items()
+        }
+        write_json(run_dir / "workload.json", {**workload, "picks": picks})
     return result
+
+
+def _objective(
+    req: SearchRequest, table: LatencyTable, space: PruningSpace, adapter: Family, log: Log
+) -> tuple[Predictor, dict[str, Any] | None, int]:
+    """(what the search minimises, the workload for run.json, the calibration sequence length).
+
+    Without ``--workload``: the prefill table's prompt latency, as before issue 9. With it: the regime's
+    objective for that request (:mod:`hwprune.search.workload`); tables of the wrong regime, batch or
+    prompt length are refused in one line, contexts outside a decode table's grid warned about.
+    """
+    from hwprune.search.workload import REGIMES, Workload, workload_predictor
+
+    if req.regime not in REGIMES:
+        raise HwpruneError(f"--regime {req.regime!r} is not one of {', '.join(REGIMES)}")
+    if req.workload is None:
+        if req.regime != "prefill":
+            raise HwpruneError(f"--regime {req.regime} needs --workload, e.g. prompt=512,new=128,batch=1")
+        return make_predictor(table, space, adapter), None, int(table.settings.get("seq", 128))
+    wl = Workload.parse(req.workload)
+    tables = {"decode" if req.regime == "decode" else "prefill": table}
+    if req.regime == "serve":
+        if not req.decode_table:
+            raise HwpruneError(
+                "--regime serve needs a decode table too (--decode-table), beside the prefill --table; make one "
+                "with hwprune profile --regime decode --context 128,512,1024"
+            )
+        tables["decode"] = LatencyTable.load(req.decode_table)
+    elif req.decode_table:
+        raise HwpruneError(f"--decode-table is for --regime serve; with --regime {req.regime} give one --table")
+    for r, t in tables.items():
+        t.check_model(adapter)
+        make_predictor(t, space, adapter, regime=r, context=t.contexts[0] if t.contexts else None)  # family, regime
+    pred = workload_predictor(req.regime, wl, tables=tables, predictor=lambda t: adapter.predictor(t, space))
+    for w in pred.warnings:
+        log(w)
+    # calibration reads sequences as long as the prompts the model will serve (at most 256 tokens)
+    calib_seq = int(tables["prefill"].settings.get("seq", 128)) if "prefill" in tables else min(wl.prompt, 256)
+    doc = {"regime": req.regime, **wl.to_json(), "tables": {r: str(t.path) for r, t in tables.items()}}
+    doc["fingerprints"] = {r: t.fingerprint.to_json() for r, t in tables.items()}
+    return pred, doc, calib_seq
 
 
 def run_picks(store: StudyStore, *, out: str) -> SearchResult:
@@ -462,6 +517,12 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     run_dir = Path(req.run)
     run = _read_run(run_dir)
     sreq = SearchRequest.from_json(run["request"])
+    if sreq.regime != "prefill":
+        raise HwpruneError(
+            f"{run_dir} was searched for the {sreq.regime} regime; export measures prompt latency only so far "
+            "(measured tokens/s and request latency are not built yet), so its manifests could not check "
+            "this search's targets; search with --regime prefill to export, or try a pick: hwprune generate"
+        )
     rows = _selection(run_dir, req.pick)
     adapter = load_adapter(sreq.model, weights=sreq.weights, input_shape=sreq.input_shape)
     space = adapter.space(sreq.space)

@@ -269,10 +269,25 @@ def search(
     heartbeat_s: int = typer.Option(
         10, "--heartbeat-s", help="A killed worker's trial is failed and retried after 3x this."
     ),
+    regime: str = typer.Option(
+        "prefill",
+        "--regime",
+        help="What the targets speed up (LLMs): prefill = prompt latency; decode = tokens/s (a decode --table); serve = one request's latency, prefill(prompt) + every decode step (--table prefill, --decode-table decode).",
+    ),
+    workload: Optional[str] = typer.Option(
+        None,
+        "--workload",
+        help="The request to optimise for, e.g. prompt=512,new=128,batch=1 (needed for decode and serve).",
+    ),
+    decode_table: Optional[Path] = typer.Option(
+        None, "--decode-table", help="With --regime serve: the decode table (hwprune profile --regime decode)."
+    ),
 ) -> None:
     """Find the most accurate subnets for target speedups: exact DP under the table's additive latency model seeds an Optuna NSGA-II search over (predicted latency, end-to-end distance to the dense model). Writes study.db (resumable), pareto.csv, pareto.png and picks.json into the run directory.
 
     Example:  hwprune search --model minilm --targets 1.5,2,3 -o runs/minilm --export
+
+    LLM tokens/s:  hwprune search --model smollm2 --table T_decode --regime decode --workload prompt=64,new=128 --targets 1.5,2
 
     Many workers (any machines; --trials is the study's total):  hwprune search --model minilm --storage postgresql://hw:pw@db:5432/hw --study minilm-2x --trials 400 -o runs/w1
     """
@@ -281,6 +296,11 @@ def search(
     from hwprune.search.storage import StudyStore
 
     try:
+        if export and regime != "prefill":
+            raise HwpruneError(
+                f"--export measures prompt latency only so far; a --regime {regime} search cannot be checked by it "
+                "yet: drop --export (and try the picks with hwprune generate)"
+            )
         cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
         req = SearchRequest(
             model=model,
@@ -296,6 +316,9 @@ def search(
             search=cfg,
             device=device,
             table_store=str(table_store) if table_store else None,
+            regime=regime,
+            workload=workload,
+            decode_table=str(decode_table) if decode_table else None,
         )
         store = StudyStore(url=storage, name=study, fresh=fresh, heartbeat_s=heartbeat_s)
         result = run_search(
@@ -384,6 +407,7 @@ def generate(
     except Exception as e:
         _fail(_known(e))
     sys.stdout.write("\n")
+    sys.stdout.flush()
     err.print(
         f"{stats.new_tokens} new tokens after a {stats.prompt_tokens}-token prompt: first after {stats.ttft_ms:.1f} ms, "
         f"then {stats.tokens_per_s:.1f} tokens/s (ONNX Runtime CPU, {threads} thread{'s' if threads > 1 else ''}, wall clock)",

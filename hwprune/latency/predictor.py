@@ -8,7 +8,7 @@ reads the costs from a measured :class:`~hwprune.latency.table.LatencyTable`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -17,7 +17,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["Predictor", "LUTPredictor", "ContextPredictor"]
+__all__ = ["Predictor", "LUTPredictor", "WeightedPredictor", "ContextPredictor", "context_weights"]
 
 
 class Predictor(ABC):
@@ -109,7 +109,35 @@ class LUTPredictor(Predictor):
             raise
 
 
-class ContextPredictor(Predictor):
+class WeightedPredictor(Predictor):
+    """``sum_k w_k * p_k`` over predictors of one space: base and unit costs are mixed alike, so the sum is
+    additive where every part is (a request = its prefill + its decode steps; a context between two
+    measured ones = their linear mix)."""
+
+    def __init__(self, parts: Sequence[tuple[float, Predictor]]) -> None:
+        if not parts:
+            raise ValueError("a weighted predictor needs at least one part")
+        super().__init__(parts[0][1].space)
+        self.parts = [(float(w), p) for w, p in parts]
+        self.additive = all(p.additive for _, p in self.parts)  # type: ignore[misc]  # per instance
+
+    def unit_costs(self) -> tuple[float, list[np.ndarray]]:
+        got = [(w, p.unit_costs()) for w, p in self.parts]
+        base = sum(w * b for w, (b, _) in got)
+        n = len(got[0][1][1])
+        costs = [np.sum([w * c[i] for w, (_, c) in got], axis=0) for i in range(n)]
+        return float(base), [np.asarray(c, dtype=np.float64) for c in costs]
+
+    def predict(self, cand: Candidate) -> float:
+        return float(sum(w * p.predict(cand) for w, p in self.parts))
+
+    def linearized_at(self, reference: Candidate) -> Predictor:
+        if self.additive:
+            return self
+        return WeightedPredictor([(w, p.linearized_at(reference)) for w, p in self.parts])
+
+
+class ContextPredictor(WeightedPredictor):
     """A decode table's latency model at one KV-cache length ``context``.
 
     ``per_context`` holds the family's predictor at every context the table measured. Between two
@@ -124,19 +152,17 @@ class ContextPredictor(Predictor):
         grid = sorted(int(c) for c in per_context)
         if not grid:
             raise HwpruneError(f"{where} has no decode contexts; re-profile with --regime decode --context ...")
-        first = per_context[grid[0]]
-        super().__init__(first.space)
-        self.per_context, self.context, self.grid = dict(per_context), int(context), grid
-        self.additive = all(p.additive for p in per_context.values())  # type: ignore[misc]  # per instance
-        self.weights = _weights(grid, self.context)
-        self.warning: str | None = None
-        if len(grid) > 1 and not grid[0] <= self.context <= grid[-1]:
-            self.warning = self._extrapolation_warning(where)
-        elif len(grid) == 1 and self.context != grid[0]:
+        if len(grid) == 1 and context != grid[0]:
             raise HwpruneError(
-                f"{where} was profiled at context {grid[0]} only; predicting context {self.context} needs at "
+                f"{where} was profiled at context {grid[0]} only; predicting context {context} needs at "
                 "least two contexts around it: re-profile with --context listing both"
             )
+        self.per_context, self.context, self.grid = dict(per_context), int(context), grid
+        self.weights = context_weights(grid, self.context)
+        super().__init__([(w, self.per_context[c]) for c, w in self.weights.items()])
+        self.warning: str | None = None
+        if not grid[0] <= self.context <= grid[-1]:
+            self.warning = self._extrapolation_warning(where)
 
     def _extrapolation_warning(self, where: str) -> str:
         g = self.grid
@@ -144,13 +170,12 @@ class ContextPredictor(Predictor):
         side = "above" if self.context > g[-1] else "below"
         msg = (
             f"context {self.context} is {side} the profiled grid {', '.join(map(str, g))} of {where}; "
-            f"predictions are extrapolated linearly from contexts {self._pair()}"
+            f"predictions are extrapolated linearly from contexts {' and '.join(map(str, self.weights))}"
         )
         if len(g) < 3:
             return msg + " (with two contexts its error cannot be estimated; profile a context beyond it)"
         dense = {c: self.per_context[c].dense_ms() for c in g}
-        w = _weights(list(pts), end)
-        guess = sum(wi * dense[c] for c, wi in w.items())
+        guess = sum(wi * dense[c] for c, wi in context_weights(list(pts), end).items())
         err = 100 * (guess - dense[end]) / dense[end]
         reach = abs(self.context - end) / max(abs(end - pts[-1 if side == "above" else 0]), 1)
         return (
@@ -158,31 +183,10 @@ class ContextPredictor(Predictor):
             f"{err:+.1f} %, here {reach:.1f}x as far past the grid (profile a context beyond {self.context})"
         )
 
-    def _pair(self) -> str:
-        return " and ".join(str(c) for c in self.weights)
 
-    def _mix(self, f: Callable[[Predictor], float]) -> float:
-        return float(sum(w * f(self.per_context[c]) for c, w in self.weights.items()))
-
-    def unit_costs(self) -> tuple[float, list[np.ndarray]]:
-        parts = {c: self.per_context[c].unit_costs() for c in self.weights}
-        base = sum(w * parts[c][0] for c, w in self.weights.items())
-        n = len(next(iter(parts.values()))[1])
-        costs = [sum(w * parts[c][1][i] for c, w in self.weights.items()) for i in range(n)]
-        return float(base), [np.asarray(c, dtype=np.float64) for c in costs]
-
-    def predict(self, cand: Candidate) -> float:
-        return self._mix(lambda p: p.predict(cand))
-
-    def linearized_at(self, reference: Candidate) -> Predictor:
-        if self.additive:
-            return self
-        lin = {c: p.linearized_at(reference) for c, p in self.per_context.items()}
-        return ContextPredictor(lin, self.context)
-
-
-def _weights(grid: list[int], context: int) -> dict[int, float]:
+def context_weights(grid: Sequence[int], context: int) -> dict[int, float]:
     """Linear interpolation (or extrapolation past the ends) weights over the two nearest grid points."""
+    grid = list(grid)
     if context in grid or len(grid) == 1:
         return {context if context in grid else grid[0]: 1.0}
     k = int(np.searchsorted(grid, context))
