@@ -500,6 +500,52 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     return out
 
 
+def _measure_serving(
+    adapter: Family,
+    models: Mapping[str, tuple[Any, Any]],
+    wl: Any,
+    regime: str,
+    backend: Any,
+    req: ExportRequest,
+    predictor: Predictor,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Decode/serve runs: the dense and every candidate's decode graph timed together
+    (:func:`~hwprune.export.workload_timing.measure_workload`); per key its :class:`Measurement` of the
+    regime's objective (decode: the mean decode step, i.e. 1 / tokens-per-second; serve: the request) and
+    the manifest's ``extra.workload`` (measured and predicted TTFT, tokens/s, request ms, dense beside)."""
+    from hwprune.export.measure import DENSE, Measurement
+    from hwprune.export.workload_timing import measure_workload
+    from hwprune.search.workload import WorkloadPredictor
+
+    def decode_graph(model: Any) -> bytes:
+        g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
+        if g is None:
+            raise HwpruneError(f"{adapter.family} models have no decode graph; --regime {regime} is for LLMs")
+        return g.onnx
+
+    graphs = {DENSE: decode_graph(adapter.dense()), **{k: decode_graph(m) for k, (m, _) in models.items()}}
+    t = measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=req.repeats)
+    objective = "decode_step_ms" if regime == "decode" else "request_ms"
+    assert isinstance(predictor, WorkloadPredictor)
+    space = predictor.space
+    measured, docs = {}, {}
+    for k, (_, plan) in models.items():
+        measured[k] = Measurement(measured_ms=t[k][objective], dense_ms=t[DENSE][objective], clock=backend.clock)
+        docs[k] = {
+            "regime": regime,
+            **wl.to_json(),
+            "objective": objective,
+            "measured": t[k],
+            "dense_measured": t[DENSE],
+            "predicted": predictor.breakdown(plan.candidate(space)),
+            "dense_predicted": predictor.breakdown(space.dense()),
+            "method": "decode graphs (decoder.onnx) of dense and candidates in one process, shuffled interleaved "
+            "rounds: the prompt with an empty cache (TTFT) and one token after the request's first, middle and "
+            "last contexts; the mean step interpolated between them",
+        }
+    return measured, docs
+
+
 def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     """Export the selected candidates of a run: plan + safetensors + ONNX + parity + measured latency.
 
@@ -517,20 +563,23 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     run_dir = Path(req.run)
     run = _read_run(run_dir)
     sreq = SearchRequest.from_json(run["request"])
-    if sreq.regime != "prefill":
-        raise HwpruneError(
-            f"{run_dir} was searched for the {sreq.regime} regime; export measures prompt latency only so far "
-            "(measured tokens/s and request latency are not built yet), so its manifests could not check "
-            "this search's targets; search with --regime prefill to export, or try a pick: hwprune generate"
-        )
     rows = _selection(run_dir, req.pick)
     adapter = load_adapter(sreq.model, weights=sreq.weights, input_shape=sreq.input_shape)
     space = adapter.space(sreq.space)
     table = LatencyTable.load(run["table"])
     settings = dict(table.settings)
-    predictor = make_predictor(table, space, adapter)
+    serving = sreq.regime != "prefill"
+    if serving:  # the search's own objective: from the tables it used, measured on the decode graphs
+        from hwprune.search.workload import Workload
+
+        wl = Workload.parse(str(sreq.workload))
+        predictor, _, _ = _objective(dataclasses.replace(sreq, table=run["table"]), table, space, adapter, _noop)
+        batch = wl.batch
+        seq = int(settings["seq"]) if sreq.regime == "serve" else wl.prompt  # parity, params, FLOPs
+    else:
+        predictor = make_predictor(table, space, adapter)
+        batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
-    batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
     state: ProxyState | None = None
     models = {}
     for row in rows:
@@ -542,16 +591,22 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=seq))
         plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
-    onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
-    dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
-    cmp = measure_dense_and_pruned(
-        backend,
-        dense=dense_onnx,
-        pruned=onnx,
-        feed=timing_feed(adapter, batch=batch, seq=seq),
-        rounds=req.rounds,
-        repeats=req.repeats,
-    )
+    measured: dict[str, Measurement] = {}
+    serve_doc: dict[str, dict[str, Any]] = {}
+    if serving:
+        measured, serve_doc = _measure_serving(adapter, models, wl, sreq.regime, backend, req, predictor)
+    else:
+        onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
+        dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
+        cmp = measure_dense_and_pruned(
+            backend,
+            dense=dense_onnx,
+            pruned=onnx,
+            feed=timing_feed(adapter, batch=batch, seq=seq),
+            rounds=req.rounds,
+            repeats=req.repeats,
+        )
+        measured = {k: Measurement.of(cmp, k, clock=backend.clock) for k in models}
     manifests = []
     for row in rows:
         key = row["key"]
@@ -561,6 +616,9 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             dense_predicted_ms=predictor.dense_ms(),
             target_speedup=row.get("target_speedup"),
         )
+        extra = {"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]}
+        if serving:
+            extra["workload"] = serve_doc[key]
         m = export_candidate(
             adapter,
             model,
@@ -569,12 +627,12 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             backend=backend,
             batch=batch,
             seq=seq,
-            measurement=Measurement.of(cmp, key, clock=backend.clock),
+            measurement=measured[key],
             prediction=prediction,
             scores=row.get("scores"),
             fingerprint=table.fingerprint.to_json(),
             parity_tol=req.parity_tol if req.parity_tol is not None else adapter.parity_tol,
-            extra={"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]},
+            extra=extra,
         )
         m.setdefault("key", key)
         manifests.append(m)

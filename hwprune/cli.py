@@ -296,11 +296,6 @@ def search(
     from hwprune.search.storage import StudyStore
 
     try:
-        if export and regime != "prefill":
-            raise HwpruneError(
-                f"--export measures prompt latency only so far; a --regime {regime} search cannot be checked by it "
-                "yet: drop --export (and try the picks with hwprune generate)"
-            )
         cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
         req = SearchRequest(
             model=model,

@@ -260,8 +260,16 @@ def test_decode_search_targets_tokens_per_second(folder: Path, decode_table: Pat
     assert got["tokens_per_s"] >= 1.3 * dense["tokens_per_s"] * 0.999 and got["ttft_ms"] is None
     assert json.loads((out / "run.json").read_text())["workload"]["tables"]["decode"] == str(decode_table)
     assert (out / "candidates" / pick["key"] / "plan.json").is_file()
-    res = invoke("export", out)  # measured tokens/s at export are not built yet: refused, not faked
-    assert res.exit_code == 2 and "export measures prompt latency only so far" in " ".join(res.output.split())
+    res = invoke("export", out, "--no-progress")  # tokens/s measured on decoder.onnx, dense in the same process
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "candidates" / pick["key"] / "manifest.json").read_text())
+    w = m["extra"]["workload"]
+    assert w["objective"] == "decode_step_ms" and w["measured"]["contexts_timed"] == [16, 27, 38]
+    assert m["measured_ms"] == pytest.approx(w["measured"]["decode_step_ms"])
+    assert m["measured_speedup"] == pytest.approx(w["measured"]["tokens_per_s"] / w["dense_measured"]["tokens_per_s"])
+    assert m["predicted_ms"] == pytest.approx(got["decode_step_ms"])  # the search's own prediction
+    assert w["measured"]["ttft_ms"] > 0 and w["measured"]["request_ms"] > w["measured"]["ttft_ms"]
+    assert (out / "candidates" / pick["key"] / "decoder.onnx").is_file()
 
 
 def test_workload_bad_input_is_one_line(folder: Path, decode_table: Path, prefill_table: Path, tmp_path: Path) -> None:
@@ -290,5 +298,26 @@ def test_workload_bad_input_is_one_line(folder: Path, decode_table: Path, prefil
         ),
         "profile it with --seq 32",
     )
-    one_line_error(invoke(*base, "--table", decode_table, "--regime", "decode", *wl, "--export"), "--export measures")
     assert not out.exists()
+
+
+def test_serve_search_exports_measured_request_latency(
+    folder: Path, decode_table: Path, prefill_table: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "serve"
+    res = invoke(
+        "search",
+        *("--model", folder, "--space", folder.parent / "space.yaml", "--n-calib", "16", "--n-heldout", "4"),
+        *("--table", prefill_table, "--decode-table", decode_table, "--regime", "serve"),
+        *("--workload", "prompt=16,new=8", "--targets", "1.3", "--trials", "6", "-o", out, "--export", "--no-progress"),
+    )
+    assert res.exit_code == 0, res.output
+    (m,) = json.loads((out / "exports.json").read_text())["manifests"]
+    w = m["extra"]["workload"]
+    assert w["objective"] == "request_ms" and w["regime"] == "serve"
+    got = w["measured"]
+    assert got["request_ms"] == pytest.approx(got["ttft_ms"] + 7 * got["decode_step_ms"])  # 7 steps after the prompt
+    assert m["measured_ms"] == pytest.approx(got["request_ms"]) and m["dense_measured_ms"] == pytest.approx(
+        w["dense_measured"]["request_ms"]
+    )
+    assert m["predicted_ms"] == pytest.approx(w["predicted"]["request_ms"]) and m["settings"]["seq"] == 16
