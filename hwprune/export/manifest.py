@@ -3,7 +3,9 @@
 Every number a user might quote sits beside the one it should be compared with: predicted vs
 measured latency, predicted vs measured speedup, pruned vs dense params and FLOPs. Conventions:
 
-- latencies in ms, one forward pass at ``settings.batch`` x ``settings.seq``;
+- latencies in ms, one forward pass at ``settings.batch`` x ``settings.seq``; for runs searched with
+  ``--regime decode|serve`` they are that objective instead (the mean decode step, i.e. 1 / tokens-per-s,
+  or one request's latency), measured on the decode graphs, with the breakdown in ``extra.workload``;
 - ``measured_speedup = dense_measured_ms / measured_ms`` (both timed in the same process, interleaved);
 - ``predicted_speedup = dense_predicted_ms / predicted_ms`` (both from the latency table);
 - ``prediction_error_pct = 100 * (predicted_ms - measured_ms) / measured_ms``: **the headline**, raw
