@@ -177,10 +177,12 @@ class ContextPredictor(WeightedPredictor):
         dense = {c: self.per_context[c].dense_ms() for c in g}
         guess = sum(wi * dense[c] for c, wi in context_weights(list(pts), end).items())
         err = 100 * (guess - dense[end]) / dense[end]
-        reach = abs(self.context - end) / max(abs(end - pts[-1 if side == "above" else 0]), 1)
+        near = pts[-1] if side == "above" else pts[0]
+        fix = "beyond" if side == "above" else "at or below"
         return (
-            msg + f"; the same extrapolation from {pts[0]} and {pts[1]} to {end} misses the dense model by "
-            f"{err:+.1f} %, here {reach:.1f}x as far past the grid (profile a context beyond {self.context})"
+            msg + f"; the same extrapolation from {pts[0]} and {pts[1]} to {end} ({abs(end - near)} tokens past "
+            f"them) misses the table's dense model there by {err:+.1f} %; here it reaches "
+            f"{abs(self.context - end)} tokens past the grid (profile a context {fix} {self.context})"
         )
 
 
