@@ -123,7 +123,10 @@ def test_outside_the_grid_warns_with_the_extrapolation(folder: Path, decode_tabl
     logs: list[str] = []
     far = make_predictor(t, space, a, regime="decode", context=120, log=logs.append)
     assert len(logs) == 1 and "context 120 is above the profiled grid 8, 32, 96" in logs[0]
-    assert "extrapolated linearly from contexts 32 and 96" in logs[0] and "misses the table's dense model there by" in logs[0]
+    assert (
+        "extrapolated linearly from contexts 32 and 96" in logs[0]
+        and "misses the table's dense model there by" in logs[0]
+    )
     p32, p96 = (make_predictor(t, space, a, regime="decode", context=c).dense_ms() for c in (32, 96))
     assert far.dense_ms() == pytest.approx(p96 + (p96 - p32) * (120 - 96) / (96 - 32))
 
