@@ -231,3 +231,16 @@ def test_generate_bad_input_is_one_line(candidate: Path, tmp_path: Path) -> None
     _one_line(_cli("generate", tmp_path / "random", "--prompt", "hi"), "has no tokenizer.json")
     (tmp_path / "plain").mkdir()
     _one_line(_cli("generate", tmp_path / "plain", "--prompt", "hi"), "manifest.json")
+    no_graph = tmp_path / "no-graph"  # e.g. an encoder candidate, or one exported before issue 9
+    no_graph.mkdir()
+    m = json.loads((candidate / "manifest.json").read_text())
+    (no_graph / "manifest.json").write_text(json.dumps({**m, "graphs": {}}))
+    _one_line(_cli("generate", no_graph, "--prompt", "hi"), "has no decode graph")
+
+
+def test_generation_stops_at_end_of_text(candidate: Path) -> None:
+    gen = Generator.open(candidate)
+    prompt = gen.encode("The capital")
+    free = list(gen.token_ids(prompt, max_new_tokens=12, stop_at_eos=False))
+    gen.eos = {free[3]}  # pretend the 4th greedy token ends the text
+    assert list(gen.token_ids(prompt, max_new_tokens=12)) == free[: free.index(free[3]) + 1]
