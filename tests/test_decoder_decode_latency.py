@@ -274,6 +274,23 @@ def test_decode_search_targets_tokens_per_second(folder: Path, decode_table: Pat
     assert w["measured"]["ttft_ms"] > 0 and w["measured"]["request_ms"] > w["measured"]["ttft_ms"]
     assert (out / "candidates" / pick["key"] / "decoder.onnx").is_file()
 
+    # scripts/bench_tokens.py: the same graphs, dense beside, at a thread count of its own
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_tokens.py"
+    spec = importlib.util.spec_from_file_location("_bench_tokens", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    argv = [str(out), "--workload", "prompt=16,new=24", "--threads", "1", "--rounds", "1", "--repeats", "2"]
+    assert mod.main([*argv, "-o", str(tmp_path / "tok.json")]) == 0
+    doc = json.loads((tmp_path / "tok.json").read_text())
+    assert {r["model"] for r in doc["rows"]} == {"dense", pick["key"]} and doc["machine"]["threads"] == 1
+    assert all(r["tokens_per_s"] > 0 and r["contexts_timed"] == [16, 27, 38] for r in doc["rows"])
+    assert mod.main([str(tmp_path), "-o", str(tmp_path / "x.json")]) == 2  # not a run: one line, status 2
+
 
 def test_workload_bad_input_is_one_line(folder: Path, decode_table: Path, prefill_table: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
