@@ -573,12 +573,15 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
         from hwprune.search.workload import Workload
 
         wl = Workload.parse(str(sreq.workload))
-        predictor, _, _ = _objective(dataclasses.replace(sreq, table=run["table"]), table, space, adapter, _noop)
+        predictor, _, calib_seq = _objective(
+            dataclasses.replace(sreq, table=run["table"]), table, space, adapter, _noop
+        )
         batch = wl.batch
         seq = int(settings["seq"]) if sreq.regime == "serve" else wl.prompt  # parity, params, FLOPs
     else:
         predictor = make_predictor(table, space, adapter)
         batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
+        calib_seq = seq
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
     state: ProxyState | None = None
     models = {}
@@ -588,7 +591,8 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             models[key] = (hwprune.load(folder), Plan.load(folder / "plan.json"))
             continue
         if state is None:
-            state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=seq))
+            # the search's calibration, so the pruned weights are the ones it scored
+            state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=calib_seq))
         plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
     measured: dict[str, Measurement] = {}
