@@ -80,13 +80,38 @@ def find_table(adapter: Family) -> tuple[Path | None, Path]:
     return next((p for p in (local, path) if p.is_file()), None), local
 
 
-def make_predictor(table: LatencyTable, space: PruningSpace, adapter: Family) -> Predictor:
-    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...)."""
+def make_predictor(
+    table: LatencyTable,
+    space: PruningSpace,
+    adapter: Family,
+    *,
+    regime: str = "prefill",
+    context: int | None = None,
+    log: Log = _noop,
+) -> Predictor:
+    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...).
+
+    ``regime="decode"``: one new token after a KV cache of ``context`` positions, from a decode table
+    (interpolated between its contexts; ``log`` gets the warning when ``context`` is outside them). A
+    table of the other regime is refused in one line.
+    """
+    from hwprune.latency.predictor import ContextPredictor
+
     if table.family != adapter.family:
         raise HwpruneError(
             f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}"
         )
-    return adapter.predictor(table, space)
+    table.check_regime(regime)
+    if regime == "prefill":
+        return adapter.predictor(table, space)
+    if context is None:
+        raise HwpruneError("a decode prediction needs the KV-cache length (context) to predict at")
+    where = f"latency table {table.path.name}" if table.path else "the latency table"
+    per = {c: adapter.predictor(table.at_context(c), space) for c in table.contexts}
+    pred = ContextPredictor(per, context, where=where)
+    if pred.warning:
+        log(pred.warning)
+    return pred
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -108,6 +133,8 @@ class ProfileRequest:
     budget_s: float | None = None
     table_store: str | None = None  # also file the table in this registry (hwprune.latency.store) ...
     device: str | None = None  # ... under this device name
+    regime: str = "prefill"  # or "decode": one new token after a KV cache of each of `contexts`
+    contexts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget_s is not None and not self.budget_s > 0:
@@ -120,7 +147,8 @@ class ProfileRequest:
 class ProfileResult:
     table: LatencyTable
     path: Path
-    dense_ms: float  # the dense model as the table predicts it
+    dense_ms: float  # the dense model as the table predicts it (decode: at the first context)
+    dense_by_context: dict[int, float] = field(default_factory=dict)  # decode tables: context -> dense ms
 
 
 def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
@@ -135,6 +163,8 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         if req.out
         else default_table_path(adapter, runtime=req.runtime, threads=req.threads, batch=batch, seq=seq)
     )
+    if req.regime == "decode" and not req.out:
+        path = path.with_name(path.stem.rsplit("_", 1)[0] + f"_decode-c{'-'.join(map(str, req.contexts))}.parquet")
     if path.suffix != ".parquet":
         raise HwpruneError(f"-o {path}: a latency table is a .parquet file (its fingerprint goes beside it as .json)")
     check_writable(path, what="table")
@@ -148,11 +178,16 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         out=path,
         progress=progress,
         budget_s=req.budget_s,
+        regime=req.regime,
+        contexts=req.contexts,
     )
     if req.table_store:
         from hwprune.latency.store import file_table
 
         file_table(table, req.table_store, device=req.device)
+    if table.regime == "decode":
+        by = {c: make_predictor(table, space, adapter, regime="decode", context=c).dense_ms() for c in table.contexts}
+        return ProfileResult(table=table, path=path, dense_ms=by[table.contexts[0]], dense_by_context=by)
     return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
 
 
@@ -176,6 +211,9 @@ class SearchRequest:
     search: SearchConfig = field(default_factory=lambda: SearchConfig(targets=(2.0,), margin=0.01))
     device: str | None = None  # instead of table: this device's table in the registry table_store
     table_store: str | None = None  # default latency_tables/store
+    regime: str = "prefill"  # prefill | decode | serve (hwprune.search.workload)
+    workload: str | None = None  # "prompt=512,new=128,batch=1"; needed for decode and serve
+    decode_table: str | None = None  # serve: the decode table beside the prefill one (table)
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "search"}
@@ -257,10 +295,10 @@ def run_search(
     settings = dict(table.settings)
     for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
         log(w)
-    predictor = make_predictor(table, space, adapter)
+    predictor, workload, calib_seq = _objective(req, table, space, adapter, log)
     get_proxy(req.proxy, adapter.family)  # unknown proxy -> error before any work
     check_reachable(req.search, predictor)
-    calib = _calib(adapter, req, seq=int(settings.get("seq", 128)))
+    calib = _calib(adapter, req, seq=calib_seq)
     state = adapter.fit_proxy(req.proxy, space, calib)
     scorer = adapter.scorer(calib)
     run_dir = Path(req.out)
@@ -275,6 +313,8 @@ def run_search(
         "fingerprint": table.fingerprint.to_json(),
         "calib_source": calib.source,
     }
+    if workload is not None:
+        run_doc["workload"] = workload
     store = store or StudyStore()
     write_json(run_dir / "run.json", {**run_doc, "storage": describe(store.resolved(run_dir)), "study": store.name})
     result = search(
@@ -290,7 +330,57 @@ def run_search(
         request=run_doc,
     )
     _materialize_picks(adapter, state, result, run_dir)
+    if workload is not None:
+        from hwprune.search.workload import WorkloadPredictor, describe_pick
+
+        assert isinstance(predictor, WorkloadPredictor)
+        picks = {
+            str(t): {"key": ev.candidate.key(), **describe_pick(predictor, ev.candidate, space.dense())}
+            for t, ev in result.picks.items()
+        }
+        write_json(run_dir / "workload.json", {**workload, "picks": picks})
     return result
+
+
+def _objective(
+    req: SearchRequest, table: LatencyTable, space: PruningSpace, adapter: Family, log: Log
+) -> tuple[Predictor, dict[str, Any] | None, int]:
+    """(what the search minimises, the workload for run.json, the calibration sequence length).
+
+    Without ``--workload``: the prefill table's prompt latency, as before issue 9. With it: the regime's
+    objective for that request (:mod:`hwprune.search.workload`); tables of the wrong regime, batch or
+    prompt length are refused in one line, contexts outside a decode table's grid warned about.
+    """
+    from hwprune.search.workload import REGIMES, Workload, workload_predictor
+
+    if req.regime not in REGIMES:
+        raise HwpruneError(f"--regime {req.regime!r} is not one of {', '.join(REGIMES)}")
+    if req.workload is None:
+        if req.regime != "prefill":
+            raise HwpruneError(f"--regime {req.regime} needs --workload, e.g. prompt=512,new=128,batch=1")
+        return make_predictor(table, space, adapter), None, int(table.settings.get("seq", 128))
+    wl = Workload.parse(req.workload)
+    tables = {"decode" if req.regime == "decode" else "prefill": table}
+    if req.regime == "serve":
+        if not req.decode_table:
+            raise HwpruneError(
+                "--regime serve needs a decode table too (--decode-table), beside the prefill --table; make one "
+                "with hwprune profile --regime decode --context 128,512,1024"
+            )
+        tables["decode"] = LatencyTable.load(req.decode_table)
+    elif req.decode_table:
+        raise HwpruneError(f"--decode-table is for --regime serve; with --regime {req.regime} give one --table")
+    for r, t in tables.items():
+        t.check_model(adapter)
+        make_predictor(t, space, adapter, regime=r, context=t.contexts[0] if t.contexts else None)  # family, regime
+    pred = workload_predictor(req.regime, wl, tables=tables, predictor=lambda t: adapter.predictor(t, space))
+    for w in pred.warnings:
+        log(w)
+    # calibration reads sequences as long as the prompts the model will serve (at most 256 tokens)
+    calib_seq = int(tables["prefill"].settings.get("seq", 128)) if "prefill" in tables else min(wl.prompt, 256)
+    doc = {"regime": req.regime, **wl.to_json(), "tables": {r: str(t.path) for r, t in tables.items()}}
+    doc["fingerprints"] = {r: t.fingerprint.to_json() for r, t in tables.items()}
+    return pred, doc, calib_seq
 
 
 def run_picks(store: StudyStore, *, out: str) -> SearchResult:
@@ -447,6 +537,52 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     return out
 
 
+def _measure_serving(
+    adapter: Family,
+    models: Mapping[str, tuple[Any, Any]],
+    wl: Any,
+    regime: str,
+    backend: Any,
+    req: ExportRequest,
+    predictor: Predictor,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Decode/serve runs: the dense and every candidate's decode graph timed together
+    (:func:`~hwprune.export.workload_timing.measure_workload`); per key its :class:`Measurement` of the
+    regime's objective (decode: the mean decode step, i.e. 1 / tokens-per-second; serve: the request) and
+    the manifest's ``extra.workload`` (measured and predicted TTFT, tokens/s, request ms, dense beside)."""
+    from hwprune.export.measure import DENSE, Measurement
+    from hwprune.export.workload_timing import measure_workload
+    from hwprune.search.workload import WorkloadPredictor
+
+    def decode_graph(model: Any) -> bytes:
+        g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
+        if g is None:
+            raise HwpruneError(f"{adapter.family} models have no decode graph; --regime {regime} is for LLMs")
+        return g.onnx
+
+    graphs = {DENSE: decode_graph(adapter.dense()), **{k: decode_graph(m) for k, (m, _) in models.items()}}
+    t = measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=req.repeats)
+    objective = "decode_step_ms" if regime == "decode" else "request_ms"
+    assert isinstance(predictor, WorkloadPredictor)
+    space = predictor.space
+    measured, docs = {}, {}
+    for k, (_, plan) in models.items():
+        measured[k] = Measurement(measured_ms=t[k][objective], dense_ms=t[DENSE][objective], clock=backend.clock)
+        docs[k] = {
+            "regime": regime,
+            **wl.to_json(),
+            "objective": objective,
+            "measured": t[k],
+            "dense_measured": t[DENSE],
+            "predicted": predictor.breakdown(plan.candidate(space)),
+            "dense_predicted": predictor.breakdown(space.dense()),
+            "method": "decode graphs (decoder.onnx) of dense and candidates in one process, shuffled interleaved "
+            "rounds: the prompt with an empty cache (TTFT) and one token after the request's first, middle and "
+            "last contexts; the mean step interpolated between them",
+        }
+    return measured, docs
+
+
 def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     """Export the selected candidates of a run: plan + safetensors + ONNX + parity + measured latency.
 
@@ -469,9 +605,21 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     space = adapter.space(sreq.space)
     table = LatencyTable.load(run["table"])
     settings = dict(table.settings)
-    predictor = make_predictor(table, space, adapter)
+    serving = sreq.regime != "prefill"
+    if serving:  # the search's own objective: from the tables it used, measured on the decode graphs
+        from hwprune.search.workload import Workload
+
+        wl = Workload.parse(str(sreq.workload))
+        predictor, _, calib_seq = _objective(
+            dataclasses.replace(sreq, table=run["table"]), table, space, adapter, _noop
+        )
+        batch = wl.batch
+        seq = int(settings["seq"]) if sreq.regime == "serve" else wl.prompt  # parity, params, FLOPs
+    else:
+        predictor = make_predictor(table, space, adapter)
+        batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
+        calib_seq = seq
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
-    batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
     state: ProxyState | None = None
     models = {}
     for row in rows:
@@ -480,19 +628,26 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             models[key] = (hwprune.load(folder), Plan.load(folder / "plan.json"))
             continue
         if state is None:
-            state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=seq))
+            # the search's calibration, so the pruned weights are the ones it scored
+            state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=calib_seq))
         plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
-    onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
-    dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
-    cmp = measure_dense_and_pruned(
-        backend,
-        dense=dense_onnx,
-        pruned=onnx,
-        feed=timing_feed(adapter, batch=batch, seq=seq),
-        rounds=req.rounds,
-        repeats=req.repeats,
-    )
+    measured: dict[str, Measurement] = {}
+    serve_doc: dict[str, dict[str, Any]] = {}
+    if serving:
+        measured, serve_doc = _measure_serving(adapter, models, wl, sreq.regime, backend, req, predictor)
+    else:
+        onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
+        dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
+        cmp = measure_dense_and_pruned(
+            backend,
+            dense=dense_onnx,
+            pruned=onnx,
+            feed=timing_feed(adapter, batch=batch, seq=seq),
+            rounds=req.rounds,
+            repeats=req.repeats,
+        )
+        measured = {k: Measurement.of(cmp, k, clock=backend.clock) for k in models}
     manifests = []
     for row in rows:
         key = row["key"]
@@ -502,6 +657,9 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             dense_predicted_ms=predictor.dense_ms(),
             target_speedup=row.get("target_speedup"),
         )
+        extra = {"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]}
+        if serving:
+            extra["workload"] = serve_doc[key]
         m = export_candidate(
             adapter,
             model,
@@ -510,12 +668,12 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
             backend=backend,
             batch=batch,
             seq=seq,
-            measurement=Measurement.of(cmp, key, clock=backend.clock),
+            measurement=measured[key],
             prediction=prediction,
             scores=row.get("scores"),
             fingerprint=table.fingerprint.to_json(),
             parity_tol=req.parity_tol if req.parity_tol is not None else adapter.parity_tol,
-            extra={"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]},
+            extra=extra,
         )
         m.setdefault("key", key)
         manifests.append(m)

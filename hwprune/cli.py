@@ -1,4 +1,4 @@
-"""hwprune command line: profile | search | export. Thin: arguments -> one call in hwprune.api -> exit code."""
+"""hwprune command line: profile | search | export | generate. Thin: arguments -> one call in hwprune.api -> exit code."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ app = typer.Typer(
         "1. profile: measure block latencies on this machine -> latency_tables/*.parquet\n\n"
         "2. search:  find the most accurate subnets for target speedups -> runs/NAME/\n\n"
         "3. export:  cut them physically, export ONNX, check parity, measure predicted vs real speedup.\n\n"
+        "4. generate: try an exported language model in one line (ONNX Runtime, streamed).\n\n"
         "Quick start:  hwprune search --model minilm --target-speedup 2 --export"
     ),
     no_args_is_help=True,
@@ -71,6 +72,18 @@ def _shape(s: Optional[str]) -> Optional[tuple[int, ...]]:
         raise HwpruneError(f"--input-shape {s!r} must be comma-separated integers, e.g. 1,3,224,224") from None
 
 
+def _ints(s: Optional[str], opt: str, example: str) -> tuple[int, ...]:
+    if s is None:
+        return ()
+    try:
+        vals = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise HwpruneError(f"{opt} {s!r} must be comma-separated integers, e.g. {example}") from None
+    if not vals or min(vals) < 1:
+        raise HwpruneError(f"{opt} {s!r} must be positive integers, e.g. {example}")
+    return vals
+
+
 MODEL_HELP = (
     "minilm (all-MiniLM-L6-v2, real weights, offline), bert-base (random weights, bert-base shape), "
     "smollm2 (SmolLM2-135M-Instruct, real weights from a GGUF), llama-3.2-1b / qwen2.5-0.5b / gpt2 (random "
@@ -115,10 +128,22 @@ def profile(
     device: Optional[str] = typer.Option(
         None, "--device", help="Device name in --store (default: CPU/GPU model + runtime)."
     ),
+    regime: str = typer.Option(
+        "prefill",
+        "--regime",
+        help="prefill: one pass over a --seq-token prompt; decode (LLMs): one new token after a KV cache of each --context.",
+    ),
+    context: Optional[str] = typer.Option(
+        None,
+        "--context",
+        help="With --regime decode: KV-cache lengths to time, comma-separated, e.g. 128,512,1024 (searches interpolate between them).",
+    ),
 ) -> None:
     """Measure this device: time every prunable block shape (attention with k heads, FFN with n neurons, convs over channel grids, and the unprunable rest) in the deployment runtime, median and spread after warm-up, and save a latency table with a device fingerprint.
 
     Example:  hwprune profile --model minilm --threads 1 --seq 128
+
+    Decode (tokens of an LLM):  hwprune profile --model smollm2 --regime decode --context 128,512,1024
     """
     from hwprune.api import ProfileRequest, run_profile
 
@@ -137,6 +162,8 @@ def profile(
                 budget_s=budget_s,
                 table_store=str(store) if store else None,
                 device=device,
+                regime=regime,
+                contexts=_ints(context, "--context", "128,512,1024"),
             ),
             progress=not no_progress,
         )
@@ -147,6 +174,10 @@ def profile(
     out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
     if store:
         out.print(f"filed in {store} as {res.table.path.parent.name if res.table.path else '?'}")
+    if res.dense_by_context:
+        per = ", ".join(f"{ms:.3f} ms at context {c}" for c, ms in res.dense_by_context.items())
+        out.print(f"dense model, one new token: {per} (profiled in {res.table.profile_seconds:.0f} s)")
+        return
     out.print(
         f"dense model: {res.dense_ms:.3f} ms predicted from the table (profiled in {res.table.profile_seconds:.0f} s)"
     )
@@ -238,10 +269,25 @@ def search(
     heartbeat_s: int = typer.Option(
         10, "--heartbeat-s", help="A killed worker's trial is failed and retried after 3x this."
     ),
+    regime: str = typer.Option(
+        "prefill",
+        "--regime",
+        help="What the targets speed up (LLMs): prefill = prompt latency; decode = tokens/s (a decode --table); serve = one request's latency, prefill(prompt) + every decode step (--table prefill, --decode-table decode).",
+    ),
+    workload: Optional[str] = typer.Option(
+        None,
+        "--workload",
+        help="The request to optimise for, e.g. prompt=512,new=128,batch=1 (needed for decode and serve).",
+    ),
+    decode_table: Optional[Path] = typer.Option(
+        None, "--decode-table", help="With --regime serve: the decode table (hwprune profile --regime decode)."
+    ),
 ) -> None:
     """Find the most accurate subnets for target speedups: exact DP under the table's additive latency model seeds an Optuna NSGA-II search over (predicted latency, end-to-end distance to the dense model). Writes study.db (resumable), pareto.csv, pareto.png and picks.json into the run directory.
 
     Example:  hwprune search --model minilm --targets 1.5,2,3 -o runs/minilm --export
+
+    LLM tokens/s:  hwprune search --model smollm2 --table T_decode --regime decode --workload prompt=64,new=128 --targets 1.5,2
 
     Many workers (any machines; --trials is the study's total):  hwprune search --model minilm --storage postgresql://hw:pw@db:5432/hw --study minilm-2x --trials 400 -o runs/w1
     """
@@ -265,6 +311,9 @@ def search(
             search=cfg,
             device=device,
             table_store=str(table_store) if table_store else None,
+            regime=regime,
+            workload=workload,
+            decode_table=str(decode_table) if decode_table else None,
         )
         store = StudyStore(url=storage, name=study, fresh=fresh, heartbeat_s=heartbeat_s)
         result = run_search(
@@ -311,6 +360,55 @@ def export(
         _fail(e)
     except Exception as e:
         _fail(_known(e))
+
+
+@app.command()
+def generate(
+    folder: Path = typer.Argument(
+        ..., help="An exported candidate: RUN/candidates/KEY (manifest.json, decoder.onnx, tokenizer.json)."
+    ),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="New tokens at most (stops at end-of-text)."),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="0 = greedy (the most likely token, reproducible); > 0 samples softmax(logits / T)."
+    ),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="With --temperature: sample among the k most likely."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+    threads: int = typer.Option(1, "--threads", help="ONNX Runtime intra-op threads."),
+) -> None:
+    """Generate text with an exported language model in ONNX Runtime (CPU), streaming tokens as they come: the prompt runs through decoder.onnx with an empty KV cache, then one token per call with the cache. Prints time to first token and tokens/s on stderr.
+
+    Example:  hwprune generate runs/smollm2/candidates/KEY --prompt "The capital of France is" --max-new-tokens 32
+    """
+    from hwprune.generate import GenerateRequest, run_generate
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        req = GenerateRequest(
+            folder=str(folder),
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            threads=threads,
+        )
+        _, stats = run_generate(req, on_text=show)
+    except HwpruneError as e:
+        _fail(e)
+    except Exception as e:
+        _fail(_known(e))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    err.print(
+        f"{stats.new_tokens} new tokens after a {stats.prompt_tokens}-token prompt: first after {stats.ttft_ms:.1f} ms, "
+        f"then {stats.tokens_per_s:.1f} tokens/s (ONNX Runtime CPU, {threads} thread{'s' if threads > 1 else ''}, wall clock)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

@@ -5,6 +5,10 @@ parity failure or a crash leaves no half-written candidate and keeps any previou
 
     out_dir/plan.json  model.safetensors  model.onnx  manifest.json
 
+plus the family's further graphs (``Family.extra_graphs``: a decoder's ``decoder.onnx``, one step with
+its KV cache), each checked by ``onnx.checker`` and ONNX Runtime parity like ``model.onnx`` and listed
+in the manifest under ``graphs``.
+
 Exporting several candidates? Measure them together so the dense model is timed once per round::
 
     onnx = {k: candidate_onnx(adapter, m, batch=1, seq=128) for k, m in models.items()}
@@ -34,7 +38,7 @@ from hwprune.errors import HwpruneError, ParityError
 from hwprune.export.manifest import Prediction, build_manifest
 from hwprune.export.measure import Measurement, measure_dense_and_pruned
 from hwprune.export.onnx_io import to_onnx
-from hwprune.families._base import Family
+from hwprune.families._base import ExtraGraph, Family
 from hwprune.latency._base import Backend
 from hwprune.surgery.plan import Plan
 
@@ -43,6 +47,7 @@ __all__ = [
     "candidate_onnx",
     "check_onnx",
     "check_parity",
+    "check_graph",
     "timing_feed",
     "Measurement",
     "Prediction",
@@ -98,6 +103,28 @@ def check_parity(adapter: Family, model: nn.Module, data: bytes, *, backend: Bac
     return diff
 
 
+def check_graph(graph: ExtraGraph, *, backend: Backend, tol: float) -> float:
+    """``onnx.checker`` plus ONNX Runtime vs torch on every check of ``graph`` (all outputs); the max abs
+    difference, :class:`ParityError` above ``tol``."""
+    check_onnx(graph.onnx)
+    diff = 0.0
+    for feed, expected in graph.checks:
+        got = backend.run(graph.onnx, feed)
+        if len(got) != len(expected):
+            raise ParityError(f"{graph.file} has {len(got)} outputs, the pruned torch model gives {len(expected)}")
+        for g, e in zip(got, expected):
+            if g.shape != e.shape:
+                raise ParityError(f"{graph.file}: an output has shape {g.shape}, the torch model gives {e.shape}")
+            d = float(np.abs(g.astype(np.float64) - e.astype(np.float64)).max()) if g.size else 0.0
+            if not d <= tol:  # also catches NaN
+                raise ParityError(
+                    f"{graph.file}: ONNX Runtime differs from the pruned torch model by {d:.3g} > tolerance "
+                    f"{tol:g}; the export is not trustworthy"
+                )
+            diff = max(diff, d)
+    return diff
+
+
 def _check_reload(folder: Path, model: nn.Module) -> None:
     """What was written must rebuild the same tensors through ``hwprune.load`` (no pickles)."""
     loaded = hwprune.load(folder).state_dict()
@@ -143,6 +170,12 @@ def export_candidate(
         data = candidate_onnx(adapter, model, batch=batch, seq=seq, path=tmp / FILES["onnx"])
         check_onnx(data)
         diff = check_parity(adapter, model, data, backend=backend, seq=seq, tol=parity_tol)
+        graphs: dict[str, Any] = {}
+        for g in adapter.extra_graphs(model):
+            gdiff = check_graph(g, backend=backend, tol=parity_tol)
+            (tmp / g.file).write_bytes(g.onnx)  # inside the temporary folder: renamed with the rest
+            files[g.role] = g.file
+            graphs[g.role] = {"file": g.file, "parity_max_abs_diff": gdiff, **dict(g.info)}
         if measurement is None:
             dense = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
             cmp = measure_dense_and_pruned(
@@ -172,6 +205,7 @@ def export_candidate(
             scores=scores,
             fingerprint=fingerprint,
             files=files,
+            graphs=graphs,
             extra=extra,
         )
         write_json(tmp / FILES["manifest"], manifest)

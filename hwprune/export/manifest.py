@@ -3,7 +3,9 @@
 Every number a user might quote sits beside the one it should be compared with: predicted vs
 measured latency, predicted vs measured speedup, pruned vs dense params and FLOPs. Conventions:
 
-- latencies in ms, one forward pass at ``settings.batch`` x ``settings.seq``;
+- latencies in ms, one forward pass at ``settings.batch`` x ``settings.seq``; for runs searched with
+  ``--regime decode|serve`` they are that objective instead (the mean decode step, i.e. 1 / tokens-per-s,
+  or one request's latency), measured on the decode graphs, with the breakdown in ``extra.workload``;
 - ``measured_speedup = dense_measured_ms / measured_ms`` (both timed in the same process, interleaved);
 - ``predicted_speedup = dense_predicted_ms / predicted_ms`` (both from the latency table);
 - ``prediction_error_pct = 100 * (predicted_ms - measured_ms) / measured_ms``: **the headline**, raw
@@ -21,7 +23,9 @@ measured latency, predicted vs measured speedup, pruned vs dense params and FLOP
 - ``measured_wall_ms`` / ``dense_measured_wall_ms``: the same medians on the wall clock, beside the
   ``settings.clock`` ones (thread CPU time for one-thread CPU runs, a lower bound);
 - ``flops`` = 2 x MACs of the matrix products and convolutions (see :mod:`hwprune.export.stats`);
-- ``plan`` is the family's readable summary of the kept sizes (``Family.plan_summary``).
+- ``plan`` is the family's readable summary of the kept sizes (``Family.plan_summary``);
+- ``graphs``: the family's further ONNX graphs (``Family.extra_graphs``), role -> file, parity and how
+  to drive it (a decoder's ``decoder`` graph: cache convention, token ids, max positions).
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def build_manifest(
     scores: Mapping[str, float] | None = None,
     fingerprint: Any = None,
     files: Mapping[str, str] | None = None,
+    graphs: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest as a JSON-ready dict (key order is the order a reader wants)."""
@@ -129,6 +134,7 @@ def build_manifest(
         "timings": measurement.timings_json(),
         "plan": dict(plan_summary),
         "files": dict(files or {}),
+        "graphs": dict(graphs or {}),
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": dict(extra or {}),
@@ -165,3 +171,4 @@ def _upgrade(m: dict[str, Any]) -> None:
         m["dense_prediction_error_pct"] = 100.0 * (1.0 / (1.0 + drift / 100.0) - 1.0)
     m.setdefault("dense_control_pct", None)  # not measured then
     m.setdefault("warnings", [])
+    m.setdefault("graphs", {})  # further ONNX graphs (issue 9): none then

@@ -19,11 +19,14 @@ Contract, in the order the pipeline uses it:
   dense one is untouched), optionally replacing tensors by ``overrides`` (pruned-model state-dict
   names); ``skeleton(plan)`` builds the pruned shapes with uninitialised weights for loading.
 - latency: ``measure_latency(backend, ...)`` times the family's blocks and returns the table's rows
-  and meta; ``prepare_profiling`` loads the same graphs untimed (for benchmarks that time them in
-  their own rounds); ``predictor(table, space)`` turns a table into a :class:`Predictor`.
+  and meta (``measure_decode_latency(backend, contexts=...)`` the same for one generated token after a
+  KV cache, where the family has one); ``prepare_profiling`` loads the same graphs untimed (for
+  benchmarks that time them in their own rounds); ``predictor(table, space)`` turns a table into a :class:`Predictor`.
 - accuracy: ``load_calib(...)`` returns calibration and held-out inputs; proxies are registered per
   family with ``@register_proxy(name, family=...)`` and fitted through ``fit_proxy``;
   ``scorer(calib)`` compares a pruned model with the dense one end to end.
+- export: ``extra_graphs(model)`` are ONNX graphs written beside ``model.onnx`` (a decoder's one-step
+  decode graph with its KV cache), each checked by ONNX Runtime against torch like ``model.onnx``.
 - reports: ``stats(model, batch=, seq=)`` (params and FLOPs), ``plan_summary(plan)``,
   ``parity_inputs(seq=)`` and ``parity_mask(inputs)`` for ONNX parity.
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -56,7 +60,7 @@ if TYPE_CHECKING:
     from hwprune.latency.table import LatencyTable
     from hwprune.proxies._base import CalibData, ProxyState
 
-__all__ = ["Family", "RawUnit", "Scorer", "SPACES_DIR"]
+__all__ = ["Family", "ExtraGraph", "RawUnit", "Scorer", "SPACES_DIR"]
 
 RawUnit = tuple[str, str, int, int, int]  # name, kind, full, layer, granule
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -70,6 +74,22 @@ class Scorer(Protocol):
     """
 
     def score(self, model: nn.Module) -> Mapping[str, float]: ...
+
+
+@dataclass(frozen=True)
+class ExtraGraph:
+    """One more ONNX graph of an exported candidate, with the evidence that it computes what torch does.
+
+    ``checks`` pairs ONNX Runtime feeds with torch's outputs on them (every output, in the graph's
+    order); the export fails when any output differs by more than the parity tolerance. ``info`` goes
+    to the manifest under ``graphs.<role>`` (how to drive the graph: its cache convention, ids...).
+    """
+
+    role: str  # manifest key, e.g. "decoder"
+    file: str  # file name in the candidate folder, e.g. "decoder.onnx"
+    onnx: bytes
+    checks: Sequence[tuple[Mapping[str, np.ndarray], Sequence[np.ndarray]]]
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Family(ABC):
@@ -178,6 +198,11 @@ class Family(ABC):
         """Extra files an export writes beside the model (a tokenizer), as {role: file name}. Default: none."""
         return {}
 
+    def extra_graphs(self, model: nn.Module) -> list[ExtraGraph]:
+        """ONNX graphs an export writes beside ``model.onnx`` (a decoder's one-step decode graph with its
+        KV cache), each with parity checks. Default: none."""
+        return []
+
     # ---- spaces -------------------------------------------------------------------------------
     def default_space_file(self) -> Path | None:
         """``search_spaces/<name>.yaml`` when it exists."""
@@ -224,6 +249,24 @@ class Family(ABC):
     ) -> "Profiling":
         """Export and load the profile's graphs without timing them (benchmarks time them in their own
         rounds). ``levels``: sizes per unit where the family samples a grid (None: its default)."""
+
+    def measure_decode_latency(
+        self,
+        backend: "Backend",
+        *,
+        batch: int,
+        contexts: Sequence[int],
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple["pd.DataFrame", dict[str, Any]]:
+        """The decode regime: time one new token after a KV cache of each of ``contexts`` positions for every
+        block size of ``space``. Rows as :meth:`measure_latency`'s plus a ``context`` column; ``meta``
+        holds each context's meta under ``contexts``. ``budget_s`` is for all contexts together.
+        Default: the family has no KV cache, said in one line."""
+        raise HwpruneError(
+            f"{self.family} models do not generate token by token (no KV cache); profile them with --regime prefill"
+        )
 
     def predictor(self, table: "LatencyTable", space: PruningSpace) -> "Predictor":
         """The table's latency model. Default: additive per-unit lookups (:class:`LUTPredictor`)."""

@@ -8,9 +8,11 @@ Each model family measures its own blocks (``Family.measure_latency``) and picks
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from hwprune.errors import HwpruneError
 from hwprune.latency._base import Backend, Timing, backend_names, get_backend, register_backend
 from hwprune.latency.fingerprint import DeviceFingerprint
 from hwprune.latency.predictor import LUTPredictor, Predictor
@@ -45,20 +47,47 @@ def profile(
     out: str | Path | None = None,
     progress: bool = True,
     budget_s: float | None = None,
+    regime: str = "prefill",
+    contexts: Sequence[int] = (),
 ) -> LatencyTable:
     """Measure every block size of ``space`` (default: the adapter's) on this machine; save to ``out``.
 
     ``budget_s`` bounds the timing phase (default: the family's, 120 s for encoders); ``out`` may be
     ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory.
+    ``regime="decode"``: one new token after a KV cache of each of ``contexts`` positions (``seq`` is 1;
+    ``budget_s`` covers all contexts; see ``Family.measure_decode_latency``).
     """
+    if regime not in ("prefill", "decode"):
+        raise HwpruneError(f"--regime {regime!r} is not one of prefill, decode")
+    if regime == "prefill" and contexts:
+        raise HwpruneError("--context is for --regime decode (a prompt has no KV cache before it)")
+    if regime == "decode":
+        contexts = sorted(set(int(c) for c in contexts))
+        if not contexts:
+            raise HwpruneError("--regime decode needs --context, the KV-cache lengths to time, e.g. 128,512,1024")
+        seq = 1
     batch, seq = adapter.io_settings(batch=batch, seq=seq)
     backend = get_backend(runtime, threads=threads)
     space = space if space is not None else adapter.space()
     fp = DeviceFingerprint.current(runtime, threads=threads, batch=batch, seq=seq, runtime_version=backend.version())
     t0 = time.perf_counter()
-    frame, meta = adapter.measure_latency(
-        backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s
-    )
+    settings: dict[str, Any] = {
+        "runtime": runtime,
+        "threads": threads,
+        "batch": batch,
+        "seq": seq,
+        "dtype": "float32",
+        "regime": regime,
+    }
+    if regime == "prefill":
+        frame, meta = adapter.measure_latency(
+            backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s
+        )
+    else:
+        frame, meta = adapter.measure_decode_latency(
+            backend, batch=batch, contexts=contexts, space=space, progress=progress, budget_s=budget_s
+        )
+        settings["contexts"] = list(contexts)
     table = LatencyTable(
         frame=frame,
         fingerprint=fp,
@@ -67,7 +96,7 @@ def profile(
         shape_key=adapter.shape_key(),
         profile_seconds=time.perf_counter() - t0,
         meta=meta,
-        settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq, "dtype": "float32"},
+        settings=settings,
     )
     if out is not None:
         table.save(out)

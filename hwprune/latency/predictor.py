@@ -8,6 +8,7 @@ reads the costs from a measured :class:`~hwprune.latency.table.LatencyTable`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -16,7 +17,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["Predictor", "LUTPredictor"]
+__all__ = ["Predictor", "LUTPredictor", "WeightedPredictor", "ContextPredictor", "context_weights"]
 
 
 class Predictor(ABC):
@@ -106,6 +107,94 @@ class LUTPredictor(Predictor):
         except (KeyError, ValueError):
             self.space.validate(cand)  # raises the one-line error naming the unit
             raise
+
+
+class WeightedPredictor(Predictor):
+    """``sum_k w_k * p_k`` over predictors of one space: base and unit costs are mixed alike, so the sum is
+    additive where every part is (a request = its prefill + its decode steps; a context between two
+    measured ones = their linear mix)."""
+
+    def __init__(self, parts: Sequence[tuple[float, Predictor]]) -> None:
+        if not parts:
+            raise ValueError("a weighted predictor needs at least one part")
+        super().__init__(parts[0][1].space)
+        self.parts = [(float(w), p) for w, p in parts]
+        self.additive = all(p.additive for _, p in self.parts)  # type: ignore[misc]  # per instance
+
+    def unit_costs(self) -> tuple[float, list[np.ndarray]]:
+        got = [(w, p.unit_costs()) for w, p in self.parts]
+        base = sum(w * b for w, (b, _) in got)
+        n = len(got[0][1][1])
+        costs = [np.sum([w * c[i] for w, (_, c) in got], axis=0) for i in range(n)]
+        return float(base), [np.asarray(c, dtype=np.float64) for c in costs]
+
+    def predict(self, cand: Candidate) -> float:
+        return float(sum(w * p.predict(cand) for w, p in self.parts))
+
+    def linearized_at(self, reference: Candidate) -> Predictor:
+        if self.additive:
+            return self
+        return WeightedPredictor([(w, p.linearized_at(reference)) for w, p in self.parts])
+
+
+class ContextPredictor(WeightedPredictor):
+    """A decode table's latency model at one KV-cache length ``context``.
+
+    ``per_context`` holds the family's predictor at every context the table measured. Between two
+    measured contexts the prediction (base and every unit cost) is interpolated linearly in the context,
+    exact at a measured one: attention reads a cache that grows linearly. Outside the grid it is
+    extrapolated linearly from the two nearest contexts, and :attr:`warning` says so with an honest error
+    estimate: the same extrapolation, made from the grid's other points to its own end point, against
+    what the table holds there (needs three contexts).
+    """
+
+    def __init__(self, per_context: Mapping[int, Predictor], context: int, *, where: str = "the latency table") -> None:
+        grid = sorted(int(c) for c in per_context)
+        if not grid:
+            raise HwpruneError(f"{where} has no decode contexts; re-profile with --regime decode --context ...")
+        if len(grid) == 1 and context != grid[0]:
+            raise HwpruneError(
+                f"{where} was profiled at context {grid[0]} only; predicting context {context} needs at "
+                "least two contexts around it: re-profile with --context listing both"
+            )
+        self.per_context, self.context, self.grid = dict(per_context), int(context), grid
+        self.weights = context_weights(grid, self.context)
+        super().__init__([(w, self.per_context[c]) for c, w in self.weights.items()])
+        self.warning: str | None = None
+        if not grid[0] <= self.context <= grid[-1]:
+            self.warning = self._extrapolation_warning(where)
+
+    def _extrapolation_warning(self, where: str) -> str:
+        g = self.grid
+        end, pts = (g[-1], g[-3:-1]) if self.context > g[-1] else (g[0], g[1:3])
+        side = "above" if self.context > g[-1] else "below"
+        msg = (
+            f"context {self.context} is {side} the profiled grid {', '.join(map(str, g))} of {where}; "
+            f"predictions are extrapolated linearly from contexts {' and '.join(map(str, self.weights))}"
+        )
+        if len(g) < 3:
+            return msg + " (with two contexts its error cannot be estimated; profile a context beyond it)"
+        dense = {c: self.per_context[c].dense_ms() for c in g}
+        guess = sum(wi * dense[c] for c, wi in context_weights(list(pts), end).items())
+        err = 100 * (guess - dense[end]) / dense[end]
+        near = pts[-1] if side == "above" else pts[0]
+        fix = "beyond" if side == "above" else "at or below"
+        return (
+            msg + f"; the same extrapolation from {pts[0]} and {pts[1]} to {end} ({abs(end - near)} tokens past "
+            f"them) misses the table's dense model there by {err:+.1f} %; here it reaches "
+            f"{abs(self.context - end)} tokens past the grid (profile a context {fix} {self.context})"
+        )
+
+
+def context_weights(grid: Sequence[int], context: int) -> dict[int, float]:
+    """Linear interpolation (or extrapolation past the ends) weights over the two nearest grid points."""
+    grid = list(grid)
+    if context in grid or len(grid) == 1:
+        return {context if context in grid else grid[0]: 1.0}
+    k = int(np.searchsorted(grid, context))
+    lo, hi = (grid[0], grid[1]) if k == 0 else (grid[-2], grid[-1]) if k == len(grid) else (grid[k - 1], grid[k])
+    t = (context - lo) / (hi - lo)
+    return {lo: 1.0 - t, hi: t}
 
 
 def _lookup(sizes: np.ndarray, ms: np.ndarray, wanted: tuple[int, ...], *, unit: str, where: str) -> np.ndarray:

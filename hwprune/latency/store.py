@@ -168,7 +168,7 @@ def diff(a: StoredTable, b: StoredTable) -> list[str]:
         f"setting {k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)
     ]
     ta, tb = LatencyTable.load(a.path).frame, LatencyTable.load(b.path).frame
-    on = ["kind", "key", "size", "size2"]
+    on = ["kind", "key", "size", "size2", "context"]
     m = ta.merge(tb, on=on, how="inner", suffixes=("_a", "_b"))
     if len(m):
         rel = (m["median_ms_b"] / m["median_ms_a"] - 1) * 100

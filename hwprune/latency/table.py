@@ -10,10 +10,16 @@
     p10_ms    float 10th percentile, same units
     p90_ms    float 90th percentile
     n         int   timed calls behind the figures
+    context   int   decode tables: KV-cache positions before the timed token; 0 in prefill tables
+                    (tables written before issue 9 lack the column and read as 0)
 
 ``FILE.json`` says what it was measured for: format, model, family, shape_key, the
-:class:`DeviceFingerprint`, settings {runtime, threads, batch, seq, dtype}, created, profile_seconds,
-and free-form ``meta`` (e.g. the dense model's measured latency). Both files are written atomically.
+:class:`DeviceFingerprint`, settings {runtime, threads, batch, seq, dtype, regime, and for decode tables
+contexts}, created, profile_seconds, and free-form ``meta`` (e.g. the dense model's measured latency).
+Both files are written atomically.
+
+Regimes: ``prefill`` (the default; one forward pass over ``seq`` prompt tokens) and ``decode`` (one new
+token per call after a KV cache of each of ``settings.contexts`` positions; ``seq`` is 1).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from hwprune.latency.fingerprint import DeviceFingerprint
 if TYPE_CHECKING:
     from hwprune.families._base import Family
 
-__all__ = ["LatencyTable", "TABLE_FORMAT", "COLUMNS", "table_paths"]
+__all__ = ["LatencyTable", "TABLE_FORMAT", "COLUMNS", "REGIMES", "table_paths"]
 
 TABLE_FORMAT = "hwprune.table/1"
 COLUMNS = {
@@ -47,7 +53,9 @@ COLUMNS = {
     "p10_ms": "float64",
     "p90_ms": "float64",
     "n": "int64",
+    "context": "int64",
 }
+REGIMES = ("prefill", "decode")
 
 
 def table_paths(path: str | Path) -> tuple[Path, Path]:
@@ -71,6 +79,8 @@ class LatencyTable:
     path: Path | None = None
 
     def __post_init__(self) -> None:
+        if "context" not in self.frame.columns:  # prefill rows have no KV cache (and older tables no column)
+            self.frame = self.frame.assign(context=0)
         missing = [c for c in COLUMNS if c not in self.frame.columns]
         if missing:
             raise HwpruneError(f"{self.path or 'latency table'}: column {missing[0]!r} is missing; re-profile")
@@ -85,6 +95,47 @@ class LatencyTable:
 
     def kinds(self) -> list[str]:
         return sorted(set(self.frame["kind"]))
+
+    @property
+    def regime(self) -> str:
+        """``prefill`` or ``decode`` (see the module doc)."""
+        return str(self.settings.get("regime", "prefill"))
+
+    @property
+    def contexts(self) -> list[int]:
+        """The KV-cache lengths a decode table was measured at (ascending); ``[]`` for prefill tables."""
+        return sorted(int(c) for c in self.settings.get("contexts", [])) if self.regime == "decode" else []
+
+    def at_context(self, context: int) -> "LatencyTable":
+        """The rows of one measured context, as a table of their own (what a per-unit predictor reads)."""
+        if context not in self.contexts:
+            raise HwpruneError(f"{self.path or 'latency table'} has no rows for context {context}")
+        frame = self.frame[self.frame["context"] == context].reset_index(drop=True)
+        return LatencyTable(
+            frame=frame,
+            fingerprint=self.fingerprint,
+            model=self.model,
+            family=self.family,
+            shape_key=self.shape_key,
+            settings=dict(self.settings),
+            created=self.created,
+            profile_seconds=self.profile_seconds,
+            meta=dict(self.meta.get("contexts", {}).get(str(context), {})),
+            path=self.path,
+        )
+
+    def check_regime(self, regime: str) -> None:
+        """One line when this table was profiled for the other regime than the one asked for."""
+        if self.regime == regime:
+            return
+        where = f"latency table {self.path}" if self.path else "the latency table"
+        if self.regime == "decode":
+            what = f"the decode regime (one new token after a KV cache of {', '.join(map(str, self.contexts))})"
+            fix = "profile one for prompt latency without --regime decode"
+        else:
+            what = f"the prefill regime (prompts of {self.settings.get('seq')} tokens)"
+            fix = "profile one with --regime decode --context 128,512,1024"
+        raise HwpruneError(f"{where} was profiled for {what}, not for {regime}; {fix}")
 
     @property
     def base_ms(self) -> float:

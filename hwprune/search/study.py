@@ -67,7 +67,7 @@ def study_key(run: Mapping[str, Any], space: PruningSpace) -> dict[str, Any]:
     content), space, proxy, calibration (source and file content, sizes, seed) and the table's
     fingerprint. Targets, margin and trial count are left out: workers may differ in them."""
     req = run["request"]
-    return {
+    key = {
         "model": run["adapter"],
         # files by content, so workers may keep them at different paths
         "weights": _digest(req.get("weights")) or req.get("weights"),
@@ -80,6 +80,9 @@ def study_key(run: Mapping[str, Any], space: PruningSpace) -> dict[str, Any]:
         "seed": req["search"]["seed"],
         "table_fingerprint": run["fingerprint"],
     }
+    if run.get("workload") is not None:  # what predicted ms means (issue 9); absent keys keep older studies'
+        key["workload"] = run["workload"]
+    return key
 
 
 def units_space(units: Sequence[Mapping[str, Any]]) -> PruningSpace:

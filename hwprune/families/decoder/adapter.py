@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hwprune.families import register_family
-from hwprune.families._base import Family, RawUnit
+from hwprune.families._base import ExtraGraph, Family, RawUnit
 from hwprune.space import PruningSpace
 from hwprune.surgery.plan import Plan
 
@@ -300,6 +300,19 @@ class DecoderAdapter(Family):
             files["tokenizer"] = "tokenizer.json"
         return files
 
+    def extra_graphs(self, model: nn.Module) -> list[ExtraGraph]:
+        """``decoder.onnx``: one step with a per-layer KV cache (see :mod:`.decode`), checked on a prompt
+        (empty past) and on a one-token step after a 6-token past, batch 2."""
+        from .decode import DECODER_FILE, decode_feed, decode_onnx, generation_info, reference_outputs
+
+        assert isinstance(model, Decoder)
+        checks = []
+        for past, seq in ((0, 4), (6, 1)):
+            feed = decode_feed(model.config, batch=2, past_len=past, seq=seq, seed=past)
+            checks.append(({k: v.numpy() for k, v in feed.items()}, reference_outputs(model, feed)))
+        info = generation_info(model.config)
+        return [ExtraGraph(role="decode", file=DECODER_FILE, onnx=decode_onnx(model), checks=checks, info=info)]
+
     # ---- latency, accuracy, reports ------------------------------------------------------------
     def measure_latency(
         self,
@@ -314,6 +327,33 @@ class DecoderAdapter(Family):
         from .profile import measure
 
         return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s)
+
+    def measure_decode_latency(
+        self,
+        backend: Backend,
+        *,
+        batch: int,
+        contexts: Sequence[int],
+        space: PruningSpace,
+        progress: bool = True,
+        budget_s: float | None = None,
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Each context's graphs exported, loaded and timed in their own interleaved rounds (one context's
+        sessions in memory at a time), the budget shared out evenly."""
+        import pandas as pd
+
+        from .profile import check_context, measure
+
+        for c in contexts:  # every context checked before any is timed
+            check_context(self.config, c)
+        share = None if budget_s is None else budget_s / max(len(contexts), 1)
+        frames, metas = [], {}
+        for c in contexts:
+            f, m = measure(self, backend, batch=batch, seq=1, space=space, progress=progress, budget_s=share, context=c)
+            frames.append(f.assign(context=c))
+            metas[str(c)] = m
+        meta = {"method": "one new token per call after a KV cache of each context", "contexts": metas}
+        return pd.concat(frames, ignore_index=True), meta
 
     def prepare_profiling(
         self,

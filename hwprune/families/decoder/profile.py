@@ -12,6 +12,10 @@ blocks exactly as in the real model:
 
 A block's time is ``(chain - empty) / R``; removed sublayers cost 0. A candidate is predicted as
 ``base + sum over layers of attn(g_i) + ffn(n_i)``, which holds for removed blocks (depth) too.
+
+Decode regime (``context`` given): the same graphs as one-step decode graphs (:mod:`.decode`, exactly
+what ``decoder.onnx`` is), each timed on one new token per row after a KV cache of ``context``
+positions; an attention block's time then includes reading its cache, so it grows with the context.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
+from torch import nn
 
 from hwprune.errors import HwpruneError
 from hwprune.export.onnx_io import to_onnx
@@ -31,12 +36,13 @@ from hwprune.latency.backends import OrtCpuBackend, Runner, time_profile
 from hwprune.space import PruningSpace
 
 from .config import DecoderConfig
-from .model import random_decoder
+from .decode import decode_feed, decode_onnx
+from .model import Decoder, random_decoder
 
 if TYPE_CHECKING:
     from .adapter import DecoderAdapter
 
-__all__ = ["measure", "prepare", "DecoderProfiling", "chain_length", "profiled_sizes"]
+__all__ = ["measure", "prepare", "DecoderProfiling", "chain_length", "profiled_sizes", "check_context"]
 
 _CHAIN_WEIGHT_BUDGET = 256 * 2**20  # bytes of fp32 block weights per chain: longer chains, steadier per-block figures
 _CHAIN_VOCAB = 256
@@ -142,22 +148,54 @@ class DecoderProfiling:
 
 
 def _graph(
-    cfg: DecoderConfig, inputs: dict[str, torch.Tensor], outs: list[str], dyn: dict[str, dict[int, str]]
-) -> bytes:
+    cfg: DecoderConfig,
+    inputs: dict[str, torch.Tensor],
+    outs: list[str],
+    dyn: dict[str, dict[int, str]],
+    context: int | None = None,
+) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A random-weight graph of ``cfg`` and its timing feed: the prompt graph on ``inputs``, or (``context``
+    given) the one-step decode graph on one new token after a cache of ``context`` positions."""
     with torch.random.fork_rng():  # weights do not change the time; keep the caller's RNG untouched
         model = random_decoder(cfg, seed=0).eval()
-    return to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn)
+    if context is not None:
+        return _decode_graph(model, batch=inputs["input_ids"].shape[0], context=context)
+    return to_onnx(model, inputs, output_names=outs, dynamic_axes=dyn), inputs
+
+
+def _decode_graph(model: nn.Module, *, batch: int, context: int) -> tuple[bytes, dict[str, torch.Tensor]]:
+    assert isinstance(model, Decoder)
+    return decode_onnx(model), decode_feed(model.config, batch=batch, past_len=context, seq=1)
+
+
+def check_context(cfg: DecoderConfig, context: int) -> None:
+    """A cache of ``context`` positions plus the new token must fit the model's positions."""
+    if context < 1 or context + 1 > cfg.max_position:
+        raise HwpruneError(
+            f"--context {context}: a decode step after {context} cached tokens needs positions 1..{context + 1}; "
+            f"this model has {cfg.max_position} (choose contexts from 1 to {cfg.max_position - 1})"
+        )
 
 
 def prepare(
-    adapter: DecoderAdapter, backend: Backend, *, batch: int, seq: int, space: PruningSpace, progress: bool = True
+    adapter: DecoderAdapter,
+    backend: Backend,
+    *,
+    batch: int,
+    seq: int,
+    space: PruningSpace,
+    progress: bool = True,
+    context: int | None = None,
 ) -> DecoderProfiling:
-    """Export and load every graph of the profile (dense, base, empty chain, the chains)."""
+    """Export and load every graph of the profile (dense, base, empty chain, the chains); with ``context``
+    their one-step decode graphs, fed one new token after a KV cache of ``context`` positions."""
     from rich.progress import Progress
 
     if not isinstance(backend, OrtCpuBackend):  # runners with one held session per graph
         raise HwpruneError(f"runtime {backend.name} cannot profile yet; use --runtime ort-cpu (or ort-cuda)")
     cfg = adapter.config.dense()
+    if context is not None:
+        check_context(cfg, context)
     groups, ffn = profiled_sizes(cfg, space)
     r = chain_length(cfg)
     n = cfg.num_layers
@@ -171,14 +209,19 @@ def prepare(
     def chain(kind: str, size: int) -> tuple[bytes, dict[str, torch.Tensor]]:
         if kind == "base":
             c = cfg.with_sizes(kv_groups=(0,) * n, heads_per_group=(0,) * n, ffn=(0,) * n)
-            return _graph(c, real, outs, dyn), real
+            return _graph(c, real, outs, dyn, context)
         g = size if kind == "attn" else 0
         f = size if kind == "ffn" else 0
         c = small.with_sizes(kv_groups=(g,) * r, heads_per_group=(cfg.group_size if g else 0,) * r, ffn=(f,) * r)
-        return _graph(c, ids, outs, dyn), ids
+        return _graph(c, ids, outs, dyn, context)
+
+    def dense() -> tuple[bytes, dict[str, torch.Tensor]]:
+        if context is not None:
+            return _decode_graph(adapter.dense(), batch=batch, context=context)
+        return to_onnx(adapter.dense(), real, output_names=outs, dynamic_axes=dyn), real
 
     todo: list[tuple[str, int, Callable[[], tuple[bytes, dict[str, torch.Tensor]]]]] = [
-        ("dense", -1, lambda: (to_onnx(adapter.dense(), real, output_names=outs, dynamic_axes=dyn), real)),
+        ("dense", -1, dense),
         ("base", 0, functools.partial(chain, "base", 0)),
         ("empty", 0, functools.partial(chain, "empty", 0)),
     ]
@@ -203,10 +246,14 @@ def measure(
     space: PruningSpace,
     progress: bool = True,
     budget_s: float | None = None,
+    context: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Time every block size for about ``budget_s`` s (default 120) or 300 rounds; returns (frame, meta)."""
+    """Time every block size for about ``budget_s`` s (default 120) or 300 rounds; returns (frame, meta).
+    ``context``: the decode regime, one new token after a KV cache of that many positions."""
     return time_profile(
-        functools.partial(prepare, adapter, backend, batch=batch, seq=seq, space=space, progress=progress),
+        functools.partial(
+            prepare, adapter, backend, batch=batch, seq=seq, space=space, progress=progress, context=context
+        ),
         backend,
         budget_s=120.0 if budget_s is None else budget_s,
         rounds=_ROUNDS,

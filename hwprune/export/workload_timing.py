@@ -1,0 +1,106 @@
+"""Measured serving figures of a decode graph: time to first token, decode step, tokens/s, request latency.
+
+Family-agnostic: it reads only the graph's own inputs (see :mod:`hwprune.generate` for the convention:
+``input_ids``, ``attention_mask``, ``past_key_values.*`` whose first axis is the batch and whose other
+named axis is the past length). For each model (the dense one included) one session is loaded; on it,
+one runner per feed: the prompt (an empty past, ``prompt`` tokens: time to first token) and one new token
+after a KV cache of each sampled context (the request's first, middle and last). All runners of all
+models are timed together in shuffled interleaved rounds (:func:`~hwprune.latency.backends.interleave`),
+so load from other tenants lands on every model alike. The mean decode step over the request's contexts
+is interpolated linearly between the sampled ones (attention reads a cache that grows linearly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from hwprune.errors import HwpruneError
+from hwprune.latency._base import Backend
+from hwprune.latency.backends import Runner, interleave
+from hwprune.latency.predictor import context_weights
+from hwprune.search.workload import Workload
+
+__all__ = ["measure_workload", "sampled_contexts"]
+
+PAST = "past_key_values."
+
+
+def sampled_contexts(workload: Workload) -> list[int]:
+    """The request's first, middle and last decode contexts (fewer when they coincide)."""
+    ctx = workload.decode_contexts()
+    return sorted({ctx[0], ctx[len(ctx) // 2], ctx[-1]})
+
+
+def _inputs(data: bytes) -> tuple[dict[str, list[int | str]], int]:
+    """Graph input name -> dims (int or axis name), and the vocabulary size (last dim of the first output)."""
+    import onnx
+
+    g = onnx.load_model_from_string(data).graph
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in g.input}
+    vocab = g.output[0].type.tensor_type.shape.dim[-1].dim_value
+    return dims, int(vocab or 2)
+
+
+def _feed(dims: Mapping[str, list[int | str]], vocab: int, *, batch: int, past: int, seq: int) -> dict[str, np.ndarray]:
+    ids = (np.arange(batch * seq, dtype=np.int64).reshape(batch, seq) % max(vocab - 3, 1)) + min(3, vocab - 1)
+    feed = {"input_ids": ids, "attention_mask": np.ones((batch, past + seq), dtype=np.int64)}
+    for name, d in dims.items():
+        if name.startswith(PAST):
+            shape = [x if isinstance(x, int) and x > 0 else (batch if k == 0 else past) for k, x in enumerate(d)]
+            feed[name] = np.zeros(shape, dtype=np.float32)
+    return {k: v for k, v in feed.items() if k in dims}
+
+
+def measure_workload(
+    backend: Backend,
+    graphs: Mapping[str, bytes],
+    workload: Workload,
+    *,
+    rounds: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> dict[str, dict[str, Any]]:
+    """Per model key: ``ttft_ms``, ``decode_ms`` {context: ms}, ``decode_step_ms`` (mean over the request),
+    ``tokens_per_s``, ``request_ms`` (ttft + every decode step), all medians on the backend's clock."""
+    contexts = sampled_contexts(workload)
+    b = workload.batch
+    runners: list[Runner] = []
+    slots: list[tuple[str, int | None]] = []  # (model, context or None for the prompt)
+    for key, data in graphs.items():
+        dims, vocab = _inputs(data)
+        if "input_ids" not in dims:
+            raise HwpruneError(f"{key}: the decode graph has no input_ids; re-export")
+        first = backend.prepare(data, _feed(dims, vocab, batch=b, past=0, seq=workload.prompt))
+        if first is None:
+            raise HwpruneError(f"runtime {backend.name} cannot time decode steps (no runner); use --runtime ort-cpu")
+        runners.append(first)
+        slots.append((key, None))
+        for c in contexts:
+            runners.append(
+                Runner(first.session, _feed(dims, vocab, batch=b, past=c, seq=1), cpu_clock=backend.cpu_clock)
+            )
+            slots.append((key, c))
+    timings = interleave(runners, rounds=rounds, per_round=repeats, warmup=warmup)
+    out: dict[str, dict[str, Any]] = {}
+    for (key, ctx_or_prompt), t in zip(slots, timings):
+        m = out.setdefault(key, {"decode_ms": {}})
+        if ctx_or_prompt is None:
+            m["ttft_ms"] = t.median_ms
+        else:
+            m["decode_ms"][ctx_or_prompt] = t.median_ms
+    ctx = workload.decode_contexts()
+    n_steps = len(ctx) if workload.new > 1 else 0
+    for m in out.values():
+        step = sum(sum(w * m["decode_ms"][g] for g, w in context_weights(contexts, c).items()) for c in ctx) / len(ctx)
+        m.update(
+            decode_step_ms=step,
+            tokens_per_s=1e3 * b / step,
+            request_ms=m["ttft_ms"] + n_steps * step,
+            contexts_timed=contexts,
+            clock=backend.clock,
+        )
+        m["decode_ms"] = {str(k): v for k, v in m["decode_ms"].items()}
+    return out

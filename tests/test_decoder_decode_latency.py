@@ -1,0 +1,343 @@
+"""Issue 9, decode latency tables: ``hwprune profile --regime decode --context ...`` on a tiny LLaMA folder
+(real ONNX Runtime sessions, very short timing), interpolation between contexts, the warning outside the
+grid, and a table of one regime refused for the other in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hwprune.api import make_predictor
+from hwprune.cli import app
+from hwprune.errors import HwpruneError
+from hwprune.families import resolve_model
+from hwprune.families.decoder.config import DecoderConfig
+from hwprune.families.decoder.hf import save_hf_folder
+from hwprune.families.decoder.model import random_decoder
+from hwprune.latency import LatencyTable
+from hwprune.space import Candidate
+
+TINY = DecoderConfig(
+    arch="llama",
+    vocab_size=300,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    max_position=128,
+)
+CONTEXTS = (8, 32, 96)
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(res, pattern: str) -> None:
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert text.startswith("error:") and pattern in text and "Traceback" not in res.output, res.output
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("dec") / "tiny-llama"
+    save_hf_folder(random_decoder(TINY, seed=1), out)
+    (out.parent / "space.yaml").write_text(
+        "defaults:\n  attn: {step: 1, min: 1, allow_remove: true}\n  ffn: {step: 16, min: 16, allow_remove: true}\n"
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def decode_table(folder: Path) -> Path:
+    path = folder.parent / "decode.parquet"
+    res = invoke(
+        "profile",
+        "--model",
+        folder,
+        "--space",
+        folder.parent / "space.yaml",
+        "--regime",
+        "decode",
+        "--context",
+        ",".join(map(str, CONTEXTS)),
+        "--budget-s",
+        "1.5",
+        "-o",
+        path,
+        "--no-progress",
+    )
+    assert res.exit_code == 0, res.output
+    assert "at context 8" in res.output and "at context 96" in res.output
+    return path
+
+
+def test_decode_table_has_every_block_shape_per_context(folder: Path, decode_table: Path) -> None:
+    t = LatencyTable.load(decode_table)
+    assert t.regime == "decode" and t.contexts == list(CONTEXTS)
+    side = json.loads(decode_table.with_suffix(".json").read_text())
+    assert side["settings"]["regime"] == "decode" and side["settings"]["contexts"] == list(CONTEXTS)
+    assert side["settings"]["seq"] == 1 and side["fingerprint"]["seq"] == 1  # one new token per call
+    for c in CONTEXTS:
+        sub = t.at_context(c)
+        rows = sub.frame.set_index(["kind", "size"])["median_ms"]
+        # KV groups 1..2 (heads per group: the dense 2), FFN widths of the space, removed sublayers, the base
+        assert set(rows.index) == {("base", 0), ("attn", 0), ("attn", 1), ("attn", 2)} | {
+            ("ffn", n) for n in (0, 16, 32, 48)
+        }
+        assert rows[("attn", 0)] == 0.0 and rows[("ffn", 0)] == 0.0 and rows[("base", 0)] > 0
+        m = t.meta["contexts"][str(c)]
+        assert m["dense_ms"]["median_ms"] > 0 and "dense_error_pct" in m  # the self-check, per context
+
+
+def test_prediction_interpolates_between_contexts(folder: Path, decode_table: Path) -> None:
+    a = resolve_model(str(folder))
+    space = a.space(folder.parent / "space.yaml")
+    t = LatencyTable.load(decode_table)
+    cand = Candidate(tuple(u.sizes[len(u.sizes) // 2] for u in space.units))
+    at = {c: make_predictor(t, space, a, regime="decode", context=c) for c in CONTEXTS}
+    for c in CONTEXTS:  # exact at a measured context
+        assert at[c].predict(cand) == pytest.approx(a.predictor(t.at_context(c), space).predict(cand))
+    logs: list[str] = []
+    mid = make_predictor(t, space, a, regime="decode", context=20, log=logs.append)  # 20 = 8 + (32 - 8) / 2
+    assert not logs
+    assert mid.predict(cand) == pytest.approx((at[8].predict(cand) + at[32].predict(cand)) / 2)
+    base, costs = mid.unit_costs()  # the DP's additive model agrees with predict
+    ix = [u.sizes.index(s) for u, s in zip(space.units, cand.sizes)]
+    assert base + sum(c[j] for c, j in zip(costs, ix)) == pytest.approx(mid.predict(cand))
+
+
+def test_outside_the_grid_warns_with_the_extrapolation(folder: Path, decode_table: Path) -> None:
+    a = resolve_model(str(folder))
+    space = a.space(folder.parent / "space.yaml")
+    t = LatencyTable.load(decode_table)
+    logs: list[str] = []
+    far = make_predictor(t, space, a, regime="decode", context=120, log=logs.append)
+    assert len(logs) == 1 and "context 120 is above the profiled grid 8, 32, 96" in logs[0]
+    assert (
+        "extrapolated linearly from contexts 32 and 96" in logs[0]
+        and "misses the table's dense model there by" in logs[0]
+    )
+    p32, p96 = (make_predictor(t, space, a, regime="decode", context=c).dense_ms() for c in (32, 96))
+    assert far.dense_ms() == pytest.approx(p96 + (p96 - p32) * (120 - 96) / (96 - 32))
+
+
+def test_a_table_of_one_regime_is_refused_for_the_other(folder: Path, decode_table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = invoke(
+        "search", "--model", folder, "--space", folder.parent / "space.yaml", "--table", decode_table, "-o", out
+    )
+    one_line_error(res, "was profiled for the decode regime")
+    assert not out.exists()  # nothing written
+    a = resolve_model(str(folder))
+    space = a.space(folder.parent / "space.yaml")
+    prefill = LatencyTable.load(decode_table)
+    prefill.settings = {k: v for k, v in prefill.settings.items() if k not in ("regime", "contexts")}
+    with pytest.raises(HwpruneError, match="was profiled for the prefill regime .* not for decode"):
+        make_predictor(prefill, space, a, regime="decode", context=32)
+
+
+def test_decode_profile_bad_input_is_one_line(folder: Path, tmp_path: Path) -> None:
+    base = ("profile", "--model", folder, "--budget-s", "1", "--no-progress", "-o", tmp_path / "t.parquet")
+    one_line_error(invoke(*base, "--regime", "decode"), "--regime decode needs --context")
+    one_line_error(invoke(*base, "--context", "64"), "--context is for --regime decode")
+    one_line_error(invoke(*base, "--regime", "decode", "--context", "64,x"), "comma-separated integers")
+    one_line_error(invoke(*base, "--regime", "decode", "--context", "64,200"), "this model has 128")
+    one_line_error(invoke(*base, "--regime", "beam"), "is not one of prefill, decode")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_a_family_without_kv_cache_refuses_the_decode_regime(tmp_path: Path) -> None:
+    from hwprune.families.encoder.adapter import EncoderAdapter
+    from hwprune.latency import profile
+
+    with pytest.raises(HwpruneError, match="encoder models do not generate token by token"):
+        profile(EncoderAdapter.tiny(), regime="decode", contexts=(16,), progress=False, budget_s=1)
+
+
+# ---- workloads: hwprune search --regime prefill|decode|serve --workload ... -----------------------
+
+
+@pytest.fixture(scope="module")
+def prefill_table(folder: Path) -> Path:
+    path = folder.parent / "prefill16.parquet"
+    res = invoke(
+        "profile",
+        "--model",
+        folder,
+        "--space",
+        folder.parent / "space.yaml",
+        "--seq",
+        "16",
+        "--budget-s",
+        "1",
+        "-o",
+        path,
+        "--no-progress",
+    )
+    assert res.exit_code == 0, res.output
+    return path
+
+
+def test_workload_strings_parse_or_name_the_keys() -> None:
+    from hwprune.search.workload import Workload
+
+    assert Workload.parse("prompt=512,new=128,batch=1") == Workload(512, 128, 1)
+    assert Workload.parse(" prompt=64 ") == Workload(64, 1, 1)
+    for bad, msg in (
+        ("prompt=512,tokens=128", "keys: prompt (tokens in), new (tokens out), batch"),
+        ("512,128", "is not KEY=N"),
+        ("new=128", "lacks prompt=N"),
+        ("prompt=x", "is not a whole number"),
+        ("prompt=0", "must be >= 1"),
+    ):
+        with pytest.raises(HwpruneError, match=re.escape(msg)):
+            Workload.parse(bad)
+
+
+def test_serve_is_prefill_plus_every_decode_step(folder: Path, decode_table: Path, prefill_table: Path) -> None:
+    from hwprune.latency.predictor import ContextPredictor
+    from hwprune.search.workload import Workload, workload_predictor
+
+    a = resolve_model(str(folder))
+    space = a.space(folder.parent / "space.yaml")
+    tables = {"prefill": LatencyTable.load(prefill_table), "decode": LatencyTable.load(decode_table)}
+    wl = Workload(prompt=16, new=24)
+
+    def pred(t: LatencyTable):
+        return a.predictor(t, space)
+
+    serve = workload_predictor("serve", wl, tables=tables, predictor=pred)
+    decode = workload_predictor("decode", wl, tables={"decode": tables["decode"]}, predictor=pred)
+    per = {c: a.predictor(tables["decode"].at_context(c), space) for c in CONTEXTS}
+    cand = Candidate(tuple(u.sizes[len(u.sizes) // 3] for u in space.units))
+    steps = [ContextPredictor(per, c).predict(cand) for c in range(16, 16 + 24 - 1)]  # contexts 16..38
+    first = a.predictor(tables["prefill"], space).predict(cand)
+    assert serve.predict(cand) == pytest.approx(first + sum(steps))
+    assert decode.predict(cand) == pytest.approx(sum(steps) / len(steps))
+    b = serve.breakdown(cand)
+    assert b["ttft_ms"] == pytest.approx(first) and b["request_ms"] == pytest.approx(serve.predict(cand))
+    assert b["tokens_per_s"] == pytest.approx(1e3 / decode.predict(cand))
+    base, costs = serve.unit_costs()  # additive: the DP sees the same objective
+    ix = [u.sizes.index(s) for u, s in zip(space.units, cand.sizes)]
+    assert base + sum(c[j] for c, j in zip(costs, ix)) == pytest.approx(serve.predict(cand))
+    assert not serve.warnings
+    far = workload_predictor("decode", Workload(prompt=90, new=20), tables={"decode": tables["decode"]}, predictor=pred)
+    assert len(far.warnings) == 1 and "context 108 is above the profiled grid" in far.warnings[0]
+
+
+def test_decode_search_targets_tokens_per_second(folder: Path, decode_table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = ("--model", folder, "--space", folder.parent / "space.yaml", "--n-calib", "16", "--n-heldout", "4")
+    res = invoke(
+        "search",
+        *common,
+        "--table",
+        decode_table,
+        "--regime",
+        "decode",
+        "--workload",
+        "prompt=16,new=24",
+        "--targets",
+        "1.3",
+        "--trials",
+        "6",
+        "-o",
+        out,
+        "--no-progress",
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "workload.json").read_text())
+    assert doc["regime"] == "decode" and doc["prompt"] == 16 and doc["new"] == 24
+    pick = doc["picks"]["1.3"]
+    got, dense = pick["predicted"], pick["dense_predicted"]
+    assert got["tokens_per_s"] >= 1.3 * dense["tokens_per_s"] * 0.999 and got["ttft_ms"] is None
+    assert json.loads((out / "run.json").read_text())["workload"]["tables"]["decode"] == str(decode_table)
+    assert (out / "candidates" / pick["key"] / "plan.json").is_file()
+    res = invoke("export", out, "--no-progress")  # tokens/s measured on decoder.onnx, dense in the same process
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "candidates" / pick["key"] / "manifest.json").read_text())
+    w = m["extra"]["workload"]
+    assert w["objective"] == "decode_step_ms" and w["measured"]["contexts_timed"] == [16, 27, 38]
+    assert m["measured_ms"] == pytest.approx(w["measured"]["decode_step_ms"])
+    assert m["measured_speedup"] == pytest.approx(w["measured"]["tokens_per_s"] / w["dense_measured"]["tokens_per_s"])
+    assert m["predicted_ms"] == pytest.approx(got["decode_step_ms"])  # the search's own prediction
+    assert w["measured"]["ttft_ms"] > 0 and w["measured"]["request_ms"] > w["measured"]["ttft_ms"]
+    assert (out / "candidates" / pick["key"] / "decoder.onnx").is_file()
+
+    # scripts/bench_tokens.py: the same graphs, dense beside, at a thread count of its own
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_tokens.py"
+    spec = importlib.util.spec_from_file_location("_bench_tokens", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    argv = [str(out), "--workload", "prompt=16,new=24", "--threads", "1", "--rounds", "1", "--repeats", "2"]
+    assert mod.main([*argv, "-o", str(tmp_path / "tok.json")]) == 0
+    doc = json.loads((tmp_path / "tok.json").read_text())
+    assert {r["model"] for r in doc["rows"]} == {"dense", pick["key"]} and doc["machine"]["threads"] == 1
+    assert all(r["tokens_per_s"] > 0 and r["contexts_timed"] == [16, 27, 38] for r in doc["rows"])
+    assert mod.main([str(tmp_path), "-o", str(tmp_path / "x.json")]) == 2  # not a run: one line, status 2
+
+
+def test_workload_bad_input_is_one_line(folder: Path, decode_table: Path, prefill_table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    base = ("search", "--model", folder, "--space", folder.parent / "space.yaml", "-o", out)
+    wl = ("--workload", "prompt=16,new=8")
+    one_line_error(
+        invoke(*base, "--table", prefill_table, "--regime", "decode", *wl), "profiled for the prefill regime"
+    )
+    one_line_error(invoke(*base, "--table", decode_table, "--regime", "decode"), "needs --workload")
+    one_line_error(
+        invoke(*base, "--table", decode_table, "--regime", "decode", "--workload", "prompt=16,out=8"), "keys: prompt"
+    )
+    one_line_error(invoke(*base, "--table", prefill_table, "--regime", "serve", *wl), "needs a decode table too")
+    one_line_error(
+        invoke(
+            *base,
+            "--table",
+            prefill_table,
+            "--regime",
+            "serve",
+            "--workload",
+            "prompt=32",
+            "--decode-table",
+            decode_table,
+        ),
+        "profile it with --seq 32",
+    )
+    assert not out.exists()
+
+
+def test_serve_search_exports_measured_request_latency(
+    folder: Path, decode_table: Path, prefill_table: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "serve"
+    res = invoke(
+        "search",
+        *("--model", folder, "--space", folder.parent / "space.yaml", "--n-calib", "16", "--n-heldout", "4"),
+        *("--table", prefill_table, "--decode-table", decode_table, "--regime", "serve"),
+        *("--workload", "prompt=16,new=8", "--targets", "1.3", "--trials", "6", "-o", out, "--export", "--no-progress"),
+    )
+    assert res.exit_code == 0, res.output
+    (m,) = json.loads((out / "exports.json").read_text())["manifests"]
+    w = m["extra"]["workload"]
+    assert w["objective"] == "request_ms" and w["regime"] == "serve"
+    got = w["measured"]
+    assert got["request_ms"] == pytest.approx(got["ttft_ms"] + 7 * got["decode_step_ms"])  # 7 steps after the prompt
+    assert m["measured_ms"] == pytest.approx(got["request_ms"]) and m["dense_measured_ms"] == pytest.approx(
+        w["dense_measured"]["request_ms"]
+    )
+    assert m["predicted_ms"] == pytest.approx(w["predicted"]["request_ms"]) and m["settings"]["seq"] == 16
