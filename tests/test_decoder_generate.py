@@ -216,26 +216,29 @@ def test_sampling_is_seeded(candidate: Path) -> None:
     assert a == b and len(a) == 12
 
 
-def _one_line(res, pattern: str) -> None:
+def _one_line(res, pattern: str) -> str:
+    """The error text of a CLI call that must fail in one line with exit 2 (asserted here)."""
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert text.startswith("error:") and pattern in text and "Traceback" not in res.output, res.output
+    return text
 
 
 def test_generate_bad_input_is_one_line(candidate: Path, tmp_path: Path) -> None:
-    _one_line(_cli("generate", tmp_path / "nope", "--prompt", "hi"), "is not a folder")
+    assert "nope" in _one_line(_cli("generate", tmp_path / "nope", "--prompt", "hi"), "is not a folder")
     long = " ".join(["capital"] * 90)
     _one_line(_cli("generate", candidate, "--prompt", long, "-n", 8), "more than the model's 96")
     _one_line(_cli("generate", candidate, "--prompt", "hi", "--top-k", 0), "--top-k must be >= 1")
     _export(DecoderAdapter.tiny(layers=2), {"layer.1.attn": []}, tmp_path / "random")  # no tokenizer
     _one_line(_cli("generate", tmp_path / "random", "--prompt", "hi"), "has no tokenizer.json")
     (tmp_path / "plain").mkdir()
-    _one_line(_cli("generate", tmp_path / "plain", "--prompt", "hi"), "manifest.json")
+    assert "plain" in _one_line(_cli("generate", tmp_path / "plain", "--prompt", "hi"), "manifest.json")
     no_graph = tmp_path / "no-graph"  # e.g. an encoder candidate, or one exported before issue 9
     no_graph.mkdir()
     m = json.loads((candidate / "manifest.json").read_text())
     (no_graph / "manifest.json").write_text(json.dumps({**m, "graphs": {}}))
-    _one_line(_cli("generate", no_graph, "--prompt", "hi"), "has no decode graph")
+    msg = _one_line(_cli("generate", no_graph, "--prompt", "hi"), "has no decode graph")
+    assert "no-graph" in msg and not (no_graph / "decoder.onnx").exists()
 
 
 def test_generation_stops_at_end_of_text(candidate: Path) -> None:
