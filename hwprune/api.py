@@ -27,7 +27,7 @@ from typing import Any
 from hwprune._io import check_writable, read_json, write_json
 from hwprune.errors import HwpruneError
 from hwprune.families import Family, resolve_model
-from hwprune.latency.predictor import Predictor
+from hwprune.latency.correction import CorrectedPredictor, corrected
 from hwprune.latency.table import LatencyTable
 from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.search.run import SearchConfig, SearchResult
@@ -45,6 +45,9 @@ __all__ = [
     "run_search",
     "run_export",
     "run_picks",
+    "CalibrateRequest",
+    "CalibrateResult",
+    "run_calibrate",
     "load_adapter",
     "default_table_path",
     "find_table",
@@ -80,13 +83,17 @@ def find_table(adapter: Family) -> tuple[Path | None, Path]:
     return next((p for p in (local, path) if p.is_file()), None), local
 
 
-def make_predictor(table: LatencyTable, space: PruningSpace, adapter: Family) -> Predictor:
-    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...)."""
+def make_predictor(
+    table: LatencyTable, space: PruningSpace, adapter: Family, *, correct: bool = True, log: Log = _noop
+) -> CorrectedPredictor:
+    """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...),
+    times the table's context factor and, when ``correct``, with the calibration correction stored
+    beside the table (:mod:`hwprune.latency.correction`); ``log`` gets one-time warnings about them."""
     if table.family != adapter.family:
         raise HwpruneError(
             f"latency table {table.path or ''} was measured for a {table.family} model, not {adapter.family}"
         )
-    return adapter.predictor(table, space)
+    return corrected(adapter.predictor(table, space), table, log=log, correct=correct)
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -120,7 +127,8 @@ class ProfileRequest:
 class ProfileResult:
     table: LatencyTable
     path: Path
-    dense_ms: float  # the dense model as the table predicts it
+    dense_ms: float  # the dense model as the table predicts it (block sum times the context factor)
+    dense_block_sum_ms: float  # the bare sum of the table's blocks
 
 
 def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
@@ -153,7 +161,8 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         from hwprune.latency.store import file_table
 
         file_table(table, req.table_store, device=req.device)
-    return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
+    pred = make_predictor(table, space, adapter, correct=False)
+    return ProfileResult(table=table, path=path, dense_ms=pred.dense_ms(), dense_block_sum_ms=pred.inner.dense_ms())
 
 
 # ---- search -------------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ def run_search(
     settings = dict(table.settings)
     for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
         log(w)
-    predictor = make_predictor(table, space, adapter)
+    predictor = make_predictor(table, space, adapter, log=log)
     get_proxy(req.proxy, adapter.family)  # unknown proxy -> error before any work
     check_reachable(req.search, predictor)
     calib = _calib(adapter, req, seq=int(settings.get("seq", 128)))
@@ -274,6 +283,7 @@ def run_search(
         "settings": settings,
         "fingerprint": table.fingerprint.to_json(),
         "calib_source": calib.source,
+        "latency_model": predictor.info,  # not in the study key: latency is re-predicted, scores are not
     }
     store = store or StudyStore()
     write_json(run_dir / "run.json", {**run_doc, "storage": describe(store.resolved(run_dir)), "study": store.name})
@@ -410,11 +420,13 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
+def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -> list[Manifest]:
     """Export the selected candidates of a run: plan + safetensors + ONNX + parity + measured latency.
 
     All selected candidates and the dense model are timed together, interleaved, in one process, so
-    every manifest's measured speedup compares numbers taken under the same conditions.
+    every manifest's measured speedup compares numbers taken under the same conditions. Predictions
+    use the table's context factor and stored correction (the manifest's ``latency_model`` says which);
+    each predicted-vs-measured pair is appended to the table's history (``hwprune tables show``).
     """
     import hwprune
     from hwprune.export.candidate import candidate_onnx, export_candidate, timing_feed
@@ -432,7 +444,7 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     space = adapter.space(sreq.space)
     table = LatencyTable.load(run["table"])
     settings = dict(table.settings)
-    predictor = make_predictor(table, space, adapter)
+    predictor = make_predictor(table, space, adapter, log=log)
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
     batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
     state: ProxyState | None = None
@@ -460,10 +472,14 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     for row in rows:
         key = row["key"]
         model, plan = models[key]
+        cand = plan.candidate(space)
         prediction = Prediction(
-            predicted_ms=predictor.predict(plan.candidate(space)),
+            predicted_ms=predictor.predict(cand),
             dense_predicted_ms=predictor.dense_ms(),
             target_speedup=row.get("target_speedup"),
+            base_predicted_ms=predictor.base_predict(cand),
+            dense_base_predicted_ms=predictor.base_predict(space.dense()),
+            latency_model=predictor.info,
         )
         m = export_candidate(
             adapter,
@@ -483,4 +499,159 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
         m.setdefault("key", key)
         manifests.append(m)
     write_json(run_dir / "exports.json", {"pick": req.pick, "manifests": manifests})
+    if manifests:
+        hist = [(str(m["key"]), m["predicted_ms"], float(m["measured_ms"])) for m in manifests]
+        hist.append(("dense", manifests[0]["dense_predicted_ms"], float(manifests[0]["dense_measured_ms"])))
+        _record_history(table, hist, source=f"export {run_dir}", correction=predictor.info["correction"], log=log)
     return manifests
+
+
+def _record_history(
+    table: LatencyTable,
+    rows: Sequence[tuple[str, float | None, float]],
+    *,
+    source: str,
+    correction: Mapping[str, Any] | None,
+    log: Log,
+) -> None:
+    """Append (key, predicted ms, measured ms) rows to the table's history (``hwprune tables show``).
+    A table folder we may not write (a shared, read-only one) costs a warning, never the export."""
+    import datetime as _dt
+
+    from hwprune.latency.store import append_history
+
+    if table.path is None:
+        return
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    entries = [
+        {
+            "when": when,
+            "key": key,
+            "predicted_ms": pred,
+            "measured_ms": meas,
+            "error_pct": 100.0 * (pred - meas) / meas,
+            "source": source,
+            "correction": f"v{correction['version']}" if correction else None,
+        }
+        for key, pred, meas in rows
+        if pred is not None
+    ]
+    try:
+        append_history(table.path, entries)
+    except (OSError, HwpruneError) as e:
+        log(f"could not record predicted vs measured in the table's history ({e}); the export itself is complete")
+
+
+# ---- calibrate ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrateRequest:
+    """``hwprune calibrate``: exported runs of one table; re-measure them here or trust their manifests."""
+
+    runs: tuple[str, ...]
+    remeasure: bool = False
+    rounds: int = 5
+    repeats: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise HwpruneError("give at least one run folder: hwprune calibrate runs/NAME [runs/OTHER...]")
+        if self.rounds < 1 or self.repeats < 1:
+            raise HwpruneError(f"rounds and repeats must be >= 1 (got {self.rounds}, {self.repeats})")
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    correction: Any  # hwprune.latency.correction.Correction
+    path: Path  # where it was written
+    table: Path
+    points: list[Any]  # hwprune.export.calibrate.Point, as fitted
+    measure: Mapping[str, Any] | None  # the re-measurement's settings and control (None: manifests)
+
+
+def run_calibrate(req: CalibrateRequest, *, log: Log = _noop) -> CalibrateResult:
+    """Fit ``measured = scale * base_predicted + offset`` over the exported candidates (and dense
+    models) of ``req.runs`` and store it beside their table (:mod:`hwprune.latency.correction`);
+    ``search`` and ``export`` then predict with it. Every run must come from the same table and model."""
+    from hwprune.export.calibrate import remeasure, run_points
+    from hwprune.latency import get_backend
+    from hwprune.latency.correction import Correction, fit_affine, load_correction, save_correction
+    from hwprune.latency.fingerprint import DeviceFingerprint
+
+    docs = [(Path(r), _read_run(Path(r))) for r in req.runs]
+    first_dir, first = docs[0]
+    table = LatencyTable.load(first["table"])
+    for r, doc in docs[1:]:
+        if doc.get("adapter") != first.get("adapter"):
+            raise HwpruneError(
+                f"{r} searched another model than {first_dir} ({doc.get('adapter')} vs {first.get('adapter')}); "
+                "calibrate the runs of one model and table at a time"
+            )
+        other = LatencyTable.load(doc["table"])
+        if other.digest() != table.digest():
+            raise HwpruneError(
+                f"{r} was searched with table {doc['table']}, {first_dir} with {first['table']}; "
+                "calibrate the runs of one table at a time"
+            )
+    sreq = SearchRequest.from_json(first["request"])
+    adapter = load_adapter(sreq.model, weights=sreq.weights, input_shape=sreq.input_shape)
+    table.check_model(adapter)
+    points = []
+    for r, doc in docs:
+        space = adapter.space(SearchRequest.from_json(doc["request"]).space)
+        points += run_points(r, space=space, predictor=make_predictor(table, space, adapter, correct=False))
+    settings = dict(table.settings)
+    runtime, threads = str(settings.get("runtime", "ort-cpu")), int(settings.get("threads", 1))
+    batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
+    measure: Mapping[str, Any] | None = None
+    if req.remeasure:
+        for w in table.machine_warnings(runtime, threads):
+            log(w)
+        points, measure = remeasure(
+            points,
+            adapter=adapter,
+            backend=get_backend(runtime, threads=threads),
+            batch=batch,
+            seq=seq,
+            rounds=req.rounds,
+            repeats=req.repeats,
+        )
+        for w in measure["warnings"]:
+            log(w)
+    fit = fit_affine([p.base_predicted_ms for p in points], [p.measured_ms for p in points])
+    try:
+        old = load_correction(table.path) if table.path else None
+    except HwpruneError as e:
+        log(f"{e}; replacing it")
+        old = None
+    here = DeviceFingerprint.current(
+        runtime, threads=threads, batch=batch, seq=seq, dtype=str(settings.get("dtype", "float32"))
+    )
+    corr = Correction(
+        fit=fit,
+        version=old.version + 1 if old else 1,
+        table={
+            "path": str(table.path),
+            "digest": table.digest(),
+            "created": table.created,
+            "model": table.model,
+            "shape_key": table.shape_key,
+        },
+        # manifests: the export machine (this table's); re-measured: this one
+        fingerprint=here.to_json() if req.remeasure else table.fingerprint.to_json(),
+        source="remeasured" if req.remeasure else "manifests",
+        runs=tuple(str(r) for r, _ in docs),
+        points=tuple(p.to_json() for p in points),
+        previous=((*({k: v for k, v in old.summary().items() if k != "path"},), *old.previous) if old else ()),
+    )
+    path = save_correction(table, corr)
+    if req.remeasure and table.path is not None:
+        _record_history(
+            table,
+            [(p.key, p.base_predicted_ms, p.measured_ms) for p in points],
+            source=f"calibrate --remeasure {' '.join(req.runs)} (before the new fit)",
+            correction=None,
+            log=log,
+        )
+    return CalibrateResult(correction=corr, path=path, table=Path(str(table.path)), points=points, measure=measure)

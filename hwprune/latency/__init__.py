@@ -45,11 +45,14 @@ def profile(
     out: str | Path | None = None,
     progress: bool = True,
     budget_s: float | None = None,
+    context: bool = True,
 ) -> LatencyTable:
     """Measure every block size of ``space`` (default: the adapter's) on this machine; save to ``out``.
 
     ``budget_s`` bounds the timing phase (default: the family's, 120 s for encoders); ``out`` may be
-    ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory.
+    ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory. ``context``:
+    also time the whole dense model as export does and store the context factor
+    (:mod:`hwprune.latency.context`; a few seconds more).
     """
     batch, seq = adapter.io_settings(batch=batch, seq=seq)
     backend = get_backend(runtime, threads=threads)
@@ -69,6 +72,11 @@ def profile(
         meta=meta,
         settings={"runtime": runtime, "threads": threads, "batch": batch, "seq": seq, "dtype": "float32"},
     )
+    if context:
+        from hwprune.latency.context import measure_context
+
+        table.meta["context"] = measure_context(adapter, backend, table, space, batch=batch, seq=seq)
+        table.profile_seconds = time.perf_counter() - t0
     if out is not None:
         table.save(out)
     return table

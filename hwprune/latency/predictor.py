@@ -8,7 +8,6 @@ reads the costs from a measured :class:`~hwprune.latency.table.LatencyTable`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
 
 import numpy as np
 
@@ -32,7 +31,7 @@ class Predictor(ABC):
       it, and the search re-linearises around its own DP pick until ``predict`` meets the budget.
     """
 
-    additive: ClassVar[bool] = True
+    additive: bool = True  # class-level; a wrapper (``CorrectedPredictor``) sets it per instance
 
     def __init__(self, space: PruningSpace) -> None:
         self.space = space

@@ -18,6 +18,7 @@ and free-form ``meta`` (e.g. the dense model's measured latency). Both files are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -90,6 +91,27 @@ class LatencyTable:
     def base_ms(self) -> float:
         return float(self.rows("base")["median_ms"].sum())
 
+    @property
+    def context(self) -> dict[str, Any] | None:
+        """How the whole dense model timed at profile time against the table's sum (``meta["context"]``,
+        written by :func:`hwprune.latency.context.measure_context`); None for tables made before it."""
+        ctx = self.meta.get("context")
+        return dict(ctx) if isinstance(ctx, Mapping) else None
+
+    @property
+    def context_factor(self) -> float:
+        """Whole-model time measured as export measures it / the table's dense prediction; 1.0 without one."""
+        ctx = self.context
+        return float(ctx["factor"]) if ctx is not None else 1.0
+
+    def digest(self) -> str:
+        """SHA-256 (16 hex digits) of the measurements and when they were made: a correction fitted to
+        this table's predictions names it, so a re-profiled table does not inherit a stale correction."""
+        h = hashlib.sha256(self.frame.to_csv(index=False).encode())
+        h.update(self.created.encode())
+        h.update(repr(self.context_factor).encode())
+        return h.hexdigest()[:16]
+
     # ---- checks -------------------------------------------------------------------------------
     def check_model(self, adapter: "Family") -> None:
         """Raise if this table was measured for another dense shape than ``adapter``'s."""
@@ -115,7 +137,8 @@ class LatencyTable:
             return [f"cannot fingerprint runtime {backend_name} here ({e})"]
         where = self.path.name if self.path else "the latency table"
         return [
-            f"{where} differs from this setup in {m} (table vs here); predictions may be off, re-profile here"
+            f"{where} differs from this setup in {m} (table vs here); predictions may be off, re-profile here: "
+            f"hwprune profile --model {self.model} -o {self.path or 'TABLE.parquet'}"
             for m in self.fingerprint.mismatches(here)
         ]
 
