@@ -480,7 +480,12 @@ def tables_show(
         out.print(
             f"correction v{corr.version}: measured = {f.scale:.4f} x predicted {f.offset_ms:+.4f} ms, residual rms "
             f"{f.residual_rms_ms:.4f} ms (worst {f.residual_max_pct:.2f} %), {f.n_points} points from "
-            f"{', '.join(corr.runs)} ({corr.source}, {corr.created}){stale}",
+            f"{', '.join(corr.runs)} ({corr.source}, {corr.created}){stale}"
+            + (
+                f"; earlier versions: {', '.join('v' + str(p.get('version')) for p in corr.previous)}"
+                if corr.previous
+                else ""
+            ),
             soft_wrap=True,
             highlight=False,
         )
@@ -490,7 +495,8 @@ def tables_show(
     for h in hist:
         out.print(
             f"{h.get('when', '?')}  {h.get('key', '?')}  predicted {h.get('predicted_ms', nan):.3f} ms  "
-            f"measured {h.get('measured_ms', nan):.3f} ms  error {h.get('error_pct', nan):+.1f} %  {h.get('source', '')}",
+            f"measured {h.get('measured_ms', nan):.3f} ms  error {h.get('error_pct', nan):+.1f} %  {h.get('source', '')}"
+            + (f"  (correction {h['correction']})" if h.get("correction") else ""),
             highlight=False,
         )
 
