@@ -444,6 +444,8 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
     space = adapter.space(sreq.space)
     table = LatencyTable.load(run["table"])
     settings = dict(table.settings)
+    for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
+        log(w)
     predictor = make_predictor(table, space, adapter, log=log)
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
     batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
@@ -643,7 +645,7 @@ def run_calibrate(req: CalibrateRequest, *, log: Log = _noop) -> CalibrateResult
         source="remeasured" if req.remeasure else "manifests",
         runs=tuple(str(r) for r, _ in docs),
         points=tuple(p.to_json() for p in points),
-        previous=((*({k: v for k, v in old.summary().items() if k != "path"},), *old.previous) if old else ()),
+        previous=(_without_path(old.summary()), *old.previous) if old else (),
     )
     path = save_correction(table, corr)
     if req.remeasure and table.path is not None:
@@ -655,3 +657,7 @@ def run_calibrate(req: CalibrateRequest, *, log: Log = _noop) -> CalibrateResult
             log=log,
         )
     return CalibrateResult(correction=corr, path=path, table=Path(str(table.path)), points=points, measure=measure)
+
+
+def _without_path(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "path"}

@@ -253,6 +253,11 @@ def test_table_without_correction_is_unchanged_and_stale_or_foreign_corrections_
     p = make_predictor(LatencyTable.load(t), space, adapter, log=said.append)
     assert p.info["correction"] is None and p.predict(space.smallest()) == pytest.approx(before, rel=1e-12)
     assert any("earlier profile" in s and "hwprune calibrate" in s for s in said), said
+    # a table older than the installed runtime: a warning naming the fix
+    side["fingerprint"]["runtime_version"] = "onnxruntime 0.0.1"
+    t.with_suffix(".json").write_text(json.dumps(side))
+    warns = LatencyTable.load(t).machine_warnings("ort-cpu", 1)
+    assert any("runtime version" in w and "hwprune profile --model" in w for w in warns), warns
 
 
 def test_corrupt_inputs_are_one_line_errors(run, folder, tmp_path):
@@ -286,3 +291,30 @@ def test_corrupt_inputs_are_one_line_errors(run, folder, tmp_path):
     (other / "run.json").write_text(json.dumps(doc))
     one_line_error(invoke("calibrate", r, other), "searched another model")
     assert not correction_path(t).exists()  # nothing written by a refused calibrate
+
+
+def test_a_corrected_non_additive_predictor_keeps_the_dp_exact():
+    """CNN convs depend on two groups: the correction wraps the re-linearisation, which stays exact at
+    the pick, and the DP still meets the (corrected) budget."""
+    import numpy as np
+    from test_cnn_latency import _bilinear, _synthetic_table
+
+    from hwprune.families.cnn.adapter import CnnAdapter
+    from hwprune.families.cnn.predictor import CnnPredictor
+    from hwprune.latency.correction import CorrectedPredictor
+    from hwprune.search.run import dp_pick
+
+    tiny = CnnAdapter("test_cnn_adapter:tiny_net", input_shape="1,3,32,32")
+    space = tiny.space()
+    inner = CnnPredictor(_synthetic_table(tiny, _bilinear), space)
+    pred = CorrectedPredictor(inner, scale=1.3, offset_ms=0.25, info={"context_factor": 1.0})
+    assert not pred.additive
+    small = space.smallest()
+    assert pred.predict(small) == pytest.approx(1.3 * inner.predict(small) + 0.25, rel=1e-12)
+    errors = [np.linspace(1.0, 0.0, len(u.sizes)) ** 2 for u in space.units]
+    budget = pred.dense_ms() / 1.5
+    sol = dp_pick(space, pred, errors, budget, buckets=4000, dense_ms=pred.dense_ms())
+    assert sol is not None and pred.predict(sol.candidate) <= budget * (1 + 1e-9)
+    base, costs = pred.linearized_at(sol.candidate).unit_costs()
+    ix = [u.sizes.index(s) for u, s in zip(space.units, sol.candidate.sizes)]
+    assert base + sum(c[i] for c, i in zip(costs, ix)) == pytest.approx(pred.predict(sol.candidate), rel=1e-12)

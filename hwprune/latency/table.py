@@ -13,7 +13,10 @@
 
 ``FILE.json`` says what it was measured for: format, model, family, shape_key, the
 :class:`DeviceFingerprint`, settings {runtime, threads, batch, seq, dtype}, created, profile_seconds,
-and free-form ``meta`` (e.g. the dense model's measured latency). Both files are written atomically.
+and free-form ``meta`` (e.g. the dense model's measured latency; ``meta["context"]``: the whole dense
+model timed as export times it, and the context factor, :mod:`hwprune.latency.context`). Both files are
+written atomically. Beside them may lie ``FILE.correction.json`` (``hwprune calibrate``,
+:mod:`hwprune.latency.correction`) and ``FILE.history.json`` (predicted vs measured, appended by export).
 """
 
 from __future__ import annotations
