@@ -436,7 +436,7 @@ def tables_show(
     ),
     store: Path = STORE_OPT,
 ) -> None:
-    """One table: its fingerprint, settings, context factor, calibration correction and the predicted-vs-measured history recorded beside it (history.json; export and calibrate --remeasure append to it).
+    """One table: its fingerprint, settings, context factor, calibration correction and the predicted-vs-measured history recorded beside it (TABLE.history.json; export and calibrate --remeasure append to it).
 
     Example:  hwprune tables show 3fa2c1    or    hwprune tables show latency_tables/local/minilm.parquet
     """
@@ -490,7 +490,7 @@ def tables_show(
             highlight=False,
         )
     if not hist:
-        out.print("no predicted-vs-measured history recorded (history.json)")
+        out.print("no predicted-vs-measured history recorded (TABLE.history.json)")
     nan = float("nan")
     for h in hist:
         out.print(

@@ -6,7 +6,7 @@
   ``factor * block_sum`` is the **base prediction** (``base_predicted_ms`` in manifests).
 - ``scale`` and ``offset_ms`` come from ``hwprune calibrate RUN...``: a least-squares fit of measured
   against base-predicted milliseconds of exported candidates and their dense models. They are stored
-  beside the table in ``<table>.correction.json`` (``correction.json`` in a store folder)::
+  beside the table in ``<table>.correction.json``::
 
     {"format": "hwprune.table-correction/1", "version": int (1, 2, ... per calibrate),
      "scale": float, "offset_ms": float, "residual_rms_ms": float, "residual_max_pct": float,
@@ -63,11 +63,9 @@ def _noop(msg: str) -> None:
 
 
 def companion_path(table_path: str | Path, name: str) -> Path:
-    """A file that belongs to a table: ``x.<name>.json`` beside ``x.parquet``; in a registry folder
-    (``table.parquet``, see :mod:`hwprune.latency.store`) simply ``<name>.json``."""
+    """A file that belongs to a table: ``x.<name>.json`` beside ``x.parquet`` (in a registry folder,
+    ``table.<name>.json``; see :mod:`hwprune.latency.store`)."""
     pq, _ = table_paths(table_path)
-    if pq.name == "table.parquet":
-        return pq.with_name(f"{name}.json")
     return pq.with_name(f"{pq.name[: -len('.parquet')]}.{name}.json")
 
 
