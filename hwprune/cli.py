@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -40,8 +41,16 @@ def _fail(e: HwpruneError) -> None:
     raise typer.Exit(2)
 
 
-def _warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/] {msg}", soft_wrap=True, highlight=False)
+def _warner() -> Callable[[str], None]:
+    """A warning printer for one command that says each warning once (search --export checks the table twice)."""
+    said: set[str] = set()
+
+    def warn(msg: str) -> None:
+        if msg not in said:
+            said.add(msg)
+            err.print(f"[yellow]warning:[/] {msg}", soft_wrap=True, highlight=False)
+
+    return warn
 
 
 def _known(e: Exception, *, study: Optional[Path] = None) -> HwpruneError:
@@ -279,10 +288,11 @@ def search(
             table_store=str(table_store) if table_store else None,
         )
         store = StudyStore(url=storage, name=study, fresh=fresh, heartbeat_s=heartbeat_s)
-        result = run_search(req, log=_warn, progress=not no_progress, store=store)
+        warn = _warner()
+        result = run_search(req, log=warn, progress=not no_progress, store=store)
         _print_picks(result)
         if export:
-            _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress, log=_warn))
+            _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress, log=warn))
     except HwpruneError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -316,7 +326,9 @@ def export(
     try:
         _print_manifests(
             run_export(
-                ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol), progress=not no_progress, log=_warn
+                ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol),
+                progress=not no_progress,
+                log=_warner(),
             )
         )
     except HwpruneError as e:
@@ -370,7 +382,7 @@ def calibrate(
     try:
         res = run_calibrate(
             CalibrateRequest(runs=tuple(str(r) for r in runs), remeasure=remeasure, rounds=rounds, repeats=repeats),
-            log=_warn,
+            log=_warner(),
         )
     except HwpruneError as e:
         _fail(e)

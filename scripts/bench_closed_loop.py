@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--space", default=None, help="pruning space YAML (default: the model's)")
     ap.add_argument("--targets", default="1.5,2")
+    ap.add_argument("--calib", default=None, help="calibration data (default: the family's built-in)")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--n-heldout", type=int, default=16)
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work or f"runs/closed_loop_{name}")
     table = work / "table.parquet"
     space = ["--space", a.space] if a.space else []
-    search = ["--model", a.model, *space, "--table", table, "--targets", a.targets, "--trials", a.trials,
+    calib = ["--calib", a.calib] if a.calib else []
+    search = ["--model", a.model, *space, *calib, "--table", table, "--targets", a.targets, "--trials", a.trials,
               "--n-calib", a.n_calib, "--n-heldout", a.n_heldout, "--export", "--no-progress", "--fresh"]  # fmt: skip
     seconds: dict[str, float] = {}
     try:
