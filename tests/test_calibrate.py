@@ -318,3 +318,16 @@ def test_a_corrected_non_additive_predictor_keeps_the_dp_exact():
     base, costs = pred.linearized_at(sol.candidate).unit_costs()
     ix = [u.sizes.index(s) for u, s in zip(space.units, sol.candidate.sizes)]
     assert base + sum(c[i] for c, i in zip(costs, ix)) == pytest.approx(pred.predict(sol.candidate), rel=1e-12)
+
+
+def test_a_store_folder_keeps_its_legacy_history_json(profiled, tmp_path):
+    from hwprune.latency.store import append_history, file_table
+
+    st = file_table(LatencyTable.load(profiled[0]), tmp_path / "store", device="here")
+    old = {"when": "2026-01-01", "key": "k", "predicted_ms": 1.0, "measured_ms": 1.0, "error_pct": 0.0, "source": "x"}
+    (st.folder / "history.json").write_text(json.dumps({"format": "hwprune.table-history/1", "entries": [old]}))
+    assert read_history(st.path) == [old]  # the name before issue 10 is read
+    append_history(st.path, [{**old, "key": "new"}])
+    assert [e["key"] for e in read_history(st.path)] == ["k", "new"] and (st.folder / "table.history.json").is_file()
+    res = invoke("tables", "show", st.name, "--store", tmp_path / "store")
+    assert res.exit_code == 0 and "new" in res.output and "context factor:" in res.output, res.output
