@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -452,8 +453,6 @@ def tables_show(
 
     Example:  hwprune tables show 3fa2c1    or    hwprune tables show latency_tables/local/minilm.parquet
     """
-    import json
-
     from hwprune.latency.correction import load_correction
     from hwprune.latency.store import find_table, read_history
     from hwprune.latency.table import LatencyTable, table_paths
@@ -578,6 +577,20 @@ def _print_manifests(manifests: "list[Manifest]") -> None:
         "control: the dense model's second session vs its first, same rounds (the timing's own noise).",
         soft_wrap=True,
     )
+    models = {json.dumps(m.get("latency_model"), sort_keys=True): m.get("latency_model") for m in manifests}
+    for lm in models.values():
+        if lm:
+            c = lm.get("correction")
+            out.print(
+                f"predicted ms = table x context factor {lm['context_factor']:.3f}"
+                + (
+                    f", then correction v{c['version']} (x {c['scale']:.4f} {c['offset_ms']:+.4f} ms, hwprune calibrate)"
+                    if c
+                    else "; no calibration correction (hwprune calibrate RUN fits one)"
+                ),
+                soft_wrap=True,
+                highlight=False,
+            )
     for w in dict.fromkeys(w for m in manifests for w in m.get("warnings") or []):
         err.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
 

@@ -204,6 +204,7 @@ def test_calibrate_fits_exact_scale_and_offset_and_search_uses_it(run, folder, t
     # a real export with it: the manifest records the correction it applied
     res = invoke("export", r, "--no-progress")
     assert res.exit_code == 0, res.output
+    assert "then correction v1 (x 1.2300 +0.0417 ms" in " ".join(res.output.split()), res.output
     for _, m in _manifests(r):
         assert m["latency_model"]["correction"]["version"] == 1
         assert m["predicted_ms"] == pytest.approx(a * m["base_predicted_ms"] + b, rel=1e-12)
