@@ -12,9 +12,10 @@
      "scale": float, "offset_ms": float, "residual_rms_ms": float, "residual_max_pct": float,
      "n_points": int, "fitted_to": "base_predicted_ms", "created": ISO time,
      "table": {"path", "digest", "created", "model", "shape_key"},
-     "fingerprint": DeviceFingerprint of the machine the fit's measurements describe,
+     "fingerprint": DeviceFingerprint of the measurements: this machine's with --remeasure, else the
+                    table's (manifests are measured where export ran, normally where it was profiled),
      "source": "manifests" | "remeasured", "runs": [run folders],
-     "points": [{"run", "key", "base_predicted_ms", "measured_ms", "dense": bool}, ...],
+     "points": [{"run", "key", "base_predicted_ms", "measured_ms", "exported_predicted_ms", "dense"}, ...],
      "previous": [earlier versions without their points]}
 
   A correction names its table by :meth:`LatencyTable.digest`: after a re-profile it is not applied
