@@ -27,6 +27,7 @@ from typing import Any
 from hwprune._io import check_writable, read_json, write_json
 from hwprune.errors import HwpruneError
 from hwprune.families import Family, resolve_model
+from hwprune.latency.correction import CorrectedPredictor, corrected
 from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.proxies._base import CalibData, ProxyState
@@ -45,6 +46,9 @@ __all__ = [
     "run_search",
     "run_export",
     "run_picks",
+    "CalibrateRequest",
+    "CalibrateResult",
+    "run_calibrate",
     "load_adapter",
     "default_table_path",
     "find_table",
@@ -87,13 +91,17 @@ def make_predictor(
     *,
     regime: str = "prefill",
     context: int | None = None,
+    correct: bool = True,
     log: Log = _noop,
-) -> Predictor:
+) -> CorrectedPredictor:
     """The table's predictor for this model (the family chooses: additive lookups, per-conv grids...).
 
-    ``regime="decode"``: one new token after a KV cache of ``context`` positions, from a decode table
-    (interpolated between its contexts; ``log`` gets the warning when ``context`` is outside them). A
-    table of the other regime is refused in one line.
+    Prefill tables: times the table's context factor and, when ``correct``, with the calibration
+    correction stored beside the table (:mod:`hwprune.latency.correction`); ``log`` gets one-time
+    warnings about them. ``regime="decode"``: one new token after a KV cache of ``context`` positions,
+    from a decode table (interpolated between its contexts; ``log`` gets the warning when ``context`` is
+    outside them; no context factor or correction: those are measured on the prompt graph). A table of
+    the other regime is refused in one line.
     """
     from hwprune.latency.predictor import ContextPredictor
 
@@ -103,7 +111,7 @@ def make_predictor(
         )
     table.check_regime(regime)
     if regime == "prefill":
-        return adapter.predictor(table, space)
+        return corrected(adapter.predictor(table, space), table, log=log, correct=correct)
     if context is None:
         raise HwpruneError("a decode prediction needs the KV-cache length (context) to predict at")
     where = f"latency table {table.path.name}" if table.path else "the latency table"
@@ -111,7 +119,8 @@ def make_predictor(
     pred = ContextPredictor(per, context, where=where)
     if pred.warning:
         log(pred.warning)
-    return pred
+    info = {"context_factor": 1.0, "context": "none (decode table)", "correction": None}
+    return CorrectedPredictor(pred, info=info)
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -147,7 +156,9 @@ class ProfileRequest:
 class ProfileResult:
     table: LatencyTable
     path: Path
-    dense_ms: float  # the dense model as the table predicts it (decode: at the first context)
+    dense_ms: float  # the dense model as the table predicts it (decode: at the first context; prefill: block
+    # sum times the context factor)
+    dense_block_sum_ms: float  # the bare sum of the table's blocks
     dense_by_context: dict[int, float] = field(default_factory=dict)  # decode tables: context -> dense ms
 
 
@@ -187,8 +198,10 @@ def run_profile(req: ProfileRequest, *, progress: bool = True) -> ProfileResult:
         file_table(table, req.table_store, device=req.device)
     if table.regime == "decode":
         by = {c: make_predictor(table, space, adapter, regime="decode", context=c).dense_ms() for c in table.contexts}
-        return ProfileResult(table=table, path=path, dense_ms=by[table.contexts[0]], dense_by_context=by)
-    return ProfileResult(table=table, path=path, dense_ms=make_predictor(table, space, adapter).dense_ms())
+        first = by[table.contexts[0]]
+        return ProfileResult(table=table, path=path, dense_ms=first, dense_block_sum_ms=first, dense_by_context=by)
+    pred = make_predictor(table, space, adapter, correct=False)
+    return ProfileResult(table=table, path=path, dense_ms=pred.dense_ms(), dense_block_sum_ms=pred.inner.dense_ms())
 
 
 # ---- search -------------------------------------------------------------------------------------
@@ -312,6 +325,7 @@ def run_search(
         "settings": settings,
         "fingerprint": table.fingerprint.to_json(),
         "calib_source": calib.source,
+        "latency_model": _latency_model(predictor),  # not in the study key: latency is re-predicted, scores are not
     }
     if workload is not None:
         run_doc["workload"] = workload
@@ -583,11 +597,13 @@ def _measure_serving(
     return measured, docs
 
 
-def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
+def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -> list[Manifest]:
     """Export the selected candidates of a run: plan + safetensors + ONNX + parity + measured latency.
 
     All selected candidates and the dense model are timed together, interleaved, in one process, so
-    every manifest's measured speedup compares numbers taken under the same conditions.
+    every manifest's measured speedup compares numbers taken under the same conditions. Predictions
+    use the table's context factor and stored correction (the manifest's ``latency_model`` says which);
+    each predicted-vs-measured pair is appended to the table's history (``hwprune tables show``).
     """
     import hwprune
     from hwprune.export.candidate import candidate_onnx, export_candidate, timing_feed
@@ -605,7 +621,10 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
     space = adapter.space(sreq.space)
     table = LatencyTable.load(run["table"])
     settings = dict(table.settings)
+    for w in table.machine_warnings(settings.get("runtime", "ort-cpu"), int(settings.get("threads", 1))):
+        log(w)
     serving = sreq.regime != "prefill"
+    predictor: Predictor
     if serving:  # the search's own objective: from the tables it used, measured on the decode graphs
         from hwprune.search.workload import Workload
 
@@ -616,7 +635,7 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
         batch = wl.batch
         seq = int(settings["seq"]) if sreq.regime == "serve" else wl.prompt  # parity, params, FLOPs
     else:
-        predictor = make_predictor(table, space, adapter)
+        predictor = make_predictor(table, space, adapter, log=log)
         batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
         calib_seq = seq
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
@@ -649,13 +668,18 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
         )
         measured = {k: Measurement.of(cmp, k, clock=backend.clock) for k in models}
     manifests = []
+    corr = predictor if isinstance(predictor, CorrectedPredictor) else None
     for row in rows:
         key = row["key"]
         model, plan = models[key]
+        cand = plan.candidate(space)
         prediction = Prediction(
-            predicted_ms=predictor.predict(plan.candidate(space)),
+            predicted_ms=predictor.predict(cand),
             dense_predicted_ms=predictor.dense_ms(),
             target_speedup=row.get("target_speedup"),
+            base_predicted_ms=corr.base_predict(cand) if corr else None,
+            dense_base_predicted_ms=corr.base_predict(space.dense()) if corr else None,
+            latency_model=_latency_model(predictor),
         )
         extra = {"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]}
         if serving:
@@ -678,4 +702,175 @@ def run_export(req: ExportRequest, *, progress: bool = True) -> list[Manifest]:
         m.setdefault("key", key)
         manifests.append(m)
     write_json(run_dir / "exports.json", {"pick": req.pick, "manifests": manifests})
+    if manifests and corr is not None:  # prompt-graph runs: the table's own prediction vs its measurement
+        hist = [(str(m["key"]), m["predicted_ms"], float(m["measured_ms"])) for m in manifests]
+        hist.append(("dense", manifests[0]["dense_predicted_ms"], float(manifests[0]["dense_measured_ms"])))
+        _record_history(table, hist, source=f"export {run_dir}", correction=corr.info["correction"], log=log)
     return manifests
+
+
+def _latency_model(predictor: Predictor) -> dict[str, Any] | None:
+    """The context factor and correction a prefill prediction used (None for a workload's objective)."""
+    return predictor.info if isinstance(predictor, CorrectedPredictor) else None
+
+
+def _record_history(
+    table: LatencyTable,
+    rows: Sequence[tuple[str, float | None, float]],
+    *,
+    source: str,
+    correction: Mapping[str, Any] | None,
+    log: Log,
+) -> None:
+    """Append (key, predicted ms, measured ms) rows to the table's history (``hwprune tables show``).
+    A table folder we may not write (a shared, read-only one) costs a warning, never the export."""
+    import datetime as _dt
+
+    from hwprune.latency.store import append_history
+
+    if table.path is None:
+        return
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    entries = [
+        {
+            "when": when,
+            "key": key,
+            "predicted_ms": pred,
+            "measured_ms": meas,
+            "error_pct": 100.0 * (pred - meas) / meas,
+            "source": source,
+            "correction": f"v{correction['version']}" if correction else None,
+        }
+        for key, pred, meas in rows
+        if pred is not None
+    ]
+    try:
+        append_history(table.path, entries)
+    except (OSError, HwpruneError) as e:
+        log(f"could not record predicted vs measured in the table's history ({e}); the export itself is complete")
+
+
+# ---- calibrate ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrateRequest:
+    """``hwprune calibrate``: exported runs of one table; re-measure them here or trust their manifests."""
+
+    runs: tuple[str, ...]
+    remeasure: bool = False
+    rounds: int = 5
+    repeats: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise HwpruneError("give at least one run folder: hwprune calibrate runs/NAME [runs/OTHER...]")
+        if self.rounds < 1 or self.repeats < 1:
+            raise HwpruneError(f"rounds and repeats must be >= 1 (got {self.rounds}, {self.repeats})")
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    correction: Any  # hwprune.latency.correction.Correction
+    path: Path  # where it was written
+    table: Path
+    points: list[Any]  # hwprune.export.calibrate.Point, as fitted
+    measure: Mapping[str, Any] | None  # the re-measurement's settings and control (None: manifests)
+
+
+def run_calibrate(req: CalibrateRequest, *, log: Log = _noop) -> CalibrateResult:
+    """Fit ``measured = scale * base_predicted + offset`` over the exported candidates (and dense
+    models) of ``req.runs`` and store it beside their table (:mod:`hwprune.latency.correction`);
+    ``search`` and ``export`` then predict with it. Every run must come from the same table and model."""
+    from hwprune.export.calibrate import remeasure, run_points
+    from hwprune.latency import get_backend
+    from hwprune.latency.correction import Correction, fit_affine, load_correction, save_correction
+    from hwprune.latency.fingerprint import DeviceFingerprint
+
+    docs = [(Path(r), _read_run(Path(r))) for r in req.runs]
+    first_dir, first = docs[0]
+    table = LatencyTable.load(first["table"])
+    for r, doc in docs[1:]:
+        if doc.get("adapter") != first.get("adapter"):
+            raise HwpruneError(
+                f"{r} searched another model than {first_dir} ({doc.get('adapter')} vs {first.get('adapter')}); "
+                "calibrate the runs of one model and table at a time"
+            )
+        other = LatencyTable.load(doc["table"])
+        if other.digest() != table.digest():
+            raise HwpruneError(
+                f"{r} was searched with table {doc['table']}, {first_dir} with {first['table']}; "
+                "calibrate the runs of one table at a time"
+            )
+    sreq = SearchRequest.from_json(first["request"])
+    adapter = load_adapter(sreq.model, weights=sreq.weights, input_shape=sreq.input_shape)
+    table.check_model(adapter)
+    for r, doc in docs:
+        regime = SearchRequest.from_json(doc["request"]).regime
+        if regime != "prefill":
+            raise HwpruneError(
+                f"{r} was searched with --regime {regime}: calibrate fits prompt-latency tables from prefill "
+                "runs only (a decode or serve run is measured on its decode graph)"
+            )
+    points = []
+    for r, doc in docs:
+        space = adapter.space(SearchRequest.from_json(doc["request"]).space)
+        points += run_points(r, space=space, predictor=make_predictor(table, space, adapter, correct=False))
+    settings = dict(table.settings)
+    runtime, threads = str(settings.get("runtime", "ort-cpu")), int(settings.get("threads", 1))
+    batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
+    measure: Mapping[str, Any] | None = None
+    if req.remeasure:
+        for w in table.machine_warnings(runtime, threads):
+            log(w)
+        points, measure = remeasure(
+            points,
+            adapter=adapter,
+            backend=get_backend(runtime, threads=threads),
+            batch=batch,
+            seq=seq,
+            rounds=req.rounds,
+            repeats=req.repeats,
+        )
+        for w in measure["warnings"]:
+            log(w)
+    fit = fit_affine([p.base_predicted_ms for p in points], [p.measured_ms for p in points])
+    try:
+        old = load_correction(table.path) if table.path else None
+    except HwpruneError as e:
+        log(f"{e}; replacing it")
+        old = None
+    here = DeviceFingerprint.current(
+        runtime, threads=threads, batch=batch, seq=seq, dtype=str(settings.get("dtype", "float32"))
+    )
+    corr = Correction(
+        fit=fit,
+        version=old.version + 1 if old else 1,
+        table={
+            "path": str(table.path),
+            "digest": table.digest(),
+            "created": table.created,
+            "model": table.model,
+            "shape_key": table.shape_key,
+        },
+        # manifests: the export machine (this table's); re-measured: this one
+        fingerprint=here.to_json() if req.remeasure else table.fingerprint.to_json(),
+        source="remeasured" if req.remeasure else "manifests",
+        runs=tuple(str(r) for r, _ in docs),
+        points=tuple(p.to_json() for p in points),
+        previous=(_without_path(old.summary()), *old.previous) if old else (),
+    )
+    path = save_correction(table, corr)
+    if req.remeasure and table.path is not None:
+        _record_history(
+            table,
+            [(p.key, p.base_predicted_ms, p.measured_ms) for p in points],
+            source=f"calibrate --remeasure {' '.join(req.runs)} (before the new fit)",
+            correction=None,
+            log=log,
+        )
+    return CalibrateResult(correction=corr, path=path, table=Path(str(table.path)), points=points, measure=measure)
+
+
+def _without_path(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "path"}

@@ -1,9 +1,12 @@
-"""hwprune command line: profile | search | export | generate. Thin: arguments -> one call in hwprune.api -> exit code."""
+"""hwprune command line: profile | search | export | calibrate | generate | picks | tables. Thin: arguments -> one
+call in hwprune.api -> exit code."""
 
 from __future__ import annotations
 
 import errno
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -24,7 +27,8 @@ app = typer.Typer(
         "1. profile: measure block latencies on this machine -> latency_tables/*.parquet\n\n"
         "2. search:  find the most accurate subnets for target speedups -> runs/NAME/\n\n"
         "3. export:  cut them physically, export ONNX, check parity, measure predicted vs real speedup.\n\n"
-        "4. generate: try an exported language model in one line (ONNX Runtime, streamed).\n\n"
+        "4. calibrate: fit predicted -> measured ms over exported runs; later searches predict with it.\n\n"
+        "5. generate: try an exported language model in one line (ONNX Runtime, streamed).\n\n"
         "Quick start:  hwprune search --model minilm --target-speedup 2 --export"
     ),
     no_args_is_help=True,
@@ -38,6 +42,18 @@ out = Console(width=None if sys.stdout.isatty() else 100)
 def _fail(e: HwpruneError) -> None:
     err.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(2)
+
+
+def _warner() -> Callable[[str], None]:
+    """A warning printer for one command that says each warning once (search --export checks the table twice)."""
+    said: set[str] = set()
+
+    def warn(msg: str) -> None:
+        if msg not in said:
+            said.add(msg)
+            err.print(f"[yellow]warning:[/] {msg}", soft_wrap=True, highlight=False)
+
+    return warn
 
 
 def _known(e: Exception, *, study: Optional[Path] = None) -> HwpruneError:
@@ -178,9 +194,16 @@ def profile(
         per = ", ".join(f"{ms:.3f} ms at context {c}" for c, ms in res.dense_by_context.items())
         out.print(f"dense model, one new token: {per} (profiled in {res.table.profile_seconds:.0f} s)")
         return
-    out.print(
-        f"dense model: {res.dense_ms:.3f} ms predicted from the table (profiled in {res.table.profile_seconds:.0f} s)"
-    )
+    ctx = res.table.context
+    if ctx is not None:
+        out.print(
+            f"dense model: {res.dense_ms:.3f} ms predicted = block sum {res.dense_block_sum_ms:.3f} ms x context factor "
+            f"{res.table.context_factor:.3f} (the whole model timed as export times it: {ctx['dense_measured_ms']:.3f} ms;"
+            f" profiled in {res.table.profile_seconds:.0f} s)",
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"dense model: {res.dense_ms:.3f} ms predicted (profiled in {res.table.profile_seconds:.0f} s)")
 
 
 def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[float, ...]:
@@ -316,12 +339,11 @@ def search(
             decode_table=str(decode_table) if decode_table else None,
         )
         store = StudyStore(url=storage, name=study, fresh=fresh, heartbeat_s=heartbeat_s)
-        result = run_search(
-            req, log=lambda m: err.print(f"[yellow]warning:[/] {m}"), progress=not no_progress, store=store
-        )
+        warn = _warner()
+        result = run_search(req, log=warn, progress=not no_progress, store=store)
         _print_picks(result)
         if export:
-            _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress))
+            _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress, log=warn))
     except HwpruneError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -354,7 +376,11 @@ def export(
 
     try:
         _print_manifests(
-            run_export(ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol), progress=not no_progress)
+            run_export(
+                ExportRequest(run=str(run_dir), pick=pick, parity_tol=parity_tol),
+                progress=not no_progress,
+                log=_warner(),
+            )
         )
     except HwpruneError as e:
         _fail(e)
@@ -457,6 +483,56 @@ def picks(
         _print_picks(result)
 
 
+@app.command()
+def calibrate(
+    runs: list[Path] = typer.Argument(..., help="Run folders with exported candidates, all searched with one table."),
+    remeasure: bool = typer.Option(
+        False,
+        "--remeasure",
+        help="Time every exported model.onnx and the dense model again here, together, instead of trusting the manifests.",
+    ),
+    rounds: int = typer.Option(5, "--rounds", help="Interleaved timing rounds with --remeasure."),
+    repeats: int = typer.Option(20, "--repeats", help="Calls per model per round with --remeasure."),
+) -> None:
+    """Close the loop: fit measured = scale x predicted + offset (least squares on relative error) over the exported candidates and dense models of RUNS, and store it beside their latency table (TABLE.correction.json: versioned, fingerprinted, written atomically). search and export then predict with it, and their manifests say which correction they applied.
+
+    Example:  hwprune calibrate runs/minilm --remeasure
+    """
+    from hwprune.api import CalibrateRequest, run_calibrate
+
+    try:
+        res = run_calibrate(
+            CalibrateRequest(runs=tuple(str(r) for r in runs), remeasure=remeasure, rounds=rounds, repeats=repeats),
+            log=_warner(),
+        )
+    except HwpruneError as e:
+        _fail(e)
+    except Exception as e:
+        _fail(_known(e))
+    f = res.correction.fit
+    t = Table(title=f"predicted (table x context factor) vs measured, {res.correction.source}")
+    for c in ("run", "key", "base pred ms", "measured ms", "error before", "error after"):
+        t.add_column(c, justify="right")
+    for p in res.points:
+        after = f(p.base_predicted_ms)
+        t.add_row(
+            p.run,
+            p.key,
+            f"{p.base_predicted_ms:.3f}",
+            f"{p.measured_ms:.3f}",
+            _pct(100 * (p.base_predicted_ms - p.measured_ms) / p.measured_ms),
+            _pct(100 * (after - p.measured_ms) / p.measured_ms),
+        )
+    out.print(t)
+    out.print(
+        f"measured = {f.scale:.4f} x predicted {f.offset_ms:+.4f} ms over {f.n_points} points; residual rms "
+        f"{f.residual_rms_ms:.4f} ms, worst {f.residual_max_pct:.2f} %; wrote {res.path} (version "
+        f"{res.correction.version}) for table {res.table}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
 tables_app = typer.Typer(
     help="The latency-table registry of a fleet (filed by hwprune profile --store DIR).", no_args_is_help=True
 )
@@ -488,31 +564,70 @@ def tables_list(store: Path = STORE_OPT) -> None:
 
 @tables_app.command("show")
 def tables_show(
-    ref: str = typer.Argument(..., help="Folder name, id prefix or device name."), store: Path = STORE_OPT
+    ref: str = typer.Argument(
+        ..., help="Folder name, id prefix or device name in --store, or a table file (.parquet)."
+    ),
+    store: Path = STORE_OPT,
 ) -> None:
-    """One table: its fingerprint, settings and the predicted-vs-measured history recorded beside it (history.json).
+    """One table: its fingerprint, settings, context factor, calibration correction and the predicted-vs-measured history recorded beside it (TABLE.history.json; export and calibrate --remeasure append to it).
 
-    Example:  hwprune tables show 3fa2c1
+    Example:  hwprune tables show 3fa2c1    or    hwprune tables show latency_tables/local/minilm.parquet
     """
-    import json
-
-    from hwprune.latency.store import find_table, history
+    from hwprune.latency.correction import load_correction
+    from hwprune.latency.store import find_table, read_history
+    from hwprune.latency.table import LatencyTable, table_paths
 
     try:
-        st = find_table(store, ref)
-        hist = history(st)
+        if ref.endswith((".parquet", ".json")) and Path(ref).is_file():  # a table file outside a store
+            table = LatencyTable.load(ref)
+            name, path, side = ref, table_paths(ref)[0], table.sidecar()
+        else:
+            st = find_table(store, ref)
+            name, path, side = st.name, st.path, st.sidecar
+            table = LatencyTable.load(path)
+        hist = read_history(path)
+        corr = load_correction(path)
     except HwpruneError as e:
         _fail(e)
-    out.print(f"{st.name}  {st.path}", highlight=False)
+    out.print(f"{name}  {path}", highlight=False)
     keys = ("model", "shape_key", "settings", "created", "profile_seconds", "fingerprint")
-    out.print(json.dumps({k: st.sidecar.get(k) for k in keys}, indent=2), highlight=False)
+    out.print(json.dumps({k: side.get(k) for k in keys}, indent=2), highlight=False)
+    ctx = table.context
+    if ctx is None:
+        out.print("context factor: none (profiled before hwprune measured one; predictions use 1)")
+    else:
+        out.print(
+            f"context factor: {ctx['factor']:.4f} (whole dense model {ctx['dense_measured_ms']:.3f} ms as export times "
+            f"it / table sum {ctx['dense_predicted_ms']:.3f} ms)",
+            highlight=False,
+        )
+    if corr is None:
+        out.print("correction: none (fit one with: hwprune calibrate RUN)")
+    else:
+        f = corr.fit
+        stale = (
+            "" if corr.table.get("digest") == table.digest() else " [STALE: fitted to an earlier profile, not applied]"
+        )
+        out.print(
+            f"correction v{corr.version}: measured = {f.scale:.4f} x predicted {f.offset_ms:+.4f} ms, residual rms "
+            f"{f.residual_rms_ms:.4f} ms (worst {f.residual_max_pct:.2f} %), {f.n_points} points from "
+            f"{', '.join(corr.runs)} ({corr.source}, {corr.created}){stale}"
+            + (
+                f"; earlier versions: {', '.join('v' + str(p.get('version')) for p in corr.previous)}"
+                if corr.previous
+                else ""
+            ),
+            soft_wrap=True,
+            highlight=False,
+        )
     if not hist:
-        out.print("no predicted-vs-measured history recorded (history.json)")
+        out.print("no predicted-vs-measured history recorded (TABLE.history.json)")
     nan = float("nan")
     for h in hist:
         out.print(
             f"{h.get('when', '?')}  {h.get('key', '?')}  predicted {h.get('predicted_ms', nan):.3f} ms  "
-            f"measured {h.get('measured_ms', nan):.3f} ms  error {h.get('error_pct', nan):+.1f} %  {h.get('source', '')}",
+            f"measured {h.get('measured_ms', nan):.3f} ms  error {h.get('error_pct', nan):+.1f} %  {h.get('source', '')}"
+            + (f"  (correction {h['correction']})" if h.get("correction") else ""),
             highlight=False,
         )
 
@@ -582,6 +697,20 @@ def _print_manifests(manifests: "list[Manifest]") -> None:
         "control: the dense model's second session vs its first, same rounds (the timing's own noise).",
         soft_wrap=True,
     )
+    models = {json.dumps(m.get("latency_model"), sort_keys=True): m.get("latency_model") for m in manifests}
+    for lm in models.values():
+        if lm:
+            c = lm.get("correction")
+            out.print(
+                f"predicted ms = table x context factor {lm['context_factor']:.3f}"
+                + (
+                    f", then correction v{c['version']} (x {c['scale']:.4f} {c['offset_ms']:+.4f} ms, hwprune calibrate)"
+                    if c
+                    else "; no calibration correction (hwprune calibrate RUN fits one)"
+                ),
+                soft_wrap=True,
+                highlight=False,
+            )
     for w in dict.fromkeys(w for m in manifests for w in m.get("warnings") or []):
         err.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
 

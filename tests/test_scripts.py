@@ -325,3 +325,26 @@ def test_bench_e2e_time_failing_stage_is_one_line(tmp_path: Path, capsys: pytest
     assert rc == 2 and err.startswith("error:") and "`hwprune profile` exited with 2" in err and "\n" not in err
     assert str(work / "commands.log") in err and "nope-model" in (work / "commands.log").read_text()
     assert not out.exists()
+
+
+def test_bench_closed_loop_end_to_end_on_a_tiny_encoder(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """profile, search + export, calibrate, search + export: four hwprune processes, one JSON."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(tiny_bert), "--space", str(tiny_bert / "space.yaml"), "--targets", "1.2",
+            "--trials", "3", "--calib", str(tiny_bert / "calib.txt"), "--n-calib", "8", "--n-heldout", "4",
+            "--profile-budget-s", "2", "--work", "w", "-o", "res.json"]  # fmt: skip
+    assert _script("bench_closed_loop").main(argv) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    assert rep["command"] == "python scripts/bench_closed_loop.py " + " ".join(argv) and rep["machine"]["cpu"]
+    assert rep["context"]["factor"] > 0 and rep["correction"]["version"] == 1
+    assert rep["correction"]["n_points"] == 2  # one pick and the dense model of run1
+    (r1,), (r2,) = rep["run1_fresh_profile"], rep["run2_after_calibrate"]
+    assert r1["correction"] is None and r2["correction"]["version"] == 1
+    assert r2["predicted_ms"] == pytest.approx(
+        r2["correction"]["scale"] * r2["base_predicted_ms"] + r2["correction"]["offset_ms"], rel=1e-9
+    )
+    assert rep["worst_abs_raw_error_pct"]["run2_after_calibrate"] == pytest.approx(
+        abs(r2["prediction_error_pct"]), abs=1e-3
+    )

@@ -14,6 +14,10 @@ measured latency, predicted vs measured speedup, pruned vs dense params and FLOP
   *speedup*, i.e. the prediction rescaled by the dense model measured in the same run. It stands beside
   the raw error, never instead of it (manifests before issue 10 called it
   ``prediction_error_drift_adjusted_pct``; :func:`read_manifest` renames it);
+- ``base_predicted_ms`` / ``dense_base_predicted_ms``: the table's block sum times its context factor,
+  before any calibration correction (what ``hwprune calibrate`` fits against); ``latency_model`` says
+  which context factor and which correction (version, scale, offset, residual) turned them into
+  ``predicted_ms`` (:mod:`hwprune.latency.correction`); None in manifests written before;
 - ``dense_prediction_error_pct``: the raw error of the dense model itself (was ``dense_drift_pct``, as
   ``100 * (dense_measured / dense_predicted - 1)``); where it is large, so is the raw error;
 - ``dense_control_pct``: the dense model's second session against its first, timed in the same rounds
@@ -83,6 +87,9 @@ class Prediction:
     predicted_ms: float | None = None
     dense_predicted_ms: float | None = None
     target_speedup: float | None = None
+    base_predicted_ms: float | None = None  # before the calibration correction (context factor applied)
+    dense_base_predicted_ms: float | None = None
+    latency_model: Mapping[str, Any] | None = None  # context factor and correction applied
 
 
 def build_manifest(
@@ -119,6 +126,9 @@ def build_manifest(
         if pred is None or dense_pred is None
         else 100 * (pred * dense_meas / dense_pred - meas) / meas,
         "dense_prediction_error_pct": None if dense_pred is None else 100.0 * (dense_pred - dense_meas) / dense_meas,
+        "base_predicted_ms": prediction.base_predicted_ms,
+        "dense_base_predicted_ms": prediction.dense_base_predicted_ms,
+        "latency_model": dict(prediction.latency_model) if prediction.latency_model is not None else None,
         **evidence,
         "control_tol_pct": CONTROL_TOL_PCT,
         "parity_max_abs_diff": parity_max_abs_diff,
@@ -172,3 +182,5 @@ def _upgrade(m: dict[str, Any]) -> None:
     m.setdefault("dense_control_pct", None)  # not measured then
     m.setdefault("warnings", [])
     m.setdefault("graphs", {})  # further ONNX graphs (issue 9): none then
+    for k in ("base_predicted_ms", "dense_base_predicted_ms", "latency_model"):  # before the context factor
+        m.setdefault(k, None)

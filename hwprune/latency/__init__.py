@@ -49,13 +49,16 @@ def profile(
     budget_s: float | None = None,
     regime: str = "prefill",
     contexts: Sequence[int] = (),
+    context: bool = True,
 ) -> LatencyTable:
     """Measure every block size of ``space`` (default: the adapter's) on this machine; save to ``out``.
 
     ``budget_s`` bounds the timing phase (default: the family's, 120 s for encoders); ``out`` may be
     ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory.
     ``regime="decode"``: one new token after a KV cache of each of ``contexts`` positions (``seq`` is 1;
-    ``budget_s`` covers all contexts; see ``Family.measure_decode_latency``).
+    ``budget_s`` covers all contexts; see ``Family.measure_decode_latency``). ``context`` (prefill):
+    also time the whole dense model as export does and store the context factor
+    (:mod:`hwprune.latency.context`; a few seconds more).
     """
     if regime not in ("prefill", "decode"):
         raise HwpruneError(f"--regime {regime!r} is not one of prefill, decode")
@@ -98,6 +101,11 @@ def profile(
         meta=meta,
         settings=settings,
     )
+    if context and regime == "prefill":
+        from hwprune.latency.context import measure_context
+
+        table.meta["context"] = measure_context(adapter, backend, table, space, batch=batch, seq=seq)
+        table.profile_seconds = time.perf_counter() - t0
     if out is not None:
         table.save(out)
     return table

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
 
 import numpy as np
 
@@ -33,7 +32,7 @@ class Predictor(ABC):
       it, and the search re-linearises around its own DP pick until ``predict`` meets the budget.
     """
 
-    additive: ClassVar[bool] = True
+    additive: bool = True  # class-level; a wrapper (``CorrectedPredictor``) sets it per instance
 
     def __init__(self, space: PruningSpace) -> None:
         self.space = space
@@ -119,7 +118,7 @@ class WeightedPredictor(Predictor):
             raise ValueError("a weighted predictor needs at least one part")
         super().__init__(parts[0][1].space)
         self.parts = [(float(w), p) for w, p in parts]
-        self.additive = all(p.additive for _, p in self.parts)  # type: ignore[misc]  # per instance
+        self.additive = all(p.additive for _, p in self.parts)  # per instance
 
     def unit_costs(self) -> tuple[float, list[np.ndarray]]:
         got = [(w, p.unit_costs()) for w, p in self.parts]

@@ -4,14 +4,20 @@ Layout of a store ``DIR`` (plain files; copy, rsync or commit them)::
 
     DIR/<device>--<id>/table.parquet   the LatencyTable (see hwprune.latency.table)
     DIR/<device>--<id>/table.json      its sidecar: fingerprint, settings, created, model, shape
-    DIR/<device>--<id>/history.json    optional: predicted-vs-measured records (format below)
+    DIR/<device>--<id>/table.history.json     optional: predicted-vs-measured records (format below;
+                                              ``history.json``, its name before issue 10, is read too)
+    DIR/<device>--<id>/table.correction.json  optional: the calibration correction (hwprune.latency.correction)
 
 ``<device>`` is the name given to ``hwprune profile --store DIR --device NAME`` (default: the CPU or
 GPU model and the runtime, slugged); ``<id>`` is the first 12 hex digits of the SHA-256 of the
 fingerprint fields that change latency, the model, its shape and the settings, so re-profiling the
 same thing replaces its folder and anything different gets its own.
 
-``history.json`` (read by ``hwprune tables show``; tools may append, keep the keys)::
+A table outside a store keeps the same files beside it: ``x.parquet``, ``x.json``, ``x.history.json``,
+``x.correction.json`` (:func:`hwprune.latency.correction.companion_path`).
+
+``table.history.json`` (read by ``hwprune tables show``; ``hwprune export`` and ``calibrate --remeasure``
+append to it, :func:`append_history`; tools may append, keep the keys)::
 
     {"format": "hwprune.table-history/1",
      "entries": [{"when": ISO time, "key": candidate key, "predicted_ms": float, "measured_ms": float,
@@ -32,9 +38,21 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.fingerprint import _COMPARED
 from hwprune.latency.table import LatencyTable
 
-__all__ = ["StoredTable", "table_id", "file_table", "list_tables", "find_table", "for_device", "diff", "history"]
+__all__ = [
+    "StoredTable",
+    "table_id",
+    "file_table",
+    "list_tables",
+    "find_table",
+    "for_device",
+    "diff",
+    "history",
+    "read_history",
+    "append_history",
+]
 
 HISTORY_FORMAT = "hwprune.table-history/1"
+_HISTORY_NAMES = ("table.history.json", "history.json")  # now, and before issue 10
 
 
 @dataclass(frozen=True)
@@ -84,12 +102,13 @@ def file_table(table: LatencyTable, store: str | Path, *, device: str | None = N
                 f"{store} already holds this table as {old.name}; use --device {old.name.split('--')[0]}"
             )
     folder = store / f"{dev}--{tid}"
-    history = folder / "history.json"
-    keep = history.read_bytes() if history.is_file() else None
+    keep = {n: (folder / n).read_bytes() for n in _HISTORY_NAMES if (folder / n).is_file()}
     with atomic_dir(folder) as tmp:
         table.save(tmp / "table.parquet")
-        if keep is not None:  # re-profiling keeps the record of predicted vs measured
-            (tmp / "history.json").write_bytes(keep)
+        # re-profiling keeps the record of predicted vs measured; table.correction.json is dropped: it
+        # was fitted to the old measurements (hwprune calibrate fits a new one)
+        for n, data in keep.items():
+            (tmp / n).write_bytes(data)
     table.path = folder / "table.parquet"
     return StoredTable(folder=folder, device=dev, id=tid, sidecar=table.sidecar())
 
@@ -141,7 +160,17 @@ def for_device(store: str | Path, *, device: str, model: str, shape_key: str) ->
 
 
 def history(t: StoredTable) -> list[dict[str, Any]]:
-    p = t.folder / "history.json"
+    return read_history(t.path)
+
+
+def read_history(table_path: str | Path) -> list[dict[str, Any]]:
+    """The predicted-vs-measured records of the table at ``table_path`` (empty when none)."""
+    from hwprune.latency.correction import companion_path
+
+    p = companion_path(table_path, "history")
+    legacy = Path(table_path).parent / _HISTORY_NAMES[1]
+    if not p.is_file() and Path(table_path).name == "table.parquet" and legacy.is_file():
+        p = legacy  # a store folder written before issue 10
     if not p.is_file():
         return []
     try:
@@ -179,3 +208,14 @@ def diff(a: StoredTable, b: StoredTable) -> list[str]:
     else:
         lines.append("no block shape in common")
     return lines
+
+
+def append_history(table_path: str | Path, entries: list[dict[str, Any]]) -> Path:
+    """Add ``entries`` (keys as in the module doc) to the table's history; written atomically."""
+    from hwprune._io import write_json
+    from hwprune.latency.correction import companion_path
+
+    p = companion_path(table_path, "history")
+    old = read_history(table_path)  # a legacy history.json is carried over into the new name
+    write_json(p, {"format": HISTORY_FORMAT, "entries": [*old, *entries]})
+    return p

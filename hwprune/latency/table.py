@@ -15,8 +15,11 @@
 
 ``FILE.json`` says what it was measured for: format, model, family, shape_key, the
 :class:`DeviceFingerprint`, settings {runtime, threads, batch, seq, dtype, regime, and for decode tables
-contexts}, created, profile_seconds, and free-form ``meta`` (e.g. the dense model's measured latency).
-Both files are written atomically.
+contexts}, created, profile_seconds, and free-form ``meta`` (e.g. the dense model's measured latency;
+``meta["context"]``: the whole dense model timed as export times it, and the context factor,
+:mod:`hwprune.latency.context`). Both files are written atomically. Beside them may lie
+``FILE.correction.json`` (``hwprune calibrate``, :mod:`hwprune.latency.correction`) and
+``FILE.history.json`` (predicted vs measured, appended by export).
 
 Regimes: ``prefill`` (the default; one forward pass over ``seq`` prompt tokens) and ``decode`` (one new
 token per call after a KV cache of each of ``settings.contexts`` positions; ``seq`` is 1).
@@ -24,6 +27,7 @@ token per call after a KV cache of each of ``settings.contexts`` positions; ``se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -141,6 +145,27 @@ class LatencyTable:
     def base_ms(self) -> float:
         return float(self.rows("base")["median_ms"].sum())
 
+    @property
+    def context(self) -> dict[str, Any] | None:
+        """How the whole dense model timed at profile time against the table's sum (``meta["context"]``,
+        written by :func:`hwprune.latency.context.measure_context`); None for tables made before it."""
+        ctx = self.meta.get("context")
+        return dict(ctx) if isinstance(ctx, Mapping) else None
+
+    @property
+    def context_factor(self) -> float:
+        """Whole-model time measured as export measures it / the table's dense prediction; 1.0 without one."""
+        ctx = self.context
+        return float(ctx["factor"]) if ctx is not None else 1.0
+
+    def digest(self) -> str:
+        """SHA-256 (16 hex digits) of the measurements and when they were made: a correction fitted to
+        this table's predictions names it, so a re-profiled table does not inherit a stale correction."""
+        h = hashlib.sha256(self.frame.to_csv(index=False).encode())
+        h.update(self.created.encode())
+        h.update(repr(self.context_factor).encode())
+        return h.hexdigest()[:16]
+
     # ---- checks -------------------------------------------------------------------------------
     def check_model(self, adapter: "Family") -> None:
         """Raise if this table was measured for another dense shape than ``adapter``'s."""
@@ -166,7 +191,8 @@ class LatencyTable:
             return [f"cannot fingerprint runtime {backend_name} here ({e})"]
         where = self.path.name if self.path else "the latency table"
         return [
-            f"{where} differs from this setup in {m} (table vs here); predictions may be off, re-profile here"
+            f"{where} differs from this setup in {m} (table vs here); predictions may be off, re-profile here: "
+            f"hwprune profile --model {self.model} -o {self.path or 'TABLE.parquet'}"
             for m in self.fingerprint.mismatches(here)
         ]
 
