@@ -653,9 +653,13 @@ def tables_diff(
 
 
 def _print_picks(result: "SearchResult") -> None:
-
-    t = Table(title="chosen subnet per target (predicted)")
-    for c in ("target", "key", "pred ms", "pred speedup", "cosine to dense"):
+    """One row per target; the score columns are whatever the family's scorer measured on the selection
+    set (encoders: cosine to dense; decoders: KL and perplexity; CNNs: agreement with dense)."""
+    names: list[str] = []
+    for ev in result.picks.values():
+        names += [k for k in ev.scores if k not in names and isinstance(ev.scores[k], (int, float))]
+    t = Table(title="chosen subnet per target (predicted; scores on the selection set)")
+    for c in ("target", "key", "pred ms", "pred speedup", *names):
         t.add_column(c, justify="right")
     for target, ev in sorted(result.picks.items()):
         t.add_row(
@@ -663,7 +667,7 @@ def _print_picks(result: "SearchResult") -> None:
             ev.candidate.key(),
             f"{ev.predicted_ms:.2f}",
             f"{result.dense_ms / ev.predicted_ms:.2f}x",
-            f"{ev.scores.get('cosine', float('nan')):.4f}",
+            *(f"{ev.scores[k]:.4g}" if k in ev.scores else "-" for k in names),
         )
     out.print(t)
 

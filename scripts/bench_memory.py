@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-3.2-1b", help="a decoder: llama-3.2-1b, qwen2.5-0.5b, gpt2, smollm2")
     p.add_argument("--n-calib", type=int, default=128, help="calibration sequences")
-    p.add_argument("--n-select", type=int, default=8, help="selection sequences scored by the trial")
+    p.add_argument(
+        "--n-select", type=int, default=16, help="selection sequences scored by the trial (the family's default)"
+    )
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=4, help="sequences per forward batch")
     p.add_argument("--keep", type=float, default=0.6, help="fraction of every unit the trial's candidate keeps")
@@ -136,6 +138,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             "spilled_statistics": database.stats_bytes(model.config) > database.SPILL_BYTES,
             "statistics_bytes": database.stats_bytes(model.config),
             "peak_reset_per_phase": ph.resettable,
+            "scorer_dense_logprobs": "in memory" if scorer.cached else "temporary file",
         },
         "fp32_weight_bytes": fp32,
         "params": fp32 // 4,

@@ -259,7 +259,7 @@ def test_fit_without_stats_runs_its_own_pass() -> None:
 
 def test_scorer_dense_zero_pruned_positive(tiny: dict[str, Any]) -> None:
     a, data, space = tiny["adapter"], tiny["data"], tiny["space"]
-    scorer = DecoderScorer(a, data.heldout, batch=3)
+    scorer = DecoderScorer(a, data.heldout, batch=3, cache_mb=1024)
     dense = scorer.score(a.dense())
     assert dense["distance"] == dense["kl"] == 0.0
     assert dense["top1_agreement"] == 1.0
@@ -267,9 +267,11 @@ def test_scorer_dense_zero_pruned_positive(tiny: dict[str, Any]) -> None:
     pruned = tiny["states"]["obs"].build(space.uniform(0.5))
     got = scorer.score(pruned)
     assert got["distance"] > 0 and 0 <= got["top1_agreement"] <= 1 and np.isfinite(got["perplexity"])
-    # recomputing the dense side (no cache) gives the same figures
-    uncached = DecoderScorer(a, data.heldout, batch=3, cache_mb=0)
-    assert not uncached.cached and scorer.cached
+    # the dense log-probs read back from the temporary file (no in-memory cache) give the same figures
+    uncached = DecoderScorer(a, data.heldout, batch=3, cache_mb=0, rows=7)
+    assert not uncached.cached and scorer.cached and uncached._file is not None
+    assert uncached.n_positions > uncached.rows  # more than one chunk per file read
+    assert uncached.score(a.dense())["kl"] == 0.0
     for k, v in uncached.score(pruned).items():
         assert v == pytest.approx(got[k], rel=1e-6, abs=1e-9), k
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune._mem import release
 from hwprune.proxies.stats import SublayerStats, length_batches, num_threads, progress_bar
 
 from .calib import check_right_padded
@@ -154,5 +155,6 @@ def collect_stats(
                 st.attn.spill(spill, f"layer{i}.attn")
                 st.ffn.spill(spill, f"layer{i}.ffn")
             stats.append(st)
+            release()  # this layer's activations: back to the OS, not kept as the heap's high-water mark
             bar.advance(task)
     return stats

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from hwprune._mem import release
 from hwprune.errors import HwpruneError
 from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData, register_proxy
@@ -300,6 +301,7 @@ def fit_obs(
                 del w, hinv
                 err = np.concatenate([[0.0], np.cumsum(steps)])
             tracks.append(Track(u, order, curve(err, u, st.resid_energy)))
+            release()  # the unit's Hessian inverse and weights: back to the OS
             bar.advance(task)
     return ObsState(adapter, space, tracks, params=params, damp=damp, meta=state_meta)
 

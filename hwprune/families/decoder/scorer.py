@@ -6,13 +6,14 @@ the fraction of those positions whose arg-max token matches the dense model's. `
 pruned model's on the held-out tokens (positions whose next token is real), ``dense_perplexity``
 the dense model's on the same tokens.
 
-Memory: the dense log-probabilities of every real position take ``4 * tokens * vocab`` bytes (64 rows
-of 128 tokens at SmolLM2's 49152 words: up to 1.6 GB; real held-out texts are shorter than ``seq``,
-typically half of that). They are cached in float32 when they fit in ``cache_mb`` (default 1 GiB),
-else recomputed from the dense model's final residual streams (kept: positions x hidden floats) at
-every :meth:`DecoderScorer.score` (exact either way). Logits are computed for real positions only,
-``rows`` positions at a time (about 128 MB of float32 per tensor), never as ``(batch, len, vocab)``.
-Models run layer-major, so a :class:`PrunedView` costs one pruned block at a time.
+Memory: the dense log-probabilities of every real position take ``4 * tokens * vocab`` bytes (16 rows
+of 256 tokens at SmolLM2's 49152 words: up to 0.8 GB; at LLaMA-3.2-1B's 128256 words 2.1 GB). They
+stay in memory when that is at most ``cache_mb`` (default: 10 % of the dense weights, at most 1 GiB),
+else they go to an unlinked temporary file, float32, read back one chunk at a time at every
+:meth:`DecoderScorer.score` (from the page cache, which a process's resident size does not count;
+exact either way). Logits are computed for real positions only, ``rows`` positions at a time (about
+32 MB of float32 per tensor), never as ``(batch, len, vocab)``. Models run layer-major, so a
+:class:`PrunedView` costs one pruned block at a time.
 
 Batches are length-sorted and cut to their longest row (``length_batches``): with right padding and
 causal attention, trailing pads change no real token's output, so this is exact and cheaper.
@@ -21,11 +22,14 @@ causal attention, trailing pads change no real token's output, so this is exact 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from hwprune._mem import release
 from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData
 from hwprune.proxies.stats import length_batches, num_threads
@@ -90,7 +94,8 @@ class DecoderScorer:
         *,
         batch: int = 8,
         threads: int | None = None,
-        cache_mb: float = 1024.0,
+        cache_mb: float | None = None,
+        rows: int | None = None,
     ) -> None:
         check_right_padded(heldout, "held-out inputs")
         self.adapter, self.threads = adapter, threads
@@ -98,10 +103,15 @@ class DecoderScorer:
         assert isinstance(dense, Decoder)
         self._batches = length_batches(heldout, batch)
         self._targets = [_targets(ids, mask) for ids, mask in self._batches]
-        vocab = dense.config.vocab_size
-        self.rows = max(16, int(32e6 // vocab))  # logits rows per step: ~128 MB of float32 per tensor
+        vocab = self.vocab = dense.config.vocab_size
+        self.rows = rows or max(16, int(8e6 // vocab))  # logits rows per step: ~32 MB of float32 per tensor
         self.n_positions = int(heldout["attention_mask"].sum())
+        if cache_mb is None:
+            weights = sum(p.numel() * p.element_size() for p in dense.parameters())
+            cache_mb = min(1024.0, 0.1 * weights / 2**20)
         self.cached = 4.0 * self.n_positions * vocab <= cache_mb * 2**20
+        self._file = None if self.cached else tempfile.TemporaryFile(prefix="hwprune-dense-logp-")  # noqa: SIM115  # unlinked; closed with the scorer
+        self._offsets: list[int] = []  # per batch, its first byte in the file
         with torch.inference_mode(), num_threads(threads):
             self._dense_rows = self._real_rows(dense)  # per batch (real positions, hidden): small
         self._logp: list[torch.Tensor] = []  # per batch (real positions, vocab) float32, when cached
@@ -114,7 +124,15 @@ class DecoderScorer:
                 self._top1.append(torch.cat([c.argmax(-1) for c in chunks]))
                 if self.cached:
                     self._logp.append(torch.cat(chunks))
+                else:
+                    assert self._file is not None
+                    self._offsets.append(self._file.tell())
+                    for c in chunks:
+                        self._file.write(c.contiguous().numpy().tobytes())
                 del chunks
+        if self._file is not None:
+            self._file.flush()
+        release()
         self.n_targets = int(sum(int((t >= 0).sum()) for t in self._targets))
         self.dense_perplexity = _perplexity(nll, self.n_targets)
 
@@ -131,8 +149,18 @@ class DecoderScorer:
         """Dense log-probs of rows chunk ``j`` of batch ``i``: (rows, vocab) float32."""
         if self.cached:
             return self._logp[i][j * self.rows : (j + 1) * self.rows]
-        dense = _stream_model(self.adapter.dense())
-        return torch.log_softmax(dense.head(self._dense_rows[i][j * self.rows : (j + 1) * self.rows]).float(), -1)
+        assert self._file is not None
+        n = min(self.rows, self._dense_rows[i].shape[0] - j * self.rows)
+        row_bytes = 4 * self.vocab
+        buf = bytearray(n * row_bytes)
+        start, got = self._offsets[i] + j * self.rows * row_bytes, 0
+        view = memoryview(buf)
+        while got < len(buf):  # pread may return fewer bytes than asked
+            k = os.preadv(self._file.fileno(), [view[got:]], start + got)
+            if k <= 0:
+                raise OSError(f"the scorer's temporary file ended early ({got} of {len(buf)} bytes)")
+            got += k
+        return torch.frombuffer(buf, dtype=torch.float32).view(n, self.vocab)
 
     def score(self, model: nn.Module) -> dict[str, float]:
         """``{"distance", "kl", "top1_agreement", "perplexity", "dense_perplexity"}`` of ``model``."""
@@ -147,6 +175,9 @@ class DecoderScorer:
                     nll += _nll(logq, tc)
                     top = self._top1[i][j * self.rows : (j + 1) * self.rows]
                     agree += int((logq.argmax(-1) == top).sum())
+                    del logq
+            del rows
+        release()
         n = max(self.n_positions, 1)
         return {
             "distance": kl / n,
