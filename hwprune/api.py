@@ -465,12 +465,12 @@ class ExportRequest:
     pick: str = "targets"  # targets | all (the Pareto front) | a candidate key from pareto.csv
     parity_tol: float | None = None  # None: the family's default (Family.parity_tol)
     rounds: int = 5
-    repeats: int = 20
+    repeats: int | None = None  # None: from the dense model's time (hwprune.export.measure.timing_plan)
 
     def __post_init__(self) -> None:
         if self.parity_tol is not None and self.parity_tol < 0:
             raise HwpruneError(f"--parity-tol must be >= 0 (got {self.parity_tol})")
-        if self.rounds < 1 or self.repeats < 1:
+        if self.rounds < 1 or (self.repeats is not None and self.repeats < 1):
             raise HwpruneError(f"rounds and repeats must be >= 1 (got {self.rounds}, {self.repeats})")
 
     def to_json(self) -> dict[str, Any]:
@@ -575,7 +575,7 @@ def _measure_serving(
         return g.onnx
 
     graphs = {DENSE: decode_graph(adapter.dense()), **{k: decode_graph(m) for k, (m, _) in models.items()}}
-    t = measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=req.repeats)
+    t = measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=req.repeats if req.repeats is not None else 10)
     objective = "decode_step_ms" if regime == "decode" else "request_ms"
     assert isinstance(predictor, WorkloadPredictor)
     space = predictor.space
@@ -760,12 +760,12 @@ class CalibrateRequest:
     runs: tuple[str, ...]
     remeasure: bool = False
     rounds: int = 5
-    repeats: int = 20
+    repeats: int | None = None  # None: from the dense model's time (hwprune.export.measure.timing_plan)
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise HwpruneError("give at least one run folder: hwprune calibrate runs/NAME [runs/OTHER...]")
-        if self.rounds < 1 or self.repeats < 1:
+        if self.rounds < 1 or (self.repeats is not None and self.repeats < 1):
             raise HwpruneError(f"rounds and repeats must be >= 1 (got {self.rounds}, {self.repeats})")
 
 

@@ -492,7 +492,9 @@ def calibrate(
         help="Time every exported model.onnx and the dense model again here, together, instead of trusting the manifests.",
     ),
     rounds: int = typer.Option(5, "--rounds", help="Interleaved timing rounds with --remeasure."),
-    repeats: int = typer.Option(20, "--repeats", help="Calls per model per round with --remeasure."),
+    repeats: Optional[int] = typer.Option(
+        None, "--repeats", help="Calls per model per round with --remeasure (default: 20, fewer for slow models)."
+    ),
 ) -> None:
     """Close the loop: fit measured = scale x predicted + offset (least squares on relative error) over the exported candidates and dense models of RUNS, and store it beside their latency table (TABLE.correction.json: versioned, fingerprinted, written atomically). search and export then predict with it, and their manifests say which correction they applied.
 

@@ -17,6 +17,7 @@ from hwprune.export.measure import (
     Measured,
     Measurement,
     measure_dense_and_pruned,
+    timing_plan,
 )
 from hwprune.export.stats import ModelStats
 from hwprune.families.encoder.adapter import EncoderAdapter
@@ -70,6 +71,17 @@ def test_sessions_are_created_in_mirrored_order_and_the_control_is_recorded(grap
         assert m.cpu_excess_pct is not None and m.cpu_excess_pct >= -1.0
     s = cmp.dense.sessions_ms
     assert cmp.control_pct == pytest.approx(100 * (s[1] / s[0] - 1))
+
+
+def test_repeats_follow_the_model_time_unless_given(graphs: Any) -> None:
+    """Fast models keep 20 calls a round; a second-long LLM prompt gets 5 (the plan is recorded)."""
+    assert timing_plan(0.5) == (20, 5) and timing_plan(834.0) == (5, 2) and timing_plan(200.0) == (10, 5)
+    a, dense, pruned = graphs
+    be = _Recording()
+    cmp = measure_dense_and_pruned(be, dense=dense, pruned={"c1": pruned["c1"]}, feed=timing_feed(a, batch=1, seq=SEQ))
+    assert cmp.settings["repeats"] == 20 and cmp.settings["warmup"] == 5  # a tiny encoder: well under 100 ms
+    # one probe session of the dense model first, then the mirrored timed sessions
+    assert be.created == [dense, dense, pruned["c1"], pruned["c1"], dense]
 
 
 def test_manifest_states_control_wall_clock_and_raw_error_first(graphs: Any) -> None:

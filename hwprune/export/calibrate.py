@@ -105,7 +105,7 @@ def remeasure(
     batch: int,
     seq: int,
     rounds: int = 5,
-    repeats: int = 20,
+    repeats: int | None = None,
 ) -> tuple[list[Point], Mapping[str, Any]]:
     """Time every candidate's ``model.onnx`` and the dense model again, here, together (export's
     interleaved mirrored-order machinery); returns the points with fresh ``measured_ms`` (one dense

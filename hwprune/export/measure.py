@@ -176,6 +176,15 @@ class Measurement:
         }
 
 
+def timing_plan(expected_ms: float, *, round_ms: float = 2000.0) -> tuple[int, int]:
+    """(repeats, warmup) for a model of about ``expected_ms`` per call: enough calls for ``round_ms`` per
+    model per round, between 5 and 20, and about half that in warm-up calls, between 2 and 5."""
+    per_call = max(float(expected_ms), 1e-3)
+    repeats = int(min(20, max(5, round(round_ms / per_call))))
+    warmup = int(min(5, max(2, round(0.5 * round_ms / per_call))))
+    return repeats, warmup
+
+
 def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
@@ -187,15 +196,22 @@ def measure_dense_and_pruned(
     pruned: Mapping[str, bytes],
     feed: Mapping[str, np.ndarray],
     rounds: int = 5,
-    repeats: int = 20,
-    warmup: int = 5,
+    repeats: int | None = None,
+    warmup: int | None = None,
 ) -> Comparison:
     """Time ``dense`` and every ONNX model in ``pruned`` (key -> serialized model), interleaved, two
     sessions per model in mirrored creation order (see the module doc).
 
-    Cost is about ``2 * (1 + len(pruned)) * (warmup + rounds * repeats)`` runs. Memory: two sessions
-    per model are held for the whole call.
+    Cost is about ``2 * (1 + len(pruned)) * (warmup + rounds * repeats)`` runs. ``repeats`` / ``warmup``
+    None: chosen from one timed call of the dense model (:func:`timing_plan`: 20 / 5 for models under
+    100 ms, down to 5 / 2 for second-long LLM prompts, whose per-call noise is relatively small).
+    Memory: two sessions per model are held for the whole call.
     """
+    if repeats is None or warmup is None:
+        probe = backend.time(dense, feed, warmup=1, repeats=1).median_ms
+        auto_repeats, auto_warmup = timing_plan(probe)
+        repeats = auto_repeats if repeats is None else repeats
+        warmup = auto_warmup if warmup is None else warmup
     if rounds < 1 or repeats < 1 or warmup < 0:
         raise HwpruneError(f"rounds and repeats must be >= 1, warmup >= 0 (got {rounds}, {repeats}, {warmup})")
     if DENSE in pruned:

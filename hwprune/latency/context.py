@@ -41,8 +41,8 @@ def measure_context(
     batch: int,
     seq: int,
     rounds: int = 5,
-    repeats: int = 20,
-    warmup: int = 5,
+    repeats: int | None = None,
+    warmup: int | None = None,
 ) -> dict[str, Any]:
     """Time the dense model as export does and return the ``meta["context"]`` record (see module doc)."""
     # export depends on latency, not the other way round at import time
@@ -68,7 +68,7 @@ def measure_context(
         "dense_measured_wall_ms": cmp.dense.wall_ms,
         "clock": backend.clock,
         "rounds": rounds,
-        "repeats": repeats,
-        "warmup": warmup,
+        "repeats": cmp.settings["repeats"],  # None asked: chosen from the model's time (timing_plan)
+        "warmup": cmp.settings["warmup"],
         "method": CONTEXT_METHOD,
     }

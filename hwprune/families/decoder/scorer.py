@@ -118,8 +118,8 @@ class DecoderScorer:
         self._top1: list[torch.Tensor] = []  # per batch (real positions,) int64
         nll, self.n_targets = 0.0, 0
         with torch.inference_mode(), num_threads(threads):
-            for rows, tgt in zip(self._dense_rows, self._targets):
-                chunks = [torch.log_softmax(dense.head(r).float(), -1) for r in rows.split(self.rows)]
+            for hs, tgt in zip(self._dense_rows, self._targets):
+                chunks = [torch.log_softmax(dense.head(r).float(), -1) for r in hs.split(self.rows)]
                 nll += sum(_nll(c, t) for c, t in zip(chunks, tgt.split(self.rows)))
                 self._top1.append(torch.cat([c.argmax(-1) for c in chunks]))
                 if self.cached:
