@@ -341,3 +341,28 @@ def test_serve_search_exports_measured_request_latency(
         w["dense_measured"]["request_ms"]
     )
     assert m["predicted_ms"] == pytest.approx(w["predicted"]["request_ms"]) and m["settings"]["seq"] == 16
+
+
+def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_path: Path) -> None:
+    """scripts/bench_decode_latency.py on the tiny decode table: predicted vs measured per subnet and
+    context, two chunks, a dense-vs-dense control per chunk, raw MAPE first."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode_latency.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_decode_latency", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "d.json"
+    argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--table", str(decode_table),
+            "--context", "8,32", "--subnets", "3", "--chunk", "2", "--seconds", "0.5", "-o", str(out)]  # fmt: skip
+    assert mod.main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 6 and set(rep["per_context"]) == {"8", "32"} and len(rep["dense_control_pct"]) == 2
+    for r in rep["rows"]:
+        assert r["error_pct"] == pytest.approx(100 * (r["predicted_ms"] / r["measured_ms"] - 1))
+    assert rep["mape_pct"] == pytest.approx(sum(abs(r["error_pct"]) for r in rep["rows"]) / 6, abs=1e-3)
+    assert mod.main([*argv[:-2], "--context", "x", "-o", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()

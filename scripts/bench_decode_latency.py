@@ -1,0 +1,181 @@
+"""Decode-latency fidelity: a decode table's predicted vs measured ms of one new token, per subnet and context.
+
+    hwprune profile --model smollm2 --regime decode --context 128,512,1024 -o T.parquet
+    python scripts/bench_decode_latency.py --model smollm2 --table T.parquet --context 128,1024 --subnets 30 \\
+        -o bench_out/decode_latency_smollm2.json
+
+For LLM families (those whose exports carry a decode graph, ``Family.extra_graphs`` role ``decode``).
+Subnets are drawn as ``bench_latency.py`` draws them (dense, smallest, uniform half, each removable kind
+removed, then random ones with removed blocks and sublayers among them), pruned with random kept indices,
+and exported as ``hwprune export`` writes ``decoder.onnx``. Each is timed with the table's backend
+settings at every ``--context``: one new token after a KV cache of that many positions, one session per
+graph shared by its contexts, all graphs of a chunk in shuffled interleaved rounds (``common_mode``),
+beside the dense model's graph in two sessions (one created before the chunk's subnets, one after: the
+dense-vs-dense control). The prediction is the table's (``make_predictor(..., regime="decode",
+context=c)``, interpolated between the table's contexts). Raw error is the headline (``mape_pct`` per
+context and overall); the speedup error (prediction rescaled by the dense model measured in its chunk)
+stands beside it. The table was profiled earlier, in another process: this is the normal-use protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import OUT_DIR, fail, machine, stem, write_result
+from bench_latency import sample_subnets, summarize, warnings
+
+from hwprune.api import load_adapter, make_predictor
+from hwprune.errors import HwpruneError
+from hwprune.export.workload_timing import _feed, _inputs
+from hwprune.families import Family
+from hwprune.latency import LatencyTable, get_backend
+from hwprune.latency.backends import Runner, interleave
+from hwprune.space import Candidate, PruningSpace
+
+
+def decode_graph(adapter: Family, model: Any) -> bytes:
+    g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
+    if g is None:
+        raise HwpruneError(f"{adapter.family} models have no decode graph; this benchmark is for LLMs")
+    return g.onnx
+
+
+def pruned_graph(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator) -> bytes:
+    """``decoder.onnx`` of the subnet with random kept indices (latency must not depend on which ones)."""
+    kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
+    return decode_graph(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)))
+
+
+def runners_for(backend: Any, onnx: bytes, contexts: Sequence[int], batch: int) -> list[Runner]:
+    """One session, one runner per context (its feed: one token after ``context`` cached positions)."""
+    dims, vocab = _inputs(onnx)
+    session = backend.session(onnx)
+    return [
+        Runner(session, _feed(dims, vocab, batch=batch, past=c, seq=1), cpu_clock=backend.cpu_clock) for c in contexts
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--table", required=True, help="a decode latency table (hwprune profile --regime decode)")
+    ap.add_argument(
+        "--space", default=None, help="pruning space YAML the table was profiled with (default: the model's)"
+    )
+    ap.add_argument("--context", default=None, help="KV-cache lengths to test, e.g. 128,1024 (default: the table's)")
+    ap.add_argument("--subnets", type=int, default=30)
+    ap.add_argument("--chunk", type=int, default=10, help="subnets timed together (sessions held at once)")
+    ap.add_argument("--seconds", type=float, default=40.0, help="interleaved timing per chunk")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out) if a.out else OUT_DIR / f"decode_latency_{stem(a.model)}.json"
+    try:
+        if a.subnets < 1 or a.chunk < 1 or a.seconds <= 0:
+            raise HwpruneError("--subnets and --chunk must be >= 1 and --seconds > 0")
+        adapter = load_adapter(a.model)
+        table = LatencyTable.load(a.table)
+        table.check_model(adapter)
+        table.check_regime("decode")
+        try:
+            contexts = sorted({int(c) for c in a.context.split(",")}) if a.context else list(table.contexts)
+        except ValueError:
+            raise HwpruneError(
+                f"--context {a.context!r} must be comma-separated whole numbers, e.g. 128,1024"
+            ) from None
+        if not contexts or min(contexts) < 1:
+            raise HwpruneError(f"--context {a.context!r}: give KV-cache lengths >= 1")
+        space = adapter.space(a.space)
+        settings = dict(table.settings)
+        batch = int(settings.get("batch", 1))
+        backend = get_backend(str(settings.get("runtime", "ort-cpu")), threads=int(settings.get("threads", 1)))
+        preds = {c: make_predictor(table, space, adapter, regime="decode", context=c, log=print) for c in contexts}
+        rng = np.random.default_rng(a.seed)
+        subnets = [s for s in sample_subnets(space, a.subnets + 1, rng) if s[0] != "dense"][: a.subnets]
+        dense_onnx = decode_graph(adapter, adapter.dense())
+        t0 = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        controls: list[dict[str, float]] = []
+        for start in range(0, len(subnets), a.chunk):
+            chunk = subnets[start : start + a.chunk]
+            first = runners_for(backend, dense_onnx, contexts, batch)
+            subs = [runners_for(backend, pruned_graph(adapter, space, cand, rng), contexts, batch) for _, cand in chunk]
+            second = runners_for(backend, dense_onnx, contexts, batch)  # created after the subnets: the control
+            everything = [r for group in (first, *subs, second) for r in group]
+            for r in everything:
+                r.sample(3)
+                r.log.reset()
+            ts = interleave(everything, seconds=a.seconds, common_mode=True, warmup=0, seed=int(rng.integers(1 << 31)))
+            k = len(contexts)
+            dense_t, second_t = ts[:k], ts[-k:]
+            controls.append(
+                {str(c): 100 * (second_t[i].median_ms / dense_t[i].median_ms - 1) for i, c in enumerate(contexts)}
+            )
+            for j, (name, cand) in enumerate(chunk):
+                for i, c in enumerate(contexts):
+                    t, r = ts[k * (j + 1) + i], subs[j][i]
+                    pred, meas = preds[c].predict(cand), t.median_ms
+                    thread_ns = r.log.thread_ns
+                    rows.append(
+                        {
+                            "name": name,
+                            "context": c,
+                            "sizes": list(cand.sizes),
+                            "predicted_ms": pred,
+                            "measured_ms": meas,
+                            "error_pct": 100 * (pred - meas) / meas,
+                            "dense_predicted_ms": preds[c].dense_ms(),
+                            "dense_measured_ms": dense_t[i].median_ms,
+                            "measured_wall_ms": float(np.median(r.log.wall_ms)),
+                            "cpu_excess_pct": 100 * (r.log.process_ns / thread_ns - 1) if thread_ns > 0 else None,
+                        }
+                    )
+            print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)
+        report: dict[str, Any] = {
+            "model": a.model,
+            "table": str(a.table),
+            "table_created": table.created,
+            "table_contexts": list(table.contexts),
+            "contexts": contexts,
+            "settings": {**settings, "subnets": len(subnets), "chunk": a.chunk, "seconds_per_chunk": a.seconds},
+            **summarize(rows),
+            "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},
+            "dense_control_pct": [round(max(d.values(), key=abs), 3) for d in controls],
+            "dense_control_pct_by_context": controls,
+            "goal": "MAPE <= 3 % (issue 9)",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "rows": rows,
+        }
+        report["goal_met"] = report["mape_pct"] <= 3.0
+        report["warnings"] = warnings(report, clock=backend.clock)
+        facts = machine(
+            str(settings.get("runtime", "ort-cpu")), threads=int(settings.get("threads", 1)), batch=batch, seq=1
+        )
+        write_result(out, report, script=__file__, argv=argv, machine_facts=facts)
+    except HwpruneError as e:
+        return fail(e)
+    print(
+        f"decode latency, {len(subnets)} subnets x contexts {contexts}: raw MAPE {report['mape_pct']:.2f} % "
+        f"(worst {report['max_abs_error_pct']:.2f} %), speedup-error MAPE {report['speedup_error_mape_pct']:.2f} %; "
+        f"wrote {out}"
+    )
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
