@@ -345,9 +345,9 @@ def run_search(
     )
     _materialize_picks(adapter, state, result, run_dir)
     if workload is not None:
-        from hwprune.search.workload import WorkloadPredictor, describe_pick
+        from hwprune.search.workload import WorkloadMix, WorkloadPredictor, describe_pick
 
-        assert isinstance(predictor, WorkloadPredictor)
+        assert isinstance(predictor, (WorkloadPredictor, WorkloadMix))
         picks = {
             str(t): {"key": ev.candidate.key(), **describe_pick(predictor, ev.candidate, space.dense())}
             for t, ev in result.picks.items()
@@ -365,7 +365,7 @@ def _objective(
     objective for that request (:mod:`hwprune.search.workload`); tables of the wrong regime, batch or
     prompt length are refused in one line, contexts outside a decode table's grid warned about.
     """
-    from hwprune.search.workload import REGIMES, Workload, workload_predictor
+    from hwprune.search.workload import REGIMES, parse_workloads, workload_predictor
 
     if req.regime not in REGIMES:
         raise HwpruneError(f"--regime {req.regime!r} is not one of {', '.join(REGIMES)}")
@@ -373,7 +373,7 @@ def _objective(
         if req.regime != "prefill":
             raise HwpruneError(f"--regime {req.regime} needs --workload, e.g. prompt=512,new=128,batch=1")
         return make_predictor(table, space, adapter), None, int(table.settings.get("seq", 128))
-    wl = Workload.parse(req.workload)
+    wls = parse_workloads(req.workload, req.regime)
     tables = {"decode" if req.regime == "decode" else "prefill": table}
     if req.regime == "serve":
         if not req.decode_table:
@@ -387,12 +387,14 @@ def _objective(
     for r, t in tables.items():
         t.check_model(adapter)
         make_predictor(t, space, adapter, regime=r, context=t.contexts[0] if t.contexts else None)  # family, regime
-    pred = workload_predictor(req.regime, wl, tables=tables, predictor=lambda t: adapter.predictor(t, space))
+    pred = workload_predictor(req.regime, wls, tables=tables, predictor=lambda t: adapter.predictor(t, space))
     for w in pred.warnings:
         log(w)
     # calibration reads sequences as long as the prompts the model will serve (at most 256 tokens)
-    calib_seq = int(tables["prefill"].settings.get("seq", 128)) if "prefill" in tables else min(wl.prompt, 256)
-    doc = {"regime": req.regime, **wl.to_json(), "tables": {r: str(t.path) for r, t in tables.items()}}
+    longest = max(w.prompt for w in wls)
+    calib_seq = int(tables["prefill"].settings.get("seq", 128)) if "prefill" in tables else min(longest, 256)
+    shape = wls[0].to_json() if len(wls) == 1 else {"workloads": [w.to_json() for w in wls]}
+    doc = {"regime": req.regime, **shape, "tables": {r: str(t.path) for r, t in tables.items()}}
     doc["fingerprints"] = {r: t.fingerprint.to_json() for r, t in tables.items()}
     return pred, doc, calib_seq
 
@@ -554,19 +556,20 @@ def _selection(run_dir: Path, pick: str) -> list[dict[str, Any]]:
 def _measure_serving(
     adapter: Family,
     models: Mapping[str, tuple[Any, Any]],
-    wl: Any,
+    wls: Sequence[Any],
     regime: str,
     backend: Any,
     req: ExportRequest,
     predictor: Predictor,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Decode/serve runs: the dense and every candidate's decode graph timed together
-    (:func:`~hwprune.export.workload_timing.measure_workload`); per key its :class:`Measurement` of the
-    regime's objective (decode: the mean decode step, i.e. 1 / tokens-per-second; serve: the request) and
-    the manifest's ``extra.workload`` (measured and predicted TTFT, tokens/s, request ms, dense beside)."""
+    (:func:`~hwprune.export.workload_timing.measure_workload`), once per workload of the request; per key
+    its :class:`Measurement` of the regime's objective (decode: the mean decode step, i.e. 1 /
+    tokens-per-second; serve: the request; a mix: their weighted mean, as the search minimised it) and the
+    manifest's ``extra.workload`` (measured and predicted TTFT, tokens/s, request ms, dense beside)."""
     from hwprune.export.measure import DENSE, Measurement
     from hwprune.export.workload_timing import measure_workload
-    from hwprune.search.workload import WorkloadPredictor
+    from hwprune.search.workload import WorkloadMix, WorkloadPredictor
 
     def decode_graph(model: Any) -> bytes:
         g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
@@ -575,25 +578,40 @@ def _measure_serving(
         return g.onnx
 
     graphs = {DENSE: decode_graph(adapter.dense()), **{k: decode_graph(m) for k, (m, _) in models.items()}}
-    t = measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=req.repeats if req.repeats is not None else 10)
+    repeats = req.repeats if req.repeats is not None else 10
+    per = [measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=repeats) for wl in wls]
     objective = "decode_step_ms" if regime == "decode" else "request_ms"
-    assert isinstance(predictor, WorkloadPredictor)
+    total = sum(wl.weight for wl in wls)
+
+    def mixed(key: str) -> float:
+        return float(sum(wl.weight / total * t[key][objective] for wl, t in zip(wls, per)))
+
+    assert isinstance(predictor, (WorkloadPredictor, WorkloadMix))
     space = predictor.space
+    method = (
+        "decode graphs (decoder.onnx) of dense and candidates in one process, shuffled interleaved rounds: the "
+        "prompt with an empty cache (TTFT) and one token after the request's first, middle and last contexts; "
+        "the mean step interpolated between them"
+    )
     measured, docs = {}, {}
     for k, (_, plan) in models.items():
-        measured[k] = Measurement(measured_ms=t[k][objective], dense_ms=t[DENSE][objective], clock=backend.clock)
-        docs[k] = {
+        measured[k] = Measurement(measured_ms=mixed(k), dense_ms=mixed(DENSE), clock=backend.clock)
+        doc: dict[str, Any] = {
             "regime": regime,
-            **wl.to_json(),
             "objective": objective,
-            "measured": t[k],
-            "dense_measured": t[DENSE],
             "predicted": predictor.breakdown(plan.candidate(space)),
             "dense_predicted": predictor.breakdown(space.dense()),
-            "method": "decode graphs (decoder.onnx) of dense and candidates in one process, shuffled interleaved "
-            "rounds: the prompt with an empty cache (TTFT) and one token after the request's first, middle and "
-            "last contexts; the mean step interpolated between them",
+            "method": method,
         }
+        if len(wls) == 1:
+            doc.update({**wls[0].to_json(), "measured": per[0][k], "dense_measured": per[0][DENSE]})
+        else:
+            doc["workloads"] = [
+                {**wl.to_json(), "measured": t[k], "dense_measured": t[DENSE]} for wl, t in zip(wls, per)
+            ]
+            doc["measured_objective_ms"], doc["dense_measured_objective_ms"] = mixed(k), mixed(DENSE)
+            doc["method"] += "; each workload timed in its own rounds, the objective their weighted mean"
+        docs[k] = doc
     return measured, docs
 
 
@@ -626,14 +644,14 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
     serving = sreq.regime != "prefill"
     predictor: Predictor
     if serving:  # the search's own objective: from the tables it used, measured on the decode graphs
-        from hwprune.search.workload import Workload
+        from hwprune.search.workload import parse_workloads
 
-        wl = Workload.parse(str(sreq.workload))
+        wls = parse_workloads(str(sreq.workload), sreq.regime)
         predictor, _, calib_seq = _objective(
             dataclasses.replace(sreq, table=run["table"]), table, space, adapter, _noop
         )
-        batch = wl.batch
-        seq = int(settings["seq"]) if sreq.regime == "serve" else wl.prompt  # parity, params, FLOPs
+        batch = wls[0].batch  # a mix shares it
+        seq = int(settings["seq"]) if sreq.regime == "serve" else wls[0].prompt  # parity, params, FLOPs
     else:
         predictor = make_predictor(table, space, adapter, log=log)
         batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
@@ -654,7 +672,7 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
     measured: dict[str, Measurement] = {}
     serve_doc: dict[str, dict[str, Any]] = {}
     if serving:
-        measured, serve_doc = _measure_serving(adapter, models, wl, sreq.regime, backend, req, predictor)
+        measured, serve_doc = _measure_serving(adapter, models, wls, sreq.regime, backend, req, predictor)
     else:
         onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
         dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)

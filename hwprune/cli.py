@@ -300,7 +300,7 @@ def search(
     workload: Optional[str] = typer.Option(
         None,
         "--workload",
-        help="The request to optimise for, e.g. prompt=512,new=128,batch=1 (needed for decode and serve).",
+        help="The request to optimise for, e.g. prompt=512,new=128,batch=1 (needed for decode and serve). Several, weighted by their share of traffic, separated by ';': 'prompt=64,new=256,weight=3;prompt=64,new=16,weight=1' (one batch; with prefill/serve one prompt length).",
     ),
     decode_table: Optional[Path] = typer.Option(
         None, "--decode-table", help="With --regime serve: the decode table (hwprune profile --regime decode)."

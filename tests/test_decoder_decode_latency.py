@@ -199,9 +199,44 @@ def test_workload_strings_parse_or_name_the_keys() -> None:
         ("new=128", "lacks prompt=N"),
         ("prompt=x", "is not a whole number"),
         ("prompt=0", "must be >= 1"),
+        ("prompt=8,weight=-1", "must be a number > 0"),
+        ("prompt=8,weight=x", "is not a number"),
     ):
         with pytest.raises(HwpruneError, match=re.escape(msg)):
             Workload.parse(bad)
+
+
+def test_weighted_workloads_mix_their_objectives(folder: Path, decode_table: Path) -> None:
+    """``a;b`` with weights: the objective is the weighted mean of each workload's, additive for the DP;
+    a mix must share the batch, and under prefill/serve the prompt."""
+    from hwprune.search.workload import WorkloadMix, parse_workloads, workload_predictor
+
+    a = resolve_model(str(folder))
+    space = a.space(folder.parent / "space.yaml")
+    tables = {"decode": LatencyTable.load(decode_table)}
+
+    def pred(t: LatencyTable):
+        return a.predictor(t, space)
+
+    wls = parse_workloads("prompt=16,new=24,weight=3; prompt=64,new=8")
+    assert [w.weight for w in wls] == [3.0, 1.0] and wls[1].to_json() == {"prompt": 64, "new": 8, "batch": 1}
+    mix = workload_predictor("decode", wls, tables=tables, predictor=pred)
+    assert isinstance(mix, WorkloadMix)
+    one = [workload_predictor("decode", w, tables=tables, predictor=pred) for w in wls]
+    cand = Candidate(tuple(u.sizes[len(u.sizes) // 2] for u in space.units))
+    assert mix.predict(cand) == pytest.approx(0.75 * one[0].predict(cand) + 0.25 * one[1].predict(cand))
+    base, costs = mix.unit_costs()
+    ix = [u.sizes.index(s) for u, s in zip(space.units, cand.sizes)]
+    assert base + sum(c[j] for c, j in zip(costs, ix)) == pytest.approx(mix.predict(cand))
+    b = mix.breakdown(cand)
+    assert b["objective_ms"] == pytest.approx(mix.predict(cand)) and b["workloads"][1]["prompt"] == 64
+    assert isinstance(workload_predictor("decode", wls[:1], tables=tables, predictor=pred), type(one[0]))
+    with pytest.raises(HwpruneError, match="must share batch="):
+        parse_workloads("prompt=16,batch=1;prompt=16,batch=4")
+    with pytest.raises(HwpruneError, match="must share prompt="):
+        parse_workloads("prompt=16,new=4;prompt=32,new=4", "serve")
+    with pytest.raises(HwpruneError, match="is empty"):
+        parse_workloads(" ; ")
 
 
 def test_serve_is_prefill_plus_every_decode_step(folder: Path, decode_table: Path, prefill_table: Path) -> None:
@@ -290,6 +325,29 @@ def test_decode_search_targets_tokens_per_second(folder: Path, decode_table: Pat
     assert {r["model"] for r in doc["rows"]} == {"dense", pick["key"]} and doc["machine"]["threads"] == 1
     assert all(r["tokens_per_s"] > 0 and r["contexts_timed"] == [16, 27, 38] for r in doc["rows"])
     assert mod.main([str(tmp_path), "-o", str(tmp_path / "x.json")]) == 2  # not a run: one line, status 2
+
+
+def test_a_weighted_mix_is_searched_and_measured_as_one_objective(
+    folder: Path, decode_table: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mix"
+    res = invoke(
+        "search",
+        *("--model", folder, "--space", folder.parent / "space.yaml", "--n-calib", "16", "--n-heldout", "4"),
+        *("--table", decode_table, "--regime", "decode", "--workload", "prompt=16,new=12,weight=3;prompt=40,new=4"),
+        *("--targets", "1.3", "--trials", "4", "-o", out, "--no-progress", "--export"),
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "workload.json").read_text())
+    assert [w["prompt"] for w in doc["workloads"]] == [16, 40] and doc["workloads"][0]["weight"] == 3.0
+    key = doc["picks"]["1.3"]["key"]
+    m = json.loads((out / "candidates" / key / "manifest.json").read_text())
+    w = m["extra"]["workload"]
+    steps = [x["measured"]["decode_step_ms"] for x in w["workloads"]]
+    dense = [x["dense_measured"]["decode_step_ms"] for x in w["workloads"]]
+    assert m["measured_ms"] == pytest.approx(0.75 * steps[0] + 0.25 * steps[1])
+    assert m["measured_speedup"] == pytest.approx((0.75 * dense[0] + 0.25 * dense[1]) / m["measured_ms"])
+    assert m["predicted_ms"] == pytest.approx(w["predicted"]["objective_ms"])
 
 
 def test_workload_bad_input_is_one_line(folder: Path, decode_table: Path, prefill_table: Path, tmp_path: Path) -> None:

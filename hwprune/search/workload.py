@@ -13,6 +13,11 @@ optimise:
 
 Each is a :class:`~hwprune.latency.predictor.WeightedPredictor` over the tables' per-context predictors
 (a context between two profiled ones is their linear mix), hence additive and exact for the DP.
+
+Several workloads may be weighted in one objective (:class:`WorkloadMix`):
+``prompt=64,new=256,weight=3;prompt=64,new=16,weight=1`` minimises ``sum_i w_i objective_i / sum_i w_i``
+(weights are relative shares of the traffic). They share the batch (a table is profiled at one batch),
+and for ``prefill`` / ``serve`` the prompt length (one prefill table, profiled at ``seq = prompt``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,19 @@ from hwprune.latency.predictor import ContextPredictor, Predictor, WeightedPredi
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate
 
-__all__ = ["REGIMES", "Workload", "WorkloadPredictor", "workload_predictor", "describe_pick"]
+__all__ = [
+    "REGIMES",
+    "Workload",
+    "WorkloadPredictor",
+    "WorkloadMix",
+    "parse_workloads",
+    "workload_predictor",
+    "describe_pick",
+]
 
 REGIMES = ("prefill", "decode", "serve")
 _KEYS = ("prompt", "new", "batch")
+_EXAMPLE = "e.g. prompt=512,new=128,batch=1 (several: prompt=64,new=256,weight=3;prompt=64,new=16,weight=1)"
 
 
 @dataclass(frozen=True)
@@ -39,38 +53,65 @@ class Workload:
     prompt: int
     new: int = 1
     batch: int = 1
+    weight: float = 1.0  # its share in a weighted mix of workloads (relative)
 
     def __post_init__(self) -> None:
         for k in _KEYS:
             if int(getattr(self, k)) < 1:
                 raise HwpruneError(f"--workload {k}={getattr(self, k)} must be >= 1")
+        if not (self.weight > 0 and self.weight < float("inf")):
+            raise HwpruneError(f"--workload weight={self.weight} must be a number > 0")
 
     @classmethod
     def parse(cls, text: str) -> Workload:
-        """``prompt=512,new=128,batch=1`` (``prompt`` required; ``new`` and ``batch`` default to 1)."""
-        vals: dict[str, int] = {}
+        """``prompt=512,new=128,batch=1`` (``prompt`` required; ``new`` and ``batch`` default to 1; ``weight``
+        matters in a mix, see :func:`parse_workloads`)."""
+        vals: dict[str, Any] = {}
         for part in (p.strip() for p in text.split(",") if p.strip()):
             k, eq, v = part.partition("=")
             k = k.strip()
-            if not eq or k not in _KEYS:
+            if not eq or k not in (*_KEYS, "weight"):
                 raise HwpruneError(
                     f"--workload {text!r}: {part!r} is not KEY=N; keys: prompt (tokens in), new (tokens out), "
-                    "batch (requests at once), e.g. prompt=512,new=128,batch=1"
+                    f"batch (requests at once), weight (share in a mix), {_EXAMPLE}"
                 )
             try:
-                vals[k] = int(v)
+                vals[k] = float(v) if k == "weight" else int(v)
             except ValueError:
-                raise HwpruneError(f"--workload {text!r}: {k}={v.strip()!r} is not a whole number") from None
+                kind = "a number" if k == "weight" else "a whole number"
+                raise HwpruneError(f"--workload {text!r}: {k}={v.strip()!r} is not {kind}") from None
         if "prompt" not in vals:
-            raise HwpruneError(f"--workload {text!r} lacks prompt=N; keys: prompt, new, batch")
+            raise HwpruneError(f"--workload {text!r} lacks prompt=N; keys: prompt, new, batch, weight")
         return cls(**vals)
 
     def decode_contexts(self) -> list[int]:
         """KV-cache length before each decode step (the first new token comes from the prefill)."""
         return list(range(self.prompt, self.prompt + self.new - 1)) or [self.prompt]
 
-    def to_json(self) -> dict[str, int]:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["weight"] == 1.0:  # a single workload's record (and study key) as before mixes existed
+            del d["weight"]
+        return d
+
+
+def parse_workloads(text: str, regime: str = "decode") -> list[Workload]:
+    """One workload, or several separated by ``;`` (each with an optional ``weight``). Several must share
+    the batch, and for ``prefill`` / ``serve`` the prompt (see the module doc)."""
+    wls = [Workload.parse(part) for part in text.split(";") if part.strip()]
+    if not wls:
+        raise HwpruneError(f"--workload {text!r} is empty; {_EXAMPLE}")
+    if len({w.batch for w in wls}) > 1:
+        raise HwpruneError(
+            f"--workload {text!r}: the workloads of a mix must share batch= (a table is profiled at one batch); "
+            "search each batch separately"
+        )
+    if regime in ("prefill", "serve") and len({w.prompt for w in wls}) > 1:
+        raise HwpruneError(
+            f"--workload {text!r}: with --regime {regime} the workloads of a mix must share prompt= (one prefill "
+            "table, profiled at --seq PROMPT); mix prompt lengths with --regime decode"
+        )
+    return wls
 
 
 class WorkloadPredictor(WeightedPredictor):
@@ -126,7 +167,41 @@ class WorkloadPredictor(WeightedPredictor):
         return out
 
 
+class WorkloadMix(WeightedPredictor):
+    """``sum_i w_i objective_i / sum_i w_i`` over the members' :class:`WorkloadPredictor`: additive, so the
+    DP stays exact. :meth:`breakdown` gives every member's figures."""
+
+    def __init__(self, members: list[WorkloadPredictor]) -> None:
+        total = sum(m.workload.weight for m in members)
+        self.members, self.regime = members, members[0].regime
+        self.workloads = [m.workload for m in members]
+        self.warnings = list(dict.fromkeys(w for m in members for w in m.warnings))
+        super().__init__([(m.workload.weight / total, m) for m in members])
+
+    def breakdown(self, cand: Candidate) -> dict[str, Any]:
+        return {
+            "objective_ms": self.predict(cand),
+            "workloads": [{**m.workload.to_json(), **m.breakdown(cand)} for m in self.members],
+        }
+
+
 def workload_predictor(
+    regime: str,
+    workload: Workload | list[Workload],
+    *,
+    tables: dict[str, LatencyTable],
+    predictor: Callable[[LatencyTable], Predictor],
+) -> WorkloadPredictor | WorkloadMix:
+    """The objective of ``regime`` for ``workload`` (or a weighted mix of several, :class:`WorkloadMix`)."""
+    if isinstance(workload, list):
+        if len(workload) == 1:
+            return workload_predictor(regime, workload[0], tables=tables, predictor=predictor)
+        members = [workload_predictor(regime, w, tables=tables, predictor=predictor) for w in workload]
+        return WorkloadMix([m for m in members if isinstance(m, WorkloadPredictor)])
+    return _single(regime, workload, tables=tables, predictor=predictor)
+
+
+def _single(
     regime: str,
     workload: Workload,
     *,
@@ -167,6 +242,6 @@ def workload_predictor(
     return WorkloadPredictor(regime, workload, prefill=prefill, decode=decode, where=where)
 
 
-def describe_pick(pred: WorkloadPredictor, cand: Candidate, dense: Candidate) -> dict[str, Any]:
+def describe_pick(pred: WorkloadPredictor | WorkloadMix, cand: Candidate, dense: Candidate) -> dict[str, Any]:
     """A pick's predicted request figures beside the dense model's (for ``workload.json``)."""
     return {"predicted": pred.breakdown(cand), "dense_predicted": pred.breakdown(dense)}
