@@ -17,7 +17,7 @@ from rich.table import Table
 from hwprune.errors import HwpruneError
 
 if TYPE_CHECKING:
-    from hwprune.api import Manifest
+    from hwprune.api import Manifest, ProfileResult
     from hwprune.search.run import SearchResult
 
 app = typer.Typer(
@@ -117,7 +117,11 @@ def profile(
     threads: int = typer.Option(
         1, "--threads", help="Intra-op threads, as you will deploy; 1 gives the steadiest numbers."
     ),
-    batch: int = typer.Option(1, "--batch", help="Batch size to time."),
+    batch: str = typer.Option(
+        "1",
+        "--batch",
+        help="Batch size to time; several (e.g. 1,4) make one table per batch, -o T.parquet becoming T_b1.parquet, T_b4.parquet.",
+    ),
     seq: int = typer.Option(
         128, "--seq", help="Sequence length: tokens per input for encoders, prompt length for decoders (e.g. 256)."
     ),
@@ -164,14 +168,16 @@ def profile(
     from hwprune.api import ProfileRequest, run_profile
 
     try:
-        res = run_profile(
+        batches = _ints(batch, "--batch", "1,4")
+        contexts = _ints(context, "--context", "128,512,1024")
+        reqs = [
             ProfileRequest(
                 model=model,
                 runtime=runtime,
                 threads=threads,
-                batch=batch,
+                batch=b,
                 seq=seq,
-                out=str(output) if output else None,
+                out=str(_per_batch(output, b, len(batches))) if output else None,
                 space=str(space) if space else None,
                 weights=weights,
                 input_shape=_shape(input_shape),
@@ -179,15 +185,26 @@ def profile(
                 table_store=str(store) if store else None,
                 device=device,
                 regime=regime,
-                contexts=_ints(context, "--context", "128,512,1024"),
-            ),
-            progress=not no_progress,
-        )
+                contexts=contexts,
+            )
+            for b in batches
+        ]
+        for req in reqs:
+            _print_profile(run_profile(req, progress=not no_progress), store, len(batches) > 1)
     except HwpruneError as e:
         _fail(e)
     except Exception as e:
         _fail(_known(e))
-    out.print(f"[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
+
+
+def _per_batch(output: Path, batch: int, n: int) -> Path:
+    """``T.parquet`` for one batch size; ``T_b4.parquet`` for batch 4 of several."""
+    return output if n == 1 else output.with_name(f"{output.stem}_b{batch}{output.suffix}")
+
+
+def _print_profile(res: "ProfileResult", store: Optional[Path], label: bool) -> None:
+    head = f"batch {res.table.settings.get('batch')}: " if label else ""
+    out.print(f"{head}[green]wrote[/] {res.path} ({len(res.table.frame)} rows) and {res.path.with_suffix('.json')}")
     if store:
         out.print(f"filed in {store} as {res.table.path.parent.name if res.table.path else '?'}")
     if res.dense_by_context:

@@ -424,3 +424,23 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
     assert rep["mape_pct"] == pytest.approx(sum(abs(r["error_pct"]) for r in rep["rows"]) / 6, abs=1e-3)
     assert mod.main([*argv[:-2], "--context", "x", "-o", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_a_batch_grid_makes_one_table_per_batch(folder: Path, tmp_path: Path) -> None:
+    """``--batch 1,2``: T_b1.parquet and T_b2.parquet; a workload picks the table of its batch."""
+    out = tmp_path / "T.parquet"
+    common = ("profile", "--model", folder, "--space", folder.parent / "space.yaml", "--regime", "decode")
+    res = invoke(*common, "--context", "8,32", "--batch", "1,2", "--budget-s", "1", "-o", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "batch 1: wrote" in res.output and "batch 2: wrote" in res.output
+    for b in (1, 2):
+        t = LatencyTable.load(tmp_path / f"T_b{b}.parquet")
+        assert t.settings["batch"] == b and t.contexts == [8, 32]
+    one_line_error(invoke(*common, "--context", "8", "--batch", "1,0", "-o", tmp_path / "U.parquet"), "--batch")
+    assert not list(tmp_path.glob("U*"))
+    res = invoke(
+        "search",
+        *("--model", folder, "--space", folder.parent / "space.yaml", "--table", tmp_path / "T_b1.parquet"),
+        *("--regime", "decode", "--workload", "prompt=8,new=4,batch=2", "-o", tmp_path / "run"),
+    )
+    one_line_error(res, "profiled at batch 1, the workload has batch=2")
