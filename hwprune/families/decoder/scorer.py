@@ -119,17 +119,24 @@ class DecoderScorer:
         nll, self.n_targets = 0.0, 0
         with torch.inference_mode(), num_threads(threads):
             for hs, tgt in zip(self._dense_rows, self._targets):
-                chunks = [torch.log_softmax(dense.head(r).float(), -1) for r in hs.split(self.rows)]
-                nll += sum(_nll(c, t) for c, t in zip(chunks, tgt.split(self.rows)))
-                self._top1.append(torch.cat([c.argmax(-1) for c in chunks]))
-                if self.cached:
-                    self._logp.append(torch.cat(chunks))
-                else:
+                if not self.cached:
                     assert self._file is not None
                     self._offsets.append(self._file.tell())
-                    for c in chunks:
+                kept, top = [], []
+                for r, t in zip(hs.split(self.rows), tgt.split(self.rows)):  # one chunk of logits at a time
+                    c = torch.log_softmax(dense.head(r).float(), -1)
+                    nll += _nll(c, t)
+                    top.append(c.argmax(-1))
+                    if self.cached:
+                        kept.append(c)
+                    else:
+                        assert self._file is not None
                         self._file.write(c.contiguous().numpy().tobytes())
-                del chunks
+                    del c
+                self._top1.append(torch.cat(top))
+                if self.cached:
+                    self._logp.append(torch.cat(kept))
+                del kept
         if self._file is not None:
             self._file.flush()
         release()
