@@ -20,6 +20,7 @@ stands beside it. The table was profiled earlier, in another process: this is th
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_DIR, fail, machine, stem, write_result
 from bench_latency import sample_subnets, summarize, warnings
 
+from hwprune._mem import release
 from hwprune.api import load_adapter, make_predictor
 from hwprune.errors import HwpruneError
 from hwprune.export.workload_timing import _feed, _inputs
@@ -73,7 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--context", default=None, help="KV-cache lengths to test, e.g. 128,1024 (default: the table's)")
     ap.add_argument("--subnets", type=int, default=30)
-    ap.add_argument("--chunk", type=int, default=10, help="subnets timed together (sessions held at once)")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=4,
+        help="subnets timed together (their sessions, about 2x the weights each, held at once)",
+    )
     ap.add_argument("--seconds", type=float, default=40.0, help="interleaved timing per chunk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
@@ -143,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                             "cpu_excess_pct": 100 * (r.log.process_ns / thread_ns - 1) if thread_ns > 0 else None,
                         }
                     )
+            del first, subs, second, everything, ts  # this chunk's sessions go before the next chunk's load
+            gc.collect()
+            release()
             print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)
         report: dict[str, Any] = {
             "model": a.model,
