@@ -92,8 +92,15 @@ def plot_fronts(
         zorder=5,
         label="hwprune picks",
     )
-    for p in picks:
-        ax.annotate(f" {p['name']}", (d_ms / p["measured_ms"], p[acc_key]), fontsize=8, va="bottom")
+    for i, p in enumerate(picks):  # labels below the stars, staggered: picks often sit close together
+        ax.annotate(
+            p["name"],
+            (d_ms / p["measured_ms"], p[acc_key]),
+            xytext=(0, -14 - 10 * (i % 2)),
+            textcoords="offset points",
+            fontsize=8,
+            ha="center",
+        )
     ax.scatter([1.0], [dense[acc_key]], marker="*", s=160, color="black", zorder=5, label="dense")
     ax.set_xlabel("measured speedup over the dense model (same process, interleaved)")
     ax.set_ylabel(acc_key.replace("_", " "))
