@@ -1,17 +1,20 @@
 """Train a small ResNet on scikit-learn's bundled digits (no download) for hwprune's real-weight CNN check.
 
-    python scripts/train_digits_cnn.py -o runs/digits            # ~3 min on 2 CPU cores
+    python scripts/train_digits_cnn.py -o runs/digits            # ~2 min on 2 CPU cores
 
 Data: the 1797 8x8 digits, scaled to [0, 1], upsampled to 32x32 (bilinear) and standardised; a fixed
-stratified 75/25 split (seed 0) gives 1347 training and 450 held-out test images. Training uses small
-random shifts (+-2 px). The model is ``digits_resnet``: a stem and three stages of two basic blocks
-(32, 64, 128 channels), batch norm, global pooling, a 10-way linear head; hwprune loads it as
-``--model scripts.train_digits_cnn:digits_resnet --input-shape 1,1,32,32`` from the repository root.
+stratified 75/25 split (seed 0) gives 1347 training and 450 test images, and the 1347 are split again
+(stratified, seed 0) into 1047 to train on and 300 validation images the model never sees. Three disjoint
+sets, so a pruning benchmark can calibrate on training images, select on validation and report on test
+(``bench_cnn_digits.py``). Training uses small random shifts (+-2 px). The model is ``digits_resnet``: a
+stem and three stages of two basic blocks (32, 64, 128 channels), batch norm, global pooling, a 10-way
+linear head; hwprune loads it as ``--model scripts.train_digits_cnn:digits_resnet --input-shape
+1,1,32,32`` from the repository root.
 
 Writes into ``-o`` (a folder, unlike the benchmarks' ``-o`` file: ``bench_cnn_digits.py --data`` reads
-it): ``model.safetensors`` (state dict), ``train.npy``/``train_labels.npy``, ``test.npy``/``test_labels.npy``
-(model inputs, already normalised) and ``train.json`` (accuracy, time; command, date and machine as every
-benchmark result, through ``scripts/_common.py:write_result``).
+it): ``model.safetensors`` (state dict), ``train.npy``/``train_labels.npy``, ``val.npy``/``val_labels.npy``,
+``test.npy``/``test_labels.npy`` (model inputs, already normalised) and ``train.json`` (accuracy, time;
+command, date and machine as every benchmark result, through ``scripts/_common.py:write_result``).
 """
 
 from __future__ import annotations
@@ -75,8 +78,12 @@ def digits_resnet() -> nn.Module:
     return DigitsResNet()
 
 
-def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test): (N, 1, 32, 32) float32 standardised, int64 labels."""
+Split = tuple[torch.Tensor, torch.Tensor]  # (images (N, 1, 32, 32) float32 standardised, int64 labels (N,))
+
+
+def digits_data(seed: int = 0, *, n_val: int = 300) -> dict[str, Split]:
+    """``{"train", "val", "test"}`` -> (x, y): three disjoint stratified splits of the 1797 digits. The
+    test split is the same 450 images for every ``n_val`` (it is cut first)."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -89,8 +96,9 @@ def digits_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     x = (x - 0.2) / 0.3  # roughly zero mean, unit variance
     idx = np.arange(len(x))
     tr, te = train_test_split(idx, test_size=0.25, random_state=seed, stratify=d.target)
+    tr, va = train_test_split(tr, test_size=n_val, random_state=seed, stratify=d.target[tr])
     y = torch.from_numpy(d.target.astype(np.int64))
-    return x[tr], y[tr], x[te], y[te]
+    return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
 
 
 def shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val", type=int, default=300, help="training images held back as the validation split")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     a = ap.parse_args(argv)
     from safetensors.torch import save_file
@@ -163,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     try:
-        xtr, ytr, xte, yte = digits_data(a.seed)
+        splits = digits_data(a.seed, n_val=a.val)
     except HwpruneError as e:
         return fail(e)
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     model = digits_resnet()
     t0 = time.perf_counter()
     train(model, xtr, ytr, epochs=a.epochs, lr=a.lr, seed=a.seed)
@@ -174,14 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    for name, t in (("train", xtr), ("train_labels", ytr), ("test", xte), ("test_labels", yte)):
-        np.save(out / f"{name}.npy", t.numpy())
+    for split, (x, y) in splits.items():
+        np.save(out / f"{split}.npy", x.numpy())
+        np.save(out / f"{split}_labels.npy", y.numpy())
     info = {
         "test_accuracy": acc,
+        "val_accuracy": accuracy(model, *splits["val"]),
         "train_seconds": round(seconds, 1),
         "epochs": a.epochs,
         "threads": a.threads,
         "n_train": len(xtr),
+        "n_val": len(splits["val"][0]),
         "n_test": len(xte),
     }
     print(json.dumps(info))

@@ -297,15 +297,110 @@ def test_bench_llm_quality_end_to_end_on_a_tiny_decoder(tmp_path: Path, monkeypa
         assert all(f % 12 == 0 for f in models[n]["ffn"])  # the space's grid
 
 
-def test_cnn_digits_time_all_records_wall_clock_and_cpu_check() -> None:
+def test_cnn_digits_time_models_is_mirrored_with_a_control() -> None:
+    """Every model, peers included, goes through hwprune.export.measure: two sessions each, the dense
+    control, wall clock and CPU check beside the thread-CPU medians."""
     tiny = {
+        "dense": torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Flatten()),
         "a": torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten()),
         "b": torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()),
     }
-    res = _script("bench_cnn_digits").time_all(tiny, torch.zeros(1, 1, 8, 8), seconds=0.05, ballast=1)
-    for r in res.values():
-        assert r["measured_ms"] == pytest.approx(0.5 * (r["ms_a"] + r["ms_b"]))
-        assert r["measured_wall_ms"] > 0 and r["cpu_excess_pct_a"] is not None and r["cpu_excess_pct_b"] is not None
+    cmp = _script("bench_cnn_digits").time_models(tiny, torch.zeros(1, 1, 8, 8), rounds=2, repeats=2, warmup=1, seed=0)
+    assert set(cmp.pruned) == {"a", "b"} and cmp.settings["session_order"] == "mirrored"
+    assert cmp.control_pct is not None
+    for m in [cmp.dense, *cmp.pruned.values()]:
+        assert len(m.sessions_ms) == 2 and len(m.rounds_ms) == 2 and m.median_ms > 0
+        assert m.wall_ms is not None and m.wall_ms > 0 and m.cpu_excess_pct is not None
+
+
+def test_peer_front_and_best_point_at_or_below_a_measured_time() -> None:
+    pf = _script("_peer_fronts")
+    pts = [  # (name, ms, selection accuracy, report accuracy)
+        {"name": n, "measured_ms": ms, "val_accuracy": v, "test_accuracy": t}
+        for n, ms, v, t in [
+            ("fast_bad", 1.0, 0.50, 0.55),
+            ("mid_good", 2.0, 0.90, 0.80),
+            ("mid_lucky", 2.0, 0.85, 0.95),  # better on the report split only
+            ("dominated", 2.5, 0.60, 0.60),
+            ("slow_best", 3.0, 0.99, 0.99),
+        ]
+    ]
+    assert [p["name"] for p in pf.front(pts, acc_key="val_accuracy")] == ["fast_bad", "mid_good", "slow_best"]
+    assert [p["name"] for p in pf.front(pts, acc_key="test_accuracy")] == ["fast_bad", "mid_lucky", "slow_best"]
+    best = pf.best_at_or_below(pts, 2.0, select_key="val_accuracy", report_key="test_accuracy")
+    assert best["name"] == "mid_good" and best["latency_gap_pct"] == pytest.approx(0.0)
+    oracle = pf.best_at_or_below(pts, 2.0, select_key="test_accuracy", report_key="val_accuracy")
+    assert oracle["name"] == "mid_lucky"
+    assert pf.best_at_or_below(pts, 0.9, select_key="val_accuracy", report_key="test_accuracy") is None
+    slack = pf.best_at_or_below(pts, 2.9, select_key="val_accuracy", report_key="test_accuracy", slack=0.04)
+    assert slack["name"] == "slow_best" and slack["latency_gap_pct"] == pytest.approx(100 * (3.0 / 2.9 - 1))
+    assert pf.best_at_or_below(pts, 2.9, select_key="val_accuracy", report_key="test_accuracy")["name"] == "mid_good"
+
+
+def test_peer_fronts_figure_is_a_png(tmp_path: Path) -> None:
+    pf = _script("_peer_fronts")
+    pts = [{"name": f"p{i}", "measured_ms": 1.0 + i, "test_accuracy": 0.5 + 0.1 * i} for i in range(4)]
+    out = pf.plot_fronts(
+        tmp_path / "f.png",
+        peers={"peer": pts},
+        picks=[{"name": "h", "measured_ms": 2.0, "test_accuracy": 0.9}],
+        dense={"name": "dense", "measured_ms": 4.0, "test_accuracy": 1.0},
+        acc_key="test_accuracy",
+        title="t",
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_three_disjoint_splits() -> None:
+    digits = _script("train_digits_cnn")
+    s = digits.digits_data(0)
+    assert [len(s[k][0]) for k in ("train", "val", "test")] == [1047, 300, 450]
+    rows = {k: {tuple(x.flatten().tolist()) for x in s[k][0]} for k in s}
+    assert not (rows["train"] & rows["val"]) and not (rows["train"] & rows["test"]) and not (rows["val"] & rows["test"])
+    assert torch.equal(digits.digits_data(0, n_val=100)["test"][0], s["test"][0])  # the test split never moves
+
+
+def test_cnn_digits_load_splits_are_disjoint_and_named(tmp_path: Path) -> None:
+    import numpy as np
+
+    from hwprune.errors import HwpruneError
+
+    bench = _script("bench_cnn_digits")
+    # every image a distinct constant, so each split's images are recognisable by value
+    for name, lo, n in (("train", 0, 300), ("val", 300, 40), ("test", 340, 50)):
+        np.save(
+            tmp_path / f"{name}.npy",
+            np.arange(lo, lo + n, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 4, 4), np.float32),
+        )
+        np.save(tmp_path / f"{name}_labels.npy", np.arange(n) % 10)
+    calib, splits, about = bench.load_splits(tmp_path, 0)
+    ids = {k: set(v[0][:, 0, 0, 0].tolist()) for k, v in splits.items()}
+    assert len(ids["calibration"]) == bench.N_CALIB and ids["calibration"] <= ids["train"]
+    assert ids["selection"] == set(range(300, 340)) and ids["report"] == set(range(340, 390))
+    assert torch.equal(calib.calib["input"], splits["calibration"][0])
+    assert torch.equal(calib.heldout["input"], splits["selection"][0])
+    assert {"calibration", "selection", "report"} <= set(about) and about["report"]["n"] == 50
+    (tmp_path / "val.npy").unlink()
+    with pytest.raises(HwpruneError, match="train_digits_cnn.py"):
+        bench.load_splits(tmp_path, 0)
+
+
+@pytest.mark.parametrize("peer", ["tp-magnitude", "tp-bn-scale", "tp-taylor", "tp-lamp-global"])
+def test_cnn_digits_peer_sweep_prunes_and_dedupes(peer: str) -> None:
+    bench = _script("bench_cnn_digits")
+    digits = _script("train_digits_cnn")
+    torch.manual_seed(0)
+    dense = digits.DigitsResNet(widths=(16, 32, 32)).eval()
+    x, y = torch.randn(32, 1, 32, 32), torch.arange(32) % 10
+    models, info = bench.peer_sweep(dense, peer, (x, y), [0.01, 0.5], [None, 16])
+    full = [c.out_channels for c in dense.modules() if isinstance(c, torch.nn.Conv2d)]
+    for name, m in models.items():
+        assert m(x[:2]).shape == (2, 10) and info[name]["peer"] == peer
+        assert all(c <= f for c, f in zip(info[name]["conv_out_channels"], full))
+    half = [n for n in models if info[n]["ratio"] == 0.5]
+    # (tp's global pruning with round_to=16 can keep every channel at 0.5: a point of its sweep like any other)
+    assert half and any(sum(info[n]["conv_out_channels"]) < sum(full) for n in half)
+    assert len(models) + sum(len(i["aliases"]) for i in info.values()) == 4
 
 
 def test_bench_workers_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
