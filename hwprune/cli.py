@@ -239,6 +239,11 @@ def search(
         "--n-heldout",
         help="Selection samples, disjoint from calibration, that score each trial end to end (fewer = faster trials). Default: 64; LLMs 16.",
     ),
+    n_report: Optional[int] = typer.Option(
+        None,
+        "--n-report",
+        help="Report samples, held back from the search (disjoint from calibration and selection; with the built-in text corpus, from a domain the search never sees: licenses); export scores each pick on them. Default: 64; LLMs 16; CNNs 0.",
+    ),
     margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
     output: Path = typer.Option(
         Path("runs/latest"), "-o", "--output", help="Run directory (resumable: rerun to continue the study)."
@@ -308,6 +313,7 @@ def search(
             input_shape=_shape(input_shape),
             n_calib=n_calib,
             n_heldout=n_heldout,
+            n_report=n_report,
             search=cfg,
             device=device,
             table_store=str(table_store) if table_store else None,

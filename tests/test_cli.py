@@ -186,26 +186,34 @@ def test_target_unreachable(tiny_folder, tiny_table, tmp_path):
     assert not run.exists()
 
 
-def test_empty_calibration_file(tiny_folder, tiny_table, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "needle"),
+    [
+        ("empty.txt", "\n\n", (), "empty.txt: no texts found"),
+        ("bad.jsonl", '{"text": "a"}\n{"text": oops}\n', (), "bad.jsonl:2: not valid JSON"),
+        ("data.csv", "text\nhello\n", (), "unknown calibration format '.csv'"),
+        ("few.txt", "".join(f"text {i}\n" for i in range(40)), ("--n-report", "30"), "n_report=30 held back"),
+    ],
+)
+def test_bad_calibration_file_is_one_line(tiny_folder, tiny_table, tmp_path, name, content, extra, needle):
+    bad = tmp_path / name
+    bad.write_text(content)
     run = tmp_path / "run"
-    one_line_error(
-        invoke(
-            "search",
-            "--model",
-            tiny_folder,
-            "--space",
-            tiny_folder / "space.yaml",
-            "--table",
-            tiny_table,
-            "--calib",
-            empty,
-            "-o",
-            run,
-        ),
-        "empty.txt",
+    res = invoke(
+        "search",
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--table",
+        tiny_table,
+        "--calib",
+        bad,
+        *extra,
+        "-o",
+        run,
     )
+    one_line_error(res, needle)
     assert not run.exists()
 
 
