@@ -153,3 +153,17 @@ def test_file_corpus_names_its_content(tmp_path: Path) -> None:
     c = file_corpus(f)
     assert c.texts == ("alpha text", "beta text") and set(c.domains) == {"file"}
     assert c.report_domain is None and "sha256" in c.sources["file"]
+
+
+def test_retrieval_halves_and_top1(tiny: EncoderAdapter) -> None:
+    from hwprune.families.encoder.retrieval import Retrieval, halves, retrieval_top1
+
+    q, d = halves(["one two three four five six seven eight", "too short", "a b c d e f g h i j"])
+    assert q == ["one two three four", "a b c d e"] and d == ["five six seven eight", "f g h i j"]
+    eye = torch.eye(4)
+    assert retrieval_top1(eye, eye) == 1.0 and retrieval_top1(eye, eye[[1, 0, 2, 3]]) == 0.5
+    texts = load_texts(None, n_calib=1, n_selection=1, n_report=12).report
+    r = Retrieval(tiny, texts, seq=32)
+    assert r.n == 12 and 0.0 <= r.dense_top1 <= 1.0 and r.top1(tiny.dense()) == r.dense_top1
+    with pytest.raises(HwpruneError, match="at least 2 texts"):
+        halves(["short one"])
