@@ -274,7 +274,8 @@ def with_defaults(req: SearchRequest, adapter: Family) -> SearchRequest:
         req,
         n_calib=req.n_calib if req.n_calib is not None else d["n_calib"],
         n_heldout=req.n_heldout if req.n_heldout is not None else d["n_heldout"],
-        n_report=req.n_report if req.n_report is not None else d.get("n_report", 0),
+        # a user's --calib file is not shrunk behind their back: it holds texts back only when asked
+        n_report=req.n_report if req.n_report is not None else (d.get("n_report", 0) if req.calib is None else 0),
         search=search,
     )
 

@@ -242,7 +242,7 @@ def search(
     n_report: Optional[int] = typer.Option(
         None,
         "--n-report",
-        help="Report samples, held back from the search (disjoint from calibration and selection; with the built-in text corpus, from a domain the search never sees: licenses); export scores each pick on them. Default: 64; LLMs 16; CNNs 0.",
+        help="Report samples, held back from the search (disjoint from calibration and selection; with the built-in text corpus, from a domain the search never sees: licenses); export scores each pick on them. Default with the built-in corpus: 64, LLMs 16 (a domain of its own, so free); with --calib FILE and for CNNs: 0.",
     ),
     margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
     output: Path = typer.Option(
