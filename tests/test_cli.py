@@ -128,6 +128,17 @@ def test_search_and_export_end_to_end(tiny_run):
         assert m["measured_speedup"] == pytest.approx(m["dense_measured_ms"] / m["measured_ms"])
         assert m["parity_max_abs_diff"] < 1e-3
         assert m["params"] < m["dense_params"]
+        # scores on the selection split that chose the pick; report scores on texts the search never saw
+        x = m["extra"]
+        assert x["scores_split"] == "selection" and x["data"]["report_domain"] == "legal"
+        assert {k: v["n"] for k, v in x["data"]["splits"].items()} == {
+            "calibration": 128,
+            "selection": 64,
+            "report": 64,
+        }
+        assert 0.0 <= x["report_scores"]["distance"] <= 2.0
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["data"]["held_out_by"] == "domain" and run["request"]["n_report"] == 64
 
 
 def test_export_pick_all_reuses_run(tiny_run):
