@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib", default=None, help="calibration data (default: the family's)")
     ap.add_argument("--n-calib", type=int, default=128, help="calibration samples for the proxies")
     ap.add_argument("--n-heldout", type=int, default=64, help="selection samples for the search's end-to-end score")
-    ap.add_argument("--n-report", type=int, default=128, help="report samples (the figures stated), never searched")
+    ap.add_argument("--n-report", type=int, default=100, help="report samples (the figures stated), never searched")
     ap.add_argument("--input-shape", default=None, help="for models that take one (CNNs): N,C,H,W")
     ap.add_argument("--weights", default=None, help="for models that take them (CNNs): .safetensors weights")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")

@@ -16,7 +16,9 @@ changes when either does):
 ``legal`` is the *report* domain: :func:`hwprune.proxies.calib.split_corpus` keeps it out of
 calibration and selection, so a pick is reported on a domain the search never saw. Every text is
 cleaned (doctests and code-like lines dropped, whitespace collapsed), cut into paragraphs of 60-600
-characters, and deduplicated (also near-duplicates that differ only in case or punctuation).
+characters, and deduplicated: a text is dropped when half of its 5-word shingles (case and punctuation
+ignored) already appeared in texts kept before it, so near-copies (the same license clause with
+another name and year) count once; paragraph retrieval on the report domain needs distinct texts.
 A domain with fewer than :data:`MIN_PER_DOMAIN` texts fails with one line naming what is missing.
 """
 
@@ -41,7 +43,8 @@ from hwprune.proxies.textclean import STDLIB_MODULES, docstrings, is_prose, pack
 __all__ = ["Corpus", "default_corpus", "DOMAINS", "REPORT_DOMAIN", "MIN_PER_DOMAIN"]
 
 REPORT_DOMAIN = "legal"
-MIN_PER_DOMAIN = 100
+MIN_PER_DOMAIN = 64
+_SHINGLE, _NEAR_COPY = 5, 0.5  # a text half of whose 5-word shingles appeared before is a near-copy
 CORPUS_NAME = "hwprune-builtin-v2"
 
 # hwprune's dependencies and theirs, in a fixed order; a missing one is skipped (and named in the corpus)
@@ -287,20 +290,25 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
+def _shingles(key: str) -> set[tuple[str, ...]]:
+    w = key.split()
+    return {tuple(w[i : i + _SHINGLE]) for i in range(max(1, len(w) - _SHINGLE + 1))}
+
+
 @functools.lru_cache(maxsize=1)
 def _build() -> Corpus:
     texts: list[str] = []
     domains: list[str] = []
     sources: dict[str, str] = {}
-    seen: set[str] = set()  # across domains too: a text belongs to the first domain that has it
+    seen: set[tuple[str, ...]] = set()  # shingles of every text kept, across domains (first domain wins)
     for name, extract in DOMAINS.items():
         gen, where = extract()
         before = len(texts)
         for t in gen:
-            key = _norm(t)
-            if key in seen:
-                continue
-            seen.add(key)
+            sh = _shingles(_norm(t))
+            if len(sh & seen) >= _NEAR_COPY * len(sh):
+                continue  # a copy or near-copy (license clauses repeat with other names and years)
+            seen |= sh
             texts.append(t)
             domains.append(name)
         n = len(texts) - before
