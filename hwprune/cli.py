@@ -220,7 +220,7 @@ def search(
     calib: Optional[Path] = typer.Option(
         None,
         "--calib",
-        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders and decoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images.",
+        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders and decoders; .npy/.pt tensor for CNNs. Default: the built-in corpus hwprune-builtin-v2 (five domains of text already installed; see README) / generated images.",
     ),
     space: Optional[Path] = typer.Option(
         None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
