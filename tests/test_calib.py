@@ -167,3 +167,13 @@ def test_retrieval_halves_and_top1(tiny: EncoderAdapter) -> None:
     assert r.n == 12 and 0.0 <= r.dense_top1 <= 1.0 and r.top1(tiny.dense()) == r.dense_top1
     with pytest.raises(HwpruneError, match="at least 2 texts"):
         halves(["short one"])
+
+
+def test_study_key_changes_with_the_report_split(tiny: EncoderAdapter) -> None:
+    from hwprune.search.study import study_key
+
+    space = tiny.space()
+    req = {"proxy": "obs", "calib": None, "n_calib": 8, "n_heldout": 4, "n_report": 4, "search": {"seed": 0}}
+    run = {"request": req, "adapter": tiny.spec(), "fingerprint": {}, "calib_source": "x"}
+    other = {**run, "request": {**req, "n_report": 8}}  # a file's other splits move with it
+    assert study_key(run, space) != study_key(other, space)
