@@ -12,7 +12,7 @@ from hwprune.errors import HwpruneError
 from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.families.encoder.calib import load_calib
 from hwprune.proxies.calib import file_corpus, load_texts, read_texts, split_corpus
-from hwprune.proxies.corpus import REPORT_DOMAIN, Corpus, default_corpus
+from hwprune.proxies.corpus import MIN_PER_DOMAIN, REPORT_DOMAIN, Corpus, default_corpus
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_default_corpus_is_clean_deterministic_diverse_and_large() -> None:
     assert corpus.digest == Corpus(corpus.name, corpus.texts, corpus.domains, corpus.sources).digest
     counts = corpus.describe()["texts_by_domain"]
     assert set(counts) == {"python-docstrings", "python-reference", "mathematics", "package-descriptions", "legal"}
-    assert all(n >= 100 for n in counts.values()), counts
+    assert all(n >= MIN_PER_DOMAIN for n in counts.values()), counts
     assert len(texts) >= 2000 and len(set(texts)) == len(texts)
     assert all(60 <= len(t) <= 600 for t in texts)
     assert not any(">>>" in t or "\n" in t or "  " in t for t in texts)
