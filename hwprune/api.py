@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hwprune._io import check_writable, read_json, write_json
 from hwprune.errors import HwpruneError
@@ -35,6 +35,9 @@ from hwprune.search.run import SearchConfig, SearchResult
 from hwprune.search.storage import StudyStore, describe
 from hwprune.search.study import study_key
 from hwprune.space import PruningSpace
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "ProfileRequest",
@@ -217,7 +220,8 @@ class SearchRequest:
     calib: str | None = None
     space: str | None = None
     n_calib: int | None = None  # None: the family's default (``Family.search_defaults``)
-    n_heldout: int | None = None
+    n_heldout: int | None = None  # the selection split: what the search's end-to-end score sees
+    n_report: int | None = None  # the report split, held back from the search (manifests score picks on it)
     out: str = "runs/latest"
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
@@ -265,7 +269,14 @@ def _resolve_table(adapter: Family, req_table: str | None) -> Path:
 
 def _calib(adapter: Family, req: SearchRequest, *, seq: int) -> CalibData:
     assert req.n_calib is not None and req.n_heldout is not None  # with_defaults ran
-    return adapter.load_calib(req.calib, n_calib=req.n_calib, n_heldout=req.n_heldout, seq=seq, seed=req.search.seed)
+    return adapter.load_calib(
+        req.calib,
+        n_calib=req.n_calib,
+        n_heldout=req.n_heldout,
+        n_report=req.n_report or 0,
+        seq=seq,
+        seed=req.search.seed,
+    )
 
 
 def with_defaults(req: SearchRequest, adapter: Family) -> SearchRequest:
@@ -276,6 +287,8 @@ def with_defaults(req: SearchRequest, adapter: Family) -> SearchRequest:
         req,
         n_calib=req.n_calib if req.n_calib is not None else d["n_calib"],
         n_heldout=req.n_heldout if req.n_heldout is not None else d["n_heldout"],
+        # a user's --calib file is not shrunk behind their back: it holds texts back only when asked
+        n_report=req.n_report if req.n_report is not None else (d.get("n_report", 0) if req.calib is None else 0),
         search=search,
     )
 
@@ -326,6 +339,7 @@ def run_search(
         "fingerprint": table.fingerprint.to_json(),
         "calib_source": calib.source,
         "latency_model": _latency_model(predictor),  # not in the study key: latency is re-predicted, scores are not
+        "data": calib.splits,  # corpus, domains and the three splits' sizes (calibration, selection, report)
     }
     if workload is not None:
         run_doc["workload"] = workload
@@ -354,6 +368,16 @@ def run_search(
         }
         write_json(run_dir / "workload.json", {**workload, "picks": picks})
     return result
+
+
+def _report_scores(
+    adapter: Family, sreq: SearchRequest, models: Mapping[str, nn.Module], *, seq: int
+) -> dict[str, dict[str, float]]:
+    """Each model's end-to-end scores on the run's report split (none when the run held none back)."""
+    if not sreq.n_report or sreq.n_calib is None:
+        return {}
+    scorer = adapter.scorer(_calib(adapter, sreq, seq=seq).for_report())
+    return {k: dict(scorer.score(m)) for k, m in models.items()}
 
 
 def _objective(
@@ -669,6 +693,7 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=calib_seq))
         plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
+    report = _report_scores(adapter, sreq, {k: m for k, (m, _) in models.items()}, seq=calib_seq)
     measured: dict[str, Measurement] = {}
     serve_doc: dict[str, dict[str, Any]] = {}
     if serving:
@@ -700,6 +725,8 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             latency_model=_latency_model(predictor),
         )
         extra = {"key": key, "run": str(run_dir), "proxy": sreq.proxy, "table": run["table"]}
+        # ``scores`` are on the selection split, which chose the pick; ``report_scores`` on texts it never saw
+        extra.update({"scores_split": "selection", "data": run.get("data"), "report_scores": report.get(key)})
         if serving:
             extra["workload"] = serve_doc[key]
         m = export_candidate(

@@ -260,7 +260,7 @@ def search(
     calib: Optional[Path] = typer.Option(
         None,
         "--calib",
-        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders and decoders; .npy/.pt tensor for CNNs. Default: built-in text (Python docstrings) / generated images.",
+        help="Calibration data: .txt (one text per line) or .jsonl ('text' field) for encoders and decoders; .npy/.pt tensor for CNNs. Default: the built-in corpus hwprune-builtin-v2 (five domains of text already installed; see README) / generated images.",
     ),
     space: Optional[Path] = typer.Option(
         None, "--space", help="Pruning space YAML; default search_spaces/<model>.yaml."
@@ -278,6 +278,11 @@ def search(
         None,
         "--n-heldout",
         help="Selection samples, disjoint from calibration, that score each trial end to end (fewer = faster trials). Default: 64; LLMs 16.",
+    ),
+    n_report: Optional[int] = typer.Option(
+        None,
+        "--n-report",
+        help="Report samples, held back from the search (disjoint from calibration and selection; with the built-in text corpus, from a domain the search never sees: licenses); export scores each pick on them. Default with the built-in corpus: 64, LLMs 16 (a domain of its own, so free); with --calib FILE and for CNNs: 0.",
     ),
     margin: float = typer.Option(0.01, "--margin", help="Safety margin on the latency budget (0.01 = aim 1 % below)."),
     output: Path = typer.Option(
@@ -348,6 +353,7 @@ def search(
             input_shape=_shape(input_shape),
             n_calib=n_calib,
             n_heldout=n_heldout,
+            n_report=n_report,
             search=cfg,
             device=device,
             table_store=str(table_store) if table_store else None,

@@ -2,9 +2,9 @@
 
     python scripts/bench_llm_quality.py --model smollm2 --targets 1.5,2 -o bench_out/llm_quality_smollm2.json
 
-Text: three disjoint sets from the default corpus (``hwprune.proxies.calib.default_corpus()``,
-deduplicated, shuffled with ``--seed``; report first, then selection, then calibration, so the report
-set does not move when the other sizes change): *calibration* (``--n-calib``: proxy statistics and
+Text: three disjoint sets from the built-in corpus (``hwprune.proxies.calib.load_texts``: the report set
+from its report domain, which the search never sees; selection then calibration from the other domains
+in turn, so neither moves when the other sizes change): *calibration* (``--n-calib``: proxy statistics and
 ShortGPT's Block Influence), *selection* (``--n-select``: the search's end-to-end scorer) and
 *report* (``--n-report``: the perplexity and KL-to-dense reported here). The search never sees the
 report texts.
@@ -42,7 +42,6 @@ import copy
 import dataclasses
 import gc
 import math
-import random
 import shutil
 import statistics
 import sys
@@ -135,21 +134,14 @@ def check_args(a: argparse.Namespace, targets: Sequence[float]) -> None:
 
 
 def text_sets(*, n_calib: int, n_select: int, n_report: int, seed: int) -> tuple[dict[str, list[str]], str, int]:
-    """Disjoint report / selection / calibration texts of the default corpus, and the corpus's name and size."""
-    from hwprune.proxies.calib import default_corpus
+    """Disjoint report / selection / calibration texts of the built-in corpus, and the corpus's name and size."""
+    from hwprune.proxies.calib import load_texts
+    from hwprune.proxies.corpus import default_corpus
 
-    uniq = list(dict.fromkeys(default_corpus()))
-    need = n_calib + n_select + n_report
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    name = f"stdlib-docstrings-py{ver} (hwprune.proxies.calib.default_corpus)"
-    if len(uniq) < need:
-        raise HwpruneError(
-            f"the default corpus has {len(uniq)} distinct texts, but --n-calib + --n-select + --n-report = {need}; "
-            "lower them"
-        )
-    random.Random(seed).shuffle(uniq)
-    a, b = n_report, n_report + n_select
-    return {"report": uniq[:a], "selection": uniq[a:b], "calibration": uniq[b:need]}, name, len(uniq)
+    sp = load_texts(None, n_calib=n_calib, n_selection=n_select, n_report=n_report, seed=seed)
+    corpus = default_corpus()
+    name = f"{corpus.name} [{corpus.digest}] (hwprune.proxies.corpus; report domain {corpus.report_domain})"
+    return {"report": sp.report, "selection": sp.selection, "calibration": sp.calibration}, name, len(corpus.texts)
 
 
 # ---- ShortGPT -------------------------------------------------------------------------------------

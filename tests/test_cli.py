@@ -128,6 +128,17 @@ def test_search_and_export_end_to_end(tiny_run):
         assert m["measured_speedup"] == pytest.approx(m["dense_measured_ms"] / m["measured_ms"])
         assert m["parity_max_abs_diff"] < 1e-3
         assert m["params"] < m["dense_params"]
+        # scores on the selection split that chose the pick; report scores on texts the search never saw
+        x = m["extra"]
+        assert x["scores_split"] == "selection" and x["data"]["report_domain"] == "legal"
+        assert {k: v["n"] for k, v in x["data"]["splits"].items()} == {
+            "calibration": 128,
+            "selection": 64,
+            "report": 64,
+        }
+        assert 0.0 <= x["report_scores"]["distance"] <= 2.0
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["data"]["held_out_by"] == "domain" and run["request"]["n_report"] == 64
 
 
 def test_export_pick_all_reuses_run(tiny_run):
@@ -186,26 +197,34 @@ def test_target_unreachable(tiny_folder, tiny_table, tmp_path):
     assert not run.exists()
 
 
-def test_empty_calibration_file(tiny_folder, tiny_table, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "needle"),
+    [
+        ("empty.txt", "\n\n", (), "empty.txt: no texts found"),
+        ("bad.jsonl", '{"text": "a"}\n{"text": oops}\n', (), "bad.jsonl:2: not valid JSON"),
+        ("data.csv", "text\nhello\n", (), "unknown calibration format '.csv'"),
+        ("few.txt", "".join(f"text {i}\n" for i in range(40)), ("--n-report", "30"), "n_report=30 held back"),
+    ],
+)
+def test_bad_calibration_file_is_one_line(tiny_folder, tiny_table, tmp_path, name, content, extra, needle):
+    bad = tmp_path / name
+    bad.write_text(content)
     run = tmp_path / "run"
-    one_line_error(
-        invoke(
-            "search",
-            "--model",
-            tiny_folder,
-            "--space",
-            tiny_folder / "space.yaml",
-            "--table",
-            tiny_table,
-            "--calib",
-            empty,
-            "-o",
-            run,
-        ),
-        "empty.txt",
+    res = invoke(
+        "search",
+        "--model",
+        tiny_folder,
+        "--space",
+        tiny_folder / "space.yaml",
+        "--table",
+        tiny_table,
+        "--calib",
+        bad,
+        *extra,
+        "-o",
+        run,
     )
+    one_line_error(res, needle)
     assert not run.exists()
 
 

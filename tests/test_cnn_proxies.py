@@ -128,6 +128,11 @@ def test_calibration_files(tmp_path: Path) -> None:
         assert torch.equal(read_images(tmp_path / f"x.{ext}"), torch.from_numpy(x))
     c = load_cnn_calib(a, tmp_path / "x.npy", n_calib=6, n_heldout=4)
     assert c.n_calib == 6 and c.heldout["input"].shape == (4, 3, 32, 32)
+    r = load_cnn_calib(a, tmp_path / "x.npy", n_calib=6, n_heldout=4, n_report=3)
+    assert r.report["input"].shape[0] >= 1 and r.splits["held_out_by"] == "image"
+    parts = [r.calib["input"], r.heldout["input"], r.report["input"]]
+    rows = [{tuple(v.flatten()[:8].tolist()) for v in p} for p in parts]
+    assert not rows[0] & rows[1] and not rows[0] & rows[2] and not rows[1] & rows[2]
     np.save(tmp_path / "bad.npy", x[:, :, :16])
     with pytest.raises(HwpruneError, match=r"shape \(10, 3, 16, 32\); the model takes \(N, 3, 32, 32\)"):
         load_cnn_calib(a, tmp_path / "bad.npy")

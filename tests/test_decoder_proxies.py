@@ -311,11 +311,14 @@ class _WordTokenizer:
 
 
 def test_load_calib_default_corpus() -> None:
-    data = load_calib(_WordTokenizer(), n_calib=6, n_heldout=4, seq=32, seed=3)
+    data = load_calib(_WordTokenizer(), n_calib=6, n_heldout=4, n_report=3, seq=32, seed=3)
     assert data.calib["input_ids"].shape == (6, 32) and data.heldout["input_ids"].shape == (4, 32)
-    assert "stdlib-docstrings" in data.source and "seed=3" in data.source and "seq=32" in data.source
+    assert data.report["input_ids"].shape == (3, 32)
+    assert "hwprune-builtin" in data.source and "seed=3" in data.source and "seq=32" in data.source
+    assert data.splits["report_domain"] == "legal" and data.splits["splits"]["selection"]["n"] == 4
     calib_rows = {tuple(r.tolist()) for r in data.calib["input_ids"]}
     assert not calib_rows & {tuple(r.tolist()) for r in data.heldout["input_ids"]}
+    assert not calib_rows & {tuple(r.tolist()) for r in data.report["input_ids"]}
     mask = data.calib["attention_mask"]
     assert int(mask.sum()) > 0 and bool((mask[:, 1:] <= mask[:, :-1]).all())  # right-padded
 

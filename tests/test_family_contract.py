@@ -181,6 +181,16 @@ def test_proxy_curves_are_monotone_and_dense_is_identity(case: tuple[Case, Famil
     assert scorer.score(a.dense())["distance"] == pytest.approx(0.0, abs=1e-6)  # float32 round-off
 
 
+def test_load_calib_gives_three_disjoint_named_splits(case: tuple[Case, Family]) -> None:
+    c, a = case
+    calib = a.load_calib(None, n_calib=8, n_heldout=4, n_report=3, seq=c.seq)
+    assert calib.n_report == 3 and set(calib.splits["splits"]) == {"calibration", "selection", "report"}
+    assert {k: v["n"] for k, v in calib.splits["splits"].items()} == {"calibration": 8, "selection": 4, "report": 3}
+    sizes = [int(next(iter(part.values())).shape[0]) for part in (calib.calib, calib.heldout, calib.report)]
+    assert sizes == [8, 4, 3]  # texts are disjoint by construction (test_calib); short seqs may truncate alike
+    assert a.scorer(calib.for_report()).score(a.dense())["distance"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_predictor_reads_the_table_as_profiled(case: tuple[Case, Family]) -> None:
     c, a = case
     space = a.space()

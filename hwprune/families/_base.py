@@ -22,7 +22,8 @@ Contract, in the order the pipeline uses it:
   and meta (``measure_decode_latency(backend, contexts=...)`` the same for one generated token after a
   KV cache, where the family has one); ``prepare_profiling`` loads the same graphs untimed (for
   benchmarks that time them in their own rounds); ``predictor(table, space)`` turns a table into a :class:`Predictor`.
-- accuracy: ``load_calib(...)`` returns calibration and held-out inputs; proxies are registered per
+- accuracy: ``load_calib(...)`` returns three disjoint splits: calibration, selection (``heldout``) and
+  report (never seen by the search); proxies are registered per
   family with ``@register_proxy(name, family=...)`` and fitted through ``fit_proxy``;
   ``scorer(calib)`` compares a pruned model with the dense one end to end.
 - export: ``extra_graphs(model)`` are ONNX graphs written beside ``model.onnx`` (a decoder's one-step
@@ -100,7 +101,10 @@ class Family(ABC):
     #: default max |ONNX Runtime - torch| of the first output that an export accepts (``--parity-tol``)
     parity_tol: ClassVar[float] = 1e-3
     # what `hwprune search` uses when the user names none: trials, calibration and selection samples
-    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType({"trials": 150, "n_calib": 128, "n_heldout": 64})
+    # and report samples (held back from the search; a pick's quality is stated on them)
+    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType(
+        {"trials": 150, "n_calib": 128, "n_heldout": 64, "n_report": 64}
+    )
     name: str = ""
 
     # ---- identity -----------------------------------------------------------------------------
@@ -277,9 +281,10 @@ class Family(ABC):
     # ---- accuracy -----------------------------------------------------------------------------
     @abstractmethod
     def load_calib(
-        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0, n_report: int = 0
     ) -> "CalibData":
-        """Disjoint calibration and held-out inputs from ``source`` (a file) or the family's default."""
+        """Disjoint calibration, selection (``n_heldout``) and report inputs from ``source`` (a file) or the
+        family's default, with ``CalibData.splits`` saying which corpus, domains and sizes."""
 
     def fit_proxy(self, name: str, space: PruningSpace, calib: "CalibData", **kw: Any) -> "ProxyState":
         """Fit the proxy registered as ``name`` for this family (``@register_proxy``)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,15 +35,33 @@ __all__ = ["CalibData", "ProxyState", "register_proxy", "get_proxy", "proxy_name
 
 @dataclass(frozen=True)
 class CalibData:
-    """Model inputs for calibration and for held-out end-to-end scoring (batch-first tensors)."""
+    """Model inputs of three disjoint splits (batch-first tensors) and where they came from.
+
+    ``calib``: the *calibration* split (proxy statistics). ``heldout``: the *selection* split, what the
+    search's end-to-end scorer sees and so what chooses a pick. ``report``: the *report* split, never
+    seen by the search, on which a pick's quality is stated (empty when none was asked for).
+    ``splits``: JSON describing the corpus, its domains and each split's size (run.json's ``data``).
+    """
 
     calib: Mapping[str, torch.Tensor]
     heldout: Mapping[str, torch.Tensor]
     source: str = "default"
+    report: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    splits: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def n_calib(self) -> int:
         return int(next(iter(self.calib.values())).shape[0])
+
+    @property
+    def n_report(self) -> int:
+        return int(next(iter(self.report.values())).shape[0]) if self.report else 0
+
+    def for_report(self) -> "CalibData":
+        """The same data with the report split in the scorer's place: ``family.scorer(calib.for_report())``."""
+        if not self.report:
+            raise HwpruneError(f"{self.source}: no report split was loaded; pass n_report >= 1 to load_calib")
+        return replace(self, heldout=self.report, report={})
 
 
 class ProxyState(ABC):

@@ -1,208 +1,47 @@
-"""Calibration, selection and held-out text for text families: a default corpus every machine has, or
-the user's ``--calib FILE``. Each text family tokenises these its own way (``families/<name>/calib.py``).
+"""Calibration, selection and report text for text families: the built-in corpus or the user's ``--calib FILE``.
 
-The default corpus is the docstrings of a fixed list of Python standard-library modules: English
-prose about software, present without any download. It depends on the Python version (docstrings
-change between releases), so ``CalibData.source`` names the version. Texts are cleaned (doctests
-and code-like lines dropped, whitespace collapsed), split into paragraphs of reasonable length,
-deduplicated, shuffled with ``seed`` and split: the first ``n_heldout`` texts are held out (so the
-held-out set does not move when ``n_calib`` changes), the next ``n_calib`` calibrate.
+Three disjoint, named splits (each text family tokenises them its own way, ``families/<name>/calib.py``):
+
+- ``calibration``: what the proxies' statistics are computed on (``--n-calib``);
+- ``selection``: what the search's end-to-end score is computed on, so what chooses the pick
+  (``--n-heldout``; ``CalibData.heldout``);
+- ``report``: what a pick's quality is reported on (``--n-report``): the search never sees it.
+
+With the built-in corpus (:mod:`hwprune.proxies.corpus`) the report split comes from the report domain
+(``legal``), which calibration and selection never draw from: held out by domain, not only by text.
+Calibration and selection draw from the other domains in turn (each domain shuffled with ``seed``,
+then one text of each domain in name order, round after round), so every domain is represented.
+Selection comes first, so the selection texts do not move when ``n_calib`` changes. A user file has
+one domain: its texts are deduplicated, shuffled with ``seed`` and split report first, then selection,
+then calibration (held out by text only; the run's ``data`` says so).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
+import hashlib
 import json
 import random
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hwprune.errors import HwpruneError
+from hwprune.proxies.corpus import Corpus, default_corpus
 
-__all__ = ["default_corpus", "read_texts", "split_texts", "STDLIB_MODULES"]
+__all__ = ["TextSplits", "load_texts", "read_texts", "split_corpus", "file_corpus"]
 
-# Pure-Python modules with long prose docstrings; a missing one (minimal builds) is skipped.
-STDLIB_MODULES: tuple[str, ...] = (
-    "argparse",
-    "ast",
-    "asyncio.events",
-    "asyncio.streams",
-    "base64",
-    "bdb",
-    "bisect",
-    "calendar",
-    "cmd",
-    "codecs",
-    "collections",
-    "concurrent.futures",
-    "configparser",
-    "contextlib",
-    "copy",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "dis",
-    "doctest",
-    "email.message",
-    "email.utils",
-    "enum",
-    "filecmp",
-    "fnmatch",
-    "fractions",
-    "ftplib",
-    "functools",
-    "getopt",
-    "gettext",
-    "glob",
-    "gzip",
-    "heapq",
-    "hmac",
-    "html.parser",
-    "http.client",
-    "http.cookiejar",
-    "http.server",
-    "imaplib",
-    "inspect",
-    "ipaddress",
-    "json",
-    "logging",
-    "logging.handlers",
-    "mailbox",
-    "mimetypes",
-    "numbers",
-    "operator",
-    "optparse",
-    "os",
-    "pathlib",
-    "pdb",
-    "pickle",
-    "pickletools",
-    "platform",
-    "poplib",
-    "pprint",
-    "pydoc",
-    "queue",
-    "quopri",
-    "random",
-    "re",
-    "sched",
-    "selectors",
-    "shelve",
-    "shlex",
-    "shutil",
-    "smtplib",
-    "socket",
-    "socketserver",
-    "statistics",
-    "string",
-    "subprocess",
-    "tarfile",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "timeit",
-    "tokenize",
-    "trace",
-    "traceback",
-    "typing",
-    "unittest.case",
-    "unittest.mock",
-    "urllib.parse",
-    "urllib.request",
-    "uuid",
-    "warnings",
-    "weakref",
-    "xml.dom.minidom",
-    "xml.etree.ElementTree",
-    "zipfile",
-)
-
-_MIN_CHARS, _MAX_CHARS, _MIN_WORDS = 60, 600, 10
-_CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.|\$ |#|[-=~*]{3,}|:param|:return|:raises)")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+SPLITS = ("calibration", "selection", "report")
 
 
-def _docstrings(mod: Any) -> Iterator[str]:
-    """Docstrings of a module, its public classes, functions and methods, in name order."""
-    name = mod.__name__
-    if mod.__doc__:
-        yield mod.__doc__
-    for attr, obj in sorted(vars(mod).items()):
-        if attr.startswith("_") or getattr(obj, "__module__", None) != name:
-            continue
-        if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__:
-            yield obj.__doc__  # own __doc__ only: getdoc would repeat the base class's text
-        if inspect.isclass(obj):
-            for m, f in sorted(vars(obj).items()):
-                if (not m.startswith("_") or m == "__init__") and inspect.isfunction(f) and f.__doc__:
-                    yield f.__doc__
+@dataclass(frozen=True)
+class TextSplits:
+    """Three disjoint lists of texts and a JSON description of where they came from."""
 
-
-def _paragraphs(doc: str) -> Iterator[str]:
-    """Prose paragraphs of one docstring, each cut at sentence ends to at most ``_MAX_CHARS``."""
-    for block in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
-        lines = block.splitlines()
-        if not lines or any(_CODE_LINE.match(ln) for ln in lines) or lines[0].startswith((" ", "\t")):
-            continue  # doctests, headings, indented code or field lists
-        text = " ".join(ln.strip() for ln in lines)
-        text = re.sub(r"\s+", " ", text).strip()
-        if not text[:1].isupper():
-            continue
-        chunk = ""
-        for sent in _SENTENCE_END.split(text):
-            if chunk and len(chunk) + 1 + len(sent) > _MAX_CHARS:
-                yield chunk
-                chunk = ""
-            chunk = f"{chunk} {sent}".strip()
-        if chunk:
-            yield chunk
-
-
-def _is_prose(text: str) -> bool:
-    if not _MIN_CHARS <= len(text) <= _MAX_CHARS or len(text.split()) < _MIN_WORDS:
-        return False
-    plain = sum(c.isalpha() or c in " ,.;:'-()" for c in text)
-    return plain / len(text) >= 0.9  # mostly words, not signatures or tables
-
-
-@functools.lru_cache(maxsize=1)
-def _default_corpus() -> tuple[str, ...]:
-    seen: set[str] = set()
-    out: list[str] = []
-    for name in STDLIB_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:  # pragma: no cover - trimmed Python builds
-            continue
-        for doc in _docstrings(mod):
-            for text in _pack(t for t in _paragraphs(doc) if _is_prose(t)):
-                if text not in seen:
-                    seen.add(text)
-                    out.append(text)
-    return tuple(out)
-
-
-def default_corpus() -> list[str]:
-    """Cleaned, deduplicated stdlib docstring paragraphs in a fixed order (per Python version)."""
-    return list(_default_corpus())
-
-
-def _pack(paras: Iterable[str]) -> Iterator[str]:
-    """Join consecutive paragraphs of one docstring up to ``_MAX_CHARS``: longer texts, more tokens."""
-    chunk = ""
-    for p in paras:
-        if chunk and len(chunk) + 1 + len(p) > _MAX_CHARS:
-            yield chunk
-            chunk = ""
-        chunk = f"{chunk} {p}".strip()
-    if chunk:
-        yield chunk
+    calibration: list[str]
+    selection: list[str]
+    report: list[str]
+    info: dict[str, Any]
 
 
 def read_texts(file: str | Path) -> list[str]:
@@ -249,16 +88,90 @@ def read_texts(file: str | Path) -> list[str]:
     return texts
 
 
-def split_texts(
-    texts: Sequence[str], *, n_calib: int, n_heldout: int, seed: int = 0, where: str = "texts"
-) -> tuple[list[str], list[str]]:
-    """(calibration, held-out): disjoint, deduplicated, shuffled by ``seed``; held-out comes first."""
-    uniq = list(dict.fromkeys(texts))  # dedupe, keep first occurrence: held-out never repeats a calib text
-    need = n_calib + n_heldout
-    if len(uniq) < need:
+def file_corpus(file: str | Path) -> Corpus:
+    """A user's ``--calib`` file as a one-domain corpus (texts deduplicated, file order)."""
+    texts = tuple(dict.fromkeys(read_texts(file)))
+    digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:12]
+    return Corpus(
+        name=str(file),
+        texts=texts,
+        domains=("file",) * len(texts),
+        sources={"file": f"{file} (sha256 {digest})"},
+    )
+
+
+def _interleave(groups: dict[str, list[str]], seed: int) -> list[str]:
+    """Each group shuffled with its own seeded generator, then one text of each group in turn."""
+    shuffled = []
+    for name in sorted(groups):
+        g = list(groups[name])
+        random.Random(f"{seed}:{name}").shuffle(g)
+        shuffled.append(g)
+    out: list[str] = []
+    for i in range(max((len(g) for g in shuffled), default=0)):
+        out += [g[i] for g in shuffled if i < len(g)]
+    return out
+
+
+def _counts(texts: Sequence[str], domain_of: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in texts:
+        out[domain_of[t]] = out.get(domain_of[t], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def split_corpus(
+    corpus: Corpus, *, n_calib: int, n_selection: int, n_report: int = 0, seed: int = 0, where: str | None = None
+) -> TextSplits:
+    """Disjoint calibration / selection / report texts of ``corpus`` (see the module docstring)."""
+    where = where or corpus.name
+    if n_calib < 1 or n_selection < 1 or n_report < 0:
         raise HwpruneError(
-            f"{where}: {len(uniq)} distinct texts, but n_calib={n_calib} + n_heldout={n_heldout} "
-            f"= {need} are needed; add texts or lower --n-calib / --n-heldout"
+            f"n_calib={n_calib}, n_heldout={n_selection}, n_report={n_report}: "
+            "need n_calib >= 1, n_heldout >= 1 and n_report >= 0"
         )
-    random.Random(seed).shuffle(uniq)
-    return uniq[n_heldout:need], uniq[:n_heldout]
+    groups = corpus.by_domain()
+    domain_of = {t: d for d, t in zip(corpus.domains, corpus.texts)}
+    rd = corpus.report_domain
+    if rd is not None:
+        if rd not in groups:
+            raise HwpruneError(f"{where}: report domain {rd!r} has no texts")
+        report_pool = list(groups.pop(rd))
+        random.Random(f"{seed}:report:{rd}").shuffle(report_pool)
+        if len(report_pool) < n_report:
+            raise HwpruneError(
+                f"{where}: the report domain {rd!r} has {len(report_pool)} texts, but n_report={n_report}; "
+                "lower --n-report"
+            )
+        report, pool = report_pool[:n_report], _interleave(groups, seed)
+    else:
+        pool = _interleave(groups, seed)
+        report, pool = pool[:n_report], pool[n_report:]
+    need = n_calib + n_selection
+    if len(pool) < need:
+        extra = f" (+ n_report={n_report} held back)" if rd is None and n_report else ""
+        raise HwpruneError(
+            f"{where}: {len(pool)} distinct texts for calibration and selection{extra}, but n_calib={n_calib} "
+            f"+ n_heldout={n_selection} = {need} are needed; add texts or lower --n-calib / --n-heldout / --n-report"
+        )
+    selection, calibration = pool[:n_selection], pool[n_selection:need]
+    info: dict[str, Any] = {
+        "corpus": corpus.describe(),
+        "seed": seed,
+        "held_out_by": "domain" if rd is not None else "text",
+        "report_domain": rd,
+        "splits": {
+            name: {"n": len(ts), "domains": _counts(ts, domain_of)}
+            for name, ts in zip(SPLITS, (calibration, selection, report))
+        },
+    }
+    return TextSplits(calibration=calibration, selection=selection, report=report, info=info)
+
+
+def load_texts(
+    file: str | Path | None, *, n_calib: int, n_selection: int, n_report: int = 0, seed: int = 0
+) -> TextSplits:
+    """The three splits of ``file`` (``--calib``) or, when None, of the built-in corpus."""
+    corpus = default_corpus() if file is None else file_corpus(file)
+    where = f"built-in corpus {corpus.name}" if file is None else str(file)
+    return split_corpus(corpus, n_calib=n_calib, n_selection=n_selection, n_report=n_report, seed=seed, where=where)

@@ -80,6 +80,8 @@ def study_key(run: Mapping[str, Any], space: PruningSpace) -> dict[str, Any]:
         "seed": req["search"]["seed"],
         "table_fingerprint": run["fingerprint"],
     }
+    if req.get("n_report") is not None:  # texts held back for the report move a file's other splits
+        key["n_report"] = req["n_report"]
     if run.get("workload") is not None:  # what predicted ms means (issue 9); absent keys keep older studies'
         key["workload"] = run["workload"]
     return key

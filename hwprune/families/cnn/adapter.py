@@ -16,7 +16,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -157,6 +158,11 @@ class CnnAdapter(Family):
     #: calibration images by default: the OBS fit and BN re-estimation cost grows with each image,
     #: and 64 images of 224x224 give stable input covariances for every conv of the named models
     default_n_calib = 64
+    #: no report images by default: the default images are generated noise (nothing to report on), and
+    #: a user's image file is not shrunk behind their back; ``--n-report N`` holds N of its images back
+    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType(
+        {"trials": 150, "n_calib": 128, "n_heldout": 64, "n_report": 0}
+    )
 
     def __init__(
         self,
@@ -316,13 +322,15 @@ class CnnAdapter(Family):
         return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress, levels=levels)
 
     def load_calib(
-        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int = 0, seed: int = 0
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int = 0, seed: int = 0, n_report: int = 0
     ) -> "CalibData":
         """Images from ``source`` (.npy/.pt/.safetensors) or generated; at most :attr:`default_n_calib`
         calibration images (see there)."""
         from hwprune.families.cnn.calib import load_cnn_calib
 
-        return load_cnn_calib(self, source, n_calib=min(n_calib, self.default_n_calib), n_heldout=n_heldout, seed=seed)
+        return load_cnn_calib(
+            self, source, n_calib=min(n_calib, self.default_n_calib), n_heldout=n_heldout, n_report=n_report, seed=seed
+        )
 
     def scorer(self, calib: "CalibData") -> "CnnScorer":
         from hwprune.families.cnn.scorer import CnnScorer

@@ -75,18 +75,27 @@ def generated_images(shape: tuple[int, int, int, int], n: int, *, seed: int = 0)
 
 
 def load_cnn_calib(
-    adapter: Any, file: str | Path | None = None, *, n_calib: int = 64, n_heldout: int = 64, seed: int = 0
+    adapter: Any,
+    file: str | Path | None = None,
+    *,
+    n_calib: int = 64,
+    n_heldout: int = 64,
+    n_report: int = 0,
+    seed: int = 0,
 ) -> CalibData:
-    """Disjoint calibration and held-out images for ``adapter`` (a CNN adapter); held-out comes first.
-
-    A file shorter than ``n_calib + n_heldout`` is split proportionally (at least one image each).
-    """
-    if n_calib < 1 or n_heldout < 1:
-        raise HwpruneError(f"n_calib={n_calib}, n_heldout={n_heldout}: both must be >= 1")
+    """Disjoint report, selection (``heldout``) and calibration images for ``adapter`` (a CNN adapter), in
+    that order of a seeded permutation. A file shorter than the three together is split proportionally
+    (at least one image each for calibration and selection)."""
+    if n_calib < 1 or n_heldout < 1 or n_report < 0:
+        raise HwpruneError(
+            f"n_calib={n_calib}, n_heldout={n_heldout}, n_report={n_report}: need n_calib, n_heldout >= 1, "
+            "n_report >= 0"
+        )
     want = tuple(adapter.input_shape[1:])
+    total_want = n_calib + n_heldout + n_report
     if file is None:
         x, source = (
-            generated_images(adapter.input_shape, n_calib + n_heldout, seed=seed),
+            generated_images(adapter.input_shape, total_want, seed=seed),
             f"generated N(0,1) seed={seed}",
         )
     else:
@@ -96,15 +105,33 @@ def load_cnn_calib(
                 f"{file}: calibration tensor has shape {tuple(x.shape)}; the model takes (N, "
                 f"{', '.join(map(str, want))}) images as set by --input-shape"
             )
-        if x.shape[0] < 2:
-            raise HwpruneError(f"{file}: {x.shape[0]} image; need at least 2 (calibration + held-out)")
+        if x.shape[0] < 2 + (n_report > 0):
+            raise HwpruneError(
+                f"{file}: {x.shape[0]} image(s); need at least {2 + (n_report > 0)} (calibration + selection + report)"
+            )
         if not torch.isfinite(x).all():
             raise HwpruneError(f"{file}: contains NaN or infinite values")
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    total = min(x.shape[0], n_calib + n_heldout)
-    n_h = max(1, min(n_heldout, round(total * n_heldout / (n_calib + n_heldout))))
-    n_c = max(1, min(n_calib, total - n_h))
-    return CalibData(calib={"input": x[perm[n_h : n_h + n_c]]}, heldout={"input": x[perm[:n_h]]}, source=source)
+    total = min(x.shape[0], total_want)
+    n_r = min(n_report, round(total * n_report / total_want)) if n_report else 0
+    n_r = max(n_r, 1) if n_report else 0
+    n_h = max(1, min(n_heldout, round(total * n_heldout / total_want)))
+    n_c = max(1, min(n_calib, total - n_r - n_h))
+    parts = {"report": perm[:n_r], "selection": perm[n_r : n_r + n_h], "calibration": perm[n_r + n_h : n_r + n_h + n_c]}
+    splits = {
+        "corpus": {"name": source.rsplit(" seed=", 1)[0], "images": int(x.shape[0])},
+        "seed": seed,
+        "held_out_by": "image",
+        "report_domain": None,
+        "splits": {k: {"n": int(v.numel())} for k, v in parts.items()},
+    }
+    return CalibData(
+        calib={"input": x[parts["calibration"]]},
+        heldout={"input": x[parts["selection"]]},
+        report={"input": x[parts["report"]]} if n_r else {},
+        source=source,
+        splits=splits,
+    )
 
 
 @torch.no_grad()

@@ -56,7 +56,9 @@ class DecoderAdapter(Family):
     # torch sum in different orders and differ by ~1e-3 absolute (1e-4 relative) on SmolLM2's 30 layers.
     parity_tol = 1e-2
     # an LLM trial scores every selection token through the LM head: fewer, longer trials than an encoder's
-    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType({"trials": 48, "n_calib": 128, "n_heldout": 16})
+    search_defaults: ClassVar[Mapping[str, int]] = MappingProxyType(
+        {"trials": 48, "n_calib": 128, "n_heldout": 16, "n_report": 16}
+    )
 
     def __init__(
         self,
@@ -370,11 +372,11 @@ class DecoderAdapter(Family):
         return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress)
 
     def load_calib(
-        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0, n_report: int = 0
     ) -> CalibData:
         from .calib import load_calib
 
-        return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, seq=seq, seed=seed)
+        return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, n_report=n_report, seq=seq, seed=seed)
 
     def scorer(self, calib: CalibData) -> DecoderScorer:
         from .scorer import DecoderScorer

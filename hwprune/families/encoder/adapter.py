@@ -228,11 +228,11 @@ class EncoderAdapter(Family):
         return prepare(self, backend, batch=batch, seq=seq, space=space, progress=progress)
 
     def load_calib(
-        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0
+        self, source: str | None = None, *, n_calib: int, n_heldout: int, seq: int, seed: int = 0, n_report: int = 0
     ) -> "CalibData":
         from hwprune.families.encoder.calib import load_calib
 
-        return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, seq=seq, seed=seed)
+        return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, n_report=n_report, seq=seq, seed=seed)
 
     def scorer(self, calib: "CalibData") -> "EndToEndScorer":
         from hwprune.families.encoder.scorer import EndToEndScorer
