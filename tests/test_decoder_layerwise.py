@@ -152,3 +152,23 @@ def test_spill_policy_follows_the_model_size() -> None:
     assert database.spill_folder(named_config("smollm2")) is None  # 0.6 GB of statistics: kept in memory
     big = database.stats_bytes(named_config("llama-3.2-1b"))
     assert big > database.SPILL_BYTES
+
+
+def test_disk_streams_round_trip_and_the_batch_cap(tmp_path: Path) -> None:
+    """Streams written to the unlinked file read back bit for bit, overwrite in place, refuse another shape;
+    a wide model gets fewer rows per batch than asked, a narrow one all of them."""
+    from hwprune.families.decoder.collect import DiskStreams, rows_per_batch
+    from hwprune.families.decoder.config import named_config
+
+    xs = DiskStreams(tmp_path)
+    a, b = torch.randn(3, 5, 4), torch.randn(2, 7, 4)
+    xs.append(a)
+    xs.append(b)
+    assert len(xs) == 2 and torch.equal(xs[0], a) and torch.equal(xs[1], b)
+    xs[0] = a * 2
+    assert torch.equal(xs[0], a * 2) and torch.equal(xs[1], b) and [t.shape for t in xs] == [a.shape, b.shape]
+    with pytest.raises(ValueError, match="holds"):
+        xs[1] = a
+    assert rows_per_batch(named_config("llama-3.2-1b"), 256, 8) == 2  # 8192-wide FFN: 8 MiB per row
+    assert rows_per_batch(named_config("smollm2"), 256, 8) == 7  # 9 heads x 256 scores: 2.25 MiB per row
+    assert rows_per_batch(named_config("smollm2"), 16, 8) == 8

@@ -13,9 +13,13 @@ angular-distance rule over several consecutive blocks, Gromov et al. 2024).
 
 The pass is layer-major (:mod:`.stream`): every batch goes through block 0, then every batch through
 block 1, and so on, so a layer's statistics are complete before the next layer starts. With
-``spill=DIR`` each layer's ``x^T x`` sums go to disk as soon as they are complete: peak memory is the
-residual streams of the calibration tokens (tokens x hidden floats) plus one layer's statistics,
-never one per layer. The result equals a whole-model pass with hooks exactly (same operations). The
+``spill=DIR`` each layer's ``x^T x`` sums go to disk as soon as they are complete, and the residual
+streams of the calibration tokens (tokens x hidden floats; 256 MiB for 128 x 256 tokens of a 2048-wide
+model) live in an unlinked file there, read and written back one batch at a time (from the page cache,
+which a process's resident size does not count): peak memory is one layer's statistics plus one
+batch's activations, never one per layer. A batch holds at most ``batch`` rows and at most as many as
+keep its widest activation (FFN, or attention scores) under 16 MiB (:func:`rows_per_batch`). The
+result equals a whole-model pass with hooks exactly (same operations). The
 final norm and the LM head are never run, so the ``(tokens, vocab)`` logits are never computed.
 
 Batches are length-sorted and cut to their longest row (``length_batches``): with right padding and
@@ -24,7 +28,9 @@ causal attention, trailing pads change no real token's activations, so this is e
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,61 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a * b).sum(-1) / den).sum())
 
 
+ACT_BYTES = 16 << 20  # the widest activation tensor of one batch (float32)
+
+
+def rows_per_batch(cfg: Any, seq: int, batch: int) -> int:
+    """``batch``, or fewer rows so that one batch's widest activation (FFN width, attention scores of
+    every head, or the hidden size, per token) stays under :data:`ACT_BYTES`."""
+    widest = max(int(cfg.intermediate_size), int(cfg.hidden_size), int(cfg.num_heads) * seq)
+    return max(1, min(batch, ACT_BYTES // max(4 * seq * widest, 1)))
+
+
+class DiskStreams:
+    """Per-batch tensors of fixed shapes in an unlinked temporary file: ``xs[j]`` reads batch ``j`` back,
+    ``xs[j] = t`` overwrites it (same shape and dtype). Closed with the object."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self._file = tempfile.TemporaryFile(prefix="hwprune-streams-", dir=folder, buffering=0)  # noqa: SIM115
+        self._where: list[tuple[int, torch.Size, torch.dtype]] = []
+        self._end = 0
+
+    def _write(self, data: bytes, offset: int) -> None:
+        view, done = memoryview(data), 0
+        while done < len(data):  # pwrite may write fewer bytes than given
+            done += os.pwrite(self._file.fileno(), view[done:], offset + done)
+
+    def append(self, t: torch.Tensor) -> None:
+        data = t.contiguous().numpy().tobytes()
+        self._write(data, self._end)
+        self._where.append((self._end, t.shape, t.dtype))
+        self._end += len(data)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        offset, shape, dtype = self._where[j]
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:  # preadv may return fewer bytes than asked
+            k = os.preadv(self._file.fileno(), [view[got:]], offset + got)
+            if k <= 0:
+                raise OSError(f"the streams file ended early ({got} of {n} bytes)")
+            got += k
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+    def __setitem__(self, j: int, t: torch.Tensor) -> None:
+        offset, shape, dtype = self._where[j]
+        if t.shape != shape or t.dtype != dtype:
+            raise ValueError(f"batch {j} holds {tuple(shape)} {dtype}, not {tuple(t.shape)} {t.dtype}")
+        self._write(t.contiguous().numpy().tobytes(), offset)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[j] for j in range(len(self)))
+
+
 @torch.inference_mode()
 def collect_stats(
     model: Decoder,
@@ -90,7 +151,7 @@ def collect_stats(
     """
     check_right_padded(inputs, "calibration inputs")
     cfg = model.config
-    parts = length_batches(inputs, batch)
+    parts = length_batches(inputs, rows_per_batch(cfg, int(inputs["input_ids"].shape[1]), batch))
     keeps = [mask.reshape(-1).bool() for _, mask in parts]
     lasts = [mask.sum(1) - 1 for _, mask in parts]  # index of each row's last real token
     cur = [0]  # index of the batch running through the current block
@@ -99,7 +160,7 @@ def collect_stats(
     def tokens(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])[keeps[cur[0]]].float()
 
-    def last_tokens(xs: list[torch.Tensor]) -> torch.Tensor:
+    def last_tokens(xs: "list[torch.Tensor] | DiskStreams") -> torch.Tensor:
         return torch.cat([x[torch.arange(x.shape[0]), li] for x, li in zip(xs, lasts)]).float()
 
     def on_input(s: SublayerStats) -> Any:
@@ -116,10 +177,14 @@ def collect_stats(
     stats: list[LayerStats] = []
     with num_threads(threads), progress_bar(progress) as bar:
         task = bar.add_task("activation statistics", total=cfg.num_layers)
-        prepared = [model.prepare(ids, mask) for ids, mask in parts]
-        xs = [p[0] for p in prepared]  # the residual streams, replaced block by block
-        ctx = [p[1:] for p in prepared]  # (mask, rope) per batch
-        del prepared
+        # the residual streams, replaced block by block: on disk beside the spilled statistics, else in memory
+        xs: list[torch.Tensor] | DiskStreams = DiskStreams(spill) if spill is not None else []
+        ctx = []  # (mask, rope) per batch
+        for ids, mask in parts:
+            x0, mask0, rope0 = model.prepare(ids, mask)
+            xs.append(x0)
+            ctx.append((mask0, rope0))
+            del x0
         for i, block in enumerate(model.blocks()):
             assert isinstance(block, Block)
             g, p, f = cfg.layer_shape(i)
