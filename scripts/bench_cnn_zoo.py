@@ -184,9 +184,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'OK' if p['in_speedup_band'] and p['raw_within_5pct'] else 'MISS'}",
                 flush=True,
             )
+        # written after every model, so a long run stopped early still leaves its figures
+        write(a, argv, results, done=len(results) == len(names), n_models=len(names))
+    return 0
+
+
+def write(
+    a: argparse.Namespace, argv: list[str] | None, results: list[dict[str, Any]], *, done: bool, n_models: int
+) -> None:
     picks = [p for r in results for p in r.get("picks", [])]
     summary = {
-        "models": len(names),
+        "models": n_models,
+        "models_run": len(results),
+        "finished": done,
         "models_ok": sum(1 for r in results if "picks" in r),
         "picks": len(picks),
         "picks_in_speedup_band": sum(p["in_speedup_band"] for p in picks),
@@ -213,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
         script=__file__,
         argv=argv,
     )
-    return 0
 
 
 if __name__ == "__main__":
