@@ -106,10 +106,10 @@ def hwprune(*args: object, log: Path) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def pick_row(m: dict[str, Any]) -> dict[str, Any]:
+def pick_row(m: dict[str, Any], key: str) -> dict[str, Any]:
     row = {k: m.get(k) for k in PICK_KEYS}
     ratio = m["measured_speedup"] / m["target_speedup"]
-    row["key"] = m["key"]
+    row["key"] = key
     row["speedup_over_target"] = round(ratio, 4)
     row["in_speedup_band"] = SPEEDUP_BAND[0] <= ratio <= SPEEDUP_BAND[1]
     row["raw_within_5pct"] = abs(m["prediction_error_pct"]) <= RAW_TOL_PCT
@@ -153,8 +153,8 @@ def run_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
         run,
         log=log,
     )
-    manifests = [json.loads(p.read_text()) for p in sorted(run.glob("candidates/*/manifest.json"))]
-    picks = [pick_row(m) for m in manifests if m.get("target_speedup") is not None]
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("candidates/*/manifest.json"))}
+    picks = [pick_row(m, k) for k, m in manifests.items() if m.get("target_speedup") is not None]
     if not picks:
         raise HwpruneError(f"{run}: export wrote no manifest for a target")
     out["picks"] = picks

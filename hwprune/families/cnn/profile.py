@@ -192,11 +192,14 @@ class CnnProfiling:
         def block_sum(sizes: dict[str, int]) -> float:
             return float(entry[("", 0, -1)] + sum(entry[(l.name, *layer_sizes(l, sizes))] for l in self.layers))
 
-        predicted = block_sum(self.dense_key)
         nets = [self.dense_key, *self.nets]
+        fit = network_fit([block_sum(n) for n in nets], [t.median_ms for t in timings[: len(nets)]])
+        bare = block_sum(self.dense_key)
+        predicted = fit["scale"] * bare + fit["offset_ms"] if fit else bare  # what the predictor says
         return {
-            "dense_predicted_ms": round(float(predicted), 4),
-            "network_fit": network_fit([block_sum(n) for n in nets], [t.median_ms for t in timings[: len(nets)]]),
+            "dense_predicted_ms": round(float(predicted), 6),
+            "dense_block_sum_ms": round(float(bare), 6),
+            "network_fit": fit,
             "method": "ORT node-time shares (median of 20 runs) x whole-network times (interleaved, common-mode "
             "load removed) of K^2 pruned networks covering every conv's (c_in, c_out) level grid; "
             "base = median unexplained time",
