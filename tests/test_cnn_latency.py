@@ -209,6 +209,10 @@ def test_network_fit_recovers_an_affine_context_and_refuses_a_broken_one() -> No
     assert fit["scale"] == pytest.approx(1.04) and fit["offset_ms"] == pytest.approx(-0.15)
     assert fit["mape_after_pct"] == pytest.approx(0.0, abs=1e-9) and fit["worst_before_pct"] > 7
     assert profile_cnn.network_fit(x, 3.0 * x) is None  # a 3x scale is a broken profile, not a context
+    y = 1.04 * x - 0.15
+    y[2] *= 1.3  # one network timed during a burst of load
+    robust = profile_cnn.network_fit(x, y)
+    assert robust is not None and robust["excluded"] == 1 and robust["scale"] == pytest.approx(1.04)
     assert profile_cnn.network_fit([2.0, 2.0], [1.0, 1.1]) is None  # nothing to fit
 
 
