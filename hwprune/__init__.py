@@ -50,6 +50,14 @@ def load(folder: str | Path) -> "nn.Module":
     family = family_class(plan.family).from_arch(plan.arch)
     model = family.skeleton(plan)
     state = family.restored_state(plan, load_file(str(wpath)), folder)
+    # safetensors carry no state-dict metadata; modules that check their version on load (torchvision's
+    # MNASNet refuses version None) get the skeleton's own, which is the same class
+    meta = getattr(model.state_dict(), "_metadata", None)
+    if meta is not None:
+        from collections import OrderedDict
+
+        state = OrderedDict(state)
+        state._metadata = meta  # type: ignore[attr-defined]  # what torch's state_dict() attaches too
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

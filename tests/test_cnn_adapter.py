@@ -257,3 +257,18 @@ def test_configure_and_shape_tag(tmp_path: Path) -> None:
     b = a.configure(input_shape=(2, 3, 32, 32))
     assert b.input_shape == (2, 3, 32, 32) and b.shape_tag() == "3x32x32" and b.model == a.model
     assert b.shape_key().startswith("tiny_net-3x32x32-b2-") and b.spec()["weights"] is None
+
+
+def test_load_restores_a_model_that_checks_its_state_dict_version(tmp_path: Path) -> None:
+    """torchvision's MNASNet refuses a state dict without version metadata (safetensors has none)."""
+    from safetensors.torch import save_file as save
+
+    a = CnnAdapter("torchvision.models:mnasnet0_5", input_shape="1,3,64,64")
+    space = a.space()
+    plan = a.plan({u.name: range(s) for u, s in zip(space.units, space.uniform(0.5).sizes)})
+    model = a.prune(a.dense(), plan)
+    plan.save(tmp_path / "plan.json")
+    save({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(hwprune.load(tmp_path)(x), model.eval()(x))

@@ -100,7 +100,13 @@ def test_refit_never_loses_to_plain_removal_of_the_same_channels() -> None:
         for s in u.sizes:
             assert obs.errors[i][s] <= plain[s] / energy * (1 + 1e-6) + 1e-12, (u.name, s)
     scorer = CnnScorer.from_calib(a, calib)
-    assert scorer.score(a.dense()) == {"distance": 0.0, "rel_mse": 0.0, "cosine": pytest.approx(1.0), "agreement": 1.0}
+    assert scorer.score(a.dense()) == {
+        "distance": 0.0,
+        "rel_mse": 0.0,
+        "distance_se": 0.0,
+        "cosine": pytest.approx(1.0),
+        "agreement": 1.0,
+    }
     assert scorer.score(obs.build(space.uniform(0.5)))["distance"] > 0
 
 

@@ -170,6 +170,29 @@ def test_pareto_mask_and_flags() -> None:
     assert pick_within(near, 1.5, band=0.15).predicted_ms == 1.0  # nothing in the band: whole budget
 
 
+def test_pick_aims_at_the_budget_among_tied_scores() -> None:
+    """Flat scores (random weights): a distance within its standard error of the best is a tie, and the
+    tie predicted closest to the budget wins; a measurably better candidate still wins when faster."""
+
+    def ev(i: int, ms: float, d: float, se: float | None = 0.01) -> Evaluation:
+        scores = {"distance": d} if se is None else {"distance": d, "distance_se": se}
+        return Evaluation(Candidate((i,)), ms, scores, source="nsga")
+
+    flat = [ev(0, 7.0, 0.100), ev(1, 9.9, 0.112), ev(2, 8.5, 0.105), ev(3, 10.2, 0.05)]  # 3: over budget
+    assert pick_within(flat, 10.0).predicted_ms == 9.9  # 0.112 is within 1 se of 0.100: aim at 10 ms
+    assert pick_within(flat, 10.0, tie_z=0.5).predicted_ms == 8.5  # 0.105 ties, 0.112 no longer does
+    assert pick_within(flat, 10.0, tie_z=0.0).predicted_ms == 7.0  # no ties: best distance
+    better = [ev(0, 7.0, 0.100), ev(1, 9.9, 0.200)]  # 0.1 apart with se 0.014: measurably better
+    assert pick_within(better, 10.0).predicted_ms == 7.0
+    no_se = [ev(0, 7.0, 0.1, None), ev(1, 9.9, 0.1, None), ev(2, 9.0, 0.1000001, None)]
+    assert pick_within(no_se, 10.0).predicted_ms == 9.9  # without se only equal distances tie
+    bad_se = [ev(0, 7.0, 0.1, float("nan")), ev(1, 9.9, 0.11, float("inf"))]
+    assert pick_within(bad_se, 10.0).predicted_ms == 7.0  # an unusable se counts as none
+    # the default band: the best within 5 % of the budget, before anything further away
+    band = [ev(0, 7.0, 0.01, 0.0), ev(1, 9.6, 0.5, 0.0)]
+    assert pick_within(band, 10.0, band=SearchConfig(targets=(2.0,)).pick_band).predicted_ms == 9.6
+
+
 # ---- config ----------------------------------------------------------------------------------
 def test_config_json_round_trip_and_checks() -> None:
     cfg = SearchConfig(targets=(1.5, 2), trials=30, seed=3, margin=0.05)
@@ -182,6 +205,8 @@ def test_config_json_round_trip_and_checks() -> None:
         {"targets": (2.0,), "trials": 0},
         {"targets": (2.0,), "margin": 1.0},
         {"targets": (2.0,), "buckets": 3},
+        {"targets": (2.0,), "pick_tie_z": -1.0},
+        {"targets": (2.0,), "pick_tie_z": float("nan")},
         {"targets": 2.0},
     ):
         with pytest.raises(HwpruneError):

@@ -70,7 +70,7 @@ def read_front(store: StudyStore, *, out: str | Path) -> tuple[SearchResult, dic
     budgets = budgets_for(config, dense_ms)
     picks: dict[float, Evaluation] = {}
     for target, b in budgets.items():
-        p = pick_within(evals, b, band=config.pick_band)
+        p = pick_within(evals, b, band=config.pick_band, tie_z=config.pick_tie_z)
         if p is not None:
             picks[target] = p
     pareto = ParetoSet.of(evals, space=space, dense_ms=dense_ms)
@@ -104,7 +104,7 @@ def repredict(
     budgets = budgets_for(result.config, dense_ms)
     picks: dict[float, Evaluation] = {}
     for target, b in budgets.items():
-        p = pick_within(evals, b, band=result.config.pick_band)
+        p = pick_within(evals, b, band=result.config.pick_band, tie_z=result.config.pick_tie_z)
         if p is not None:
             picks[target] = p
     pareto = ParetoSet.of(evals, space=result.pareto.space, dense_ms=dense_ms)

@@ -1,8 +1,10 @@
 """CNN latency predictor: a conv's time depends on *two* units (the group it reads, the group it writes).
 
-``predict(c) = base + sum over layers of f_l(c_in, c_out)``, with ``f_l`` bilinearly interpolated in the
-layer's measured (c_in, c_out) grid (exact at measured points; a bilinear least-squares fit where the
-grid is incomplete). That sum is not additive over units, so :meth:`CnnPredictor.unit_costs` gives the
+``predict(c) = s * (base + sum over layers of f_l(c_in, c_out)) + o``, with ``f_l`` bilinearly interpolated
+in the layer's measured (c_in, c_out) grid (exact at measured points; a bilinear least-squares fit where
+the grid is incomplete) and ``(s, o)`` the table's whole-network fit (``meta["network_fit"]``, see
+:func:`hwprune.families.cnn.profile.network_fit`; identity for tables without one).
+That sum is not additive over units, so :meth:`CnnPredictor.unit_costs` gives the
 DP a first-order model around a reference candidate ``r`` (dense by default)::
 
     f(a, b) ~ f(a, r_b) + f(r_a, b) - f(r_a, r_b)
@@ -97,6 +99,11 @@ class CnnPredictor(Predictor):
         if base.empty:
             raise HwpruneError(f"{_where(table)} has no 'base' row; re-profile to rebuild it")
         self._base = float(base["median_ms"].sum())
+        # the profile's own whole networks against their block sums (profile.network_fit); older tables
+        # have none and predict the bare block sum
+        fit = table.meta.get("network_fit") or {}
+        self.fit_scale, self.fit_offset_ms = float(fit.get("scale", 1.0)), float(fit.get("offset_ms", 0.0))
+        self._base = self.fit_scale * self._base + self.fit_offset_ms
         index = {u.name: i for i, u in enumerate(space.units)}
         # per layer: (in unit index or -1, out unit index or -1, matrix over (in sizes) x (out sizes))
         self._layers: list[tuple[int, int, np.ndarray]] = []
@@ -123,7 +130,7 @@ class CnnPredictor(Predictor):
             else:
                 aa, bb = np.meshgrid(a, b, indexing="ij")
                 m = f(aa.ravel(), bb.ravel()).reshape(len(a), len(b))
-            self._layers.append((p, q, m))
+            self._layers.append((p, q, self.fit_scale * m))
         self._pos = [{s: j for j, s in enumerate(u.sizes)} for u in space.units]
         self.reference = reference if reference is not None else space.dense()
         self._costs = self._linearize(self.reference)

@@ -4,6 +4,9 @@
 output (logits or features): 0 is the dense model, 1 is as far as predicting the average output.
 ``agreement`` is the fraction of held-out images whose arg-max class matches the dense model's and
 ``cosine`` the mean cosine similarity of outputs; with ``labels`` the ``accuracy`` is reported too.
+``distance_se`` is the distance's standard error over the held-out images (``sqrt(N) * std_i(e_i) / E``
+for per-image errors ``e_i`` and the fixed denominator ``E``): what the search's pick treats as a tie
+(:func:`hwprune.search.pick_within`), so a flat score with random weights never decides the speedup.
 The model handed in is scored as it is: proxies re-estimate BatchNorm before handing it over.
 """
 
@@ -51,11 +54,16 @@ class CnnScorer:
     def score(self, model: nn.Module) -> dict[str, float]:
         y = self._outputs(model)
         ref = self._dense
-        rel = float((y - ref).square().sum()) / max(self._energy, 1e-30)
+        per_image = (y - ref).square().sum(1)  # (N,)
+        energy = max(self._energy, 1e-30)
+        rel = float(per_image.sum()) / energy
+        n = per_image.numel()
+        se = float(per_image.std(unbiased=True)) * n**0.5 / energy if n > 1 else 0.0
         cos = float(nn.functional.cosine_similarity(y, ref, dim=1).mean())
         out = {
             "distance": rel,
             "rel_mse": rel,
+            "distance_se": se,
             "cosine": cos,
             "agreement": float((y.argmax(1) == ref.argmax(1)).double().mean()),
         }
