@@ -129,7 +129,9 @@ def docstrings(mod: Any) -> Iterator[str]:
             yield obj.__doc__  # own __doc__ only: getdoc would repeat the base class's text
         if inspect.isclass(obj):
             for m, f in sorted(vars(obj).items()):
-                if (not m.startswith("_") or m == "__init__") and inspect.isfunction(f) and f.__doc__:
+                # own methods only: a library may patch one in (transformers adds Logger.warning_advice)
+                own = getattr(f, "__module__", None) == name
+                if (not m.startswith("_") or m == "__init__") and inspect.isfunction(f) and own and f.__doc__:
                     yield f.__doc__
 
 
