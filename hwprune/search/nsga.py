@@ -18,8 +18,10 @@ import contextlib
 import math
 import numbers
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -102,6 +104,50 @@ _NO_HEARTBEAT = (
 )
 
 
+class _Interrupts:
+    """Ctrl-C / SIGTERM only ever stop a search inside a trial's own work (the objective), where Optuna
+    marks the trial FAIL and the next run queues it again. One that lands in Optuna's bookkeeping (asking
+    for a trial, telling its result, between trials) is held until the next safe point: raised there, it
+    would leave a trial RUNNING without a heartbeat, a slot that no worker ever frees (a resumed search
+    then waits for it forever). A second signal while one is held stops at once."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.armed = False
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        again = self.pending is not None
+        self.pending = signum
+        if self.armed or again:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending is not None:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_Interrupts"]:
+        if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    @contextlib.contextmanager
+    def armed_here(self) -> Iterator[None]:
+        """The trial's own work: a signal raises KeyboardInterrupt at once."""
+        self.check()
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+
 class _Surplus(Exception):
     """Every one of the study's ``trials`` slots is taken by a finished trial: this one is not counted."""
 
@@ -166,7 +212,13 @@ def run_nsga(
             worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a trial
             heartbeats = storage_kind(url) != "journal"
 
+            interrupts = _Interrupts()
+
             def objective(trial: optuna.Trial) -> tuple[float, float]:
+                with interrupts.armed_here():
+                    return work(trial)
+
+            def work(trial: optuna.Trial) -> tuple[float, float]:
                 seen = study.get_trials(deepcopy=False)
                 waited = 0
                 while (state := slot(seen, trial.number, trials)) == "wait":
@@ -225,7 +277,9 @@ def run_nsga(
                         st.stop()
 
                 if finished(study) < trials:
-                    study.optimize(objective, catch=(_Surplus,), callbacks=[after])
+                    with interrupts.installed():
+                        study.optimize(objective, catch=(_Surplus,), callbacks=[after])
+                        interrupts.check()  # one held after the last trial still stops the run
             rebuild(study.get_trials(deepcopy=False))
         finally:
             close_storage(storage)
