@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from hwprune._io import check_writable, read_json, write_json
 from hwprune.errors import HwpruneError
 from hwprune.families import Family, resolve_model
-from hwprune.latency.correction import CorrectedPredictor, corrected
+from hwprune.latency.correction import CorrectedPredictor, corrected, decode_context_info, with_context_factor
 from hwprune.latency.predictor import Predictor
 from hwprune.latency.table import LatencyTable
 from hwprune.proxies._base import CalibData, ProxyState
@@ -118,12 +118,11 @@ def make_predictor(
     if context is None:
         raise HwpruneError("a decode prediction needs the KV-cache length (context) to predict at")
     where = f"latency table {table.path.name}" if table.path else "the latency table"
-    per = {c: adapter.predictor(table.at_context(c), space) for c in table.contexts}
+    per = {c: with_context_factor(adapter.predictor(t, space), t) for c, t in table.per_context().items()}
     pred = ContextPredictor(per, context, where=where)
     if pred.warning:
         log(pred.warning)
-    info = {"context_factor": 1.0, "context": "none (decode table)", "correction": None}
-    return CorrectedPredictor(pred, info=info)
+    return CorrectedPredictor(pred, info=decode_context_info(table, log=log))
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -411,7 +410,14 @@ def _objective(
     for r, t in tables.items():
         t.check_model(adapter)
         make_predictor(t, space, adapter, regime=r, context=t.contexts[0] if t.contexts else None)  # family, regime
-    pred = workload_predictor(req.regime, wls, tables=tables, predictor=lambda t: adapter.predictor(t, space))
+    # each table's context factor (a decode table's per context), no calibration correction: that is
+    # fitted to prompt exports
+    for t in tables.values():
+        if t.regime == "decode":
+            decode_context_info(t, log=log)
+    pred = workload_predictor(
+        req.regime, wls, tables=tables, predictor=lambda t: with_context_factor(adapter.predictor(t, space), t)
+    )
     for w in pred.warnings:
         log(w)
     # calibration reads sequences as long as the prompts the model will serve (at most 256 tokens)

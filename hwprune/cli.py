@@ -208,8 +208,15 @@ def _print_profile(res: "ProfileResult", store: Optional[Path], label: bool) -> 
     if store:
         out.print(f"filed in {store} as {res.table.path.parent.name if res.table.path else '?'}")
     if res.dense_by_context:
-        per = ", ".join(f"{ms:.3f} ms at context {c}" for c, ms in res.dense_by_context.items())
-        out.print(f"dense model, one new token: {per} (profiled in {res.table.profile_seconds:.0f} s)")
+        per = ", ".join(
+            f"{ms:.3f} ms at context {c}" + (f" (block sum x context factor {r['factor']:.3f})" if r else "")
+            for c, ms in res.dense_by_context.items()
+            for r in [res.table.at_context(c).context]
+        )
+        out.print(
+            f"dense model, one new token, predicted: {per} (profiled in {res.table.profile_seconds:.0f} s)",
+            soft_wrap=True,
+        )
         return
     ctx = res.table.context
     if ctx is not None:
@@ -618,7 +625,20 @@ def tables_show(
     keys = ("model", "shape_key", "settings", "created", "profile_seconds", "fingerprint")
     out.print(json.dumps({k: side.get(k) for k in keys}, indent=2), highlight=False)
     ctx = table.context
-    if ctx is None:
+    if table.regime == "decode":
+        for c, t in table.per_context().items():
+            r = t.context
+            out.print(
+                f"context {c}: "
+                + (
+                    f"context factor {r['factor']:.4f} (whole dense decode step {r['dense_measured_ms']:.3f} ms as "
+                    f"export times it / table sum {r['dense_predicted_ms']:.3f} ms)"
+                    if r
+                    else "no context factor (profiled before hwprune measured one; predictions use 1)"
+                ),
+                highlight=False,
+            )
+    elif ctx is None:
         out.print("context factor: none (profiled before hwprune measured one; predictions use 1)")
     else:
         out.print(

@@ -23,7 +23,6 @@ import argparse
 import gc
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,33 +36,17 @@ from bench_latency import sample_subnets, summarize, warnings
 from hwprune._mem import release
 from hwprune.api import load_adapter, make_predictor
 from hwprune.errors import HwpruneError
-from hwprune.export.workload_timing import _feed, _inputs
+from hwprune.export.workload_timing import decode_graph, step_runners
 from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
-from hwprune.latency.backends import Runner, interleave
+from hwprune.latency.backends import interleave
 from hwprune.space import Candidate, PruningSpace
-
-
-def decode_graph(adapter: Family, model: Any) -> bytes:
-    g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
-    if g is None:
-        raise HwpruneError(f"{adapter.family} models have no decode graph; this benchmark is for LLMs")
-    return g.onnx
 
 
 def pruned_graph(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator) -> bytes:
     """``decoder.onnx`` of the subnet with random kept indices (latency must not depend on which ones)."""
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     return decode_graph(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)))
-
-
-def runners_for(backend: Any, onnx: bytes, contexts: Sequence[int], batch: int) -> list[Runner]:
-    """One session, one runner per context (its feed: one token after ``context`` cached positions)."""
-    dims, vocab = _inputs(onnx)
-    session = backend.session(onnx)
-    return [
-        Runner(session, _feed(dims, vocab, batch=batch, past=c, seq=1), cpu_clock=backend.cpu_clock) for c in contexts
-    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         controls: list[dict[str, float]] = []
         for start in range(0, len(subnets), a.chunk):
             chunk = subnets[start : start + a.chunk]
-            first = runners_for(backend, dense_onnx, contexts, batch)
-            subs = [runners_for(backend, pruned_graph(adapter, space, cand, rng), contexts, batch) for _, cand in chunk]
-            second = runners_for(backend, dense_onnx, contexts, batch)  # created after the subnets: the control
+            first = step_runners(backend, dense_onnx, contexts, batch)
+            graphs = [pruned_graph(adapter, space, cand, rng) for _, cand in chunk]
+            subs = [step_runners(backend, g, contexts, batch) for g in graphs]
+            second = step_runners(backend, dense_onnx, contexts, batch)  # created after the subnets: the control
             everything = [r for group in (first, *subs, second) for r in group]
             for r in everything:
                 r.sample(3)

@@ -105,8 +105,9 @@ def test_prediction_interpolates_between_contexts(folder: Path, decode_table: Pa
     t = LatencyTable.load(decode_table)
     cand = Candidate(tuple(u.sizes[len(u.sizes) // 2] for u in space.units))
     at = {c: make_predictor(t, space, a, regime="decode", context=c) for c in CONTEXTS}
-    for c in CONTEXTS:  # exact at a measured context
-        assert at[c].predict(cand) == pytest.approx(a.predictor(t.at_context(c), space).predict(cand))
+    for c in CONTEXTS:  # exact at a measured context: the block sum times that context's factor
+        sub = t.at_context(c)
+        assert at[c].predict(cand) == pytest.approx(sub.context_factor * a.predictor(sub, space).predict(cand))
     logs: list[str] = []
     mid = make_predictor(t, space, a, regime="decode", context=20, log=logs.append)  # 20 = 8 + (32 - 8) / 2
     assert not logs
@@ -114,6 +115,42 @@ def test_prediction_interpolates_between_contexts(folder: Path, decode_table: Pa
     base, costs = mid.unit_costs()  # the DP's additive model agrees with predict
     ix = [u.sizes.index(s) for u, s in zip(space.units, cand.sizes)]
     assert base + sum(c[j] for c, j in zip(costs, ix)) == pytest.approx(mid.predict(cand))
+
+
+def test_decode_context_factor_per_context_is_the_whole_decode_step(
+    folder: Path, decode_table: Path, tmp_path: Path
+) -> None:
+    """Each profiled context carries the dense decode graph timed as export times it; the prediction of
+    the dense model there is that measurement, and a subnet's is its block sum scaled alike. A decode
+    table made before the factors predicts bare sums and says once how to add them."""
+    a = resolve_model(str(folder))
+    space = a.space(folder.parent / "space.yaml")
+    t = LatencyTable.load(decode_table)
+    cand = Candidate(tuple(u.sizes[len(u.sizes) // 2] for u in space.units))
+    for c in CONTEXTS:
+        r = t.at_context(c).context
+        assert r is not None and r["dense_measured_ms"] > 0 and r["clock"] and "decoder.onnx" in r["method"]
+        assert r["factor"] == pytest.approx(r["dense_measured_ms"] / r["dense_predicted_ms"])
+        assert 0.2 < r["factor"] < 5  # a gross mismatch of graph or feed, not timing noise
+        p = make_predictor(t, space, a, regime="decode", context=c)
+        assert p.dense_ms() == pytest.approx(r["dense_measured_ms"])
+        assert p.info["decode_context_factors"][str(c)] == pytest.approx(r["factor"])
+        bare = a.predictor(t.at_context(c), space).predict(cand)
+        assert p.predict(cand) == pytest.approx(r["factor"] * bare)
+    res = invoke("tables", "show", decode_table)
+    assert res.exit_code == 0, res.output
+    assert all(f"context {c}: context factor" in res.output for c in CONTEXTS)
+    # the same table without its factors (as profiled before them)
+    for c in CONTEXTS:
+        del t.meta["contexts"][str(c)]["context"]
+    old = tmp_path / "old_decode.parquet"
+    t.save(old)
+    t = LatencyTable.load(old)
+    logs: list[str] = []
+    p = make_predictor(t, space, a, regime="decode", context=8, log=logs.append)
+    make_predictor(t, space, a, regime="decode", context=32, log=logs.append)
+    assert len(logs) == 1 and "no decode context factors" in logs[0] and "--regime decode --context 8,32,96" in logs[0]
+    assert p.predict(cand) == pytest.approx(a.predictor(t.at_context(8), space).predict(cand))
 
 
 def test_outside_the_grid_warns_with_the_extrapolation(folder: Path, decode_table: Path) -> None:

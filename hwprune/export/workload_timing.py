@@ -12,8 +12,8 @@ is interpolated linearly between the sampled ones (attention reads a cache that 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +23,10 @@ from hwprune.latency.backends import Runner, interleave
 from hwprune.latency.predictor import context_weights
 from hwprune.search.workload import Workload
 
-__all__ = ["measure_workload", "sampled_contexts"]
+if TYPE_CHECKING:
+    from hwprune.families._base import Family
+
+__all__ = ["measure_workload", "sampled_contexts", "decode_graph", "step_runners", "graph_inputs", "step_feed"]
 
 PAST = "past_key_values."
 
@@ -34,7 +37,7 @@ def sampled_contexts(workload: Workload) -> list[int]:
     return sorted({ctx[0], ctx[len(ctx) // 2], ctx[-1]})
 
 
-def _inputs(data: bytes) -> tuple[dict[str, list[int | str]], int]:
+def graph_inputs(data: bytes) -> tuple[dict[str, list[int | str]], int]:
     """Graph input name -> dims (int or axis name), and the vocabulary size (last dim of the first output)."""
     import onnx
 
@@ -44,7 +47,10 @@ def _inputs(data: bytes) -> tuple[dict[str, list[int | str]], int]:
     return dims, int(vocab or 2)
 
 
-def _feed(dims: Mapping[str, list[int | str]], vocab: int, *, batch: int, past: int, seq: int) -> dict[str, np.ndarray]:
+def step_feed(
+    dims: Mapping[str, list[int | str]], vocab: int, *, batch: int, past: int, seq: int
+) -> dict[str, np.ndarray]:
+    """A feed of ``seq`` new tokens after ``past`` cached positions (zeros), for a graph with ``dims``."""
     ids = (np.arange(batch * seq, dtype=np.int64).reshape(batch, seq) % max(vocab - 3, 1)) + min(3, vocab - 1)
     feed = {"input_ids": ids, "attention_mask": np.ones((batch, past + seq), dtype=np.int64)}
     for name, d in dims.items():
@@ -52,6 +58,26 @@ def _feed(dims: Mapping[str, list[int | str]], vocab: int, *, batch: int, past: 
             shape = [x if isinstance(x, int) and x > 0 else (batch if k == 0 else past) for k, x in enumerate(d)]
             feed[name] = np.zeros(shape, dtype=np.float32)
     return {k: v for k, v in feed.items() if k in dims}
+
+
+def decode_graph(adapter: "Family", model: Any) -> bytes:
+    """``model``'s one-step decode graph with its KV cache (the family's ``extra_graphs`` role ``decode``)."""
+    g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
+    if g is None:
+        raise HwpruneError(f"{adapter.family} models have no decode graph; decode timing is for LLMs")
+    return g.onnx
+
+
+def step_runners(backend: Backend, onnx: bytes, contexts: Sequence[int], batch: int) -> list[Runner]:
+    """One session of ``onnx``, one runner per context: one new token after ``context`` cached positions."""
+    dims, vocab = graph_inputs(onnx)
+    if "input_ids" not in dims:
+        raise HwpruneError("the decode graph has no input_ids; re-export")
+    feeds = [step_feed(dims, vocab, batch=batch, past=c, seq=1) for c in contexts]
+    first = backend.prepare(onnx, feeds[0])
+    if first is None:
+        raise HwpruneError(f"runtime {backend.name} cannot time decode steps (no runner); use --runtime ort-cpu")
+    return [first, *(Runner(first.session, f, cpu_clock=backend.cpu_clock) for f in feeds[1:])]
 
 
 def measure_workload(
@@ -70,17 +96,17 @@ def measure_workload(
     runners: list[Runner] = []
     slots: list[tuple[str, int | None]] = []  # (model, context or None for the prompt)
     for key, data in graphs.items():
-        dims, vocab = _inputs(data)
+        dims, vocab = graph_inputs(data)
         if "input_ids" not in dims:
             raise HwpruneError(f"{key}: the decode graph has no input_ids; re-export")
-        first = backend.prepare(data, _feed(dims, vocab, batch=b, past=0, seq=workload.prompt))
+        first = backend.prepare(data, step_feed(dims, vocab, batch=b, past=0, seq=workload.prompt))
         if first is None:
             raise HwpruneError(f"runtime {backend.name} cannot time decode steps (no runner); use --runtime ort-cpu")
         runners.append(first)
         slots.append((key, None))
         for c in contexts:
             runners.append(
-                Runner(first.session, _feed(dims, vocab, batch=b, past=c, seq=1), cpu_clock=backend.cpu_clock)
+                Runner(first.session, step_feed(dims, vocab, batch=b, past=c, seq=1), cpu_clock=backend.cpu_clock)
             )
             slots.append((key, c))
     timings = interleave(runners, rounds=rounds, per_round=repeats, warmup=warmup)

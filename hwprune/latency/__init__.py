@@ -56,9 +56,9 @@ def profile(
     ``budget_s`` bounds the timing phase (default: the family's, 120 s for encoders); ``out`` may be
     ``x.parquet`` (``x.json`` is written beside it) or None to keep the table in memory.
     ``regime="decode"``: one new token after a KV cache of each of ``contexts`` positions (``seq`` is 1;
-    ``budget_s`` covers all contexts; see ``Family.measure_decode_latency``). ``context`` (prefill):
-    also time the whole dense model as export does and store the context factor
-    (:mod:`hwprune.latency.context`; a few seconds more).
+    ``budget_s`` covers all contexts; see ``Family.measure_decode_latency``). ``context``: also
+    time the whole dense model as export does and store the context factor (decode tables: one per
+    context; :mod:`hwprune.latency.context`; a few seconds more).
     """
     if regime not in ("prefill", "decode"):
         raise HwpruneError(f"--regime {regime!r} is not one of prefill, decode")
@@ -105,6 +105,13 @@ def profile(
         from hwprune.latency.context import measure_context
 
         table.meta["context"] = measure_context(adapter, backend, table, space, batch=batch, seq=seq)
+        table.profile_seconds = time.perf_counter() - t0
+    elif context:
+        from hwprune.latency.context import measure_decode_context
+
+        per = table.meta.setdefault("contexts", {})
+        for c, rec in measure_decode_context(adapter, backend, table, space, batch=batch).items():
+            per.setdefault(c, {})["context"] = rec
         table.profile_seconds = time.perf_counter() - t0
     if out is not None:
         table.save(out)

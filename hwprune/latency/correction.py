@@ -52,6 +52,8 @@ __all__ = [
     "load_correction",
     "save_correction",
     "corrected",
+    "with_context_factor",
+    "decode_context_info",
 ]
 
 CORRECTION_FORMAT = "hwprune.table-correction/1"
@@ -287,6 +289,39 @@ def corrected(inner: Predictor, table: LatencyTable, *, log: Log = _noop, correc
     }
     scale = factor * (corr.fit.scale if corr else 1.0)
     return CorrectedPredictor(inner, scale=scale, offset_ms=corr.fit.offset_ms if corr else 0.0, info=info)
+
+
+def with_context_factor(inner: Predictor, table: LatencyTable) -> CorrectedPredictor:
+    """``inner`` times ``table``'s context factor only (no calibration correction): a decode table's one
+    context (``LatencyTable.at_context``) or the prefill table of a serving workload."""
+    f = table.context_factor
+    info = {"context_factor": f, "context": "measured at profile time" if table.context is not None else "none: 1"}
+    return CorrectedPredictor(inner, scale=f, info={**info, "correction": None})
+
+
+def decode_context_info(table: LatencyTable, *, log: Log = _noop) -> dict[str, Any]:
+    """What a decode table's predictions are scaled by (per context), as manifests record it; ``log`` gets
+    one line, once, when the table has no factors (profiled before hwprune measured them)."""
+    factors = {str(c): table.at_context(c).context for c in table.contexts}
+    if not all(factors.values()):
+        where = table.path or "the decode table"
+        ctx = ",".join(map(str, table.contexts))
+        _say_once(
+            log,
+            table,
+            "decode-context",
+            f"{where} has no decode context factors (profiled before hwprune measured them): predictions are "
+            "block sums timed in isolation, which ran ~25 % faster than the whole decoder on SmolLM2; re-profile "
+            f"to add them: hwprune profile --model {table.model} --regime decode --context {ctx} -o "
+            f"{table.path or 'TABLE.parquet'}",
+        )
+        return {"context_factor": 1.0, "context": "none (decode table predates them): 1", "correction": None}
+    return {
+        "context_factor": 1.0,  # applied per context, before interpolation:
+        "decode_context_factors": {c: float(r["factor"]) for c, r in factors.items() if r},
+        "context": "measured at profile time, per KV-cache length",
+        "correction": None,
+    }
 
 
 def _check_machine(corr: Correction, table: LatencyTable, log: Log) -> None:

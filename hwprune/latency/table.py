@@ -128,6 +128,10 @@ class LatencyTable:
             path=self.path,
         )
 
+    def per_context(self) -> dict[int, "LatencyTable"]:
+        """Every measured context's :meth:`at_context` table."""
+        return {c: self.at_context(c) for c in self.contexts}
+
     def check_regime(self, regime: str) -> None:
         """One line when this table was profiled for the other regime than the one asked for."""
         if self.regime == regime:
