@@ -9,7 +9,10 @@ Subnets are drawn as ``bench_latency.py`` draws them (dense, smallest, uniform h
 removed, then random ones with removed blocks and sublayers among them), pruned with random kept indices,
 and exported as ``hwprune export`` writes ``decoder.onnx``. Each is timed with the table's backend
 settings at every ``--context``: one new token after a KV cache of that many positions, one session per
-graph shared by its contexts, all graphs of a chunk in shuffled interleaved rounds (``common_mode``),
+graph shared by its contexts, all graphs of a chunk in shuffled interleaved rounds (``common_mode``) of
+``--per-round`` consecutive calls per graph and context (10, as ``hwprune export`` times decode steps and
+as a generating model calls its own session; ``--per-round 1`` switches graphs on every call, which on
+SmolLM2 measured every graph ~25 % slower than either),
 beside the dense model's graph in two sessions (one created before the chunk's subnets, one after: the
 dense-vs-dense control). The prediction is the table's (``make_predictor(..., regime="decode",
 context=c)``, interpolated between the table's contexts). Raw error is the headline (``mape_pct`` per
@@ -65,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="subnets timed together (their sessions, about 2x the weights each, held at once)",
     )
     ap.add_argument("--seconds", type=float, default=40.0, help="interleaved timing per chunk")
+    ap.add_argument(
+        "--per-round", type=int, default=10, help="consecutive calls per graph and context in a round (export: 10)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
     return ap.parse_args(argv)
@@ -74,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out) if a.out else OUT_DIR / f"decode_latency_{stem(a.model)}.json"
     try:
-        if a.subnets < 1 or a.chunk < 1 or a.seconds <= 0:
-            raise HwpruneError("--subnets and --chunk must be >= 1 and --seconds > 0")
+        if a.subnets < 1 or a.chunk < 1 or a.seconds <= 0 or a.per_round < 1:
+            raise HwpruneError("--subnets, --chunk and --per-round must be >= 1 and --seconds > 0")
         adapter = load_adapter(a.model)
         table = LatencyTable.load(a.table)
         table.check_model(adapter)
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in everything:
                 r.sample(3)
                 r.log.reset()
-            ts = interleave(everything, seconds=a.seconds, common_mode=True, warmup=0, seed=int(rng.integers(1 << 31)))
+            seed = int(rng.integers(1 << 31))
+            ts = interleave(everything, seconds=a.seconds, per_round=a.per_round, common_mode=True, warmup=0, seed=seed)
             k = len(contexts)
             dense_t, second_t = ts[:k], ts[-k:]
             controls.append(
@@ -144,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             "table_created": table.created,
             "table_contexts": list(table.contexts),
             "contexts": contexts,
-            "settings": {**settings, "subnets": len(subnets), "chunk": a.chunk, "seconds_per_chunk": a.seconds},
+            "settings": {
+                **settings,
+                "subnets": len(subnets),
+                "chunk": a.chunk,
+                "seconds_per_chunk": a.seconds,
+                "per_round": a.per_round,
+            },
             **summarize(rows),
             "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},
             "dense_control_pct": [round(max(d.values(), key=abs), 3) for d in controls],

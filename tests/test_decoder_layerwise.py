@@ -146,6 +146,29 @@ def test_level_cache_is_bounded() -> None:
     assert len(state._levels) == 1
 
 
+def test_a_trial_holds_the_level_cache_and_one_block() -> None:
+    """The scoring view asks for a block's reconstructed weights when it reaches the block: with a cache of
+    one level the scores are still the pruned model's, and the cache is sized by the model."""
+    a = _adapter("llama")
+    space = a.space()
+    data = CalibData(calib=_inputs(16, 16, 1), heldout=_inputs(4, 16, 2), source="random ids")
+    state: Any = fit_proxy("obs", a, space, data, progress=False)
+    dense_bytes = sum(p.numel() * p.element_size() for p in a.dense().parameters())
+    assert state.cache_bytes == min(database.LEVEL_CACHE_BYTES, int(database.LEVEL_CACHE_SHARE * dense_bytes))
+    cand = Candidate(tuple(u.sizes[len(u.sizes) // 2] for u in space.units))
+    built = state.build(cand)
+    state.cache_bytes = 1
+    state._levels.clear()
+    view = state.scoring_model(cand)
+    assert callable(view.overrides) and not state._levels  # nothing reconstructed before the blocks run
+    x = _inputs(3, 10, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            view(x["input_ids"], x["attention_mask"]), built(x["input_ids"], x["attention_mask"]), rtol=1e-5, atol=1e-5
+        )
+    assert len(state._levels) == 1
+
+
 def test_spill_policy_follows_the_model_size() -> None:
     from hwprune.families.decoder.config import named_config
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from hwprune.export.candidate import candidate_onnx, timing_feed
-from hwprune.export.manifest import Prediction, build_manifest, read_manifest
+from hwprune.export.manifest import Prediction, build_manifest, drift_warning, read_manifest
 from hwprune.export.measure import (
     CONTROL_TOL_PCT,
     DENSE,
@@ -109,9 +109,21 @@ def test_manifest_states_control_wall_clock_and_raw_error_first(graphs: Any) -> 
     assert man["dense_prediction_error_pct"] == pytest.approx(100 * (0.2 - meas.dense_ms) / meas.dense_ms)
     assert man["dense_control_pct"] == cmp.control_pct and man["control_tol_pct"] == CONTROL_TOL_PCT
     assert man["measured_wall_ms"] == cmp.pruned["c1"].wall_ms and man["dense_measured_wall_ms"] == cmp.dense.wall_ms
-    assert man["warnings"] == cmp.warnings(["c1"])
+    drift = drift_warning(man["dense_prediction_error_pct"])  # 0.2 ms predicted: far from any real timing
+    assert man["warnings"] == cmp.warnings(["c1"]) + ([drift] if drift else [])
     assert "prediction_error_drift_adjusted_pct" not in man and "dense_drift_pct" not in man
     assert man["timings"]["session_order"] == "mirrored" and len(man["timings"]["dense"]["sessions_ms"]) == 2
+
+
+def test_a_dense_model_far_from_its_table_is_a_warning() -> None:
+    """The machine drifted since the profile (SmolLM2's decode step timed 33 ms one day, 44 ms the next on
+    this shared machine): the manifest says so, with the size and the fix."""
+    assert drift_warning(None) is None and drift_warning(4.9) is None and drift_warning(-5.0) is None
+    w = drift_warning(-25.0)  # predicted 25 % below measured: measured = predicted / 0.75
+    assert w is not None and "measured 33 % slower than its latency table predicts" in w
+    assert "hwprune calibrate RUN --remeasure" in w
+    w = drift_warning(10.0)
+    assert w is not None and "9 % faster" in w
 
 
 def test_a_control_beyond_the_claimed_precision_is_a_warning() -> None:

@@ -112,6 +112,10 @@ def build_manifest(
     pred, dense_pred = prediction.predicted_ms, prediction.dense_predicted_ms
     meas, dense_meas = measurement.measured_ms, measurement.dense_ms
     evidence = measurement.evidence_json()  # dense_control_pct, wall ms, cpu_excess_pct, warnings
+    dense_err = None if dense_pred is None else 100.0 * (dense_pred - dense_meas) / dense_meas
+    drift = drift_warning(dense_err)
+    if drift:
+        evidence["warnings"] = [*(evidence.get("warnings") or []), drift]
     return {
         "format": MANIFEST_FORMAT,
         "target_speedup": prediction.target_speedup,
@@ -125,7 +129,7 @@ def build_manifest(
         "speedup_error_pct": None
         if pred is None or dense_pred is None
         else 100 * (pred * dense_meas / dense_pred - meas) / meas,
-        "dense_prediction_error_pct": None if dense_pred is None else 100.0 * (dense_pred - dense_meas) / dense_meas,
+        "dense_prediction_error_pct": dense_err,
         "base_predicted_ms": prediction.base_predicted_ms,
         "dense_base_predicted_ms": prediction.dense_base_predicted_ms,
         "latency_model": dict(prediction.latency_model) if prediction.latency_model is not None else None,
@@ -149,6 +153,25 @@ def build_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": dict(extra or {}),
     }
+
+
+DENSE_DRIFT_TOL_PCT = 5.0  # the dense model's own raw error above which the table no longer describes the machine
+
+
+def drift_warning(dense_error_pct: float | None) -> str | None:
+    """One line when the dense model, measured now, is far from what its table predicts: the machine
+    changed since the profile (another tenant, clocks, memory bandwidth), so every raw prediction of this
+    export is off by about as much; the speedups, measured in one process, still stand."""
+    if dense_error_pct is None or abs(dense_error_pct) <= DENSE_DRIFT_TOL_PCT:
+        return None
+    way = "slower" if dense_error_pct < 0 else "faster"
+    meas = 100.0 / (1.0 + dense_error_pct / 100.0) - 100.0  # measured vs predicted, in % of the prediction
+    return (
+        f"the dense model measured {abs(meas):.0f} % {way} than its latency table predicts: this machine is not "
+        "timing as it did when the table was profiled (load, clocks or memory bandwidth), so raw predictions are "
+        "off by about that much; re-profile when the machine is as it will be in use, or fit a correction: "
+        "hwprune calibrate RUN --remeasure"
+    )
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

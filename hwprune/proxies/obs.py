@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["obs_order", "ls_weights", "damped"]
+__all__ = ["obs_order", "ls_weights", "ls_weights_rows", "damped"]
 
 
 def damped(cov: torch.Tensor, damp: float, *, inplace: bool = False) -> torch.Tensor:
@@ -123,5 +123,11 @@ def obs_order(
 
 def ls_weights(weight: torch.Tensor, hd: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """argmin_W' trace((W - W'_K) Hd (W - W'_K)^T) with W' zero outside ``cols``: W Hd[:,K] Hd[K,K]^-1."""
-    chol = torch.linalg.cholesky(hd[cols][:, cols])
-    return torch.cholesky_solve(hd[cols] @ weight.T, chol).T
+    return ls_weights_rows(weight, hd[cols], cols)
+
+
+def ls_weights_rows(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:func:`ls_weights` from ``rows = Hd[cols]`` only (len(cols) x in): a caller that builds Hd for this
+    one solve can drop it before the Cholesky (on an 8192-wide projection, 268 MB of float32)."""
+    chol = torch.linalg.cholesky(rows[:, cols])
+    return torch.cholesky_solve(rows @ weight.T, chol).T

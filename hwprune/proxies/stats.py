@@ -97,9 +97,10 @@ class SublayerStats:
 
     def cov(self) -> torch.Tensor:
         """E[(x - mu)(x - mu)^T]: the Hessian when the bias absorbs the mean of what is removed."""
-        mu = self.mean
-        c = self.second_moment().sub_(torch.outer(mu, mu).to(self.dtype))
-        return (c + c.T) / 2
+        mu = self.mean.to(self.dtype)
+        c = self.second_moment().addr_(mu, mu, alpha=-1.0)  # in place: no width^2 outer product
+        s = c + c.T  # symmetric to rounding; one width^2 temporary, c freed on return
+        return s.mul_(0.5)
 
     @property
     def resid_energy(self) -> float:

@@ -104,7 +104,8 @@ def ensure_stats(
 
 
 SPILL_BYTES = 1 << 30  # statistics of a whole model above this go to disk, one layer at a time
-LEVEL_CACHE_BYTES = 512 << 20  # reconstructed weights kept for reuse across trials
+LEVEL_CACHE_BYTES = 512 << 20  # reconstructed weights kept for reuse across trials, at most ...
+LEVEL_CACHE_SHARE = 0.05  # ... this share of the dense weights (a trial's peak memory is weights + cache + one block)
 
 
 def stats_bytes(cfg: DecoderConfig) -> int:
@@ -138,7 +139,8 @@ class DecoderState(ProxyState):
         self.tracks, self.meta = tracks, dict(meta or {})
         # reconstructed levels, least recently used first; bounded so a wide model's search stays lean
         self._levels: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
-        self.cache_bytes = LEVEL_CACHE_BYTES
+        dense_bytes = sum(p.numel() * p.element_size() for p in adapter.dense().parameters())
+        self.cache_bytes = min(LEVEL_CACHE_BYTES, int(LEVEL_CACHE_SHARE * dense_bytes))
 
     def unit_errors(self) -> list[np.ndarray]:
         """Per unit (space order), the error at each of ``unit.sizes``: float64, 0 at full, non-increasing."""
@@ -177,11 +179,24 @@ class DecoderState(ProxyState):
             size -= sum(t.nbytes for t in lv.values())
 
     def scoring_model(self, cand: Candidate) -> nn.Module:
-        """The pruned model as a :class:`PrunedView`: blocks sliced one at a time while the scorer runs."""
-        plan, overrides = self.materialize(cand)
+        """The pruned model as a :class:`PrunedView`: blocks sliced one at a time while the scorer runs,
+        each block's reconstructed weights made (or taken from the level cache) when it is reached, so a
+        trial holds the cache plus one block, not every reconstructed projection of the candidate."""
+        kept = self.kept(cand)
+        plan = self.adapter.plan(kept, proxy=self.name, candidate=cand.key())
+        by_layer: dict[int, list[int]] = {}
+        for j, t in enumerate(self.tracks):
+            by_layer.setdefault(int(t.unit.layer), []).append(j)
+
+        def layer_overrides(i: int) -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {}
+            for j in by_layer.get(i, []):
+                out.update(self.level(j, cand.sizes[j]))
+            return out
+
         dense = self.adapter.dense()
         assert isinstance(dense, Decoder)
-        return PrunedView(dense, plan.units, overrides)
+        return PrunedView(dense, plan.units, layer_overrides)
 
     def materialize(self, cand: Candidate) -> tuple[Plan, dict[str, torch.Tensor]]:
         kept = self.kept(cand)

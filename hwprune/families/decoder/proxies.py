@@ -36,7 +36,7 @@ from hwprune.families._base import Family
 from hwprune.proxies._base import CalibData, register_proxy
 from hwprune.proxies.database import Track, curve, prefix_errors
 from hwprune.proxies.flap import compensated_bias, fluctuation
-from hwprune.proxies.obs import damped, ls_weights, obs_order
+from hwprune.proxies.obs import damped, ls_weights_rows, obs_order
 from hwprune.proxies.stats import SublayerStats, num_threads, progress_bar
 from hwprune.space import PruningSpace
 
@@ -248,13 +248,17 @@ class ObsState(DecoderState):
         _, b, st = self._params[index]
         return damped(st.cov() if b is not None else st.second_moment(), self.damp, inplace=True)
 
+    def _hessian_rows(self, index: int, cols: torch.Tensor) -> torch.Tensor:
+        """``hessian(index)[cols]``; the full matrix is freed on return, before the solve."""
+        return self.hessian(index)[cols]
+
     def _reconstruct(self, index: int, cols: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         w32, b32, st = self._params[index]
         w, b, mu = w32.to(st.dtype), (b32.double() if b32 is not None else None), st.mean
         if len(cols) == 0:
             return None, (b + w.double() @ mu) if b is not None else None
         with num_threads(1):  # one mid-size Cholesky: threads cost more than they bring
-            new = ls_weights(w, self.hessian(index), cols)
+            new = ls_weights_rows(w, self._hessian_rows(index, cols), cols)
         if b is None:
             return new, None
         return new, b + w.double() @ mu - new.double() @ mu[cols]

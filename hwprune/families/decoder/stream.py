@@ -40,12 +40,13 @@ class PrunedView(nn.Module):
         self,
         dense: Decoder,
         kept: Mapping[str, Iterable[int]],
-        overrides: Mapping[str, torch.Tensor] | None = None,
+        overrides: Mapping[str, torch.Tensor] | Callable[[int], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self._dense = [dense]  # a list: not registered as a submodule (its parameters are not ours)
         self.kept = {k: tuple(v) for k, v in kept.items()}
-        self.overrides = dict(overrides or {})
+        # a mapping, or layer -> that layer's overrides, asked for when the block is built
+        self.overrides = overrides if callable(overrides) else dict(overrides or {})
 
     @property
     def dense(self) -> Decoder:
@@ -59,7 +60,8 @@ class PrunedView(nn.Module):
 
     def blocks(self) -> Iterator[Block]:
         for i in range(self.dense.config.num_layers):
-            yield prune_block(self.dense, i, self.kept, self.overrides)
+            ov = self.overrides(i) if callable(self.overrides) else self.overrides
+            yield prune_block(self.dense, i, self.kept, ov)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         (x,) = run_layer_major(self, [(input_ids, attention_mask)])  # type: ignore[arg-type]  # duck-typed
