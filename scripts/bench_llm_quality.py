@@ -33,6 +33,17 @@ Peer fronts: per target, the ``--front`` members of each peer nearest to the hwp
 latency (one predicted slower, the rest predicted at or below it, least pruned first), pooled over
 targets. For each target and peer the result names the lowest-perplexity member *measured* at or below
 the hwprune pick's measured latency. The three searches' scratch folders (``--run``) are recreated.
+
+Decode regime (issue 9, benchmark 3): ``--regime decode --workload prompt=64,new=128 --table T_decode``
+(a decode table, ``hwprune profile --regime decode``). The searches minimise the workload's mean decode
+step (1 / tokens-per-second) from that table, and every model is timed on its ``decoder.onnx`` as
+``hwprune export`` times decode steps (:func:`hwprune.export.workload_timing.measure_workload`, one chunk
+at a time with the dense model, plus a second dense session created last as a control): "measured ms"
+is then the mean decode step and the speedup is in tokens/s. ``--prefill-table T`` adds a fourth search,
+``hwprune_prefill``: the same proxy and trials, minimising prompt latency from that table instead. Both
+hwprune searches' picks are then also timed on the prompt graph (seq of that table), so
+``regime_comparison`` shows per target whether the two regimes choose different subnets and whether each
+wins on its own regime.
 """
 
 from __future__ import annotations
@@ -64,16 +75,20 @@ from hwprune.api import default_table_path, load_adapter, make_predictor
 from hwprune.errors import HwpruneError, TargetUnreachableError
 from hwprune.export.candidate import candidate_onnx, timing_feed
 from hwprune.export.measure import measure_dense_and_pruned
+from hwprune.export.workload_timing import decode_graph, measure_workload
 from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
+from hwprune.latency.correction import with_context_factor
 from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.proxies.stats import length_batches
 from hwprune.search import SearchConfig
 from hwprune.search.run import check_reachable, search
+from hwprune.search.workload import parse_workloads, workload_predictor
 from hwprune.space import Candidate, PruningSpace
 
 PEERS = ("shortgpt", "flap", "magnitude")
-VARIANTS = ("hwprune", "depth_only", "width_only")
+VARIANTS = ("hwprune", "depth_only", "width_only", "hwprune_prefill")
+HWPRUNE = ("hwprune", "hwprune_prefill")  # the unrestricted space (the obs state itself)
 SESSION_FACTOR = 2  # an ORT session holds its weights about twice (initializers and prepacked copies)
 HEADROOM = 1 << 30  # bytes left free for torch, Python and the OS while sessions are loaded
 
@@ -99,6 +114,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs per model before the first round")
     ap.add_argument("--chunk", type=int, default=0, help="models per timing call besides dense (0: all that fit)")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch threads for scoring (default: torch's)")
+    ap.add_argument(
+        "--regime",
+        choices=("prefill", "decode"),
+        default="prefill",
+        help="what the searches minimise and what is timed",
+    )
+    ap.add_argument("--workload", default="prompt=64,new=128", help="--regime decode: one workload (hwprune search)")
+    ap.add_argument("--prefill-table", default=None, help="--regime decode: also search prompt latency (this table)")
     ap.add_argument("--run", default=None, help="searches' scratch folder (default runs/bench_llm_quality_<model>)")
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/llm_quality_<model>.json)")
     return ap.parse_args(argv)
@@ -128,6 +151,16 @@ def check_args(a: argparse.Namespace, targets: Sequence[float]) -> None:
         raise HwpruneError(f"--front must be >= 2, --warmup and --chunk >= 0 (got {a.front}, {a.warmup}, {a.chunk})")
     if a.torch_threads is not None and a.torch_threads < 1:
         raise HwpruneError(f"--torch-threads must be >= 1 (got {a.torch_threads})")
+    if a.regime == "decode":
+        if not a.table:
+            raise HwpruneError(
+                "--regime decode needs --table, a decode table: hwprune profile --model M --regime decode "
+                "--context 64,128,256 -o T_decode.parquet"
+            )
+        if len(parse_workloads(a.workload, "decode")) != 1:
+            raise HwpruneError(f"--workload {a.workload!r}: this benchmark takes one workload, not a mix")
+    elif a.prefill_table:
+        raise HwpruneError("--prefill-table is for --regime decode (it adds a prompt-latency search to compare)")
 
 
 # ---- text sets --------------------------------------------------------------------------------------
@@ -288,9 +321,10 @@ def compare(
             continue
         pick_ms = rows[pick]["measured_ms"]
         entry: dict[str, Any] = {"hwprune": pick, "measured_ms": pick_ms}
-        for variant in ("depth_only", "width_only"):
+        for variant in VARIANTS[1:]:
             name = f"{variant}@{t:g}x"
-            entry[variant] = name if name in rows else None
+            if variant != "hwprune_prefill" or name in rows:
+                entry[variant] = name if name in rows else None
         for peer, names in fronts.items():
             ok = [n for n in names if rows[n]["measured_ms"] <= pick_ms]
             best = min(ok, key=lambda n: (rows[n]["perplexity"], n)) if ok else None
@@ -301,10 +335,48 @@ def compare(
     return out
 
 
+def regime_comparison(rows: Mapping[str, dict[str, Any]], targets: Sequence[float]) -> dict[str, Any]:
+    """Per target: the decode-regime pick and the prefill-regime pick, each with its tokens/s speedup,
+    prompt speedup and perplexity, and which regime each wins."""
+    out: dict[str, Any] = {}
+    for t in targets:
+        d, p = rows.get(f"hwprune@{t:g}x"), rows.get(f"hwprune_prefill@{t:g}x")
+        if d is None or p is None:
+            continue
+        keys = ("measured_speedup", "prompt_measured_speedup", "perplexity", "kl", "candidate_key")
+        out[f"{t:g}"] = {
+            "decode_pick": {k: d.get(k) for k in keys},
+            "prefill_pick": {k: p.get(k) for k in keys},
+            "same_subnet": d.get("candidate_key") == p.get("candidate_key"),
+            "faster_in_tokens_per_s": "decode_pick"
+            if d["measured_speedup"] >= p["measured_speedup"]
+            else "prefill_pick",
+            "faster_in_prompt": "decode_pick"
+            if d["prompt_measured_speedup"] >= p["prompt_measured_speedup"]
+            else "prefill_pick",
+            "lower_perplexity": "decode_pick" if d["perplexity"] <= p["perplexity"] else "prefill_pick",
+        }
+    return out
+
+
+def print_regimes(cmp: Mapping[str, Any]) -> None:
+    print(
+        f"\nregimes: the same target searched for tokens/s (decode) and for prompt latency (prefill, seq "
+        f"{cmp['prompt_seq']})"
+    )
+    for t, e in cmp.get("per_target", {}).items():
+        for k in ("decode_pick", "prefill_pick"):
+            r = e[k]
+            print(
+                f"{t:>6} {k:13s} tokens/s {r['measured_speedup']:.2f}x  prompt {r['prompt_measured_speedup']:.2f}x  "
+                f"ppl {r['perplexity']:.3f}  ({r['candidate_key']})"
+            )
+
+
 def print_table(rows: Mapping[str, dict[str, Any]], per_target: Mapping[str, Any], fronts: Mapping[str, Any]) -> None:
     print(f"{'target':>6} {'model':30s} {'ms':>8} {'speedup':>7} {'pred':>6} {'ppl':>10} {'KL':>7}")
     for t, e in per_target.items():
-        shown = [(f" ({v})", e[v]) for v in VARIANTS]
+        shown = [(f" ({v})", e[v]) for v in VARIANTS if v in e]
         shown += [(f" (best {p})", e[p]["best"]) for p in fronts]
         for label, n in shown:
             if n is None:
@@ -337,6 +409,7 @@ def plot(
     fronts: Mapping[str, list[str]],
     targets: Sequence[float],
     title: str,
+    xlabel: str = "measured speedup over dense (ONNX Runtime)",
 ) -> None:
     """Perplexity (log) vs measured speedup: peer fronts as lines, hwprune's picks as markers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -362,6 +435,7 @@ def plot(
         "hwprune": ("*", "tab:red", 14),
         "depth_only": ("D", "tab:purple", 8),
         "width_only": ("v", "tab:orange", 9),
+        "hwprune_prefill": ("P", "tab:brown", 10),
     }
     for variant, (m, color, size) in marks.items():
         x, y = pts([n for n, r in models.items() if r["method"] == variant])
@@ -372,7 +446,7 @@ def plot(
     for t in targets:
         ax.axvline(t, color="gray", linestyle=":", linewidth=1)
     ax.set_yscale("log")
-    ax.set_xlabel("measured speedup over dense (ONNX Runtime)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("report-set perplexity (log)")
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -428,6 +502,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
     phase("load")
 
     # ---- latency table
+    decode = a.regime == "decode"
     table_source = "given"
     table_path = Path(a.table) if a.table else None
     if table_path is None:
@@ -452,15 +527,37 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
             )
     table = LatencyTable.load(table_path)
     table.check_model(adapter)
+    table.check_regime(a.regime)
     settings = dict(table.settings)
     runtime, threads = str(settings.get("runtime", "ort-cpu")), int(settings.get("threads", 1))
     batch, seq = int(settings.get("batch", 1)), int(settings.get("seq", 128))
-    if a.seq is not None and a.seq != seq:
+    if decode:
+        seq = a.seq or 128  # the text sets' rows; a decode table's own seq is its one new token
+    elif a.seq is not None and a.seq != seq:
         raise HwpruneError(f"--seq {a.seq} but the table {table_path} was measured at seq {seq}; drop one of them")
     warnings = table.machine_warnings(runtime, threads)
+    wls = parse_workloads(a.workload, "decode") if decode else []
+    ptable = LatencyTable.load(a.prefill_table) if a.prefill_table else None
+    if ptable is not None:
+        ptable.check_model(adapter)
+        ptable.check_regime("prefill")
+
+    def objective(sp: PruningSpace) -> Any:
+        """What a search over ``sp`` minimises: the workload's mean decode step, or prompt latency."""
+        if not decode:
+            return make_predictor(table, sp, adapter)
+        wp = workload_predictor(
+            "decode",
+            wls,
+            tables={"decode": table},
+            predictor=lambda t: with_context_factor(adapter.predictor(t, sp), t),
+        )
+        warnings.extend(w for w in wp.warnings if w not in warnings)
+        return wp
+
+    predictor = objective(space)
     for w in warnings:
         print("warning:", w)
-    predictor = make_predictor(table, space, adapter)
     dense_pred = predictor.dense_ms()
     check_reachable(SearchConfig(targets=targets, margin=a.margin), predictor)  # before any long step
     phase(f"table ({table_source})")
@@ -484,12 +581,18 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
     # ---- searches
     select_scorer = adapter.scorer(select_calib)
     spaces = {"hwprune": space, "depth_only": restricted(space, "depth"), "width_only": restricted(space, "width")}
+    if ptable is not None:
+        spaces["hwprune_prefill"] = space
     search_info: dict[str, dict[str, Any]] = {}
     picks: dict[str, dict[float, Any]] = {}
     for variant, sp in spaces.items():
-        trials = a.trials if variant == "hwprune" else (a.restricted_trials or a.trials)
-        state = states["obs"] if variant == "hwprune" else restrict_state(states["obs"], sp)
-        pred = predictor if variant == "hwprune" else make_predictor(table, sp, adapter)
+        trials = a.trials if variant in HWPRUNE else (a.restricted_trials or a.trials)
+        state = states["obs"] if variant in HWPRUNE else restrict_state(states["obs"], sp)
+        if variant == "hwprune_prefill":
+            assert ptable is not None
+            pred = make_predictor(ptable, sp, adapter)
+        else:
+            pred = predictor if variant == "hwprune" else objective(sp)
         ok = list(targets)
         info: dict[str, Any] = {"space": sp.source, "space_size": sp.size(), "trials": trials}
         while ok:
@@ -524,7 +627,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
     Builder = Callable[[], nn.Module]
     entries: dict[str, tuple[Builder, Candidate, dict[str, Any]]] = {}
     for variant, vp in picks.items():
-        st = states["obs"] if variant == "hwprune" else restrict_state(states["obs"], spaces[variant])
+        st = states["obs"] if variant in HWPRUNE else restrict_state(states["obs"], spaces[variant])
         for t, ev in vp.items():
             extra = {
                 "method": variant,
@@ -558,7 +661,18 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
     rows: dict[str, dict[str, Any]] = {}
     try:
         dense_onnx = onnx_dir / "dense.onnx"
-        candidate_onnx(adapter, dense, batch=batch, seq=seq, path=dense_onnx)
+        pseq = int(ptable.settings.get("seq", 128)) if ptable is not None else seq
+
+        def export(model: nn.Module, path: Path) -> None:
+            """The graph this regime times: decoder.onnx for decode, the prompt graph otherwise."""
+            if decode:
+                path.write_bytes(decode_graph(adapter, model))
+            else:
+                candidate_onnx(adapter, model, batch=batch, seq=seq, path=path)
+
+        export(dense, dense_onnx)
+        if ptable is not None:
+            candidate_onnx(adapter, dense, batch=batch, seq=pseq, path=onnx_dir / "dense_prompt.onnx")
         rows["dense"] = {
             "method": "dense",
             **layout(space, space.dense()),
@@ -574,6 +688,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
             rows[n] = {
                 **extra,
                 "candidate_key": cand.key(),
+                "_cand": cand,
                 **layout(space, cand),
                 "predicted_ms": predictor.predict(cand),
                 "perplexity": float(sc["perplexity"]),
@@ -581,8 +696,11 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
                 "top1_agreement": float(sc["top1_agreement"]),
                 "params": sum(p.numel() for p in model.parameters()),
             }
-            candidate_onnx(adapter, model, batch=batch, seq=seq, path=onnx_dir / f"m{i}.onnx")
+            export(model, onnx_dir / f"m{i}.onnx")
             rows[n]["_onnx"] = str(onnx_dir / f"m{i}.onnx")
+            if ptable is not None and extra.get("method") in HWPRUNE:
+                candidate_onnx(adapter, model, batch=batch, seq=pseq, path=onnx_dir / f"p{i}.onnx")
+                rows[n]["_prompt_onnx"] = str(onnx_dir / f"p{i}.onnx")
             del model
             print(f"  {n:28s} ppl {rows[n]['perplexity']:10.3f}  kl {rows[n]['kl']:.4f}", flush=True)
         phase(f"build, score and export {len(entries) + 1} models")
@@ -600,27 +718,73 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
         chunks = [names[i : i + per] for i in range(0, len(names), per)] or [[]]
         dense_per_chunk: list[float] = []
         got: dict[str, tuple[float, float, int, float]] = {}  # name -> (ms, speedup, chunk, spread %)
+        controls: list[float | None] = []
+        workload_rows: dict[str, dict[str, Any]] = {}
         for ci, chunk in enumerate(chunks):
             pruned = {n: Path(rows[n]["_onnx"]).read_bytes() for n in chunk}
-            cmp = measure_dense_and_pruned(
-                backend,
-                dense=dense_bytes,
-                pruned=pruned,
-                feed=feed,
-                rounds=a.rounds,
-                repeats=a.repeats,
-                warmup=a.warmup,
-            )
+            if decode:  # as export times decode steps; the dense graph again, loaded last: the control
+                graphs = {"dense": dense_bytes, **pruned, "dense (control)": dense_bytes}
+                wt = measure_workload(backend, graphs, wls[0], rounds=a.rounds, repeats=a.repeats, warmup=a.warmup)
+                d_ms = wt["dense"]["decode_step_ms"]
+                dense_per_chunk.append(d_ms)
+                controls.append(100.0 * (wt["dense (control)"]["decode_step_ms"] / d_ms - 1))
+                for n in chunk:
+                    got[n] = (wt[n]["decode_step_ms"], d_ms / wt[n]["decode_step_ms"], ci, None)
+                    workload_rows[n] = wt[n]
+                workload_rows.setdefault("dense", wt["dense"])
+            else:
+                cmp = measure_dense_and_pruned(
+                    backend,
+                    dense=dense_bytes,
+                    pruned=pruned,
+                    feed=feed,
+                    rounds=a.rounds,
+                    repeats=a.repeats,
+                    warmup=a.warmup,
+                )
+                dense_per_chunk.append(cmp.dense.median_ms)
+                controls.append(cmp.control_pct)
+                for n in chunk:
+                    m = cmp.pruned[n]
+                    got[n] = (m.median_ms, cmp.speedup(n), ci, m.spread_pct)
             del pruned
-            dense_per_chunk.append(cmp.dense.median_ms)
-            for n in chunk:
-                m = cmp.pruned[n]
-                got[n] = (m.median_ms, cmp.speedup(n), ci, m.spread_pct)
             gc.collect()
-            print(f"  timed chunk {ci + 1}/{len(chunks)}: dense {cmp.dense.median_ms:.1f} ms", flush=True)
+            print(
+                f"  timed chunk {ci + 1}/{len(chunks)}: dense {dense_per_chunk[-1]:.1f} ms, control "
+                f"{controls[-1] if controls[-1] is not None else float('nan'):+.1f} %",
+                flush=True,
+            )
         timing_settings = {
-            k: cmp.settings[k] for k in ("runtime", "runtime_version", "threads", "rounds", "repeats", "warmup")
+            "runtime": runtime,
+            "runtime_version": backend.version(),
+            "threads": threads,
+            "rounds": a.rounds,
+            "repeats": a.repeats,
+            "warmup": a.warmup,
+            "dense_control_pct_per_chunk": controls,
         }
+        regime_cmp: dict[str, Any] = {}
+        if ptable is not None:  # both hwprune searches' picks on the prompt graph too
+            both = [n for n in names if "_prompt_onnx" in rows[n]]
+            pc = measure_dense_and_pruned(
+                backend,
+                dense=(onnx_dir / "dense_prompt.onnx").read_bytes(),
+                pruned={n: Path(rows[n]["_prompt_onnx"]).read_bytes() for n in both},
+                feed=timing_feed(adapter, batch=batch, seq=pseq),
+                rounds=a.rounds,
+            )
+            for n in both:
+                rows[n].update(
+                    prompt_measured_ms=pc.pruned[n].median_ms,
+                    prompt_measured_speedup=pc.speedup(n),
+                    prompt_predicted_ms=make_predictor(ptable, space, adapter).predict(rows[n]["_cand"]),
+                )
+            regime_cmp = {
+                "prompt_seq": pseq,
+                "prompt_dense_ms": pc.dense.median_ms,
+                "prompt_control_pct": pc.control_pct,
+            }
+            print(f"  timed {len(both)} hwprune picks on the prompt graph (seq {pseq})", flush=True)
         phase(f"timing ({len(chunks)} chunk(s))")
     finally:
         tmp.cleanup()
@@ -628,7 +792,11 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
     rows["dense"].update(measured_ms=dense_ms, measured_speedup=1.0, predicted_speedup=1.0)
     for n, (raw_ms, speedup, ci, spread) in got.items():
         r = rows[n]
-        r.pop("_onnx", None)
+        for k in ("_onnx", "_prompt_onnx", "_cand"):
+            r.pop(k, None)
+        if n in workload_rows:
+            w = workload_rows[n]
+            r["workload_measured"] = {k: w[k] for k in ("ttft_ms", "decode_ms", "decode_step_ms", "tokens_per_s")}
         r.update(
             measured_ms=dense_ms / speedup,
             measured_speedup=speedup,
@@ -638,16 +806,31 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
             predicted_speedup=dense_pred / r["predicted_ms"],
         )
 
+    if "dense" in workload_rows:
+        w = workload_rows["dense"]
+        rows["dense"]["workload_measured"] = {
+            k: w[k] for k in ("ttft_ms", "decode_ms", "decode_step_ms", "tokens_per_s")
+        }
     per_target = compare(rows, fronts, targets)
+    if regime_cmp:
+        regime_cmp["per_target"] = regime_comparison(rows, targets)
+        print_regimes(regime_cmp)
     print(f"\ndense: {dense_ms:.1f} ms measured, perplexity {dense_ppl:.3f} on {len(sets['report'])} report texts")
     print_table(rows, per_target, fronts)
 
     png = out.with_suffix(".png")
-    plot(png, rows, fronts, targets, f"{adapter.name}: quality vs measured speedup (seq {seq}, no fine-tuning)")
+    if decode:
+        title = f"{adapter.name}: quality vs measured tokens/s ({a.workload}, no fine-tuning)"
+        plot(png, rows, fronts, targets, title, xlabel="measured tokens/s speedup over dense (decoder.onnx, ORT)")
+    else:
+        plot(png, rows, fronts, targets, f"{adapter.name}: quality vs measured speedup (seq {seq}, no fine-tuning)")
     tokens = {k: int(v["attention_mask"].sum()) for k, v in tok.items()}
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     result = {
         "model": a.model,
+        "regime": a.regime,
+        "workload": wls[0].to_json() if decode else None,
+        "objective": "mean decode step ms over the workload (1 / tokens-per-second)" if decode else "prompt ms",
         "targets": list(targets),
         "seq": seq,
         "batch": batch,
@@ -701,6 +884,8 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
         "models": rows,
         "fronts": fronts,
         "per_target": per_target,
+        "regime_comparison": regime_cmp or None,
+        "prefill_table": str(a.prefill_table) if a.prefill_table else None,
         "plot": str(png),
         "seconds": seconds,
     }

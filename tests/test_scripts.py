@@ -296,6 +296,36 @@ def test_bench_llm_quality_end_to_end_on_a_tiny_decoder(tmp_path: Path, monkeypa
     for n in rep["fronts"]["magnitude"]:
         assert all(f % 12 == 0 for f in models[n]["ffn"])  # the space's grid
 
+    # decode regime (issue 9, benchmark 3): tokens/s from a decode table, timed on decoder.onnx, and the
+    # same targets searched for prompt latency, both picks timed on both graphs
+    from hwprune.api import load_adapter
+    from hwprune.latency import profile
+
+    a = load_adapter("tiny-llama")
+    profile(a, space=a.space("space.yaml"), regime="decode", contexts=(8, 32), budget_s=1, out="dec.parquet")
+    prefill = rep["table"]
+    dargv = [*argv[: argv.index("--profile-budget-s")], *argv[argv.index("--targets") : -2]]
+    dargv += ["--regime", "decode", "--workload", "prompt=8,new=16", "--table", "dec.parquet"]
+    dargv += ["--prefill-table", prefill, "-o", "dec.json"]
+    assert _script("bench_llm_quality").main(dargv) == 0
+    dec = json.loads((tmp_path / "dec.json").read_text())
+    assert dec["regime"] == "decode" and dec["workload"]["new"] == 16
+    dm = dec["models"]
+    assert dm["dense"]["workload_measured"]["tokens_per_s"] > 0 and dm["dense"]["measured_speedup"] == 1.0
+    assert len(dec["timing"]["dense_control_pct_per_chunk"]) == dec["timing"]["chunks"]
+    for r in dm.values():
+        assert r["measured_ms"] > 0 and r["workload_measured"]["decode_step_ms"] > 0
+    for t in ("1.2", "1.5"):
+        e = dec["regime_comparison"]["per_target"][t]
+        for k in ("decode_pick", "prefill_pick"):
+            assert e[k]["measured_speedup"] > 0 and e[k]["prompt_measured_speedup"] > 0
+        assert e["same_subnet"] == (e["decode_pick"]["candidate_key"] == e["prefill_pick"]["candidate_key"])
+        assert dm[f"hwprune_prefill@{t}x"]["method"] == "hwprune_prefill"
+    # bad input: a decode run without a decode table, a prefill table given as the decode one
+    assert _script("bench_llm_quality").main([*dargv[: dargv.index("--table")], "-o", "x.json"]) == 2
+    bad = [*dargv[: dargv.index("--table")], "--table", prefill, "-o", "y.json"]
+    assert _script("bench_llm_quality").main(bad) == 2 and not (tmp_path / "y.json").exists()
+
 
 def test_cnn_digits_time_models_is_mirrored_with_a_control() -> None:
     """Every model, peers included, goes through hwprune.export.measure: two sessions each, the dense
