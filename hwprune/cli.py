@@ -376,9 +376,9 @@ def search(
             _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress, log=warn))
     except HwpruneError as e:
         _fail(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err.print("interrupted: finished trials stay in the study; run the same command again to resume")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + int(getattr(e, "signum", 2))) from None  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as e:
         _fail(_known(e, study=output / "study.db" if storage is None else None))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -330,3 +331,52 @@ def test_candidates_slower_than_dense_are_never_scored(tmp_path) -> None:
         (pruned,) = con.execute("select count(*) from trials where state = 'PRUNED'").fetchone()
     assert pruned > 0 and scorer.calls == len(res.evaluations)
     assert res.picks[1.2].predicted_ms <= 4.0 / 1.2
+
+
+def test_a_signal_outside_a_trial_is_held_to_the_next_safe_point() -> None:
+    """Inside a trial's work a signal stops at once; in Optuna's bookkeeping it is held (raised there it
+    left a trial RUNNING with no heartbeat, whose slot a resumed search waited on forever); a second one
+    stops at once. The exception carries the signal for the exit code."""
+    import os
+    import signal
+
+    from hwprune.search.nsga import Interrupted, _Interrupts
+
+    intr = _Interrupts()
+    with intr.installed():
+        os.kill(os.getpid(), signal.SIGTERM)  # between trials: held
+        assert intr.pending == signal.SIGTERM
+        with pytest.raises(Interrupted) as e:
+            intr.check()
+        assert e.value.signum == signal.SIGTERM
+        with pytest.raises(Interrupted), intr.armed_here():  # and at the start of the next trial's work
+            pass
+        with pytest.raises(Interrupted):  # a second signal while one is held: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    fresh = _Interrupts()
+    with fresh.installed():
+        with pytest.raises(Interrupted) as e, fresh.armed_here():  # inside the work: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs at the next bytecode boundary
+                pass
+        assert e.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.parametrize("signum,code", [(2, 130), (15, 143)])
+def test_search_cli_exits_with_the_shells_code_for_the_signal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, signum: int, code: int
+) -> None:
+    from typer.testing import CliRunner
+
+    import hwprune.api
+    from hwprune.cli import app
+    from hwprune.search.nsga import Interrupted
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise Interrupted(signum)
+
+    monkeypatch.setattr(hwprune.api, "run_search", interrupted)
+    res = CliRunner().invoke(app, ["search", "--model", "minilm", "-o", str(tmp_path / "run"), "--no-progress"])
+    assert res.exit_code == code and "run the same command again to resume" in " ".join(res.output.split())
+    assert "Traceback" not in res.output

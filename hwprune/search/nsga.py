@@ -39,7 +39,7 @@ from hwprune.search.storage import STUDY_NAME, StudyStore, close_storage, descri
 from hwprune.search.study import finished, join_study, slot
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["Seed", "Evaluate", "run_nsga", "uniform_seed", "STUDY_NAME"]
+__all__ = ["Seed", "Evaluate", "Interrupted", "run_nsga", "uniform_seed", "STUDY_NAME"]
 
 Evaluate = Callable[[Candidate], Mapping[str, float]]
 _SLOWER_TOL = 1e-9  # relative; a candidate equal to dense (the dense seed itself) is kept
@@ -104,6 +104,14 @@ _NO_HEARTBEAT = (
 )
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a search; ``signum`` says which (exit code 128 + signum, as a shell does)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _Interrupts:
     """Ctrl-C / SIGTERM only ever stop a search inside a trial's own work (the objective), where Optuna
     marks the trial FAIL and the next run queues it again. One that lands in Optuna's bookkeeping (asking
@@ -119,11 +127,11 @@ class _Interrupts:
         again = self.pending is not None
         self.pending = signum
         if self.armed or again:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
 
     def check(self) -> None:
         if self.pending is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(self.pending)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_Interrupts"]:
