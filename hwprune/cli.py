@@ -646,7 +646,9 @@ def tables_show(
             f"it / table sum {ctx['dense_predicted_ms']:.3f} ms)",
             highlight=False,
         )
-    if corr is None:
+    if corr is None and table.regime == "decode":
+        out.print("correction: none (hwprune calibrate fits prompt-latency runs; decode tables use their factors)")
+    elif corr is None:
         out.print("correction: none (fit one with: hwprune calibrate RUN)")
     else:
         f = corr.fit

@@ -140,6 +140,7 @@ def test_decode_context_factor_per_context_is_the_whole_decode_step(
     res = invoke("tables", "show", decode_table)
     assert res.exit_code == 0, res.output
     assert all(f"context {c}: context factor" in res.output for c in CONTEXTS)
+    assert "hwprune calibrate fits prompt-latency runs" in " ".join(res.output.split())
     # the same table without its factors (as profiled before them)
     for c in CONTEXTS:
         del t.meta["contexts"][str(c)]["context"]
