@@ -342,6 +342,8 @@ def test_a_signal_outside_a_trial_is_held_to_the_next_safe_point() -> None:
 
     from hwprune.search.nsga import Interrupted, _Interrupts
 
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may run us with SIGINT ignored
     intr = _Interrupts()
     with intr.installed():
         os.kill(os.getpid(), signal.SIGTERM)  # between trials: held
@@ -361,6 +363,12 @@ def test_a_signal_outside_a_trial_is_held_to_the_next_safe_point() -> None:
                 pass
         assert e.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an ignored signal stays ignored while a search runs
+    try:
+        with _Interrupts().installed():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("signum,code", [(2, 130), (15, 143)])

@@ -138,7 +138,9 @@ class _Interrupts:
         if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
             yield self
             return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # a signal the process ignores (SIGINT of a `nohup ... &` job) stays ignored
+        sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        old = {s: signal.signal(s, self._handle) for s in sigs}
         try:
             yield self
         finally:
