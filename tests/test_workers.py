@@ -32,7 +32,16 @@ runner = CliRunner()
 def spawn(out: Path, *args: object) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(WORKER), "-o", str(out), *map(str, args)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a worker answers Ctrl-C even when this test runs with SIGINT ignored (a `nohup ... &` job, as
+    # in CI): a search keeps an ignored signal ignored, as Python does
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def finish(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
