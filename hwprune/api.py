@@ -409,12 +409,12 @@ def _objective(
         raise HwpruneError(f"--decode-table is for --regime serve; with --regime {req.regime} give one --table")
     for r, t in tables.items():
         t.check_model(adapter)
-        make_predictor(t, space, adapter, regime=r, context=t.contexts[0] if t.contexts else None)  # family, regime
+        # family and regime checked; a decode table without context factors says so here, once (a prefill
+        # table's correction is not used by a workload, so its warnings are not said)
+        ctx = t.contexts[0] if t.contexts else None
+        make_predictor(t, space, adapter, regime=r, context=ctx, log=log if r == "decode" else _noop)
     # each table's context factor (a decode table's per context), no calibration correction: that is
     # fitted to prompt exports
-    for t in tables.values():
-        if t.regime == "decode":
-            decode_context_info(t, log=log)
     pred = workload_predictor(
         req.regime, wls, tables=tables, predictor=lambda t: with_context_factor(adapter.predictor(t, space), t)
     )

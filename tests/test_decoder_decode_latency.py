@@ -152,6 +152,15 @@ def test_decode_context_factor_per_context_is_the_whole_decode_step(
     make_predictor(t, space, a, regime="decode", context=32, log=logs.append)
     assert len(logs) == 1 and "no decode context factors" in logs[0] and "--regime decode --context 8,32,96" in logs[0]
     assert p.predict(cand) == pytest.approx(a.predictor(t.at_context(8), space).predict(cand))
+    # a decode search over that table says so too (the check that validates the table must not swallow it)
+    from hwprune.api import SearchRequest, _objective
+    from hwprune.latency.correction import _warned
+
+    _warned.clear()
+    req = SearchRequest(model=str(folder), table=str(old), regime="decode", workload="prompt=8,new=16")
+    logs.clear()
+    _objective(req, t, space, a, logs.append)
+    assert sum("no decode context factors" in m for m in logs) == 1, logs
 
 
 def test_outside_the_grid_warns_with_the_extrapolation(folder: Path, decode_table: Path) -> None:
