@@ -145,14 +145,7 @@ def paragraphs(doc: str) -> Iterator[str]:
         text = re.sub(r"\s+", " ", text).strip()
         if not text[:1].isupper():
             continue
-        chunk = ""
-        for sent in _SENTENCE_END.split(text):
-            if chunk and len(chunk) + 1 + len(sent) > _MAX_CHARS:
-                yield chunk
-                chunk = ""
-            chunk = f"{chunk} {sent}".strip()
-        if chunk:
-            yield chunk
+        yield from pack(_SENTENCE_END.split(text))  # sentences joined up to _MAX_CHARS
 
 
 def is_prose(text: str) -> bool:
@@ -163,7 +156,8 @@ def is_prose(text: str) -> bool:
 
 
 def pack(paras: Iterable[str]) -> Iterator[str]:
-    """Join consecutive paragraphs of one docstring up to ``_MAX_CHARS``: longer texts, more tokens."""
+    """Join consecutive pieces (paragraphs of one docstring, sentences of one paragraph) up to
+    ``_MAX_CHARS``: longer texts, more tokens."""
     chunk = ""
     for p in paras:
         if chunk and len(chunk) + 1 + len(p) > _MAX_CHARS:
