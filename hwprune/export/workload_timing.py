@@ -68,12 +68,17 @@ def decode_graph(adapter: "Family", model: Any) -> bytes:
     return g.onnx
 
 
-def step_runners(backend: Backend, onnx: bytes, contexts: Sequence[int], batch: int) -> list[Runner]:
-    """One session of ``onnx``, one runner per context: one new token after ``context`` cached positions."""
+def step_runners(
+    backend: Backend, onnx: bytes, contexts: Sequence[int], batch: int, *, prompt: int = 0, key: str = ""
+) -> list[Runner]:
+    """One session of ``onnx``, one runner per context: one new token after ``context`` cached positions;
+    with ``prompt``, first a runner for the prompt of that many tokens with an empty cache (TTFT).
+    ``key`` names the graph in the error lines."""
     dims, vocab = graph_inputs(onnx)
     if "input_ids" not in dims:
-        raise HwpruneError("the decode graph has no input_ids; re-export")
-    feeds = [step_feed(dims, vocab, batch=batch, past=c, seq=1) for c in contexts]
+        raise HwpruneError(f"{key + ': ' if key else ''}the decode graph has no input_ids; re-export")
+    feeds = [step_feed(dims, vocab, batch=batch, past=0, seq=prompt)] if prompt else []
+    feeds += [step_feed(dims, vocab, batch=batch, past=c, seq=1) for c in contexts]
     first = backend.prepare(onnx, feeds[0])
     if first is None:
         raise HwpruneError(f"runtime {backend.name} cannot time decode steps (no runner); use --runtime ort-cpu")
@@ -96,19 +101,8 @@ def measure_workload(
     runners: list[Runner] = []
     slots: list[tuple[str, int | None]] = []  # (model, context or None for the prompt)
     for key, data in graphs.items():
-        dims, vocab = graph_inputs(data)
-        if "input_ids" not in dims:
-            raise HwpruneError(f"{key}: the decode graph has no input_ids; re-export")
-        first = backend.prepare(data, step_feed(dims, vocab, batch=b, past=0, seq=workload.prompt))
-        if first is None:
-            raise HwpruneError(f"runtime {backend.name} cannot time decode steps (no runner); use --runtime ort-cpu")
-        runners.append(first)
-        slots.append((key, None))
-        for c in contexts:
-            runners.append(
-                Runner(first.session, step_feed(dims, vocab, batch=b, past=c, seq=1), cpu_clock=backend.cpu_clock)
-            )
-            slots.append((key, c))
+        runners += step_runners(backend, data, contexts, b, prompt=workload.prompt, key=key)
+        slots += [(key, None), *((key, c) for c in contexts)]
     timings = interleave(runners, rounds=rounds, per_round=repeats, warmup=warmup)
     out: dict[str, dict[str, Any]] = {}
     for (key, ctx_or_prompt), t in zip(slots, timings):
