@@ -17,7 +17,16 @@ from hwprune.families.encoder.scorer import EndToEndScorer
 from hwprune.families.encoder.surgery import kept_columns
 from hwprune.proxies._base import fit_proxy, get_proxy, proxy_names
 from hwprune.proxies.flap import compensated_bias
-from hwprune.proxies.obs import damped, obs_order
+from hwprune.proxies.obs import (
+    cholesky_,
+    damped,
+    inverse_spd_,
+    ls_weights,
+    ls_weights_blocks,
+    obs_order,
+    symmetrize_,
+)
+from hwprune.proxies.stats import SublayerStats
 from hwprune.space import Candidate, PruningSpace
 
 PROXIES = ["magnitude", "flap", "obs"]
@@ -183,6 +192,53 @@ def test_obs_block_rounds_track_exact_greedy() -> None:
     e, c = np.cumsum(exact), np.cumsum(steps)
     assert np.abs(c / e - 1).max() < 0.02 and c.sum() / e.sum() == pytest.approx(1.0, abs=0.005)
     assert (np.diff(c) >= 0).all()
+
+
+def test_in_place_linear_algebra_equals_the_out_of_place_results() -> None:
+    """The memory-lean helpers (one width^2 buffer) give the numbers the plain torch calls give."""
+    g = torch.Generator().manual_seed(1)
+    for dt in (torch.float32, torch.float64):
+        x = torch.randn(900, 300, dtype=dt, generator=g) + 0.3
+        a = x.T @ x / 900
+        a[3, 7] += 1e-3  # not symmetric
+        assert torch.equal(symmetrize_(a.clone(), block=70), (a + a.T) / 2)
+        h = damped((a + a.T) / 2, 0.01)
+        inv = inverse_spd_(h.clone(), block=64)
+        ref = torch.linalg.inv(h)
+        assert float((inv - ref).abs().max() / ref.abs().max()) < (1e-5 if dt == torch.float32 else 1e-12)
+        assert torch.equal(inv, inv.T)
+        w = torch.randn(40, 300, dtype=dt, generator=g)
+        keep = torch.sort(torch.randperm(300, generator=g)[:170]).values
+        blocks = [(s, h[keep[s : s + 37]]) for s in range(0, len(keep), 37)]
+        torch.testing.assert_close(ls_weights_blocks(w, blocks, keep), ls_weights(w, h, keep))
+        hinv = torch.linalg.inv(h).contiguous()
+        for granule in (1, 10):  # compaction in place (overwrite) follows the copying path exactly
+            o1, s1 = obs_order(w, hinv, granule=granule, stop=3)
+            o2, s2 = obs_order(w.clone(), hinv.clone(), granule=granule, stop=3, overwrite=True)
+            assert (o1 == o2).all() and np.array_equal(s1, s2)
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive-definite"):
+        cholesky_(-torch.eye(4))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_spilled_hessian_rows_equal_the_whole_hessian(tmp_path: Any, centered: bool) -> None:
+    """A reconstruction reads only the kept rows of spilled statistics; they equal the whole matrix's."""
+    g = torch.Generator().manual_seed(2)
+    st = SublayerStats(96, dtype=torch.float32)
+    for _ in range(3):
+        st.add(torch.randn(50, 96, generator=g) * torch.linspace(0.1, 2, 96) + 0.5)
+    whole = damped(st.cov() if centered else st.second_moment(), 0.01, inplace=True)
+    cols = torch.tensor([0, 3, 4, 10, 50, 95])
+    mem = torch.cat([r for _, r in st.hessian_blocks(cols, centered=centered, damp=0.01, rows=4)])
+    torch.testing.assert_close(mem, whole[cols], rtol=0, atol=0)
+    st.spill(tmp_path, "h")
+    assert st.spilled
+    blocks = list(st.hessian_blocks(cols, centered=centered, damp=0.01, rows=4))
+    assert [s for s, _ in blocks] == [0, 4]
+    torch.testing.assert_close(torch.cat([r for _, r in blocks]), whole[cols], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        damped(st.cov() if centered else st.second_moment(), 0.01, inplace=True), whole, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_flap_bias_compensation_lowers_output_error(tiny: dict[str, Any]) -> None:

@@ -22,10 +22,85 @@ sequential updates -- once. ``block=0`` is the plain one-at-a-time greedy. Heads
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
-__all__ = ["obs_order", "ls_weights", "ls_weights_rows", "damped"]
+__all__ = [
+    "obs_order",
+    "ls_weights",
+    "ls_weights_rows",
+    "ls_weights_blocks",
+    "damped",
+    "symmetrize_",
+    "cholesky_",
+    "inverse_spd_",
+]
+
+_BLOCK = 1024  # rows per block of the in-place helpers: their temporaries are a few MB, never width^2
+
+
+def symmetrize_(a: torch.Tensor, block: int = _BLOCK) -> torch.Tensor:
+    """``a <- (a + a^T) / 2`` in place, block by block: the same numbers as the out-of-place sum, with
+    one block^2 temporary instead of a width^2 one (268 MB for an 8192-wide float32 matrix)."""
+    n = a.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            t = (a[i : i + block, j : j + block] + a[j : j + block, i : i + block].T).mul_(0.5)
+            a[i : i + block, j : j + block] = t
+            if i != j:
+                a[j : j + block, i : i + block] = t.T
+    return a
+
+
+def _lapack(name: str, a: torch.Tensor) -> object:
+    from scipy.linalg import lapack  # scipy ships its own LAPACK; imported only where a routine runs
+
+    prefix = {torch.float32: "s", torch.float64: "d"}[a.dtype]
+    return getattr(lapack, prefix + name)
+
+
+def cholesky_(a: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of the symmetric positive-definite ``a``, written over ``a``'s own lower
+    triangle (no second width^2 buffer). The strict upper triangle keeps stale values: pass the result
+    only to routines that read the lower triangle (``torch.cholesky_solve(b, L)``, :func:`inverse_spd_`)."""
+    if not a.is_contiguous():
+        raise ValueError("cholesky_ needs a contiguous matrix")
+    # a C-ordered lower triangle is the transposed (Fortran) array's upper one: potrf(lower=0) on a.T
+    _, info = _lapack("potrf", a)(a.numpy().T, lower=0, clean=0, overwrite_a=1)  # type: ignore[operator]
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"the matrix is not positive-definite (leading minor {info}); raise the damping")
+    return a
+
+
+def inverse_spd_(a: torch.Tensor, block: int = _BLOCK) -> torch.Tensor:
+    """Inverse of the symmetric positive-definite ``a``, in ``a``'s own storage (Cholesky, then LAPACK's
+    potri, then the lower triangle mirrored block by block): one width^2 buffer where
+    ``cholesky`` + ``cholesky_inverse`` hold three at their peak."""
+    cholesky_(a)
+    _, info = _lapack("potri", a)(a.numpy().T, lower=0, overwrite_c=1)  # type: ignore[operator]
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"the Cholesky factor is singular (diagonal entry {info})")
+    n = a.shape[0]
+    for i in range(0, n, block):  # lower triangle -> upper, block by block
+        d = a[i : i + block, i : i + block]
+        d.copy_(torch.tril(d) + torch.tril(d, -1).T)
+        for j in range(i + block, n, block):
+            a[i : i + block, j : j + block] = a[j : j + block, i : i + block].T
+    return a
+
+
+def _take_(a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``a[rows][:, cols]`` written into ``a``'s own storage (rows and cols increasing), returned as a
+    contiguous view. Safe in place: row i of the result lands at or before where source row rows[i]
+    starts, and the rows still to be read start after everything written so far."""
+    assert a.is_contiguous()
+    flat, nc = a.view(-1), len(cols)
+    for i in range(0, len(rows), block):
+        t = a[rows[i : i + block]][:, cols]
+        flat[i * nc : i * nc + t.numel()] = t.reshape(-1)
+    return flat[: len(rows) * nc].view(len(rows), nc)
 
 
 def damped(cov: torch.Tensor, damp: float, *, inplace: bool = False) -> torch.Tensor:
@@ -85,7 +160,7 @@ def obs_order(
     errors add up to the least-squares error of the kept set. ``overwrite=True`` lets the loop work in
     ``weight`` and ``hinv`` themselves (no copies: one width^2 buffer less for very wide layers).
     """
-    w, h = (weight, hinv) if overwrite else (weight.clone(), hinv.clone())
+    w, h = (weight.contiguous(), hinv.contiguous()) if overwrite else (weight.clone(), hinv.clone())
     ids = torch.arange(weight.shape[1] // granule)  # group id of each stored group slot
     dead = torch.zeros(len(ids), dtype=torch.bool)  # removed groups stay stored until compaction
     order: list[int] = []
@@ -112,8 +187,11 @@ def obs_order(
         if granule > 1 or int(dead.sum()) * 4 >= len(dead) or k - len(pick) <= stop:
             live = (~dead).nonzero().squeeze(1)
             lc = (live[:, None] * granule + torch.arange(granule)).reshape(-1)
-            w, h = w[:, lc], h[lc][:, lc]
-            h = (h + h.T) / 2
+            if overwrite:  # compact in the buffers themselves: no second width^2 matrix
+                w, h = _take_(w, torch.arange(w.shape[0]), lc), symmetrize_(_take_(h, lc, lc))
+            else:
+                w, h = w[:, lc], h[lc][:, lc]
+                h = (h + h.T) / 2
             ids, dead = ids[live], dead[live]
     if len(ids):  # never removed: least useful first, so the order stays a full permutation
         rest = torch.argsort(_group_errors(w, h, granule)).tolist()
@@ -129,5 +207,20 @@ def ls_weights(weight: torch.Tensor, hd: torch.Tensor, cols: torch.Tensor) -> to
 def ls_weights_rows(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """:func:`ls_weights` from ``rows = Hd[cols]`` only (len(cols) x in): a caller that builds Hd for this
     one solve can drop it before the Cholesky (on an 8192-wide projection, 268 MB of float32)."""
-    chol = torch.linalg.cholesky(rows[:, cols])
-    return torch.cholesky_solve(rows @ weight.T, chol).T
+    return ls_weights_blocks(weight, [(0, rows)], cols)
+
+
+def ls_weights_blocks(
+    weight: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], cols: torch.Tensor
+) -> torch.Tensor:
+    """:func:`ls_weights` from ``Hd[cols]`` given a few rows at a time: ``blocks`` yields ``(start,
+    Hd[cols[start:start + n]])``. Only the kept square ``Hd[K, K]`` (factored in place) and
+    ``Hd[K, :] W^T`` are ever whole, so the rows can stream from disk."""
+    k = len(cols)
+    sq = weight.new_empty(k, k)
+    rhs = weight.new_empty(k, weight.shape[0])
+    for start, r in blocks:
+        n = r.shape[0]
+        sq[start : start + n] = r[:, cols]
+        torch.mm(r, weight.T, out=rhs[start : start + n])
+    return torch.cholesky_solve(rhs, cholesky_(sq)).T

@@ -9,6 +9,7 @@ O(width^2) per projection: activations are never stored.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from hwprune.proxies.obs import damped, symmetrize_
 
 __all__ = ["SublayerStats", "num_threads", "progress_bar", "length_batches"]
 
@@ -39,6 +42,7 @@ class SublayerStats:
     resid_count: int = 0
     _xtx: torch.Tensor | None = field(init=False, repr=False)  # (width, width) ``dtype``, None once spilled
     _spilled: Path | None = field(init=False, default=None, repr=False)
+    _diag: torch.Tensor | None = field(init=False, default=None, repr=False)  # diag(xtx), kept when spilled
 
     def __post_init__(self) -> None:
         self._xtx = torch.zeros(self.width, self.width, dtype=self.dtype)
@@ -58,12 +62,52 @@ class SublayerStats:
         return self._xtx is None
 
     def spill(self, folder: Path, name: str) -> None:
-        """Write ``xtx`` to ``folder/name.npy`` and free it (no more :meth:`add` after this)."""
+        """Write ``xtx`` to ``folder/name.npy`` and free it (no more :meth:`add` after this).
+
+        The file holds ``xtx`` made exactly symmetric (it is, up to the summation's rounding), so that
+        :meth:`hessian_blocks` can read any row of it and get the matching column too."""
         if self._xtx is None:
             return
         path = folder / f"{name}.npy"
+        symmetrize_(self._xtx)
+        self._diag = torch.diagonal(self._xtx).clone()
         np.save(path, self._xtx.numpy())
         self._spilled, self._xtx = path, None
+
+    def hessian_blocks(
+        self, cols: torch.Tensor, *, centered: bool, damp: float, rows: int = 256
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows ``cols`` of the damped Hessian (:meth:`cov` if ``centered`` else :meth:`second_moment`,
+        plus ``damp`` x its mean diagonal), ``rows`` at a time: ``(start, H[cols[start:start + n]])``.
+
+        Spilled statistics are read from their file row by row (``pread``: no mapping, no whole
+        matrix); in memory, the full matrix is built once, as :meth:`cov` does."""
+        if not self.spilled:
+            h = damped(self.cov() if centered else self.second_moment(), damp, inplace=True)
+            for start in range(0, len(cols), rows):
+                yield start, h[cols[start : start + rows]]
+            return
+        assert self._spilled is not None and self._diag is not None
+        n = max(self.count, 1)
+        mu = self.mean.to(self.dtype)
+        diag = self._diag / n
+        if centered:
+            diag = diag - mu * mu
+        lam = damp * float(diag.mean().clamp_min(1e-12))
+        offset = np.load(self._spilled, mmap_mode="r").offset  # the .npy header's length; nothing read
+        row_bytes = self.width * torch.empty((), dtype=self.dtype).element_size()
+        with open(self._spilled, "rb") as f:
+            for start in range(0, len(cols), rows):
+                idx = cols[start : start + rows]
+                out = torch.empty(len(idx), self.width, dtype=self.dtype)
+                buf = out.numpy()
+                for i, r in enumerate(idx.tolist()):
+                    _pread_into(f.fileno(), memoryview(buf[i]).cast("B"), offset + r * row_bytes)
+                out.div_(n)
+                if centered:
+                    out.addr_(mu[idx], mu, alpha=-1.0)
+                out[torch.arange(len(idx)), idx] += lam
+                yield start, out
 
     def add(self, x: torch.Tensor) -> None:
         """Fold ``x`` (tokens, width) in; the product runs in float32 (fast) and accumulates in ``dtype``."""
@@ -99,13 +143,22 @@ class SublayerStats:
         """E[(x - mu)(x - mu)^T]: the Hessian when the bias absorbs the mean of what is removed."""
         mu = self.mean.to(self.dtype)
         c = self.second_moment().addr_(mu, mu, alpha=-1.0)  # in place: no width^2 outer product
-        s = c + c.T  # symmetric to rounding; one width^2 temporary, c freed on return
-        return s.mul_(0.5)
+        return symmetrize_(c)  # symmetric to rounding; in place, block by block
 
     @property
     def resid_energy(self) -> float:
         """Mean ||r||^2 per token of the residual stream this sublayer writes into."""
         return self.resid_sq / max(self.resid_count, 1)
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (pread may return fewer bytes than asked)."""
+    got = 0
+    while got < len(buf):
+        k = os.preadv(fd, [buf[got:]], offset + got)
+        if k <= 0:
+            raise OSError(f"statistics file ended early ({got} of {len(buf)} bytes at {offset})")
+        got += k
 
 
 @contextlib.contextmanager
