@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
@@ -209,7 +209,7 @@ def _print_profile(res: "ProfileResult", store: Optional[Path], label: bool) -> 
         out.print(f"filed in {store} as {res.table.path.parent.name if res.table.path else '?'}")
     if res.dense_by_context:
         per = ", ".join(
-            f"{ms:.3f} ms at context {c}" + (f" (block sum x context factor {r['factor']:.3f})" if r else "")
+            f"{ms:.3f} ms at context {c}" + (f" ({_context_how(r)})" if r else "")
             for c, ms in res.dense_by_context.items()
             for r in [res.table.at_context(c).context]
         )
@@ -228,6 +228,18 @@ def _print_profile(res: "ProfileResult", store: Optional[Path], label: bool) -> 
         )
     else:
         out.print(f"dense model: {res.dense_ms:.3f} ms predicted (profiled in {res.table.profile_seconds:.0f} s)")
+
+
+def _context_how(r: dict[str, Any]) -> str:
+    """How one decode context's block sums become milliseconds: the factor, or the anchors' part scales."""
+    sc = r.get("scales")
+    if not sc:
+        return f"block sum x context factor {r['factor']:.3f}"
+    parts = ", ".join(f"{k} x{v:.3f}" for k, v in sc["kinds"].items())
+    n = len(r.get("anchors", []))
+    worst = sc.get("residual_max_pct")
+    off = f", worst {worst:.1f} % off" if worst is not None else ""
+    return f"base x{sc['base']:.3f}, {parts}: fitted to {n} whole subnets{off}"
 
 
 def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[float, ...]:
@@ -633,6 +645,7 @@ def tables_show(
                 + (
                     f"context factor {r['factor']:.4f} (whole dense decode step {r['dense_measured_ms']:.3f} ms as "
                     f"export times it / table sum {r['dense_predicted_ms']:.3f} ms)"
+                    + (f"; used instead: {_context_how(r)}" if r.get("scales") else "")
                     if r
                     else "no context factor (profiled before hwprune measured one; predictions use 1)"
                 ),

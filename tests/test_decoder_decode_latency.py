@@ -20,6 +20,7 @@ from hwprune.families.decoder.config import DecoderConfig
 from hwprune.families.decoder.hf import save_hf_folder
 from hwprune.families.decoder.model import random_decoder
 from hwprune.latency import LatencyTable
+from hwprune.latency.context import fit_part_scales, predicted_parts
 from hwprune.space import Candidate
 
 TINY = DecoderConfig(
@@ -132,11 +133,47 @@ def test_decode_context_factor_per_context_is_the_whole_decode_step(
         assert r is not None and r["dense_measured_ms"] > 0 and r["clock"] and "decoder.onnx" in r["method"]
         assert r["factor"] == pytest.approx(r["dense_measured_ms"] / r["dense_predicted_ms"])
         assert 0.2 < r["factor"] < 5  # a gross mismatch of graph or feed, not timing noise
+        # the anchor subnets were timed beside dense: every part kind at its minimum, half, the rest alone
+        names = [x["name"] for x in r["anchors"]]
+        assert names == ["dense", "attn-min", "ffn-min", "uniform-half", "smallest"], names
+        assert all(x["measured_ms"] > 0 and "factor_error_pct" in x for x in r["anchors"])
+        assert r["anchors"][0]["measured_ms"] == pytest.approx(r["dense_measured_ms"])
         p = make_predictor(t, space, a, regime="decode", context=c)
-        assert p.dense_ms() == pytest.approx(r["dense_measured_ms"])
         assert p.info["decode_context_factors"][str(c)] == pytest.approx(r["factor"])
-        bare = a.predictor(t.at_context(c), space).predict(cand)
-        assert p.predict(cand) == pytest.approx(r["factor"] * bare)
+        bare = a.predictor(t.at_context(c), space)
+        if "scales" in r:  # the fit held on this run's timings: each part scaled on its own
+            sc = r["scales"]
+            base, parts = predicted_parts(bare, cand)
+            want = sc["base"] * base + sum(sc["kinds"][k] * v for k, v in parts.items())
+            assert p.predict(cand) == pytest.approx(want)
+            assert abs(p.dense_ms() / r["dense_measured_ms"] - 1) <= sc["residual_max_pct"] / 100 + 1e-9
+        else:  # noisy tiny timings can leave a scale <= 0: the single factor stays
+            assert p.dense_ms() == pytest.approx(r["dense_measured_ms"])
+            assert p.predict(cand) == pytest.approx(r["factor"] * bare.predict(cand))
+    # the same table without the fitted scales predicts with the factor, dense exactly as measured
+    noscale = tmp_path / "noscale.parquet"
+    for c in CONTEXTS:
+        t.meta["contexts"][str(c)]["context"].pop("scales", None)
+    t.save(noscale)
+    t2 = LatencyTable.load(noscale)
+    for c in CONTEXTS:
+        r = t2.at_context(c).context
+        p = make_predictor(t2, space, a, regime="decode", context=c)
+        assert p.dense_ms() == pytest.approx(r["dense_measured_ms"])
+        assert p.predict(cand) == pytest.approx(r["factor"] * a.predictor(t2.at_context(c), space).predict(cand))
+    # and with scales of our own, every part is scaled on its own (the DP's unit costs alike)
+    for c in CONTEXTS:
+        t.meta["contexts"][str(c)]["context"]["scales"] = {"base": 2.0, "kinds": {"attn": 3.0, "ffn": 0.5}}
+    t.save(noscale)
+    t2 = LatencyTable.load(noscale)
+    p = make_predictor(t2, space, a, regime="decode", context=32)
+    base, parts = predicted_parts(a.predictor(t2.at_context(32), space), cand)
+    assert p.predict(cand) == pytest.approx(2.0 * base + 3.0 * parts["attn"] + 0.5 * parts["ffn"])
+    b, costs = p.unit_costs()
+    assert b + sum(cs[u.sizes.index(s)] for u, cs, s in zip(space.units, costs, cand.sizes)) == pytest.approx(
+        p.predict(cand)
+    )
+    assert "part scales fitted to anchor subnets" in p.info["context"]
     res = invoke("tables", "show", decode_table)
     assert res.exit_code == 0, res.output
     assert all(f"context {c}: context factor" in res.output for c in CONTEXTS)
@@ -161,6 +198,24 @@ def test_decode_context_factor_per_context_is_the_whole_decode_step(
     logs.clear()
     _objective(req, t, space, a, logs.append)
     assert sum("no decode context factors" in m for m in logs) == 1, logs
+
+
+def test_part_scales_fit_recovers_known_scales_and_refuses_what_it_cannot_pin() -> None:
+    """measured = a * base + b_attn * attn + b_ffn * ffn: exact data gives the scales back; too few or
+    collinear anchors, or a scale <= 0, give None (the single factor stays)."""
+    truth = {"base": 1.1, "attn": 1.4, "ffn": 1.25}
+    pts = []
+    for base, at, ff in [(10.0, 8.0, 20.0), (10.0, 0.0, 20.0), (10.0, 8.0, 0.0), (10.0, 4.0, 10.0), (10.0, 0.0, 0.0)]:
+        m = truth["base"] * base + truth["attn"] * at + truth["ffn"] * ff
+        pts.append((base, {"attn": at, "ffn": ff}, m))
+    sc = fit_part_scales(pts)
+    assert sc is not None and sc["base"] == pytest.approx(1.1) and sc["residual_max_pct"] < 1e-9
+    assert sc["kinds"] == pytest.approx({"attn": 1.4, "ffn": 1.25})
+    assert fit_part_scales(pts[:3]) is None  # as many points as scales: no residual to judge the fit by
+    collinear = [(10.0, {"attn": x, "ffn": 2 * x}, 12 + 3.9 * x) for x in (0.0, 1.0, 2.0, 3.0)]
+    assert fit_part_scales(collinear) is None
+    negative = [(b, p, m if p["attn"] else m * 3) for b, p, m in pts]  # attention "costs" less than nothing
+    assert fit_part_scales(negative) is None
 
 
 def test_outside_the_grid_warns_with_the_extrapolation(folder: Path, decode_table: Path) -> None:

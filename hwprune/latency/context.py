@@ -20,6 +20,14 @@ dense model's decode graph is timed one new token after each profiled context, e
 it (:func:`hwprune.export.workload_timing.step_runners`), in two sessions, interleaved; each context
 gets its own record under ``meta["contexts"][str(c)]["context"]`` (what ``table.at_context(c)`` reads),
 so the per-context predictors are scaled before they are interpolated.
+
+One factor for the whole sum is exact for the dense model only. In a decode step the fixed rest (the LM
+head: a third of SmolLM2's step) and the blocks are off by different amounts, so a factor fitted to
+dense over-predicts every narrowed subnet (SmolLM2: 8-10 %). The profile therefore also times a few
+**anchor** subnets per context (:func:`anchor_candidates`: each unit kind at its minimum, half width, the
+fixed rest alone), each as a ratio to the dense model in shared rounds, and fits a scale per part
+(:func:`fit_part_scales`: the base, then one per unit kind) stored as ``scales``; the predictor then
+scales each part on its own (:class:`~hwprune.latency.correction.PartScaledPredictor`), still additive.
 """
 
 from __future__ import annotations
@@ -27,12 +35,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from hwprune.families._base import Family
     from hwprune.latency._base import Backend
+    from hwprune.latency.predictor import Predictor
     from hwprune.latency.table import LatencyTable
-    from hwprune.space import PruningSpace
+    from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["measure_context", "measure_decode_context", "CONTEXT_METHOD", "DECODE_CONTEXT_METHOD"]
+__all__ = [
+    "measure_context",
+    "measure_decode_context",
+    "anchor_candidates",
+    "predicted_parts",
+    "fit_part_scales",
+    "CONTEXT_METHOD",
+    "DECODE_CONTEXT_METHOD",
+    "ANCHOR_METHOD",
+]
 
 CONTEXT_METHOD = (
     "the whole dense ONNX model timed by hwprune.export.measure (two sessions, mirrored order, "
@@ -42,6 +62,12 @@ CONTEXT_METHOD = (
 DECODE_CONTEXT_METHOD = (
     "the whole dense decode graph (decoder.onnx) timed one new token after the context's KV cache as export "
     "times it (two sessions, interleaved shuffled rounds) divided by the table's dense prediction there"
+)
+
+ANCHOR_METHOD = (
+    "each anchor subnet's decode graph (first kept indices) timed one new token after the context in its own "
+    "interleaved rounds with the dense model's first session; measured ms = its ratio to dense there x the "
+    "dense model's measured ms; scales fitted by least squares on relative error"
 )
 
 
@@ -87,6 +113,64 @@ def measure_context(
     }
 
 
+def anchor_candidates(space: "PruningSpace") -> dict[str, "Candidate"]:
+    """Whole subnets timed beside the dense model to fit the parts' scales (:func:`fit_part_scales`): the
+    dense model, each unit kind at its smallest allowed size with the rest whole, every unit at half, and
+    every unit at its smallest (with removable units: the fixed rest alone). Duplicates are dropped."""
+    from hwprune.space import Candidate
+
+    out: dict[str, Candidate] = {"dense": space.dense()}
+    for kind in sorted({u.kind for u in space.units}):
+        out[f"{kind}-min"] = Candidate(tuple(u.sizes[0] if u.kind == kind else u.full for u in space.units))
+    out["uniform-half"] = space.uniform(0.5)
+    out["smallest"] = space.smallest()
+    seen: set[tuple[int, ...]] = set()
+    unique = {}
+    for name, c in out.items():
+        if c.sizes not in seen:
+            seen.add(c.sizes)
+            unique[name] = c
+    return unique
+
+
+def predicted_parts(predictor: "Predictor", cand: "Candidate") -> tuple[float, dict[str, float]]:
+    """An additive prediction split by what it sums: (the fixed base, {unit kind: its units' ms})."""
+    base, costs = predictor.unit_costs()
+    parts: dict[str, float] = {}
+    for u, c, size in zip(predictor.space.units, costs, cand.sizes, strict=True):
+        parts[u.kind] = parts.get(u.kind, 0.0) + float(c[u.sizes.index(size)])
+    return float(base), parts
+
+
+def fit_part_scales(points: "Sequence[tuple[float, Mapping[str, float], float]]") -> dict[str, Any] | None:
+    """``measured = a * base + sum_k b_k * parts_k`` over ``points`` (base ms, {kind: ms}, measured ms),
+    least squares on the relative error, as :func:`~hwprune.latency.correction.fit_affine` does.
+
+    One factor for the whole sum is the special case ``a = b_k``; separate scales matter where the fixed
+    rest and the blocks run differently inside the whole graph than alone (a decode step: the blocks
+    stream their weights from memory, the LM head dominates). Returns ``{"base": a, "kinds": {k: b_k},
+    "residual_max_pct"}``, or None when the points cannot pin every scale (fewer points than scales, a
+    rank-deficient design) or a scale comes out <= 0 (a noisy timing): the single factor then stays."""
+    import numpy as np
+
+    if not points:
+        return None
+    kinds = sorted({k for _, parts, _ in points for k in parts})
+    x = np.array([[b, *(parts.get(k, 0.0) for k in kinds)] for b, parts, _ in points], dtype=np.float64)
+    y = np.array([m for _, _, m in points], dtype=np.float64)
+    if len(y) < x.shape[1] + 1 or np.linalg.matrix_rank(x / y[:, None]) < x.shape[1]:
+        return None  # at least one point more than scales, so the residual says something
+    coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+    if not (coef > 0).all():
+        return None
+    fitted = x @ coef
+    return {
+        "base": float(coef[0]),
+        "kinds": {k: float(c) for k, c in zip(kinds, coef[1:])},
+        "residual_max_pct": float(np.max(np.abs(fitted - y) / y) * 100),
+    }
+
+
 def measure_decode_context(
     adapter: "Family",
     backend: "Backend",
@@ -97,8 +181,14 @@ def measure_decode_context(
     rounds: int = 5,
     repeats: int = 10,
     warmup: int = 3,
+    anchors: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Per profiled context (``str(c)``), its ``context`` record for a decode table (see module doc)."""
+    """Per profiled context (``str(c)``), its ``context`` record for a decode table (see module doc).
+
+    With ``anchors`` (default), the subnets of :func:`anchor_candidates` are timed too, each in its own
+    interleaved rounds with the dense model's first session (so each is a ratio to dense, immune to the
+    machine's drift between anchors), and the record gains ``anchors`` and, where the fit is sound,
+    ``scales`` (:func:`fit_part_scales`), which the predictor then uses instead of the single factor."""
     from hwprune.export.workload_timing import decode_graph, step_runners
     from hwprune.latency.backends import interleave
 
@@ -109,10 +199,11 @@ def measure_decode_context(
     ts = interleave([*first, *second], rounds=rounds, per_round=repeats, warmup=warmup)
     out: dict[str, dict[str, Any]] = {}
     k = len(contexts)
+    preds = {c: adapter.predictor(table.at_context(c), space) for c in contexts}
     for i, c in enumerate(contexts):
         a, b = ts[i].median_ms, ts[k + i].median_ms
         measured = (a + b) / 2
-        predicted = adapter.predictor(table.at_context(c), space).dense_ms()  # the bare block sum
+        predicted = preds[c].dense_ms()  # the bare block sum
         out[str(c)] = {
             "factor": measured / predicted,
             "dense_measured_ms": measured,
@@ -124,4 +215,42 @@ def measure_decode_context(
             "warmup": warmup,
             "method": DECODE_CONTEXT_METHOD,
         }
+    del second
+    if not anchors or not all(p.additive for p in preds.values()):
+        return out
+    cands = anchor_candidates(space)
+    measured_at: dict[str, dict[int, float]] = {"dense": {c: out[str(c)]["dense_measured_ms"] for c in contexts}}
+    for name, cand in cands.items():
+        if name == "dense":
+            continue
+        kept = {u.name: list(range(s)) for u, s in zip(space.units, cand.sizes)}  # which ones: no matter for time
+        g = decode_graph(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)))
+        runners = step_runners(backend, g, contexts, batch, key=name)
+        ta = interleave([*first, *runners], rounds=rounds, per_round=repeats, warmup=warmup)
+        measured_at[name] = {
+            c: ta[k + i].median_ms / ta[i].median_ms * measured_at["dense"][c] for i, c in enumerate(contexts)
+        }
+        del runners, g
+    for c in contexts:
+        rows: list[dict[str, Any]] = []
+        points = []
+        for name, cand in cands.items():
+            base, parts = predicted_parts(preds[c], cand)
+            m = measured_at[name][c]
+            points.append((base, parts, m))
+            row: dict[str, Any] = {"name": name, "sizes": list(cand.sizes), "measured_ms": m}
+            row.update(base_ms=base, parts_ms=parts)
+            rows.append(row)
+        rec = out[str(c)]
+        scales = fit_part_scales(points)
+        f = rec["factor"]
+        for (base, parts, m), row in zip(points, rows):
+            row["factor_error_pct"] = 100.0 * (f * (base + sum(parts.values())) / m - 1)
+            if scales is not None:
+                fit = scales["base"] * base + sum(scales["kinds"][q] * v for q, v in parts.items())
+                row["fit_error_pct"] = 100.0 * (fit / m - 1)
+        rec["anchors"] = rows
+        rec["anchor_method"] = ANCHOR_METHOD
+        if scales is not None:
+            rec["scales"] = scales
     return out

@@ -53,6 +53,7 @@ __all__ = [
     "save_correction",
     "corrected",
     "with_context_factor",
+    "PartScaledPredictor",
     "decode_context_info",
 ]
 
@@ -291,11 +292,50 @@ def corrected(inner: Predictor, table: LatencyTable, *, log: Log = _noop, correc
     return CorrectedPredictor(inner, scale=scale, offset_ms=corr.fit.offset_ms if corr else 0.0, info=info)
 
 
+class PartScaledPredictor(Predictor):
+    """``base_scale * base + sum_i scale[kind of unit i] * cost_i``: each part of an additive prediction
+    scaled on its own (the fixed rest, and every unit kind), so it stays additive and the DP exact."""
+
+    def __init__(self, inner: Predictor, *, base_scale: float, kind_scales: Mapping[str, float]) -> None:
+        super().__init__(inner.space)
+        if not inner.additive:
+            raise ValueError("part scales need an additive predictor")
+        self.inner, self.base_scale, self.kind_scales = inner, float(base_scale), dict(kind_scales)
+        base, costs = inner.unit_costs()
+        self._base = self.base_scale * base
+        self._costs = [self.kind_scales.get(u.kind, 1.0) * c for u, c in zip(self.space.units, costs)]
+        self._index = [{s: j for j, s in enumerate(u.sizes)} for u in self.space.units]
+
+    def unit_costs(self) -> tuple[float, list[np.ndarray]]:
+        return self._base, [c.copy() for c in self._costs]
+
+    def predict(self, cand: Candidate) -> float:
+        try:
+            return self._base + float(
+                sum(c[ix[s]] for c, ix, s in zip(self._costs, self._index, cand.sizes, strict=True))
+            )
+        except (KeyError, ValueError):
+            self.space.validate(cand)  # raises the one-line error naming the unit
+            raise
+
+
 def with_context_factor(inner: Predictor, table: LatencyTable) -> CorrectedPredictor:
     """``inner`` times ``table``'s context factor only (no calibration correction): a decode table's one
-    context (``LatencyTable.at_context``) or the prefill table of a serving workload."""
+    context (``LatencyTable.at_context``) or the prefill table of a serving workload. Where the profile
+    fitted part scales to anchor subnets (``context["scales"]``, :mod:`hwprune.latency.context`), those
+    replace the single factor."""
+    ctx = table.context
+    scales = ctx.get("scales") if ctx is not None else None
+    if isinstance(scales, Mapping) and inner.additive:
+        scaled = PartScaledPredictor(inner, base_scale=float(scales["base"]), kind_scales=scales["kinds"])
+        parts = ", ".join(f"{k} x{v:.3f}" for k, v in scales["kinds"].items())
+        info = {
+            "context_factor": 1.0,
+            "context": f"measured at profile time, fitted to anchor subnets (base x{scales['base']:.3f}, {parts})",
+        }
+        return CorrectedPredictor(scaled, scale=1.0, info={**info, "correction": None})
     f = table.context_factor
-    info = {"context_factor": f, "context": "measured at profile time" if table.context is not None else "none: 1"}
+    info = {"context_factor": f, "context": "measured at profile time" if ctx is not None else "none: 1"}
     return CorrectedPredictor(inner, scale=f, info={**info, "correction": None})
 
 
@@ -316,12 +356,17 @@ def decode_context_info(table: LatencyTable, *, log: Log = _noop) -> dict[str, A
             f"{table.path or 'TABLE.parquet'}",
         )
         return {"context_factor": 1.0, "context": "none (decode table predates them): 1", "correction": None}
-    return {
+    info: dict[str, Any] = {
         "context_factor": 1.0,  # applied per context, before interpolation:
         "decode_context_factors": {c: float(r["factor"]) for c, r in factors.items() if r},
         "context": "measured at profile time, per KV-cache length",
         "correction": None,
     }
+    scales = {c: r["scales"] for c, r in factors.items() if r and isinstance(r.get("scales"), Mapping)}
+    if scales:
+        info["decode_part_scales"] = scales  # these replace the factor where present
+        info["context"] += "; part scales fitted to anchor subnets"
+    return info
 
 
 def _check_machine(corr: Correction, table: LatencyTable, log: Log) -> None:
