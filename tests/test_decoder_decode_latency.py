@@ -21,6 +21,7 @@ from hwprune.families.decoder.hf import save_hf_folder
 from hwprune.families.decoder.model import random_decoder
 from hwprune.latency import LatencyTable
 from hwprune.latency.context import fit_part_scales, predicted_parts
+from hwprune.latency.correction import with_context_factor
 from hwprune.space import Candidate
 
 TINY = DecoderConfig(
@@ -106,9 +107,9 @@ def test_prediction_interpolates_between_contexts(folder: Path, decode_table: Pa
     t = LatencyTable.load(decode_table)
     cand = Candidate(tuple(u.sizes[len(u.sizes) // 2] for u in space.units))
     at = {c: make_predictor(t, space, a, regime="decode", context=c) for c in CONTEXTS}
-    for c in CONTEXTS:  # exact at a measured context: the block sum times that context's factor
+    for c in CONTEXTS:  # exact at a measured context: that context's own (factor- or part-scaled) prediction
         sub = t.at_context(c)
-        assert at[c].predict(cand) == pytest.approx(sub.context_factor * a.predictor(sub, space).predict(cand))
+        assert at[c].predict(cand) == pytest.approx(with_context_factor(a.predictor(sub, space), sub).predict(cand))
     logs: list[str] = []
     mid = make_predictor(t, space, a, regime="decode", context=20, log=logs.append)  # 20 = 8 + (32 - 8) / 2
     assert not logs
