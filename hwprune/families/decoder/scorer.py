@@ -104,7 +104,7 @@ class DecoderScorer:
         self._batches = length_batches(heldout, batch)
         self._targets = [_targets(ids, mask) for ids, mask in self._batches]
         vocab = self.vocab = dense.config.vocab_size
-        self.rows = rows or max(16, int(8e6 // vocab))  # logits rows per step: ~32 MB of float32 per tensor
+        self.rows = rows or max(16, int(4e6 // vocab))  # logits rows per step: ~16 MB of float32 per tensor
         self.n_positions = int(heldout["attention_mask"].sum())
         if cache_mb is None:
             weights = sum(p.numel() * p.element_size() for p in dense.parameters())
