@@ -37,7 +37,7 @@ import numpy as np
 from hwprune._io import read_json, write_json
 from hwprune.errors import HwpruneError
 from hwprune.latency.fingerprint import DeviceFingerprint
-from hwprune.latency.predictor import Predictor
+from hwprune.latency.predictor import CostsPredictor, Predictor
 from hwprune.latency.table import LatencyTable, table_paths
 from hwprune.space import Candidate
 
@@ -292,31 +292,17 @@ def corrected(inner: Predictor, table: LatencyTable, *, log: Log = _noop, correc
     return CorrectedPredictor(inner, scale=scale, offset_ms=corr.fit.offset_ms if corr else 0.0, info=info)
 
 
-class PartScaledPredictor(Predictor):
+class PartScaledPredictor(CostsPredictor):
     """``base_scale * base + sum_i scale[kind of unit i] * cost_i``: each part of an additive prediction
     scaled on its own (the fixed rest, and every unit kind), so it stays additive and the DP exact."""
 
     def __init__(self, inner: Predictor, *, base_scale: float, kind_scales: Mapping[str, float]) -> None:
-        super().__init__(inner.space)
         if not inner.additive:
             raise ValueError("part scales need an additive predictor")
         self.inner, self.base_scale, self.kind_scales = inner, float(base_scale), dict(kind_scales)
         base, costs = inner.unit_costs()
-        self._base = self.base_scale * base
-        self._costs = [self.kind_scales.get(u.kind, 1.0) * c for u, c in zip(self.space.units, costs)]
-        self._index = [{s: j for j, s in enumerate(u.sizes)} for u in self.space.units]
-
-    def unit_costs(self) -> tuple[float, list[np.ndarray]]:
-        return self._base, [c.copy() for c in self._costs]
-
-    def predict(self, cand: Candidate) -> float:
-        try:
-            return self._base + float(
-                sum(c[ix[s]] for c, ix, s in zip(self._costs, self._index, cand.sizes, strict=True))
-            )
-        except (KeyError, ValueError):
-            self.space.validate(cand)  # raises the one-line error naming the unit
-            raise
+        scaled = [self.kind_scales.get(u.kind, 1.0) * c for u, c in zip(inner.space.units, costs)]
+        super().__init__(inner.space, self.base_scale * base, scaled)
 
 
 def with_context_factor(inner: Predictor, table: LatencyTable) -> CorrectedPredictor:

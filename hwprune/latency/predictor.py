@@ -16,7 +16,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.table import LatencyTable
 from hwprune.space import Candidate, PruningSpace
 
-__all__ = ["Predictor", "LUTPredictor", "WeightedPredictor", "ContextPredictor", "context_weights"]
+__all__ = ["Predictor", "CostsPredictor", "LUTPredictor", "WeightedPredictor", "ContextPredictor", "context_weights"]
 
 
 class Predictor(ABC):
@@ -61,39 +61,14 @@ class Predictor(ABC):
         return self.predict(self.space.smallest())
 
 
-class LUTPredictor(Predictor):
-    """Base + per-unit lookups in a measured table (encoders: ``heads`` and ``ffn`` rows, key ``""``).
+class CostsPredictor(Predictor):
+    """An additive predictor held as numbers: ``base`` plus, per unit, its cost at each allowed size."""
 
-    Sizes measured in the table are used exactly: latency is a staircase (11 heads may run faster than
-    10 when 11*head_dim packs better), and smoothing would hide the steps the search should exploit.
-    Sizes between two measured ones are interpolated linearly (the best guess without a measurement);
-    sizes outside the measured range are refused, since extrapolating a staircase is a guess.
-    """
-
-    def __init__(self, table: LatencyTable, space: PruningSpace) -> None:
+    def __init__(self, space: PruningSpace, base: float, costs: Sequence[np.ndarray]) -> None:
         super().__init__(space)
-        self.table = table
-        base = table.rows("base")
-        if base.empty:
-            raise HwpruneError(f"{_where(table)} has no 'base' row; re-profile to rebuild it")
-        self._base = float(base["median_ms"].sum())
-        self._costs: list[np.ndarray] = []
-        self._index: list[dict[int, int]] = []
-        for u in space.units:
-            rows = table.rows(u.kind, u.name)
-            if rows.empty:
-                rows = table.rows(u.kind, "")
-            if rows.empty:
-                raise HwpruneError(
-                    f"{_where(table)} has no rows of kind {u.kind!r} (unit {u.name}); it was "
-                    f"profiled for another model family ({table.family}); re-profile this model"
-                )
-            self._costs.append(
-                _lookup(
-                    rows["size"].to_numpy(), rows["median_ms"].to_numpy(), u.sizes, unit=u.name, where=_where(table)
-                )
-            )
-            self._index.append({s: j for j, s in enumerate(u.sizes)})
+        self._base = float(base)
+        self._costs = [np.asarray(c, dtype=np.float64) for c in costs]
+        self._index = [{s: j for j, s in enumerate(u.sizes)} for u in space.units]
 
     def unit_costs(self) -> tuple[float, list[np.ndarray]]:
         return self._base, [c.copy() for c in self._costs]
@@ -106,6 +81,38 @@ class LUTPredictor(Predictor):
         except (KeyError, ValueError):
             self.space.validate(cand)  # raises the one-line error naming the unit
             raise
+
+
+class LUTPredictor(CostsPredictor):
+    """Base + per-unit lookups in a measured table (encoders: ``heads`` and ``ffn`` rows, key ``""``).
+
+    Sizes measured in the table are used exactly: latency is a staircase (11 heads may run faster than
+    10 when 11*head_dim packs better), and smoothing would hide the steps the search should exploit.
+    Sizes between two measured ones are interpolated linearly (the best guess without a measurement);
+    sizes outside the measured range are refused, since extrapolating a staircase is a guess.
+    """
+
+    def __init__(self, table: LatencyTable, space: PruningSpace) -> None:
+        self.table = table
+        base = table.rows("base")
+        if base.empty:
+            raise HwpruneError(f"{_where(table)} has no 'base' row; re-profile to rebuild it")
+        costs: list[np.ndarray] = []
+        for u in space.units:
+            rows = table.rows(u.kind, u.name)
+            if rows.empty:
+                rows = table.rows(u.kind, "")
+            if rows.empty:
+                raise HwpruneError(
+                    f"{_where(table)} has no rows of kind {u.kind!r} (unit {u.name}); it was "
+                    f"profiled for another model family ({table.family}); re-profile this model"
+                )
+            costs.append(
+                _lookup(
+                    rows["size"].to_numpy(), rows["median_ms"].to_numpy(), u.sizes, unit=u.name, where=_where(table)
+                )
+            )
+        super().__init__(space, float(base["median_ms"].sum()), costs)
 
 
 class WeightedPredictor(Predictor):
