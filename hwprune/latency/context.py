@@ -238,9 +238,7 @@ def measure_decode_context(
             base, parts = predicted_parts(preds[c], cand)
             m = measured_at[name][c]
             points.append((base, parts, m))
-            row: dict[str, Any] = {"name": name, "sizes": list(cand.sizes), "measured_ms": m}
-            row.update(base_ms=base, parts_ms=parts)
-            rows.append(row)
+            rows.append({"name": name, "sizes": list(cand.sizes), "measured_ms": m, "base_ms": base, "parts_ms": parts})
         rec = out[str(c)]
         scales = fit_part_scales(points)
         f = rec["factor"]

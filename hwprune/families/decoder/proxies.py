@@ -242,15 +242,10 @@ class ObsState(DecoderState):
         super().__init__(*args, **kw)  # type: ignore[arg-type]  # forwards DecoderState.__init__ unchanged
         self._params, self.damp = params, damp  # per unit: (W, b or None, input statistics)
 
-    def hessian(self, index: int) -> torch.Tensor:
-        """Damped Hessian (in, in) of unit ``index``'s projection (see the class docstring), in the
-        statistics' dtype (float64; float32 for very wide projections)."""
-        _, b, st = self._params[index]
-        return damped(st.cov() if b is not None else st.second_moment(), self.damp, inplace=True)
-
     def _hessian_blocks(self, index: int, cols: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """``hessian(index)[cols]`` a few rows at a time; spilled statistics never become a whole
-        width^2 matrix here (an 8192-wide FFN: 161 MB of kept rows, 268 MB whole, not built)."""
+        """Rows ``cols`` of unit ``index``'s damped Hessian (class docstring), a few at a time; spilled
+        statistics never become a whole width^2 matrix here (an 8192-wide FFN: 161 MB of kept rows, not
+        268 MB whole)."""
         _, b, st = self._params[index]
         return st.hessian_blocks(cols, centered=b is not None, damp=self.damp)
 
