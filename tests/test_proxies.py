@@ -210,7 +210,10 @@ def test_in_place_linear_algebra_equals_the_out_of_place_results() -> None:
         w = torch.randn(40, 300, dtype=dt, generator=g)
         keep = torch.sort(torch.randperm(300, generator=g)[:170]).values
         blocks = [(s, h[keep[s : s + 37]]) for s in range(0, len(keep), 37)]
-        torch.testing.assert_close(ls_weights_blocks(w, blocks, keep), ls_weights(w, h, keep))
+        lsq = w @ h[:, keep] @ torch.linalg.inv(h[keep][:, keep])  # the textbook formula, independently
+        for got in (ls_weights_blocks(w, blocks, keep), ls_weights(w, h, keep)):
+            assert got.is_contiguous() and got.shape == (40, 170)
+            torch.testing.assert_close(got, lsq, rtol=1e-4 if dt == torch.float32 else 1e-9, atol=1e-5)
         hinv = torch.linalg.inv(h).contiguous()
         for granule in (1, 10):  # compaction in place (overwrite) follows the copying path exactly
             o1, s1 = obs_order(w, hinv, granule=granule, stop=3)

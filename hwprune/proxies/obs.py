@@ -215,12 +215,22 @@ def ls_weights_blocks(
 ) -> torch.Tensor:
     """:func:`ls_weights` from ``Hd[cols]`` given a few rows at a time: ``blocks`` yields ``(start,
     Hd[cols[start:start + n]])``. Only the kept square ``Hd[K, K]`` (factored in place) and
-    ``Hd[K, :] W^T`` are ever whole, so the rows can stream from disk."""
+    ``Hd[K, :] W^T`` are ever whole, so the rows can stream from disk; the solve overwrites the latter,
+    which is returned (out, len(cols)), contiguous."""
     k = len(cols)
     sq = weight.new_empty(k, k)
-    rhs = weight.new_empty(k, weight.shape[0])
+    # the right-hand side Hd[K,:] W^T stored transposed, (out, k) C-ordered: LAPACK's (k, out) Fortran
+    # array, so potrs solves it in place and the solution is already the new weight, contiguous
+    out = weight.new_empty(weight.shape[0], k)
     for start, r in blocks:
         n = r.shape[0]
         sq[start : start + n] = r[:, cols]
-        torch.mm(r, weight.T, out=rhs[start : start + n])
-    return torch.cholesky_solve(rhs, cholesky_(sq)).T
+        out[:, start : start + n] = weight @ r.T
+    cholesky_(sq)
+    b = out.numpy().T
+    x, info = _lapack("potrs", sq)(sq.numpy().T, b, lower=0, overwrite_b=1)  # type: ignore[operator]
+    if info != 0:
+        raise ValueError(f"potrs: illegal argument {-info}")  # a bug here, not a property of the input
+    if not np.shares_memory(x, b):  # f2py copied after all (it should not for a Fortran array)
+        out.copy_(torch.from_numpy(x.T))
+    return out

@@ -60,8 +60,11 @@ class PrunedView(nn.Module):
 
     def blocks(self) -> Iterator[Block]:
         for i in range(self.dense.config.num_layers):
-            ov = self.overrides(i) if callable(self.overrides) else self.overrides
-            yield prune_block(self.dense, i, self.kept, ov)
+            # no local for the overrides: this frame would keep block i's reconstructed weights alive
+            # (after the level cache dropped them) while block i + 1's are built
+            yield prune_block(
+                self.dense, i, self.kept, self.overrides(i) if callable(self.overrides) else self.overrides
+            )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         (x,) = run_layer_major(self, [(input_ids, attention_mask)])  # type: ignore[arg-type]  # duck-typed

@@ -15,7 +15,7 @@ Units not named are kept whole. An empty ``attn`` or ``qpg`` removes the attenti
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 
 import torch
 
@@ -90,11 +90,16 @@ def _group_rows(groups: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _layer_tensors(
-    src: Mapping[str, torch.Tensor], cfg: DecoderConfig, i: int, sel: Mapping[tuple[int, str], torch.Tensor]
+    src: Mapping[str, torch.Tensor],
+    cfg: DecoderConfig,
+    i: int,
+    sel: Mapping[tuple[int, str], torch.Tensor],
+    overridden: Container[str] = (),
 ) -> tuple[dict[str, torch.Tensor], tuple[int, int, int]]:
     """Layer ``i``'s tensors of the pruned model (full state-dict names) and its (groups, per_group, ffn).
 
-    Sliced tensors are fresh copies; the others (norms, biases) are ``src``'s own.
+    Sliced tensors are fresh copies; the others (norms, biases) are ``src``'s own. An output projection
+    named in ``overridden`` is not sliced (its override replaces it): ``src``'s own tensor holds the place.
     """
     d = cfg.head_dim
     g, p, f = cfg.layer_shape(i)
@@ -110,7 +115,8 @@ def _layer_tensors(
             for kind in ("weight", "bias"):
                 if f"{pre}attn.{n}_proj.{kind}" in src:
                     state[f"{pre}attn.{n}_proj.{kind}"] = src[f"{pre}attn.{n}_proj.{kind}"][rows]
-        state[f"{pre}attn.o_proj.weight"] = src[f"{pre}attn.o_proj.weight"][:, q]
+        o = f"{pre}attn.o_proj.weight"
+        state[o] = src[o] if o in overridden else src[o][:, q]
         for k in (f"{pre}attn.o_proj.bias", f"{pre}attn_norm.weight", f"{pre}attn_norm.bias"):
             if k in src:
                 state[k] = src[k]
@@ -122,7 +128,8 @@ def _layer_tensors(
             for kind in ("weight", "bias"):
                 if f"{pre}mlp.{n}_proj.{kind}" in src:
                     state[f"{pre}mlp.{n}_proj.{kind}"] = src[f"{pre}mlp.{n}_proj.{kind}"][neurons]
-        state[f"{pre}mlp.down_proj.weight"] = src[f"{pre}mlp.down_proj.weight"][:, neurons]
+        down = f"{pre}mlp.down_proj.weight"
+        state[down] = src[down] if down in overridden else src[down][:, neurons]
         for k in (f"{pre}mlp.down_proj.bias", f"{pre}mlp_norm.weight", f"{pre}mlp_norm.bias"):
             if k in src:
                 state[k] = src[k]
@@ -159,8 +166,9 @@ def prune_block(
     sel = _parse(cfg, kept)
     pre = f"layers.{i}."
     src = {k: v for k, v in model.state_dict().items() if k.startswith(pre)}
-    state, (g, p, f) = _layer_tensors(src, cfg, i, sel)
-    _apply_overrides(state, {k: v for k, v in (overrides or {}).items() if k.startswith(pre)})
+    mine = {k: v for k, v in (overrides or {}).items() if k.startswith(pre)}
+    state, (g, p, f) = _layer_tensors(src, cfg, i, sel, mine)  # a reconstructed projection is not sliced first
+    _apply_overrides(state, mine)
     with torch.device("meta"):
         block = Block(cfg, g, p, f)
     local = {k[len(pre) :]: v for k, v in state.items()}
@@ -183,7 +191,7 @@ def prune_decoder(
     state: dict[str, torch.Tensor] = {k: v for k, v in src.items() if not k.startswith("layers.")}
     sizes: list[tuple[int, int, int]] = []
     for i in range(cfg.num_layers):
-        layer, shape = _layer_tensors(src, cfg, i, sel)
+        layer, shape = _layer_tensors(src, cfg, i, sel, overrides or {})
         state.update(layer)
         sizes.append(shape)
     new_cfg = cfg.with_sizes(*(tuple(s[j] for s in sizes) for j in range(3)))
