@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -q -x --durations=15
+	# huge pages for malloc, as every hwprune timing process has them (hwprune/latency/pages.py)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest -q -x --durations=15
 
 clean:
 	rm -rf runs/demo

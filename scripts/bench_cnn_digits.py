@@ -71,6 +71,7 @@ from hwprune.export.onnx_io import to_onnx
 from hwprune.families import Family
 from hwprune.families.cnn.calib import recalibrate_bn  # the peers' BN re-estimation is hwprune's own
 from hwprune.latency import get_backend, profile
+from hwprune.latency.pages import reexec_for_timing
 from hwprune.proxies import CalibData
 from hwprune.search.pareto import Evaluation
 from hwprune.search.run import ErrorModel, LatencyModel, ScorerLike, SearchConfig, search
@@ -579,4 +580,5 @@ def _print(report: dict[str, Any], ft: bool) -> None:
 
 
 if __name__ == "__main__":
+    reexec_for_timing()  # huge pages: identical sessions time alike (hwprune.latency.pages)
     sys.exit(main())

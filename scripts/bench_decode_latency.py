@@ -43,6 +43,7 @@ from hwprune.export.workload_timing import decode_graph, step_runners
 from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
 from hwprune.latency.backends import interleave
+from hwprune.latency.pages import reexec_for_timing
 from hwprune.space import Candidate, PruningSpace
 
 
@@ -185,4 +186,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_for_timing()  # huge pages: identical sessions time alike (hwprune.latency.pages)
     sys.exit(main())

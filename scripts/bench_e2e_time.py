@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fail, machine, write_result
 
 from hwprune.errors import HwpruneError
+from hwprune.latency.pages import reexec_for_timing
 
 
 def _hwprune(args: list[str], log: Path) -> float:
     """Run ``hwprune ARGS`` (this interpreter's), output appended to ``log``; wall seconds."""
-    cmd = [sys.executable, "-m", "hwprune.cli", *args]
+    cmd = [sys.executable, "-m", "hwprune", *args]
     t0 = time.perf_counter()
     with log.open("a") as fh:
         fh.write("$ hwprune " + " ".join(args) + "\n")
@@ -133,4 +134,5 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_for_timing()  # huge pages: identical sessions time alike (hwprune.latency.pages)
     raise SystemExit(main())

@@ -60,6 +60,7 @@ from hwprune.export.measure import CONTROL_TOL_PCT, CPU_EXCESS_TOL_PCT
 from hwprune.families import Family
 from hwprune.latency import DeviceFingerprint, LatencyTable, Timing, get_backend
 from hwprune.latency.backends import Runner, interleave
+from hwprune.latency.pages import reexec_for_timing
 from hwprune.space import Candidate, PruningSpace
 
 SESSION_FACTOR = 2  # an ORT session holds its weights about twice: initializers and prepacked copies
@@ -454,4 +455,5 @@ def warnings(report: Mapping[str, Any], *, clock: str) -> list[str]:
 
 
 if __name__ == "__main__":
+    reexec_for_timing()  # huge pages: identical sessions time alike (hwprune.latency.pages)
     sys.exit(main())

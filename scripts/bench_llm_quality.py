@@ -79,6 +79,7 @@ from hwprune.export.workload_timing import decode_graph, measure_workload
 from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
 from hwprune.latency.correction import with_context_factor
+from hwprune.latency.pages import reexec_for_timing
 from hwprune.proxies._base import CalibData, ProxyState
 from hwprune.proxies.stats import length_batches
 from hwprune.search import SearchConfig
@@ -896,4 +897,5 @@ def run(a: argparse.Namespace, argv: list[str] | None, targets: tuple[float, ...
 
 
 if __name__ == "__main__":
+    reexec_for_timing()  # huge pages: identical sessions time alike (hwprune.latency.pages)
     sys.exit(main())

@@ -89,7 +89,7 @@ def _covered(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
 def run_config(a: argparse.Namespace, workers: int, tmp: Path) -> dict[str, Any]:
     study = f"bench-w{workers}-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", a.model, "--table", a.table, "--proxy", a.proxy]
+    cmd = [sys.executable, "-m", "hwprune", "search", "--model", a.model, "--table", a.table, "--proxy", a.proxy]
     cmd += ["--targets", a.targets, "--trials", str(a.trials), "--n-calib", str(a.n_calib)]
     cmd += ["--n-heldout", str(a.n_heldout), "--storage", a.storage, "--study", study, "--no-progress"]
     cmd += ["--space", a.space] if a.space else []

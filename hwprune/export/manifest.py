@@ -20,6 +20,7 @@ measured latency, predicted vs measured speedup, pruned vs dense params and FLOP
   ``predicted_ms`` (:mod:`hwprune.latency.correction`); None in manifests written before;
 - ``dense_prediction_error_pct``: the raw error of the dense model itself (was ``dense_drift_pct``, as
   ``100 * (dense_measured / dense_predicted - 1)``); where it is large, so is the raw error;
+- ``settings.pages``: how this process's memory was paged (``huge`` / ``4k``, :mod:`hwprune.latency.pages`);
 - ``dense_control_pct``: the dense model's second session against its first, timed in the same rounds
   (:mod:`hwprune.export.measure`): the noise floor of ``measured_speedup``; ``warnings`` says when it
   exceeds ``control_tol_pct``, or when the process used more CPU than the timing thread
@@ -45,6 +46,7 @@ from hwprune._io import read_json
 from hwprune.errors import HwpruneError
 from hwprune.export.measure import CONTROL_TOL_PCT, Measurement
 from hwprune.export.stats import ModelStats
+from hwprune.latency.pages import page_mode
 
 __all__ = ["MANIFEST_FORMAT", "Prediction", "build_manifest", "read_manifest", "versions"]
 
@@ -144,7 +146,7 @@ def build_manifest(
         "dense_flops": dense_stats.flops,
         "flops_convention": "2 x MACs of matmuls and convs, one forward at settings.batch x settings.seq",
         "fingerprint": _fingerprint_json(fingerprint),
-        "settings": {**dict(settings), "clock": measurement.clock},
+        "settings": {**dict(settings), "clock": measurement.clock, "pages": page_mode()},  # this process's
         "timings": measurement.timings_json(),
         "plan": dict(plan_summary),
         "files": dict(files or {}),

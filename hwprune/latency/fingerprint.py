@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hwprune.errors import HwpruneError
+from hwprune.latency.pages import page_mode
 
 __all__ = ["DeviceFingerprint"]
 
@@ -32,7 +33,9 @@ _COMPARED = (
     ("batch", "batch"),
     ("seq", "sequence length"),
     ("dtype", "dtype"),
+    ("pages", "memory pages (HWPRUNE_HUGEPAGES, GLIBC_TUNABLES)"),
 )
+_UNKNOWN_OK = ("pages",)  # recorded since 2026-12; "" in older tables: not a difference
 
 
 def _proc_cpuinfo() -> list[dict[str, str]]:
@@ -93,6 +96,7 @@ class DeviceFingerprint:
     seq: int
     dtype: str = "float32"
     gpu: str = ""  # empty on CPU backends
+    pages: str = ""  # "huge" / "4k": how malloc memory was paged (hwprune.latency.pages); "" unknown
 
     @classmethod
     def current(
@@ -134,6 +138,7 @@ class DeviceFingerprint:
             seq=seq,
             dtype=dtype,
             gpu=_gpu_name(runtime),
+            pages=page_mode(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -144,7 +149,7 @@ class DeviceFingerprint:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], *, where: str = "fingerprint") -> "DeviceFingerprint":
         names = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name not in obj and f.name not in ("dtype", "gpu")]
+        missing = [f.name for f in fields(cls) if f.name not in obj and f.name not in ("dtype", "gpu", "pages")]
         if missing:
             raise HwpruneError(f"{where}: fingerprint lacks {missing[0]!r}; re-profile to rebuild the table")
         kw = {k: v for k, v in obj.items() if k in names}
@@ -157,6 +162,7 @@ class DeviceFingerprint:
             f"{label}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
             for f, label in _COMPARED
             if getattr(self, f) != getattr(other, f)
+            and not (f in _UNKNOWN_OK and "" in (getattr(self, f), getattr(other, f)))
         ]
 
 
