@@ -24,6 +24,7 @@ from hwprune.families.encoder.adapter import EncoderAdapter
 from hwprune.families.encoder.model import Encoder
 from hwprune.families.encoder.stats import encoder_flops, encoder_params
 from hwprune.latency._base import get_backend
+from hwprune.latency.pages import page_mode
 
 SEQ = 32
 FAST = {"rounds": 2, "repeats": 5, "warmup": 2}
@@ -131,6 +132,7 @@ def test_manifest_numbers_are_consistent(exported: Any, tiny: Any) -> None:
         "batch": 1,
         "seq": SEQ,
         "clock": "thread-cpu",
+        "pages": page_mode(),  # this process's (hwprune.latency.pages)
     }
     assert {k: man["timings"][k] for k in FAST} == FAST
     assert set(man["versions"]) == {"hwprune", "torch", "onnx", "onnxruntime", "python"}
