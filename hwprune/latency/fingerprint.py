@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,8 @@ class DeviceFingerprint:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], *, where: str = "fingerprint") -> "DeviceFingerprint":
         names = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name not in obj and f.name not in ("dtype", "gpu", "pages")]
+        # fields added later (dtype, gpu, pages) have defaults: older tables stay readable
+        missing = [f.name for f in fields(cls) if f.name not in obj and f.default is MISSING]
         if missing:
             raise HwpruneError(f"{where}: fingerprint lacks {missing[0]!r}; re-profile to rebuild the table")
         kw = {k: v for k, v in obj.items() if k in names}

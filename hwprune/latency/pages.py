@@ -47,9 +47,8 @@ def _glibc_has_tunable() -> bool:
 
 
 def _tunable_set() -> bool:
-    return any(
-        t.strip() in ("glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=2") for t in os.environ.get(ENV, "").split(":")
-    )
+    """The tunable (or its hugetlbfs variant ``=2``) is among this process's ``GLIBC_TUNABLES``."""
+    return any(t.strip() in (TUNABLE, TUNABLE[:-1] + "2") for t in os.environ.get(ENV, "").split(":"))
 
 
 def page_mode() -> str:
@@ -67,17 +66,15 @@ def reexec_for_timing() -> None:
     """Start this program again with the glibc tunable when it would change the pages (THP ``madvise``,
     glibc >= 2.35, tunable unset, ``HWPRUNE_HUGEPAGES`` not ``0``); otherwise return. Call it first thing
     in a command-line entry point, before any work: the process is replaced."""
-    if os.environ.get(OPT_OUT) == "0" or os.environ.get(_MARK) or page_mode() != "4k":
-        return
-    if thp_mode() != "madvise" or not _glibc_has_tunable():
+    would_change = thp_mode() == "madvise" and _glibc_has_tunable() and not _tunable_set()
+    if not would_change or os.environ.get(OPT_OUT) == "0" or os.environ.get(_MARK):
         return
     env = dict(os.environ)
     env[ENV] = f"{env[ENV]}:{TUNABLE}" if env.get(ENV) else TUNABLE
     env[_MARK] = "1"
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # the command line as typed
     except OSError:  # pragma: no cover - exec refused: time with 4 KB pages (recorded as such)
         return
