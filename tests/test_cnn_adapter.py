@@ -84,8 +84,6 @@ def test_groups_keep_couplings(tiny: CnnAdapter) -> None:
         "group.res1.0": ("conv", 32),
         "group.expand.0": ("dw", 48),
         "group.project.0": ("conv", 24),
-        "group.left.0": ("conv", 8),
-        "group.right.0": ("conv", 8),
         "group.mix.0": ("conv", 32),
     }
     g = tiny.graph.group("group.stem.0")
@@ -94,11 +92,26 @@ def test_groups_keep_couplings(tiny: CnnAdapter) -> None:
     assert g.norms == ("stem.1", "res2.1")
     right = tiny.graph.group("group.right.0")  # second half of the concatenation read by mix.0
     assert right.columns("mix.0")[:, 0].tolist() == list(range(8, 16)) and right.columns("right.0").shape == (8, 1)
+    # ... kept whole: mix.0's input width would depend on two units, one table axis cannot say it
+    assert not right.prunable and not tiny.graph.group("group.left.0").prunable
     assert not tiny.graph.group("group.head").prunable  # the logits stay whole
     layers = {l.name: l for l in tiny.graph.layers}
     assert layers["stem.0"].in_group is None and layers["stem.0"].in_hw == (32, 32)  # the input stays whole
     assert (layers["dw.0"].in_group, layers["dw.0"].out_group) == ("group.expand.0", "group.expand.0")
     assert (layers["head"].in_group, layers["head"].out_group) == ("group.mix.0", None)
+    assert (layers["mix.0"].in_group, layers["mix.0"].c_in) == (None, 16)
+
+
+def test_every_layer_input_width_follows_its_unit() -> None:
+    """densenet121: a dense layer reads the stem's and every earlier layer's output (a concatenation);
+    its input width must be the unit's kept size or fixed, else the profile looks for ORT nodes of
+    shapes no network has (the bug: "matched no ONNX Runtime node to layer ...denselayer2.conv1")."""
+    a = resolve_model("torchvision.models:densenet121").configure(input_shape=(1, 3, 64, 64))
+    g = a.graph
+    full = {u.name: u.full for u in g.units()}
+    for l in g.layers:
+        assert l.in_group is None or l.c_in == full[l.in_group] * l.in_mult, l.name
+    assert len(g.units()) == 58  # each dense layer's bottleneck (conv1 -> conv2)
 
 
 def test_pruning_dead_channels_leaves_output_unchanged(tiny: CnnAdapter) -> None:
@@ -109,18 +122,16 @@ def test_pruning_dead_channels_leaves_output_unchanged(tiny: CnnAdapter) -> None
             bn.bias[[1, 5]] = 0.0
         model.dw[1].weight[[0, 7, 40]] = 0.0  # depthwise group: dead after the dw conv's BN + ReLU
         model.dw[1].bias[[0, 7, 40]] = -1.0
-        model.left[1].weight[3] = 0.0  # one concat branch channel
-        model.left[1].bias[3] = 0.0
     keep = lambda n, drop: [i for i in range(n) if i not in drop]  # noqa: E731
     plan = tiny.plan(
-        {"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40}), "group.left.0": keep(8, {3})}
+        {"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40})}
     )
     pruned = tiny.prune(model, plan)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(pruned(x), model(x), atol=1e-5)
     assert pruned.stem[0].out_channels == 14 and pruned.res1[0].in_channels == 14
-    assert pruned.dw[0].groups == 45 == pruned.dw[0].in_channels and pruned.mix[0].in_channels == 15
+    assert pruned.dw[0].groups == 45 == pruned.dw[0].in_channels and pruned.mix[0].in_channels == 16
     assert model.stem[0].out_channels == 16  # the dense model is untouched
 
 
@@ -165,7 +176,7 @@ def test_shipped_spaces_load(name: str, units: int) -> None:
 def test_default_space_for_a_factory(tiny: CnnAdapter) -> None:
     s = tiny.space()
     assert s.unit("group.res1.0").sizes == (16, 24, 32)  # multiples of 8, >= 16: ORT's kernels stay on their fast path
-    assert s.unit("group.left.0").sizes == (4, 8) and s.unit("group.expand.0").sizes == (16, 24, 32, 40, 48)
+    assert s.unit("group.expand.0").sizes == (16, 24, 32, 40, 48)
 
 
 def test_input_shape_parsing() -> None:
@@ -232,8 +243,8 @@ def test_space_yaml_naming_a_missing_layer(tiny: CnnAdapter, tmp_path: Path) -> 
 
 
 def test_plan_with_bad_indices(tiny: CnnAdapter) -> None:
-    with pytest.raises(HwpruneError, match=r"kept indices must be non-empty, unique and in \[0, 8\)"):
-        tiny.plan({"group.left.0": [8]})
+    with pytest.raises(HwpruneError, match=r"kept indices must be non-empty, unique and in \[0, 24\)"):
+        tiny.plan({"group.project.0": [24]})
     with pytest.raises(HwpruneError, match="lacks; units look like"):
         tiny.plan({"group.nope": [0]})
 

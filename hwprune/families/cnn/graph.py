@@ -12,7 +12,7 @@ shape and input resolution): the latency model and the proxies both work from th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ class ChannelGroup:
     consumers: tuple[str, ...]  # conv/linear layers whose inputs are pruned (depthwise excluded)
     depthwise: tuple[str, ...]  # depthwise convs carried along (their input and output channels)
     norms: tuple[str, ...]  # BatchNorms whose channels go with the group
-    prunable: bool  # False: reaches the model output or a grouped conv
+    prunable: bool  # False: reaches the model output or a grouped conv, or feeds a layer in part
     # module -> its channel (consumers: input-channel / feature) indices, ordered by root channel;
     # len = full * k where a flatten gives k features per channel (vgg's 7x7 before classifier.0)
     index: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
@@ -197,7 +197,33 @@ def analyze(model: nn.Module, example: torch.Tensor, dg: Any | None = None) -> G
             )
         )
     groups.sort(key=lambda c: order[c.root])
+    groups = _keep_mixed_inputs_whole(model, groups)
     return GraphInfo(groups=tuple(groups), layers=tuple(_layers(model, example, groups, order)))
+
+
+def _keep_mixed_inputs_whole(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Keep whole every group that feeds a layer only in part (a concatenation: densenet's dense layers
+    read the stem's and every earlier layer's output at once).
+
+    Such a layer's input width depends on several units at once, and the latency table keeps one input
+    unit per layer; pruning the group would make every table lookup for that layer wrong (the bug this
+    fixes: densenet121's profile found no ORT node of the predicted shape). What stays prunable there is
+    each dense layer's bottleneck, which is where DenseNet's compute is.
+    """
+    readers: dict[str, list[ChannelGroup]] = {}
+    for g in groups:
+        if g.prunable:
+            for c in g.consumers:
+                readers.setdefault(c, []).append(g)
+    mixed: set[str] = set()
+    for name, gs in readers.items():
+        m = model.get_submodule(name)
+        width = int(m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
+        if len(gs) > 1 or width % gs[0].full:
+            mixed.update(g.name for g in gs)
+        elif isinstance(m, nn.Conv2d) and width != gs[0].full:
+            mixed.add(gs[0].name)
+    return [replace(g, prunable=False) if g.name in mixed else g for g in groups]
 
 
 def _layers(
