@@ -619,13 +619,15 @@ def _measure_serving(
     assert isinstance(predictor, (WorkloadPredictor, WorkloadMix))
     space = predictor.space
     method = (
-        "decode graphs (decoder.onnx) of dense and candidates in one process, shuffled interleaved rounds: the "
+        "decode graphs (decoder.onnx) of dense and candidates in one process, two sessions each in mirrored "
+        "creation order, shuffled interleaved rounds: the "
         "prompt with an empty cache (TTFT) and one token after the request's first, middle and last contexts; "
         "the mean step interpolated between them"
     )
+    control = max((t[DENSE]["control_pct"] for t in per), key=abs)  # dense-vs-dense, the worst workload's
     measured, docs = {}, {}
     for k, (_, plan) in models.items():
-        measured[k] = Measurement(measured_ms=mixed(k), dense_ms=mixed(DENSE), clock=backend.clock)
+        measured[k] = Measurement(measured_ms=mixed(k), dense_ms=mixed(DENSE), clock=backend.clock, control_pct=control)
         doc: dict[str, Any] = {
             "regime": regime,
             "objective": objective,

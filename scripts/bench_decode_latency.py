@@ -13,11 +13,15 @@ graph shared by its contexts, all graphs of a chunk in shuffled interleaved roun
 ``--per-round`` consecutive calls per graph and context (10, as ``hwprune export`` times decode steps and
 as a generating model calls its own session; ``--per-round 1`` switches graphs on every call, which on
 SmolLM2 measured every graph ~25 % slower than either),
-beside the dense model's graph in two sessions (one created before the chunk's subnets, one after: the
-dense-vs-dense control). The prediction is the table's (``make_predictor(..., regime="decode",
+beside the dense model's graph. Every graph gets two sessions, created in mirrored order (dense, s1, ...,
+sN, sN', ..., s1', dense', as ``hwprune export`` times models): a graph's measured ms is the mean of its
+two sessions' medians, and the dense model's second session against its first is the dense-vs-dense
+control. The prediction is the table's (``make_predictor(..., regime="decode",
 context=c)``, interpolated between the table's contexts). Raw error is the headline (``mape_pct`` per
 context and overall); the speedup error (prediction rescaled by the dense model measured in its chunk)
-stands beside it. The table was profiled earlier, in another process: this is the normal-use protocol.
+stands beside it. With ``--table``, the table was profiled earlier, in another process: the normal-use
+protocol. Without it, the bench first profiles one (``hwprune profile --regime decode`` in this process,
+written beside the report as ``OUT.table.parquet``) and times the subnets right after.
 """
 
 from __future__ import annotations
@@ -56,7 +60,13 @@ def pruned_graph(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--table", required=True, help="a decode latency table (hwprune profile --regime decode)")
+    ap.add_argument(
+        "--table",
+        default=None,
+        help="a decode latency table (hwprune profile --regime decode); default: profile one first, in this "
+        "process, at --context (then the bench times the subnets right after the profile)",
+    )
+    ap.add_argument("--threads", type=int, default=1, help="without --table: intra-op threads to profile with")
     ap.add_argument(
         "--space", default=None, help="pruning space YAML the table was profiled with (default: the model's)"
     )
@@ -84,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.subnets < 1 or a.chunk < 1 or a.seconds <= 0 or a.per_round < 1:
             raise HwpruneError("--subnets, --chunk and --per-round must be >= 1 and --seconds > 0")
         adapter = load_adapter(a.model)
+        if a.table is None:  # profile first, as `hwprune profile --regime decode` does, into a kept file
+            from hwprune.api import ProfileRequest, run_profile
+
+            ctx = tuple(sorted({int(c) for c in (a.context or "128,512,1024").split(",")}))
+            a.table = str(out.with_suffix(".table.parquet"))
+            print(f"no --table: profiling {a.model} for decode at contexts {list(ctx)} into {a.table}", flush=True)
+            req = ProfileRequest(
+                model=a.model, regime="decode", contexts=ctx, threads=a.threads, space=a.space, out=a.table
+            )
+            run_profile(req, progress=sys.stderr.isatty())
         table = LatencyTable.load(a.table)
         table.check_model(adapter)
         table.check_regime("decode")
@@ -108,26 +128,29 @@ def main(argv: list[str] | None = None) -> int:
         controls: list[dict[str, float]] = []
         for start in range(0, len(subnets), a.chunk):
             chunk = subnets[start : start + a.chunk]
-            first = step_runners(backend, dense_onnx, contexts, batch)
-            graphs = [pruned_graph(adapter, space, cand, rng) for _, cand in chunk]
-            subs = [step_runners(backend, g, contexts, batch) for g in graphs]
-            second = step_runners(backend, dense_onnx, contexts, batch)  # created after the subnets: the control
-            everything = [r for group in (first, *subs, second) for r in group]
+            graphs = [dense_onnx, *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
+            order = list(range(len(graphs)))
+            order += order[::-1]  # mirrored session creation: dense, s1..sN, sN..s1, dense
+            sessions = [step_runners(backend, graphs[g], contexts, batch) for g in order]
+            everything = [r for group in sessions for r in group]
             for r in everything:
                 r.sample(3)
                 r.log.reset()
             seed = int(rng.integers(1 << 31))
             ts = interleave(everything, seconds=a.seconds, per_round=a.per_round, common_mode=True, warmup=0, seed=seed)
             k = len(contexts)
-            dense_t, second_t = ts[:k], ts[-k:]
-            controls.append(
-                {str(c): 100 * (second_t[i].median_ms / dense_t[i].median_ms - 1) for i, c in enumerate(contexts)}
-            )
+            # per graph and context: its two sessions' medians, first-created first
+            both: dict[tuple[int, int], list[float]] = {}
+            for pos, g in enumerate(order):
+                for i in range(k):
+                    both.setdefault((g, i), []).append(ts[k * pos + i].median_ms)
+            controls.append({str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)})
             for j, (name, cand) in enumerate(chunk):
                 for i, c in enumerate(contexts):
-                    t, r = ts[k * (j + 1) + i], subs[j][i]
-                    pred, meas = preds[c].predict(cand), t.median_ms
-                    thread_ns = r.log.thread_ns
+                    g = j + 1
+                    mine = [sessions[pos][i] for pos, x in enumerate(order) if x == g]
+                    pred, meas = preds[c].predict(cand), float(np.mean(both[(g, i)]))
+                    thread_ns = sum(r.log.thread_ns for r in mine)
                     rows.append(
                         {
                             "name": name,
@@ -135,14 +158,17 @@ def main(argv: list[str] | None = None) -> int:
                             "sizes": list(cand.sizes),
                             "predicted_ms": pred,
                             "measured_ms": meas,
+                            "sessions_ms": both[(g, i)],
                             "error_pct": 100 * (pred - meas) / meas,
                             "dense_predicted_ms": preds[c].dense_ms(),
-                            "dense_measured_ms": dense_t[i].median_ms,
-                            "measured_wall_ms": float(np.median(r.log.wall_ms)),
-                            "cpu_excess_pct": 100 * (r.log.process_ns / thread_ns - 1) if thread_ns > 0 else None,
+                            "dense_measured_ms": float(np.mean(both[(0, i)])),
+                            "measured_wall_ms": float(np.median([w for r in mine for w in r.log.wall_ms])),
+                            "cpu_excess_pct": 100 * (sum(r.log.process_ns for r in mine) / thread_ns - 1)
+                            if thread_ns > 0
+                            else None,
                         }
                     )
-            del first, subs, second, everything, ts  # this chunk's sessions go before the next chunk's load
+            del sessions, everything, ts  # this chunk's sessions go before the next chunk's load
             gc.collect()
             release()
             print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)

@@ -249,8 +249,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--space", help="pruning space YAML (default: the model's)")
     ap.add_argument("--subnets", type=int, default=30, help="number of subnets, extremes included")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=15, help="subnets loaded at once (~100 MB each for MiniLM/resnet50)")
-    ap.add_argument("--seconds", type=float, default=120.0, help="timing budget per chunk")
+    ap.add_argument(
+        "--chunk", type=int, help="subnets loaded at once (default 15, ~100 MB each for MiniLM/resnet50; decode: 4)"
+    )
+    ap.add_argument("--seconds", type=float, help="timing budget per chunk (default 120; decode: 40)")
     ap.add_argument("--runtime", default="ort-cpu", help="without --table: runtime to profile and time")
     ap.add_argument("--threads", type=int, default=1, help="without --table: intra-op threads")
     ap.add_argument(
@@ -265,7 +267,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--seq", type=int, default=128, help="without --table: sequence length (models that have one)")
     ap.add_argument("-o", "--out", help="JSON report (default bench_out/latency_<model>.json)")
+    ap.add_argument(
+        "--regime",
+        choices=("prefill", "decode"),
+        default="prefill",
+        help="decode: one new token after a KV cache (LLMs), run by bench_decode_latency.py with the same --model, "
+        "--table, --space, --subnets, --seed, --threads, --out and its own --context",
+    )
+    ap.add_argument("--context", help="decode: KV-cache lengths, e.g. 128,1024")
     a = ap.parse_args(argv)
+    if a.regime == "decode":
+        return a  # checked by bench_decode_latency
+    a.chunk = 15 if a.chunk is None else a.chunk
+    a.seconds = 120.0 if a.seconds is None else a.seconds
     if a.subnets < 1 or a.chunk < 1 or not a.seconds > 0:
         ap.error("--subnets and --chunk must be >= 1 and --seconds > 0")
     return a
@@ -273,6 +287,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.regime == "decode":
+        import bench_decode_latency
+
+        fwd = ["--model", a.model, "--subnets", str(a.subnets), "--seed", str(a.seed), "--threads", str(a.threads)]
+        opts = {"--table": a.table, "--space": a.space, "--context": a.context, "--out": a.out}
+        opts |= {"--chunk": a.chunk, "--seconds": a.seconds}
+        for flag, v in opts.items():
+            fwd += [flag, str(v)] if v is not None else []
+        return int(bench_decode_latency.main(fwd))
     t_start = time.perf_counter()
     try:
         adapter = load_adapter(a.model, weights=a.weights, input_shape=parse_shape(a.input_shape))

@@ -114,6 +114,13 @@ def test_every_layer_input_width_follows_its_unit() -> None:
     assert len(g.units()) == 58  # each dense layer's bottleneck (conv1 -> conv2)
 
 
+def test_layers_that_never_run_are_left_out() -> None:
+    """googlenet's auxiliary classifiers run only in training: no ORT node, no time, not a layer."""
+    g = resolve_model("torchvision.models:googlenet").configure(input_shape=(1, 3, 64, 64)).graph
+    names = {l.name for l in g.layers}
+    assert "conv1.conv" in names and "fc" in names and not any(n.startswith("aux") for n in names)
+
+
 def test_pruning_dead_channels_leaves_output_unchanged(tiny: CnnAdapter) -> None:
     model = Tiny().eval()
     with torch.no_grad():  # channels 1 and 5 of the residual stream: zero after both BNs of the add
@@ -123,9 +130,7 @@ def test_pruning_dead_channels_leaves_output_unchanged(tiny: CnnAdapter) -> None
         model.dw[1].weight[[0, 7, 40]] = 0.0  # depthwise group: dead after the dw conv's BN + ReLU
         model.dw[1].bias[[0, 7, 40]] = -1.0
     keep = lambda n, drop: [i for i in range(n) if i not in drop]  # noqa: E731
-    plan = tiny.plan(
-        {"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40})}
-    )
+    plan = tiny.plan({"group.stem.0": keep(16, {1, 5}), "group.expand.0": keep(48, {0, 7, 40})})
     pruned = tiny.prune(model, plan)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

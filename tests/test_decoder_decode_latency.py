@@ -411,6 +411,13 @@ def test_decode_search_targets_tokens_per_second(folder: Path, decode_table: Pat
     assert m["predicted_ms"] == pytest.approx(got["decode_step_ms"])  # the search's own prediction
     assert w["measured"]["ttft_ms"] > 0 and w["measured"]["request_ms"] > w["measured"]["ttft_ms"]
     assert (out / "candidates" / pick["key"] / "decoder.onnx").is_file()
+    # two sessions per model in mirrored order: the dense model's second against its first is the control
+    d = w["dense_measured"]
+    assert d["session_order"] == "mirrored" and len(d["sessions_decode_step_ms"]) == 2
+    assert m["dense_control_pct"] == pytest.approx(
+        100 * (d["sessions_decode_step_ms"][1] / d["sessions_decode_step_ms"][0] - 1)
+    )
+    assert min(d["sessions_decode_step_ms"]) <= d["decode_step_ms"] <= max(d["sessions_decode_step_ms"])
 
     # scripts/bench_tokens.py: the same graphs, dense beside, at a thread count of its own
     import importlib.util
@@ -524,8 +531,21 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
     assert rep["n"] == 6 and set(rep["per_context"]) == {"8", "32"} and len(rep["dense_control_pct"]) == 2
     for r in rep["rows"]:
         assert r["error_pct"] == pytest.approx(100 * (r["predicted_ms"] / r["measured_ms"] - 1))
+        assert len(r["sessions_ms"]) == 2 and r["measured_ms"] == pytest.approx(sum(r["sessions_ms"]) / 2)  # mirrored
     assert rep["mape_pct"] == pytest.approx(sum(abs(r["error_pct"]) for r in rep["rows"]) / 6, abs=1e-3)
     assert mod.main([*argv[:-2], "--context", "x", "-o", str(tmp_path / "bad.json")]) == 2
+
+    # the command: bench_latency.py --regime decode, no table: profiled first in the same process
+    spec = importlib.util.spec_from_file_location("bench_latency", path.parent / "bench_latency.py")
+    assert spec and spec.loader
+    lat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lat)
+    out2 = tmp_path / "fresh.json"
+    argv = ["--regime", "decode", "--model", str(folder), "--space", str(folder.parent / "space.yaml"),
+            "--context", "8,32", "--subnets", "2", "--chunk", "2", "--seconds", "0.5", "--out", str(out2)]  # fmt: skip
+    assert lat.main(argv) == 0
+    rep = json.loads(out2.read_text())
+    assert rep["n"] == 4 and rep["table"] == str(out2.with_suffix(".table.parquet")) and Path(rep["table"]).is_file()
     assert not (tmp_path / "bad.json").exists()
 
 

@@ -79,6 +79,13 @@ class Measured:
         }
 
 
+def control_warning(c: float) -> str:
+    return (
+        f"dense-vs-dense control {c:+.1f}% exceeds the +-{CONTROL_TOL_PCT:g}% precision claimed: the same "
+        "graph timed that far apart in two sessions; treat speedups as +-that much (a busy machine? re-run)"
+    )
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Dense and pruned latencies from the same process, backend and rounds."""
@@ -102,10 +109,7 @@ class Comparison:
         out = []
         c = self.control_pct
         if c is not None and abs(c) > CONTROL_TOL_PCT:
-            out.append(
-                f"dense-vs-dense control {c:+.1f}% exceeds the +-{CONTROL_TOL_PCT:g}% precision claimed: the same "
-                "graph timed that far apart in two sessions; treat speedups as +-that much (a busy machine? re-run)"
-            )
+            out.append(control_warning(c))
         if self.settings.get("clock") == "thread-cpu":
             for k, m in [(DENSE, self.dense), *((k, self.pruned[k]) for k in keys)]:
                 if m.cpu_excess_pct is not None and m.cpu_excess_pct > CPU_EXCESS_TOL_PCT:
@@ -126,6 +130,7 @@ class Measurement:
     clock: str = "wall"  # "thread-cpu" or "wall" (``Backend.clock``)
     timing: Comparison | None = None  # the interleaved run both came from
     key: str | None = None  # the candidate's key in ``timing.pruned``
+    control_pct: float | None = None  # dense-vs-dense control of a timing made elsewhere (decode steps)
 
     def __post_init__(self) -> None:
         if not (self.measured_ms > 0 and self.dense_ms > 0):
@@ -151,9 +156,11 @@ class Measurement:
         """The manifest's control, wall-clock and CPU-check fields (None where the timing is not ours)."""
         both = self._models
         if both is None or self.timing is None or self.key is None:
-            return dict.fromkeys(
-                ("dense_control_pct", "measured_wall_ms", "dense_measured_wall_ms", "cpu_excess_pct"), None
-            ) | {"warnings": []}
+            c = self.control_pct
+            return dict.fromkeys(("measured_wall_ms", "dense_measured_wall_ms", "cpu_excess_pct"), None) | {
+                "dense_control_pct": c,
+                "warnings": [control_warning(c)] if c is not None and abs(c) > CONTROL_TOL_PCT else [],
+            }
         dense, pruned = both
         excess = [x for x in (dense.cpu_excess_pct, pruned.cpu_excess_pct) if x is not None]
         return {

@@ -2,12 +2,16 @@
 
 Family-agnostic: it reads only the graph's own inputs (see :mod:`hwprune.generate` for the convention:
 ``input_ids``, ``attention_mask``, ``past_key_values.*`` whose first axis is the batch and whose other
-named axis is the past length). For each model (the dense one included) one session is loaded; on it,
-one runner per feed: the prompt (an empty past, ``prompt`` tokens: time to first token) and one new token
-after a KV cache of each sampled context (the request's first, middle and last). All runners of all
-models are timed together in shuffled interleaved rounds (:func:`~hwprune.latency.backends.interleave`),
-so load from other tenants lands on every model alike. The mean decode step over the request's contexts
-is interpolated linearly between the sampled ones (attention reads a cache that grows linearly).
+named axis is the past length). For each model (the dense one included) two sessions are loaded, in
+mirrored creation order as :mod:`hwprune.export.measure` does (m0, m1, ..., mN, mN', ..., m1', m0': an
+effect of when a session was made cancels in the mean of a model's two); on each, one runner per feed:
+the prompt (an empty past, ``prompt`` tokens: time to first token) and one new token after a KV cache
+of each sampled context (the request's first, middle and last). All runners of all models are timed
+together in shuffled interleaved rounds (:func:`~hwprune.latency.backends.interleave`), so load from
+other tenants lands on every model alike; a model's figure per feed is the mean of its two sessions'
+medians, and its second session against its first (``control_pct``, on the mean decode step) is, for the
+dense model, the dense-vs-dense control. The mean decode step over the request's contexts is
+interpolated linearly between the sampled ones (attention reads a cache that grows linearly).
 """
 
 from __future__ import annotations
@@ -95,32 +99,44 @@ def measure_workload(
     warmup: int = 3,
 ) -> dict[str, dict[str, Any]]:
     """Per model key: ``ttft_ms``, ``decode_ms`` {context: ms}, ``decode_step_ms`` (mean over the request),
-    ``tokens_per_s``, ``request_ms`` (ttft + every decode step), all medians on the backend's clock."""
+    ``tokens_per_s``, ``request_ms`` (ttft + every decode step), all medians on the backend's clock (the
+    mean of the model's two sessions); ``control_pct``: its second session's mean step against its first.
+    Memory: two sessions per model are held for the whole call."""
     contexts = sampled_contexts(workload)
     b = workload.batch
+    keys = list(graphs)
     runners: list[Runner] = []
-    slots: list[tuple[str, int | None]] = []  # (model, context or None for the prompt)
-    for key, data in graphs.items():
-        runners += step_runners(backend, data, contexts, b, prompt=workload.prompt, key=key)
-        slots += [(key, None), *((key, c) for c in contexts)]
+    slots: list[tuple[str, int, int | None]] = []  # (model, its session 0 or 1, context or None: the prompt)
+    for pos, key in enumerate(keys + keys[::-1]):
+        runners += step_runners(backend, graphs[key], contexts, b, prompt=workload.prompt, key=key)
+        slots += [(key, int(pos >= len(keys)), c) for c in (None, *contexts)]
     timings = interleave(runners, rounds=rounds, per_round=repeats, warmup=warmup)
-    out: dict[str, dict[str, Any]] = {}
-    for (key, ctx_or_prompt), t in zip(slots, timings):
-        m = out.setdefault(key, {"decode_ms": {}})
-        if ctx_or_prompt is None:
-            m["ttft_ms"] = t.median_ms
-        else:
-            m["decode_ms"][ctx_or_prompt] = t.median_ms
+    per: dict[tuple[str, int | None], list[float]] = {}  # (model, feed) -> [session 0's ms, session 1's]
+    for (key, _, feed), t in sorted(zip(slots, timings), key=lambda st: st[0][1]):
+        per.setdefault((key, feed), []).append(t.median_ms)
     ctx = workload.decode_contexts()
     n_steps = len(ctx) if workload.new > 1 else 0
-    for m in out.values():
-        step = sum(sum(w * m["decode_ms"][g] for g, w in context_weights(contexts, c).items()) for c in ctx) / len(ctx)
-        m.update(
-            decode_step_ms=step,
-            tokens_per_s=1e3 * b / step,
-            request_ms=m["ttft_ms"] + n_steps * step,
-            contexts_timed=contexts,
-            clock=backend.clock,
-        )
-        m["decode_ms"] = {str(k): v for k, v in m["decode_ms"].items()}
+
+    def step_of(decode_ms: Mapping[int, float]) -> float:
+        return sum(sum(w * decode_ms[g] for g, w in context_weights(contexts, c).items()) for c in ctx) / len(ctx)
+
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        sessions = [{c: per[(key, c)][i] for c in contexts} for i in (0, 1)]
+        decode = {c: float(np.mean(per[(key, c)])) for c in contexts}
+        step = step_of(decode)
+        ttft = float(np.mean(per[(key, None)]))
+        out[key] = {
+            "ttft_ms": ttft,
+            "decode_ms": {str(c): v for c, v in decode.items()},
+            "decode_step_ms": step,
+            "tokens_per_s": 1e3 * b / step,
+            "request_ms": ttft + n_steps * step,
+            "contexts_timed": contexts,
+            "clock": backend.clock,
+            "session_order": "mirrored",
+            "sessions_decode_step_ms": [step_of(s) for s in sessions],
+            "sessions_ttft_ms": list(per[(key, None)]),
+            "control_pct": 100.0 * (step_of(sessions[1]) / step_of(sessions[0]) - 1),
+        }
     return out

@@ -118,18 +118,20 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> Any:
 
 
 def _spatial_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Input (H, W) of every conv; linears see 1x1."""
+    """Input (H, W) of every conv and linear (1x1) the forward pass runs; a module it skips is absent
+    (googlenet's auxiliary classifiers, which run only in training)."""
     seen: dict[str, tuple[int, int]] = {}
     hooks = []
 
     def hook(name: str) -> Any:
         def fn(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            seen.setdefault(name, (int(inp[0].shape[-2]), int(inp[0].shape[-1])))
+            hw = (1, 1) if isinstance(mod, nn.Linear) else (int(inp[0].shape[-2]), int(inp[0].shape[-1]))
+            seen.setdefault(name, hw)
 
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
             hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
@@ -240,6 +242,8 @@ def _layers(
     hw = _spatial_inputs(model, example)
     out: list[LayerInfo] = []
     for name, m in model.named_modules():
+        if name not in hw:
+            continue  # never runs at inference: no time, nothing to profile
         if isinstance(m, nn.Conv2d):
             out.append(
                 LayerInfo(
@@ -250,7 +254,7 @@ def _layers(
                     kernel=_pair(m.kernel_size),
                     stride=_pair(m.stride),
                     padding=_pair(m.padding),
-                    in_hw=hw.get(name, (1, 1)),
+                    in_hw=hw[name],
                     in_group=reads.get(name),
                     out_group=writes.get(name),
                     groups=int(m.groups),
