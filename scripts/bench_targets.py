@@ -3,6 +3,8 @@
     python scripts/bench_targets.py --model minilm --targets 1.5,2,3 -o bench_out/targets_minilm.json
     python scripts/bench_targets.py --model resnet50 --trials 60 --n-calib 32 --n-heldout 16
     python scripts/bench_targets.py --model mypkg.nets:build --weights w.safetensors --input-shape 1,3,224,224
+    python scripts/bench_targets.py --model smollm2 --regime serve --workload prompt=512,new=128 \
+        --table T_prefill_s512.parquet --decode-table T_decode.parquet --targets 1.5 -o bench_out/serve_smollm2.json
 
 The same flow as ``hwprune search --export``, through the same api calls: without ``--table`` the
 model is profiled first when no table for it exists yet (``run_profile`` into ``latency_tables/local/``,
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=7, help="export: interleaved timing rounds")
     ap.add_argument("--repeats", type=int, default=20, help="export: runs per model per round")
     ap.add_argument("--run", default=None, help="run directory (default runs/bench_targets_<model>)")
+    ap.add_argument("--regime", default="prefill", help="prefill | decode | serve (as hwprune search --regime)")
+    ap.add_argument("--workload", default=None, help="decode/serve: e.g. prompt=512,new=128 (as hwprune search)")
+    ap.add_argument("--decode-table", default=None, help="serve: the decode table beside the prefill --table")
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/targets_<model>.json)")
     return ap.parse_args(argv)
 
@@ -99,6 +104,14 @@ def result_row(m: dict[str, Any]) -> dict[str, Any]:
         "report_cosine": ((m.get("extra") or {}).get("report_scores") or {}).get("cosine"),
         "meets_0.97": m["measured_speedup"] >= 0.97 * m["target_speedup"],
         "clock": (m.get("settings") or {}).get("clock"),
+        # decode / serve: measured and predicted TTFT, tokens/s and request ms, dense beside
+        "workload": {
+            k: w[k]
+            for k in ("regime", "objective", "measured", "dense_measured", "predicted", "dense_predicted")
+            if k in w
+        }
+        if (w := (m.get("extra") or {}).get("workload"))
+        else None,
         "timing": {k: timings[k] for k in ("rounds", "repeats", "warmup", "session_order") if k in timings},
     }
 
@@ -115,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shape = parse_shape(a.input_shape)
         config = SearchConfig(targets=targets, trials=a.trials, margin=a.margin, seed=a.seed)
+        if table is None and a.regime != "prefill":
+            raise HwpruneError(f"--regime {a.regime} needs --table (and --decode-table for serve): profile them first")
         if table is None:  # the table search would use, or a fresh profile of this machine
             found, local = find_table(load_adapter(a.model, weights=a.weights, input_shape=shape))
             table = str(found or local)
@@ -147,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 weights=a.weights,
                 input_shape=shape,
                 search=config,
+                regime=a.regime,
+                workload=a.workload,
+                decode_table=a.decode_table,
             ),
             log=print,
             progress=False,
@@ -180,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             "input_shape": list(shape) if shape else None,
             "proxy": a.proxy,
             "trials": a.trials,
+            "regime": a.regime,
+            "workload": a.workload,
             "table": table,
+            "decode_table": a.decode_table,
             "run": run,
             "profile_seconds": t_profile,
             "search_seconds": round(t_search, 1),
