@@ -184,6 +184,8 @@ def test_relinearized_dp_meets_the_budget_exactly(tiny: CnnAdapter) -> None:
         assert sol is not None
         pick = sol.candidate
         assert pred.predict(pick) <= budget * (1 + 1e-9) and sol.predicted_ms == pytest.approx(pred.predict(pick))
+        # ... and aims at it: the DP's budget also grows after an undershoot (2x used 0.90 before, 0.98 now)
+        assert pred.predict(pick) >= 0.95 * budget
         base, costs = pred.linearized_at(pick).unit_costs()  # the linearisation is exact at the pick
         ix = [u.sizes.index(s) for u, s in zip(space.units, pick.sizes)]
         assert base + sum(c[i] for c, i in zip(costs, ix)) == pytest.approx(pred.predict(pick), rel=1e-12)
