@@ -250,9 +250,9 @@ def dp_pick(
         except HwpruneError:
             break
         exact = predictor.predict(sol.candidate)
-        if exact <= budget_ms * (1 + _BUDGET_TOL):
-            if best is None or (sol.error, -exact) < (best.error, -best.predicted_ms):
-                best = DPSolution(sol.candidate, exact, sol.error, budget_ms)
+        feasible = exact <= budget_ms * (1 + _BUDGET_TOL)
+        if feasible and (best is None or (sol.error, -exact) < (best.error, -best.predicted_ms)):
+            best = DPSolution(sol.candidate, exact, sol.error, budget_ms)
         b *= budget_ms / exact
         ref = sol.candidate
     return best
