@@ -43,7 +43,7 @@ from bench_latency import sample_subnets, summarize, warnings
 from hwprune._mem import release
 from hwprune.api import load_adapter, make_predictor
 from hwprune.errors import HwpruneError
-from hwprune.export.workload_timing import decode_graph, step_runners
+from hwprune.export.workload_timing import MirroredSteps, decode_graph
 from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
 from hwprune.latency.backends import interleave
@@ -129,26 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(subnets), a.chunk):
             chunk = subnets[start : start + a.chunk]
             graphs = [dense_onnx, *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
-            order = list(range(len(graphs)))
-            order += order[::-1]  # mirrored session creation: dense, s1..sN, sN..s1, dense
-            sessions = [step_runners(backend, graphs[g], contexts, batch) for g in order]
-            everything = [r for group in sessions for r in group]
+            mirrored = MirroredSteps.create(backend, graphs, contexts, batch)  # dense, s1..sN, sN..s1, dense
+            everything = mirrored.runners
             for r in everything:
                 r.sample(3)
                 r.log.reset()
             seed = int(rng.integers(1 << 31))
             ts = interleave(everything, seconds=a.seconds, per_round=a.per_round, common_mode=True, warmup=0, seed=seed)
-            k = len(contexts)
-            # per graph and context: its two sessions' medians, first-created first
-            both: dict[tuple[int, int], list[float]] = {}
-            for pos, g in enumerate(order):
-                for i in range(k):
-                    both.setdefault((g, i), []).append(ts[k * pos + i].median_ms)
+            both = mirrored.pairs(ts)  # (graph, context index) -> its two sessions' medians, first-created first
             controls.append({str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)})
             for j, (name, cand) in enumerate(chunk):
                 for i, c in enumerate(contexts):
                     g = j + 1
-                    mine = [sessions[pos][i] for pos, x in enumerate(order) if x == g]
+                    mine = mirrored.of(g, i)
                     pred, meas = preds[c].predict(cand), float(np.mean(both[(g, i)]))
                     thread_ns = sum(r.log.thread_ns for r in mine)
                     rows.append(
@@ -168,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                             else None,
                         }
                     )
-            del sessions, everything, ts  # this chunk's sessions go before the next chunk's load
+            del mirrored, everything, ts  # this chunk's sessions go before the next chunk's load
             gc.collect()
             release()
             print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)

@@ -17,6 +17,7 @@ interpolated linearly between the sampled ones (attention reads a cache that gro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +31,15 @@ from hwprune.search.workload import Workload
 if TYPE_CHECKING:
     from hwprune.families._base import Family
 
-__all__ = ["measure_workload", "sampled_contexts", "decode_graph", "step_runners", "graph_inputs", "step_feed"]
+__all__ = [
+    "measure_workload",
+    "sampled_contexts",
+    "decode_graph",
+    "step_runners",
+    "MirroredSteps",
+    "graph_inputs",
+    "step_feed",
+]
 
 PAST = "past_key_values."
 
@@ -89,6 +98,44 @@ def step_runners(
     return [first, *(Runner(first.session, f, cpu_clock=backend.cpu_clock) for f in feeds[1:])]
 
 
+@dataclass
+class MirroredSteps:
+    """Two sessions per graph, created in mirrored order (g0, g1, ..., gN, gN', ..., g1', g0'), each with
+    :func:`step_runners`' runners (one per feed). ``runners`` is every runner, in creation order, for
+    :func:`~hwprune.latency.backends.interleave`; :meth:`pairs` reads its timings back per graph."""
+
+    order: list[int]  # graph index of each session, in creation order
+    sessions: list[list[Runner]]  # per session: its runner per feed
+
+    @classmethod
+    def create(
+        cls, backend: Backend, graphs: Sequence[bytes], contexts: Sequence[int], batch: int, *, prompt: int = 0,
+        keys: Sequence[str] = (),
+    ) -> "MirroredSteps":  # fmt: skip
+        order = list(range(len(graphs)))
+        order += order[::-1]
+        key = [keys[g] if keys else "" for g in order]
+        sessions = [step_runners(backend, graphs[g], contexts, batch, prompt=prompt, key=k) for g, k in zip(order, key)]
+        return cls(order, sessions)
+
+    @property
+    def runners(self) -> list[Runner]:
+        return [r for s in self.sessions for r in s]
+
+    def of(self, graph: int, feed: int) -> list[Runner]:
+        """Graph ``graph``'s two runners of feed ``feed``, first-created first."""
+        return [s[feed] for g, s in zip(self.order, self.sessions) if g == graph]
+
+    def pairs(self, timings: Sequence[Any]) -> dict[tuple[int, int], list[float]]:
+        """(graph, feed) -> [its first session's median ms, its second's], from ``interleave(self.runners)``."""
+        out: dict[tuple[int, int], list[float]] = {}
+        it = iter(timings)
+        for g, s in zip(self.order, self.sessions):
+            for f in range(len(s)):
+                out.setdefault((g, f), []).append(next(it).median_ms)
+        return out
+
+
 def measure_workload(
     backend: Backend,
     graphs: Mapping[str, bytes],
@@ -105,15 +152,10 @@ def measure_workload(
     contexts = sampled_contexts(workload)
     b = workload.batch
     keys = list(graphs)
-    runners: list[Runner] = []
-    slots: list[tuple[str, int, int | None]] = []  # (model, its session 0 or 1, context or None: the prompt)
-    for pos, key in enumerate(keys + keys[::-1]):
-        runners += step_runners(backend, graphs[key], contexts, b, prompt=workload.prompt, key=key)
-        slots += [(key, int(pos >= len(keys)), c) for c in (None, *contexts)]
-    timings = interleave(runners, rounds=rounds, per_round=repeats, warmup=warmup)
-    per: dict[tuple[str, int | None], list[float]] = {}  # (model, feed) -> [session 0's ms, session 1's]
-    for (key, _, feed), t in sorted(zip(slots, timings), key=lambda st: st[0][1]):
-        per.setdefault((key, feed), []).append(t.median_ms)
+    mirrored = MirroredSteps.create(backend, [graphs[k] for k in keys], contexts, b, prompt=workload.prompt, keys=keys)
+    pairs = mirrored.pairs(interleave(mirrored.runners, rounds=rounds, per_round=repeats, warmup=warmup))
+    # feed 0 is the prompt (TTFT), feed 1 + i the i-th context
+    per = {(keys[g], None if f == 0 else contexts[f - 1]): ms for (g, f), ms in pairs.items()}
     ctx = workload.decode_contexts()
     n_steps = len(ctx) if workload.new > 1 else 0
 

@@ -221,10 +221,9 @@ def _keep_mixed_inputs_whole(model: nn.Module, groups: list[ChannelGroup]) -> li
     for name, gs in readers.items():
         m = model.get_submodule(name)
         width = int(m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
-        if len(gs) > 1 or width % gs[0].full:
+        per = 1 if isinstance(m, nn.Conv2d) else max(1, width // gs[0].full)  # a linear may read it flattened
+        if len(gs) > 1 or width != gs[0].full * per:
             mixed.update(g.name for g in gs)
-        elif isinstance(m, nn.Conv2d) and width != gs[0].full:
-            mixed.add(gs[0].name)
     return [replace(g, prunable=False) if g.name in mixed else g for g in groups]
 
 
