@@ -39,6 +39,8 @@ from hwprune.space import PruningSpace
 if TYPE_CHECKING:
     from torch import nn
 
+    from hwprune.export.distill import DistillConfig
+
 __all__ = [
     "ProfileRequest",
     "ProfileResult",
@@ -498,8 +500,14 @@ class ExportRequest:
     parity_tol: float | None = None  # None: the family's default (Family.parity_tol)
     rounds: int = 5
     repeats: int | None = None  # None: from the dense model's time (hwprune.export.measure.timing_plan)
+    # recovery distillation before export (hwprune.export.distill); steps 0: off
+    distill_steps: int = 0
+    distill_lr: float = 5e-4
+    distill_batch: int = 16
+    distill_samples: int = 1024
 
     def __post_init__(self) -> None:
+        self.distill_config()  # validates
         if self.parity_tol is not None and self.parity_tol < 0:
             raise HwpruneError(f"--parity-tol must be >= 0 (got {self.parity_tol})")
         if self.rounds < 1 or (self.repeats is not None and self.repeats < 1):
@@ -507,6 +515,13 @@ class ExportRequest:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def distill_config(self) -> "DistillConfig":
+        from hwprune.export.distill import DistillConfig
+
+        return DistillConfig(
+            steps=self.distill_steps, lr=self.distill_lr, batch=self.distill_batch, samples=self.distill_samples
+        )
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
@@ -691,9 +706,11 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
     backend = get_backend(settings.get("runtime", "ort-cpu"), threads=int(settings.get("threads", 1)))
     state: ProxyState | None = None
     models = {}
+    dcfg = req.distill_config()
     for row in rows:
         key, folder = row["key"], run_dir / "candidates" / row["key"]
-        if (folder / "model.safetensors").is_file():
+        # distillation starts from the search's weights, never from an earlier export's (maybe distilled)
+        if (folder / "model.safetensors").is_file() and not dcfg.enabled:
             models[key] = (hwprune.load(folder), Plan.load(folder / "plan.json"))
             continue
         if state is None:
@@ -701,6 +718,7 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=calib_seq))
         plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
+    distilled = _distill_models(adapter, sreq, {k: m for k, (m, _) in models.items()}, dcfg, seq=calib_seq, log=log)
     report = _report_scores(adapter, sreq, {k: m for k, (m, _) in models.items()}, seq=calib_seq)
     measured: dict[str, Measurement] = {}
     serve_doc: dict[str, dict[str, Any]] = {}
@@ -737,6 +755,8 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
         extra.update({"scores_split": "selection", "data": run.get("data"), "report_scores": report.get(key)})
         if serving:
             extra["workload"] = serve_doc[key]
+        if key in distilled:
+            extra["distill"] = distilled[key]
         m = export_candidate(
             adapter,
             model,
@@ -747,7 +767,8 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             seq=seq,
             measurement=measured[key],
             prediction=prediction,
-            scores=row.get("scores"),
+            # distilled: its selection scores now (the search's are in distill.selection_before)
+            scores=distilled[key]["selection_after"] if key in distilled else row.get("scores"),
             fingerprint=table.fingerprint.to_json(),
             parity_tol=req.parity_tol if req.parity_tol is not None else adapter.parity_tol,
             extra=extra,
@@ -760,6 +781,37 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
         hist.append(("dense", manifests[0]["dense_predicted_ms"], float(manifests[0]["dense_measured_ms"])))
         _record_history(table, hist, source=f"export {run_dir}", correction=corr.info["correction"], log=log)
     return manifests
+
+
+def _distill_models(
+    adapter: Family,
+    sreq: SearchRequest,
+    models: Mapping[str, nn.Module],
+    cfg: "DistillConfig",
+    *,
+    seq: int,
+    log: Log,
+) -> dict[str, dict[str, Any]]:
+    """Recovery-distil each model in place on the run's calibration split drawn ``cfg.samples`` large
+    (selection and report stay out: :mod:`hwprune.proxies.calib` draws them first); per key the
+    manifest's ``distill`` record, with the selection scores before and after."""
+    if not cfg.enabled or not models:
+        return {}
+    from hwprune.export.distill import distill
+
+    data = _calib(adapter, dataclasses.replace(sreq, n_calib=cfg.samples), seq=seq)
+    scorer = adapter.scorer(data)  # the selection split: what chose the pick
+    out = {}
+    for key, model in models.items():
+        before = dict(scorer.score(model))
+        doc = distill(adapter, model, data.calib, cfg)
+        doc.update(selection_before=before, selection_after=dict(scorer.score(model)))
+        log(
+            f"distilled {key}: {cfg.steps} steps on {doc['rows']} calibration rows in {doc['seconds']:.0f} s, "
+            f"loss {doc['loss_first']:.4g} -> {doc['loss_last']:.4g}"
+        )
+        out[key] = doc
+    return out
 
 
 def _latency_model(predictor: Predictor) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import hwprune
 from hwprune.cli import app
 from hwprune.families.encoder.adapter import minilm_path
 from hwprune.families.encoder.model import Encoder, _hf_key, from_hf_config
@@ -146,6 +147,41 @@ def test_export_pick_all_reuses_run(tiny_run):
     assert res.exit_code == 0, res.output
     exported = json.loads((tiny_run / "exports.json").read_text())["manifests"]
     assert len(exported) >= 2
+
+
+def test_export_distill_recovers_same_shapes(tiny_run, tmp_path):
+    """--distill-steps trains the cut weights towards the dense model on the calibration split: the loss
+    falls, the selection cosine rises, shapes (so latency) do not change, parity holds on the saved
+    (distilled) weights, and the manifest says what was done on which split."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {m["key"]: m for m in json.loads((run / "exports.json").read_text())["manifests"]}
+    res = invoke(
+        "export", run, "--distill-steps", "40", "--distill-samples", "64", "--distill-lr", "1e-3", "--no-progress"
+    )
+    assert res.exit_code == 0, res.output
+    assert "distilled" in res.output
+    for m in json.loads((run / "exports.json").read_text())["manifests"]:
+        d = m["extra"]["distill"]
+        assert d["split"] == "calibration" and d["steps"] == 40 and d["rows"] == 64
+        assert d["loss_last"] < d["loss_first"]
+        assert d["selection_after"]["cosine"] > d["selection_before"]["cosine"]
+        assert m["scores"] == d["selection_after"]  # the saved model's, not the search's
+        assert m["params"] == before[m["key"]]["params"] and m["plan"] == before[m["key"]]["plan"]
+        assert m["parity_max_abs_diff"] <= 1e-3
+        folder = run / "candidates" / m["key"]
+        reloaded = hwprune.load(folder)
+        old = hwprune.load(tiny_run / "candidates" / m["key"])
+        changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, old.state_dict()[k])]
+        assert changed  # the saved weights are the distilled ones
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "pattern"),
+    [("--distill-steps", "-1", "--distill-steps must be >= 0"), ("--distill-lr", "0", "--distill-lr must be")],
+)
+def test_export_distill_bad_settings(tiny_run, flag, value, pattern):
+    one_line_error(invoke("export", tiny_run, "--distill-steps", "5", flag, value, "--no-progress"), pattern)
 
 
 def test_unknown_model():

@@ -288,3 +288,26 @@ def test_load_restores_a_model_that_checks_its_state_dict_version(tmp_path: Path
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(hwprune.load(tmp_path)(x), model.eval()(x))
+
+
+def test_distill_default_loss_fits_outputs(tiny: CnnAdapter) -> None:
+    """The family default distillation loss (relative squared error of the output) trains a cut CNN
+    towards the dense one; shapes stay as cut."""
+    from hwprune.export.distill import DistillConfig, distill
+
+    space = tiny.space()
+    calib = tiny.load_calib(None, n_calib=32, n_heldout=8)
+    model = tiny.fit_proxy("magnitude", space, calib).build(space.uniform(0.5))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    dense = tiny.dense().eval()
+    x = calib.heldout["input"]
+
+    def rel() -> float:
+        with torch.no_grad():
+            ref = dense(x)
+            return float((model(x) - ref).square().sum() / ref.square().sum())
+
+    before = rel()
+    doc = distill(tiny, model, calib.calib, DistillConfig(steps=40, lr=3e-3, batch=8))
+    assert doc["loss_last"] < doc["loss_first"] and rel() < before
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes

@@ -264,3 +264,20 @@ def test_named_shapes_and_spaces_load_without_weights() -> None:
             assert cfg.num_kv_heads == groups
             sp = a.space()
             assert sp.source.endswith(f"{name}.yaml") and sp.unit("layer.0.attn").sizes[0] == 0
+
+
+def test_distill_lowers_kl_to_dense(folder: Path) -> None:
+    """Recovery distillation (hwprune.export.distill) on the decoder's loss, KL(dense || pruned) of the
+    next-token distributions: a few steps on the calibration split lower the selection split's KL."""
+    from hwprune.export.distill import DistillConfig, distill
+
+    adapter = resolve_model(str(folder))
+    space = adapter.space(folder.parent / "space.yaml")
+    calib = adapter.load_calib(None, n_calib=32, n_heldout=8, seq=32)
+    model = adapter.fit_proxy("magnitude", space, calib).build(space.uniform(0.5))
+    scorer = adapter.scorer(calib)
+    before = scorer.score(model)["kl"]
+    doc = distill(adapter, model, calib.calib, DistillConfig(steps=30, lr=3e-3, batch=8))
+    assert doc["split"] == "calibration" and doc["loss_last"] < doc["loss_first"]
+    assert scorer.score(model)["kl"] < 0.8 * before
+    assert not model.training

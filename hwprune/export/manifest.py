@@ -30,7 +30,10 @@ measured latency, predicted vs measured speedup, pruned vs dense params and FLOP
 - ``flops`` = 2 x MACs of the matrix products and convolutions (see :mod:`hwprune.export.stats`);
 - ``plan`` is the family's readable summary of the kept sizes (``Family.plan_summary``);
 - ``graphs``: the family's further ONNX graphs (``Family.extra_graphs``), role -> file, parity and how
-  to drive it (a decoder's ``decoder`` graph: cache convention, token ids, max positions).
+  to drive it (a decoder's ``decoder`` graph: cache convention, token ids, max positions);
+- ``extra.distill`` (exports with ``--distill-steps``): the recovery distillation the saved weights went
+  through (:mod:`hwprune.export.distill`: settings, the ``calibration`` split and its rows, first / last
+  loss, seconds, the selection scores before and after); ``scores`` are then the distilled model's.
 """
 
 from __future__ import annotations

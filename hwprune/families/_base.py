@@ -296,6 +296,17 @@ class Family(ABC):
     def scorer(self, calib: "CalibData") -> Scorer:
         """End-to-end scorer against the dense model on ``calib.heldout``."""
 
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Recovery-distillation loss of ``student`` against ``teacher`` on one batch of model inputs
+        (:mod:`hwprune.export.distill`), differentiable in the student's weights. Default: the relative
+        squared error of the first output, ``|s - t|^2 / |t|^2``; a family with padded inputs or
+        probabilities to compare overrides it."""
+        names = self.onnx_io()[0]
+        with torch.no_grad():
+            ref = teacher(*[inputs[k] for k in names]).float()
+        out = student(*[inputs[k] for k in names]).float()
+        return (out - ref).square().sum() / ref.square().sum().clamp_min(1e-12)
+
     # ---- reports ------------------------------------------------------------------------------
     @abstractmethod
     def stats(self, model: nn.Module, *, batch: int, seq: int) -> "ModelStats":

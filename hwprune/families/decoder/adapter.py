@@ -378,6 +378,18 @@ class DecoderAdapter(Family):
 
         return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, n_report=n_report, seq=seq, seed=seed)
 
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """KL(dense || pruned) of the next-token distributions, averaged over real tokens (padding
+        trimmed): the divergence the end-to-end scorer reports."""
+        mask = inputs["attention_mask"]
+        n = max(1, int(mask.sum(1).max()))
+        ids, mask = inputs["input_ids"][:, :n], mask[:, :n]
+        real = mask.bool()
+        with torch.no_grad():
+            ref = torch.log_softmax(teacher(ids, mask)[real].float(), -1)
+        out = torch.log_softmax(student(ids, mask)[real].float(), -1)
+        return nn.functional.kl_div(out, ref, log_target=True, reduction="batchmean")
+
     def scorer(self, calib: CalibData) -> DecoderScorer:
         from .scorer import DecoderScorer
 

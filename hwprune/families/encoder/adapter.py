@@ -234,6 +234,22 @@ class EncoderAdapter(Family):
 
         return load_calib(self, source, n_calib=n_calib, n_heldout=n_heldout, n_report=n_report, seq=seq, seed=seed)
 
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Relative squared error of the real tokens' hidden states plus the cosine distance of the
+        sentence embeddings (what the end-to-end scorer reports), padding trimmed."""
+        from hwprune.families.encoder.scorer import sentence_embeddings
+
+        mask = inputs["attention_mask"]
+        n = max(1, int(mask.sum(1).max()))
+        ids, mask = inputs["input_ids"][:, :n], mask[:, :n]
+        with torch.no_grad():
+            ref = teacher(ids, mask).float()
+        out = student(ids, mask).float()
+        real = mask.bool()
+        rel = (out[real] - ref[real]).square().sum() / ref[real].square().sum().clamp_min(1e-12)
+        cos = (sentence_embeddings(out, mask) * sentence_embeddings(ref, mask)).sum(-1).mean()
+        return rel + (1.0 - cos)
+
     def scorer(self, calib: "CalibData") -> "EndToEndScorer":
         from hwprune.families.encoder.scorer import EndToEndScorer
 
