@@ -219,7 +219,17 @@ def _print_profile(res: "ProfileResult", store: Optional[Path], label: bool) -> 
         )
         return
     ctx = res.table.context
-    if ctx is not None:
+    aff = res.table.context_affine
+    if ctx is not None and aff is not None:
+        n = len(ctx["affine"]["points"])
+        out.print(
+            f"dense model: {res.dense_ms:.3f} ms predicted = block sum {res.dense_block_sum_ms:.3f} ms x {aff[0]:.3f} "
+            f"{aff[1]:+.3f} ms (affine context fitted to the dense model and {n - 1} anchor subnets timed as export "
+            f"times them, worst residual {ctx['affine']['residual_max_pct']:.2f} %; the dense model measured "
+            f"{ctx['dense_measured_ms']:.3f} ms; profiled in {res.table.profile_seconds:.0f} s)",
+            soft_wrap=True,
+        )
+    elif ctx is not None:
         out.print(
             f"dense model: {res.dense_ms:.3f} ms predicted = block sum {res.dense_block_sum_ms:.3f} ms x context factor "
             f"{res.table.context_factor:.3f} (the whole model timed as export times it: {ctx['dense_measured_ms']:.3f} ms;"
@@ -788,6 +798,7 @@ def _print_manifests(manifests: "list[Manifest]") -> None:
             c = lm.get("correction")
             out.print(
                 f"predicted ms = table x context factor {lm['context_factor']:.3f}"
+                + (f" {lm['context_offset_ms']:+.4f} ms (affine context)" if lm.get("context_offset_ms") else "")
                 + (
                     f", then correction v{c['version']} (x {c['scale']:.4f} {c['offset_ms']:+.4f} ms, hwprune calibrate)"
                     if c

@@ -110,7 +110,7 @@ def test_profile_stores_the_context_factor_and_the_predictor_applies_it(folder, 
     path, output = profiled
     table = LatencyTable.load(path)
     ctx = table.context
-    assert ctx is not None and "context factor" in output
+    assert ctx is not None and ("context factor" in output or "affine context" in output)
     assert ctx["factor"] == pytest.approx(ctx["dense_measured_ms"] / ctx["dense_predicted_ms"], rel=1e-12)
     assert ctx["dense_measured_ms"] > 0 and ctx["rounds"] >= 1 and ctx["clock"] in ("thread-cpu", "wall")
     assert "hwprune.export.measure" in ctx["method"] and ctx["dense_control_pct"] is not None
@@ -120,11 +120,53 @@ def test_profile_stores_the_context_factor_and_the_predictor_applies_it(folder, 
     pred = make_predictor(table, space, adapter)
     assert ctx["dense_predicted_ms"] == pytest.approx(raw.dense_ms(), rel=1e-12)
     assert pred.dense_ms() == pytest.approx(ctx["dense_measured_ms"], rel=1e-9)  # export-time ms by construction
+    # (the affine context is fitted through the dense point: it keeps that)
+    # the affine context: the dense model and the anchors, timed in the same rounds, and the fit over them
+    aff = ctx["affine"]
+    names = [p["name"] for p in aff["points"]]
+    assert names[0] == "dense" and {"uniform-half", "smallest"} <= set(names) and "measured = scale" in aff["method"]
+    a, b = table.context_affine if aff["applied"] else (ctx["factor"], 0.0)
+    assert aff["applied"] == (table.context_affine is not None)
+    for pt in aff["points"]:
+        assert pt["measured_ms"] > 0 and pt["factor_error_pct"] == pytest.approx(
+            100 * (ctx["factor"] * pt["predicted_ms"] / pt["measured_ms"] - 1)
+        )
+        if aff["applied"]:
+            assert pt["fit_error_pct"] == pytest.approx(100 * ((a * pt["predicted_ms"] + b) / pt["measured_ms"] - 1))
+            assert abs(pt["fit_error_pct"]) <= aff["residual_max_pct"] + 1e-9
+    if aff["applied"]:
+        assert aff["points"][0]["fit_error_pct"] == pytest.approx(0.0, abs=1e-9)
     small = space.smallest()
-    assert pred.predict(small) == pytest.approx(ctx["factor"] * raw.predict(small), rel=1e-12)
+    assert pred.predict(small) == pytest.approx(a * raw.predict(small) + b, rel=1e-12)
+    assert pred.dense_ms() == pytest.approx(a * raw.dense_ms() + b, rel=1e-12)
     base, costs = pred.unit_costs()  # still additive: the DP's model is the prediction
     assert pred.additive and pred.predict(small) == pytest.approx(base + sum(float(c.min()) for c in costs))
-    assert pred.info == {"context_factor": ctx["factor"], "context": "measured at profile time", "correction": None}
+    if aff["applied"]:
+        assert pred.info["context_factor"] == a and pred.info["context_offset_ms"] == b
+        assert "affine fit to anchor subnets" in pred.info["context"] and "affine context" in output
+    else:
+        assert pred.info == {"context_factor": ctx["factor"], "context": "measured at profile time", "correction": None}
+
+
+def test_affine_context_replaces_the_factor_only_when_applied(folder, profiled, tmp_path):
+    """A sound affine fit maps block sums to export-time ms (scale and offset, as base_predict too); an
+    unsound one (applied false) leaves the single factor; a correction composes on top of either."""
+    src = profiled[0]
+    adapter = load_adapter(str(folder))
+    space = adapter.space(str(folder / "space.yaml"))
+    side = json.loads(src.with_suffix(".json").read_text())
+    cand = space.uniform(0.5)
+    for applied in (True, False):
+        t = tmp_path / f"t{applied}.parquet"
+        shutil.copy(src, t)
+        side["meta"]["context"]["affine"].update(applied=applied, scale=1.25, offset_ms=0.5, residual_max_pct=0.1)
+        t.with_suffix(".json").write_text(json.dumps(side))
+        table = LatencyTable.load(t)
+        raw = adapter.predictor(table, space).predict(cand)
+        pred = make_predictor(table, space, adapter)
+        want = 1.25 * raw + 0.5 if applied else table.context_factor * raw
+        assert pred.predict(cand) == pytest.approx(want, rel=1e-12)
+        assert pred.base_predict(cand) == pytest.approx(want, rel=1e-12)
 
 
 def test_a_table_without_factor_predicts_as_before_and_says_so_once(folder, profiled, tmp_path):
@@ -151,7 +193,9 @@ def test_export_records_latency_model_and_history(run, profiled):
     table = LatencyTable.load(profiled[0])
     for _, m in _manifests(run):
         lm = m["latency_model"]
-        assert lm["context_factor"] == pytest.approx(table.context_factor) and lm["correction"] is None
+        scale, offset = table.context_affine or (table.context_factor, 0.0)
+        assert lm["context_factor"] == pytest.approx(scale) and lm["correction"] is None
+        assert (lm.get("context_offset_ms") or 0.0) == pytest.approx(offset)
         assert m["predicted_ms"] == pytest.approx(m["base_predicted_ms"], rel=1e-12)  # no correction: unchanged
         assert m["dense_predicted_ms"] == pytest.approx(m["dense_base_predicted_ms"], rel=1e-12)
         assert m["prediction_error_pct"] == pytest.approx(100 * (m["predicted_ms"] / m["measured_ms"] - 1))
@@ -347,3 +391,16 @@ def test_a_store_folder_keeps_its_legacy_history_json(profiled, tmp_path):
     assert [e["key"] for e in read_history(st.path)] == ["k", "new"] and (st.folder / "table.history.json").is_file()
     res = invoke("tables", "show", st.name, "--store", tmp_path / "store")
     assert res.exit_code == 0 and "new" in res.output and "context factor:" in res.output, res.output
+
+
+def test_fit_through_the_dense_point():
+    """The affine context passes through the dense point exactly and recovers a line from its anchors;
+    it declines (None) without an anchor of another prediction or with a scale <= 0."""
+    from hwprune.latency.context import fit_through
+
+    a, b = fit_through(10.0, 8.5, [7.0, 5.0, 2.0], [0.8 * 7 + 0.5, 0.8 * 5 + 0.5, 0.8 * 2 + 0.5])
+    assert a == pytest.approx(0.8) and b == pytest.approx(0.5)
+    assert a * 10.0 + b == pytest.approx(8.5)
+    assert fit_through(10.0, 8.5, [], []) is None
+    assert fit_through(10.0, 8.5, [10.0], [9.0]) is None
+    assert fit_through(10.0, 8.5, [5.0], [9.0]) is None  # smaller prediction, slower measurement

@@ -229,13 +229,15 @@ class CorrectedPredictor(Predictor):
         self.additive = inner.additive
         self.info = dict(info)  # context factor and correction applied, as manifests record them
         self._base_scale = float(info.get("context_factor", 1.0))
+        self._base_offset = float(info.get("context_offset_ms") or 0.0)
 
     def predict(self, cand: Candidate) -> float:
         return self.scale * self.inner.predict(cand) + self.offset_ms
 
     def base_predict(self, cand: Candidate) -> float:
-        """The table's prediction times its context factor, before the correction: what calibrate fits."""
-        return self._base_scale * self.inner.predict(cand)
+        """The table's prediction through its context (factor, or affine fit), before the correction:
+        what calibrate fits."""
+        return self._base_scale * self.inner.predict(cand) + self._base_offset
 
     def unit_costs(self) -> tuple[float, list[np.ndarray]]:
         base, costs = self.inner.unit_costs()
@@ -288,8 +290,21 @@ def corrected(inner: Predictor, table: LatencyTable, *, log: Log = _noop, correc
         "context": "measured at profile time" if table.context is not None else "none (table predates it): 1",
         "correction": corr.summary() if corr is not None else None,
     }
-    scale = factor * (corr.fit.scale if corr else 1.0)
-    return CorrectedPredictor(inner, scale=scale, offset_ms=corr.fit.offset_ms if corr else 0.0, info=info)
+    ctx_scale, ctx_offset = _context_map(table, info)
+    cs, co = (corr.fit.scale, corr.fit.offset_ms) if corr else (1.0, 0.0)
+    # correction o context: cs * (ctx_scale * sum + ctx_offset) + co
+    return CorrectedPredictor(inner, scale=cs * ctx_scale, offset_ms=cs * ctx_offset + co, info=info)
+
+
+def _context_map(table: LatencyTable, info: dict[str, Any]) -> tuple[float, float]:
+    """The table's context as ``(scale, offset_ms)``: its affine fit to anchor subnets where the profile
+    made one (then ``info`` names it), else its single factor and no offset."""
+    aff = table.context_affine
+    if aff is None:
+        return table.context_factor, 0.0
+    info["context_factor"], info["context_offset_ms"] = aff
+    info["context"] = "measured at profile time, affine fit to anchor subnets (scale x block sum + offset)"
+    return aff
 
 
 class PartScaledPredictor(CostsPredictor):
@@ -320,9 +335,13 @@ def with_context_factor(inner: Predictor, table: LatencyTable) -> CorrectedPredi
             "context": f"measured at profile time, fitted to anchor subnets (base x{scales['base']:.3f}, {parts})",
         }
         return CorrectedPredictor(scaled, scale=1.0, info={**info, "correction": None})
-    f = table.context_factor
-    info = {"context_factor": f, "context": "measured at profile time" if ctx is not None else "none: 1"}
-    return CorrectedPredictor(inner, scale=f, info={**info, "correction": None})
+    info = {
+        "context_factor": table.context_factor,
+        "context": "measured at profile time" if ctx is not None else "none: 1",
+        "correction": None,
+    }
+    scale, offset = _context_map(table, info)
+    return CorrectedPredictor(inner, scale=scale, offset_ms=offset, info=info)
 
 
 def decode_context_info(table: LatencyTable, *, log: Log = _noop) -> dict[str, Any]:

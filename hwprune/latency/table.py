@@ -162,12 +162,25 @@ class LatencyTable:
         ctx = self.context
         return float(ctx["factor"]) if ctx is not None else 1.0
 
+    @property
+    def context_affine(self) -> tuple[float, float] | None:
+        """``(scale, offset_ms)`` of the affine context fitted to anchor subnets at profile time
+        (``meta["context"]["affine"]``, :func:`hwprune.latency.context.measure_context`); None where the
+        table has none (made before, or the fit was not sound) and the single factor applies."""
+        ctx = self.context
+        aff = ctx.get("affine") if ctx is not None else None
+        if isinstance(aff, Mapping) and aff.get("applied"):
+            return float(aff["scale"]), float(aff["offset_ms"])
+        return None
+
     def digest(self) -> str:
         """SHA-256 (16 hex digits) of the measurements and when they were made: a correction fitted to
         this table's predictions names it, so a re-profiled table does not inherit a stale correction."""
         h = hashlib.sha256(self.frame.to_csv(index=False).encode())
         h.update(self.created.encode())
         h.update(repr(self.context_factor).encode())
+        if self.context_affine is not None:
+            h.update(repr(self.context_affine).encode())
         return h.hexdigest()[:16]
 
     # ---- checks -------------------------------------------------------------------------------
