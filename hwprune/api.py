@@ -665,15 +665,17 @@ def _measure_serving(
 def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -> list[Manifest]:
     """Export the selected candidates of a run: plan + safetensors + ONNX + parity + measured latency.
 
-    All selected candidates and the dense model are timed together, interleaved, in one process, so
-    every manifest's measured speedup compares numbers taken under the same conditions. Predictions
+    Each selected candidate is timed with the dense model in its own interleaved rounds, in one process
+    (:func:`hwprune.export.measure.measure_pairs`: four sessions, as the profile's context anchors), so
+    every manifest's measured speedup compares numbers taken under the same conditions, and its
+    milliseconds do not depend on how many candidates were exported together. Predictions
     use the table's context factor and stored correction (the manifest's ``latency_model`` says which);
     each predicted-vs-measured pair is appended to the table's history (``hwprune tables show``).
     """
     import hwprune
     from hwprune.export.candidate import candidate_onnx, export_candidate, timing_feed
     from hwprune.export.manifest import Prediction
-    from hwprune.export.measure import Measurement, measure_dense_and_pruned
+    from hwprune.export.measure import Measurement, measure_pairs
     from hwprune.latency import get_backend
     from hwprune.space import Candidate
     from hwprune.surgery.plan import Plan
@@ -727,7 +729,8 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
     else:
         onnx = {k: candidate_onnx(adapter, m, batch=batch, seq=seq) for k, (m, _) in models.items()}
         dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
-        cmp = measure_dense_and_pruned(
+        # each candidate in its own rounds with the dense model: the context its table predicts
+        cmps = measure_pairs(
             backend,
             dense=dense_onnx,
             pruned=onnx,
@@ -735,7 +738,7 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             rounds=req.rounds,
             repeats=req.repeats,
         )
-        measured = {k: Measurement.of(cmp, k, clock=backend.clock) for k in models}
+        measured = {k: Measurement.of(cmps[k], k, clock=backend.clock) for k in models}
     manifests = []
     corr = predictor if isinstance(predictor, CorrectedPredictor) else None
     for row in rows:

@@ -73,6 +73,23 @@ def test_sessions_are_created_in_mirrored_order_and_the_control_is_recorded(grap
     assert cmp.control_pct == pytest.approx(100 * (s[1] / s[0] - 1))
 
 
+def test_pairs_time_each_candidate_beside_the_dense_model_alone(graphs: Any) -> None:
+    """measure_pairs: one comparison per candidate, each in its own rounds of four sessions (dense, c,
+    c', dense'), so a candidate's context does not depend on how many are exported together."""
+    from hwprune.export.measure import measure_pairs
+
+    a, dense, pruned = graphs
+    be = _Recording()
+    cmps = measure_pairs(
+        be, dense=dense, pruned=pruned, feed=timing_feed(a, batch=1, seq=SEQ), rounds=2, repeats=4, warmup=1
+    )
+    assert set(cmps) == {"c1", "c2"}
+    assert be.created == [dense, pruned["c1"], pruned["c1"], dense, dense, pruned["c2"], pruned["c2"], dense]
+    for k, cmp in cmps.items():
+        assert set(cmp.pruned) == {k} and len(cmp.dense.sessions_ms) == 2 and cmp.control_pct is not None
+        assert cmp.settings["repeats"] == 4 and cmp.settings["warmup"] == 1
+
+
 def test_repeats_follow_the_model_time_unless_given(graphs: Any) -> None:
     """Fast models keep 20 calls a round; a second-long LLM prompt gets 5 (the plan is recorded)."""
     assert timing_plan(0.5) == (20, 5) and timing_plan(834.0) == (5, 2) and timing_plan(200.0) == (10, 5)

@@ -9,6 +9,7 @@ measurement. :func:`hwprune.api.run_calibrate` fits ``measured = scale * base + 
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -107,11 +108,12 @@ def remeasure(
     rounds: int = 5,
     repeats: int | None = None,
 ) -> tuple[list[Point], Mapping[str, Any]]:
-    """Time every candidate's ``model.onnx`` and the dense model again, here, together (export's
-    interleaved mirrored-order machinery); returns the points with fresh ``measured_ms`` (one dense
-    point in all) and the comparison's settings and control."""
+    """Time every candidate's ``model.onnx`` again, here, each beside the dense model in its own rounds
+    as export does (:func:`hwprune.export.measure.measure_pairs`); returns the points with fresh
+    ``measured_ms`` (one dense point in all: the median of the pairs' dense figures) and the settings
+    and control (the median of the pairs' controls)."""
     from hwprune.export.candidate import candidate_onnx, timing_feed
-    from hwprune.export.measure import measure_dense_and_pruned
+    from hwprune.export.measure import measure_pairs
 
     cands = [p for p in points if not p.dense]
     onnx: dict[str, bytes] = {}
@@ -120,7 +122,8 @@ def remeasure(
         if not f.is_file():
             raise HwpruneError(f"{f} is missing; export the candidate again: hwprune export {p.run}")
         onnx[f"{i}:{p.key}"] = f.read_bytes()
-    cmp = measure_dense_and_pruned(
+    # each candidate beside the dense model in its own rounds: the context export measures in
+    cmps = measure_pairs(
         backend,
         dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
         pruned=onnx,
@@ -128,7 +131,14 @@ def remeasure(
         rounds=rounds,
         repeats=repeats,
     )
-    fresh = [replace(p, measured_ms=cmp.pruned[f"{i}:{p.key}"].median_ms) for i, p in enumerate(cands)]
+    fresh = [replace(p, measured_ms=cmps[f"{i}:{p.key}"].pruned[f"{i}:{p.key}"].median_ms) for i, p in enumerate(cands)]
     dense = next(p for p in points if p.dense)
-    fresh.append(replace(dense, run="(all, re-measured)", measured_ms=cmp.dense.median_ms))
-    return fresh, {**cmp.settings, "dense_control_pct": cmp.control_pct, "warnings": cmp.warnings(list(onnx))}
+    dense_ms = statistics.median(c.dense.median_ms for c in cmps.values())
+    fresh.append(replace(dense, run="(all, re-measured)", measured_ms=dense_ms))
+    controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]
+    return fresh, {
+        **next(iter(cmps.values())).settings,
+        "session_order": "mirrored, each candidate in its own rounds with the dense model",
+        "dense_control_pct": statistics.median(controls) if controls else None,
+        "warnings": sorted({w for k, c in cmps.items() for w in c.warnings([k])}),
+    }

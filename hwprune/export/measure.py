@@ -20,7 +20,15 @@ out preemption and throttling; the wall-clock figure is kept beside it (``Measur
 model whose process used more CPU than its timing thread (``cpu_excess_pct`` above
 :data:`CPU_EXCESS_TOL_PCT`: ONNX Runtime was not on one thread after all) is flagged.
 
-Several candidates share one dense measurement per round: pass them all in ``pruned``.
+Context. How fast a session runs also depends on how many others are timed beside it: their weights
+compete for the same caches. mnasnet1_0's dense model measured 4.6-4.9 ms among 2 sessions (itself),
+4.8-5.3 ms among 4 (with one candidate) and 4.9-5.7 ms among 8 (with three), in one process on a 2-core
+Xeon. So a model's milliseconds are only comparable between runs that interleave the same number of
+models. :func:`measure_pairs` times each candidate in its own rounds with the dense model (four
+sessions, however many candidates there are); ``export``, ``calibrate --remeasure`` and the profile's
+context anchors all use it, so a table predicts the milliseconds an export measures. Passing several
+candidates to :func:`measure_dense_and_pruned` shares one dense measurement (cheaper, for benchmarks
+that compare ratios).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ __all__ = [
     "Comparison",
     "Measurement",
     "measure_dense_and_pruned",
+    "measure_pairs",
     "DENSE",
     "CONTROL_TOL_PCT",
     "CPU_EXCESS_TOL_PCT",
@@ -277,3 +286,31 @@ def measure_dense_and_pruned(
         "session_order": "mirrored",
     }
     return Comparison(dense=out.pop(DENSE), pruned=out, settings=settings)
+
+
+def measure_pairs(
+    backend: Backend,
+    *,
+    dense: bytes,
+    pruned: Mapping[str, bytes],
+    feed: Mapping[str, np.ndarray],
+    rounds: int = 5,
+    repeats: int | None = None,
+    warmup: int | None = None,
+) -> dict[str, Comparison]:
+    """Each model of ``pruned`` timed with the dense model in its own interleaved rounds (two sessions
+    each, mirrored order: four sessions), so every candidate's milliseconds come from the same context
+    however many candidates there are (see the module doc). One :class:`Comparison` per key, each with
+    the dense measurement of its own rounds. ``repeats`` / ``warmup`` None: chosen once, from the dense
+    model's time (:func:`timing_plan`), for all pairs."""
+    if repeats is None or warmup is None:
+        probe = backend.time(dense, feed, warmup=1, repeats=1).median_ms
+        auto_repeats, auto_warmup = timing_plan(probe)
+        repeats = auto_repeats if repeats is None else repeats
+        warmup = auto_warmup if warmup is None else warmup
+    return {
+        k: measure_dense_and_pruned(
+            backend, dense=dense, pruned={k: data}, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup
+        )
+        for k, data in pruned.items()
+    }

@@ -32,6 +32,7 @@ scales each part on its own (:class:`~hwprune.latency.correction.PartScaledPredi
 
 from __future__ import annotations
 
+import statistics
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ __all__ = [
 
 CONTEXT_METHOD = (
     "the whole dense ONNX model timed by hwprune.export.measure (two sessions, mirrored order, "
-    "interleaved rounds, the export's feed) divided by the table's dense prediction"
+    "interleaved rounds, the export's feed; with anchors: beside each anchor in its own rounds, as export "
+    "times each candidate, the median over those) divided by the table's dense prediction"
 )
 
 DECODE_CONTEXT_METHOD = (
@@ -133,7 +135,7 @@ def measure_context(
     +3.95 % with the factor, -0.72 % with the affine fit, timed in one process)."""
     # export depends on latency, not the other way round at import time
     from hwprune.export.candidate import candidate_onnx, timing_feed
-    from hwprune.export.measure import measure_dense_and_pruned
+    from hwprune.export.measure import measure_dense_and_pruned, measure_pairs
 
     predictor = adapter.predictor(table, space)
     predicted = predictor.dense_ms()  # the bare block sum, no factor yet
@@ -142,21 +144,30 @@ def measure_context(
     for name, cand in cands.items():
         kept = {u.name: list(range(s)) for u, s in zip(space.units, cand.sizes)}  # which ones: no matter for time
         onnx[name] = candidate_onnx(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)), batch=batch, seq=seq)
-    cmp = measure_dense_and_pruned(
-        backend,
-        dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
-        pruned=onnx,
-        feed=timing_feed(adapter, batch=batch, seq=seq),
-        rounds=rounds,
-        repeats=repeats,
-        warmup=warmup,
-    )
-    measured = cmp.dense.median_ms
+    dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
+    feed = timing_feed(adapter, batch=batch, seq=seq)
+    if cands:  # each anchor with the dense model in its own rounds: the context export measures in
+        cmps = measure_pairs(
+            backend, dense=dense_onnx, pruned=onnx, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup
+        )
+        measured = statistics.median(c.dense.median_ms for c in cmps.values())
+        controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]
+        control: float | None = statistics.median(controls) if controls else None
+        walls = [c.dense.wall_ms for c in cmps.values() if c.dense.wall_ms is not None]
+        settings = next(iter(cmps.values())).settings
+    else:
+        cmp = measure_dense_and_pruned(
+            backend, dense=dense_onnx, pruned={}, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup
+        )
+        measured, control, settings = cmp.dense.median_ms, cmp.control_pct, cmp.settings
+        walls = [cmp.dense.wall_ms] if cmp.dense.wall_ms is not None else []
     affine: dict[str, Any] | None = None
     if cands:
         names = ["dense", *cands]
         pred = [predicted, *(predictor.predict(c) for c in cands.values())]
-        meas = [measured, *(cmp.pruned[k].median_ms for k in cands)]
+        # an anchor's ms: its ratio to the dense model in its own rounds x the dense ms (drift between
+        # the pairs' rounds cancels)
+        meas = [measured, *(cmps[k].pruned[k].median_ms / cmps[k].dense.median_ms * measured for k in cands)]
         f = measured / predicted
         fit = fit_through(pred[0], meas[0], pred[1:], meas[1:])
         points: list[dict[str, Any]] = []
@@ -179,12 +190,12 @@ def measure_context(
         "factor": measured / predicted,
         "dense_measured_ms": measured,
         "dense_predicted_ms": predicted,
-        "dense_control_pct": cmp.control_pct,
-        "dense_measured_wall_ms": cmp.dense.wall_ms,
+        "dense_control_pct": control,
+        "dense_measured_wall_ms": statistics.median(walls) if walls else None,
         "clock": backend.clock,
         "rounds": rounds,
-        "repeats": cmp.settings["repeats"],  # None asked: chosen from the model's time (timing_plan)
-        "warmup": cmp.settings["warmup"],
+        "repeats": settings["repeats"],  # None asked: chosen from the model's time (timing_plan)
+        "warmup": settings["warmup"],
         "method": CONTEXT_METHOD,
     }
     if affine is not None:

@@ -278,7 +278,8 @@ def anchor_fit(
     """Compose ``fit`` (the profile's whole-network fit, or None) with a second affine map fitted on
     *anchors*: a few of the profile's networks (the dense model, the smallest, a middle uniform one)
     timed again, right after the profile, exactly as an export times its candidates
-    (:func:`hwprune.export.measure.measure_dense_and_pruned`: two sessions each, mirrored order).
+    (:func:`hwprune.export.measure.measure_pairs`: each beside the dense model in its own rounds, two
+    sessions each, mirrored order).
 
     Why: the same small network measures up to ~9 % faster there than in the profile's timing rounds
     (mobilenet_v3_large's smallest network, 1.08 vs 1.17 ms, in chunks of four graphs or of all 26), and
@@ -319,12 +320,16 @@ def anchor_fit(
 
 def _export_anchors(prof: CnnProfiling, backend: Backend, k: int) -> list[tuple[dict[str, int], float]]:
     """The dense model and the uniform networks at level 0 and (K-1)/2, timed as export times them."""
-    from hwprune.export.measure import measure_dense_and_pruned
+    import statistics
+
+    from hwprune.export.measure import measure_pairs
 
     if prof.make_onnx is None or prof.feed is None:
         return []
     idx = sorted({0, (k - 1) // 2} - {k - 1})  # design: nets[a] for a < K are the uniform networks
-    cmp = measure_dense_and_pruned(
+    # each anchor beside the dense model in its own rounds, as export times each candidate (four sessions:
+    # a session's speed depends on how many share the caches, hwprune.export.measure)
+    cmps = measure_pairs(
         backend,
         dense=prof.make_onnx(-1),
         pruned={f"n{i}": prof.make_onnx(i) for i in idx},
@@ -333,7 +338,9 @@ def _export_anchors(prof: CnnProfiling, backend: Backend, k: int) -> list[tuple[
         repeats=20,
         warmup=5,
     )
-    return [(dict(prof.dense_key), cmp.dense.median_ms)] + [(prof.nets[i], cmp.pruned[f"n{i}"].median_ms) for i in idx]
+    dense = statistics.median(c.dense.median_ms for c in cmps.values())
+    ratio = {i: cmps[f"n{i}"].pruned[f"n{i}"].median_ms / cmps[f"n{i}"].dense.median_ms for i in idx}
+    return [(dict(prof.dense_key), dense)] + [(prof.nets[i], ratio[i] * dense) for i in idx]
 
 
 def _profiled_session(backend: OrtCpuBackend, onnx: bytes, prefix: str) -> Any:
