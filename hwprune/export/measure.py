@@ -205,6 +205,17 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
+def _repeats_warmup(
+    backend: Backend, dense: bytes, feed: Mapping[str, np.ndarray], repeats: int | None, warmup: int | None
+) -> tuple[int, int]:
+    """``repeats`` / ``warmup`` as given, or where None from one timed call of the dense model."""
+    if repeats is None or warmup is None:
+        auto_repeats, auto_warmup = timing_plan(backend.time(dense, feed, warmup=1, repeats=1).median_ms)
+        repeats = auto_repeats if repeats is None else repeats
+        warmup = auto_warmup if warmup is None else warmup
+    return repeats, warmup
+
+
 def measure_dense_and_pruned(
     backend: Backend,
     *,
@@ -223,11 +234,7 @@ def measure_dense_and_pruned(
     100 ms, down to 5 / 2 for second-long LLM prompts, whose per-call noise is relatively small).
     Memory: two sessions per model are held for the whole call.
     """
-    if repeats is None or warmup is None:
-        probe = backend.time(dense, feed, warmup=1, repeats=1).median_ms
-        auto_repeats, auto_warmup = timing_plan(probe)
-        repeats = auto_repeats if repeats is None else repeats
-        warmup = auto_warmup if warmup is None else warmup
+    repeats, warmup = _repeats_warmup(backend, dense, feed, repeats, warmup)
     if rounds < 1 or repeats < 1 or warmup < 0:
         raise HwpruneError(f"rounds and repeats must be >= 1, warmup >= 0 (got {rounds}, {repeats}, {warmup})")
     if DENSE in pruned:
@@ -303,11 +310,7 @@ def measure_pairs(
     however many candidates there are (see the module doc). One :class:`Comparison` per key, each with
     the dense measurement of its own rounds. ``repeats`` / ``warmup`` None: chosen once, from the dense
     model's time (:func:`timing_plan`), for all pairs."""
-    if repeats is None or warmup is None:
-        probe = backend.time(dense, feed, warmup=1, repeats=1).median_ms
-        auto_repeats, auto_warmup = timing_plan(probe)
-        repeats = auto_repeats if repeats is None else repeats
-        warmup = auto_warmup if warmup is None else warmup
+    repeats, warmup = _repeats_warmup(backend, dense, feed, repeats, warmup)
     return {
         k: measure_dense_and_pruned(
             backend, dense=dense, pruned={k: data}, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup

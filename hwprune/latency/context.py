@@ -84,9 +84,14 @@ def prompt_anchors(space: "PruningSpace") -> dict[str, "Candidate"]:
     """Whole subnets timed beside the dense model to fit a prompt table's affine context: three widths
     spread over the space (every unit at 3/4, at 1/2, at its smallest); duplicates and dense dropped."""
     out = {"uniform-3/4": space.uniform(0.75), "uniform-half": space.uniform(0.5), "smallest": space.smallest()}
-    seen = {space.dense().sizes}
+    return _distinct(out, skip=space.dense())
+
+
+def _distinct(cands: "Mapping[str, Candidate]", *, skip: "Candidate | None" = None) -> dict[str, "Candidate"]:
+    """``cands`` without repeated sizes (the first name kept) and without ``skip``'s."""
+    seen = {skip.sizes} if skip is not None else set()
     unique = {}
-    for name, c in out.items():
+    for name, c in cands.items():
         if c.sizes not in seen:
             seen.add(c.sizes)
             unique[name] = c
@@ -214,13 +219,7 @@ def anchor_candidates(space: "PruningSpace") -> dict[str, "Candidate"]:
         out[f"{kind}-min"] = Candidate(tuple(u.sizes[0] if u.kind == kind else u.full for u in space.units))
     out["uniform-half"] = space.uniform(0.5)
     out["smallest"] = space.smallest()
-    seen: set[tuple[int, ...]] = set()
-    unique = {}
-    for name, c in out.items():
-        if c.sizes not in seen:
-            seen.add(c.sizes)
-            unique[name] = c
-    return unique
+    return _distinct(out)
 
 
 def predicted_parts(predictor: "Predictor", cand: "Candidate") -> tuple[float, dict[str, float]]:
