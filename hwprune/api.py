@@ -720,8 +720,9 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             state = adapter.fit_proxy(sreq.proxy, space, _calib(adapter, sreq, seq=calib_seq))
         plan, overrides = state.materialize(Candidate.from_json({"sizes": row["sizes"]}, space))
         models[key] = (adapter.prune(adapter.dense(), plan, overrides), plan)
-    distilled = _distill_models(adapter, sreq, {k: m for k, (m, _) in models.items()}, dcfg, seq=calib_seq, log=log)
-    report = _report_scores(adapter, sreq, {k: m for k, (m, _) in models.items()}, seq=calib_seq)
+    nets = {k: m for k, (m, _) in models.items()}
+    distilled = _distill_models(adapter, sreq, nets, dcfg, seq=calib_seq, log=log)  # in place, before scoring
+    report = _report_scores(adapter, sreq, nets, seq=calib_seq)
     measured: dict[str, Measurement] = {}
     serve_doc: dict[str, dict[str, Any]] = {}
     if serving:

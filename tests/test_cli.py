@@ -181,7 +181,10 @@ def test_export_distill_recovers_same_shapes(tiny_run, tmp_path):
     [("--distill-steps", "-1", "--distill-steps must be >= 0"), ("--distill-lr", "0", "--distill-lr must be")],
 )
 def test_export_distill_bad_settings(tiny_run, flag, value, pattern):
-    one_line_error(invoke("export", tiny_run, "--distill-steps", "5", flag, value, "--no-progress"), pattern)
+    before = (tiny_run / "exports.json").read_bytes()
+    msg = one_line_error(invoke("export", tiny_run, "--distill-steps", "5", flag, value, "--no-progress"), pattern)
+    assert f"(got {value}" in msg  # names the bad value
+    assert (tiny_run / "exports.json").read_bytes() == before  # refused before anything was written
 
 
 def test_unknown_model():

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from torch import nn
+
     from hwprune.families._base import Family
     from hwprune.latency._base import Backend
     from hwprune.latency.predictor import Predictor
@@ -69,8 +71,9 @@ DECODE_CONTEXT_METHOD = (
 )
 
 AFFINE_METHOD = (
-    "the dense model and each anchor subnet (first kept indices) timed as export times them, in the same "
-    "interleaved rounds; measured = scale x block sum + offset fitted by least squares on relative error"
+    "each anchor subnet (first kept indices) timed beside the dense model in its own interleaved rounds, as "
+    "export times a candidate; its ms = its ratio to dense there x the dense ms; measured = scale x block sum "
+    "+ offset through the dense point, the scale by least squares on the anchors' relative error"
 )
 
 ANCHOR_METHOD = (
@@ -96,6 +99,13 @@ def _distinct(cands: "Mapping[str, Candidate]", *, skip: "Candidate | None" = No
             seen.add(c.sizes)
             unique[name] = c
     return unique
+
+
+def _first_kept(adapter: "Family", space: "PruningSpace", cand: "Candidate") -> "nn.Module":
+    """The dense model cut to ``cand``'s sizes keeping each unit's first indices (for timing, which
+    ones does not matter)."""
+    kept = {u.name: list(range(s)) for u, s in zip(space.units, cand.sizes)}
+    return adapter.prune(adapter.dense(), adapter.plan(kept))
 
 
 def fit_through(
@@ -131,9 +141,10 @@ def measure_context(
 ) -> dict[str, Any]:
     """Time the dense model as export does and return the ``meta["context"]`` record (see module doc).
 
-    With ``anchors`` (default), the subnets of :func:`prompt_anchors` are timed in the same interleaved
-    rounds, and ``measured = scale x block sum + offset`` is fitted through the dense model (which so still
-    predicts its measured ms) over them (:func:`fit_through`) and stored as ``affine``, which the
+    With ``anchors`` (default), the subnets of :func:`prompt_anchors` are timed each beside the dense
+    model in its own rounds (:func:`~hwprune.export.measure.measure_pairs`), and ``measured = scale x
+    block sum + offset`` is fitted through the dense model (which so still predicts its measured ms) over
+    them (:func:`fit_through`) and stored as ``affine``, which the
     predictor then uses instead of the single factor. Why: a block timed in its own graph carries a
     per-node cost (dispatch, small-tensor overhead) that a factor fitted to the dense model scales down
     with the block, so a smaller subnet's share of it is mispredicted (mobilenet_v3_small, 2x pick:
@@ -147,8 +158,7 @@ def measure_context(
     cands = prompt_anchors(space) if anchors else {}
     onnx = {}
     for name, cand in cands.items():
-        kept = {u.name: list(range(s)) for u, s in zip(space.units, cand.sizes)}  # which ones: no matter for time
-        onnx[name] = candidate_onnx(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)), batch=batch, seq=seq)
+        onnx[name] = candidate_onnx(adapter, _first_kept(adapter, space, cand), batch=batch, seq=seq)
     dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
     feed = timing_feed(adapter, batch=batch, seq=seq)
     if cands:  # each anchor with the dense model in its own rounds: the context export measures in
@@ -312,8 +322,7 @@ def measure_decode_context(
     for name, cand in cands.items():
         if name == "dense":
             continue
-        kept = {u.name: list(range(s)) for u, s in zip(space.units, cand.sizes)}  # which ones: no matter for time
-        g = decode_graph(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)))
+        g = decode_graph(adapter, _first_kept(adapter, space, cand))
         runners = step_runners(backend, g, contexts, batch, key=name)
         ta = interleave([*first, *runners], rounds=rounds, per_round=repeats, warmup=warmup)
         measured_at[name] = {
