@@ -268,6 +268,20 @@ def _targets(target_speedup: Optional[float], targets: Optional[str]) -> tuple[f
     return tuple(vals)
 
 
+DISTILL_STEPS = typer.Option(
+    0,
+    "--distill-steps",
+    help="Recovery distillation: train each pruned model's kept weights this many steps to reproduce the dense "
+    "model's outputs on the run's calibration split (never the selection or report texts) before export. "
+    "Shapes, and so latency, do not change. 0 (default): off; 200-500 is a good start on a CPU.",
+)
+DISTILL_LR = typer.Option(5e-4, "--distill-lr", help="Peak learning rate of the distillation (AdamW).")
+DISTILL_BATCH = typer.Option(16, "--distill-batch", help="Rows per distillation step.")
+DISTILL_SAMPLES = typer.Option(
+    1024, "--distill-samples", help="Calibration rows drawn for distillation (disjoint from selection and report)."
+)
+
+
 @app.command()
 def search(
     model: str = typer.Option("minilm", "--model", "-m", help=MODEL_HELP),
@@ -356,6 +370,10 @@ def search(
     decode_table: Optional[Path] = typer.Option(
         None, "--decode-table", help="With --regime serve: the decode table (hwprune profile --regime decode)."
     ),
+    distill_steps: int = DISTILL_STEPS,  # with --export
+    distill_lr: float = DISTILL_LR,
+    distill_batch: int = DISTILL_BATCH,
+    distill_samples: int = DISTILL_SAMPLES,
 ) -> None:
     """Find the most accurate subnets for target speedups: exact DP under the table's additive latency model seeds an Optuna NSGA-II search over (predicted latency, end-to-end distance to the dense model). Writes study.db (resumable), pareto.csv, pareto.png and picks.json into the run directory.
 
@@ -370,6 +388,18 @@ def search(
     from hwprune.search.storage import StudyStore
 
     try:
+        if distill_steps and not export:
+            raise HwpruneError(
+                "--distill-steps trains the exported picks: add --export, or run "
+                "`hwprune export RUN --distill-steps N` after the search"
+            )
+        ereq = ExportRequest(  # built (and its settings checked) before the search, not after it
+            run=str(output),
+            distill_steps=distill_steps,
+            distill_lr=distill_lr,
+            distill_batch=distill_batch,
+            distill_samples=distill_samples,
+        )
         cfg = SearchConfig(targets=_targets(target_speedup, targets), trials=trials, seed=seed, margin=margin)
         req = SearchRequest(
             model=model,
@@ -395,7 +425,7 @@ def search(
         result = run_search(req, log=warn, progress=not no_progress, store=store)
         _print_picks(result)
         if export:
-            _print_manifests(run_export(ExportRequest(run=str(output)), progress=not no_progress, log=warn))
+            _print_manifests(run_export(ereq, progress=not no_progress, log=warn))
     except HwpruneError as e:
         _fail(e)
     except KeyboardInterrupt as e:
@@ -418,18 +448,10 @@ def export(
         "--parity-tol",
         help="Max abs difference allowed between ONNX Runtime and torch outputs (default: the family's, 1e-3; 1e-2 for LLM logits).",
     ),
-    distill_steps: int = typer.Option(
-        0,
-        "--distill-steps",
-        help="Recovery distillation: train each pruned model's kept weights this many steps to reproduce the dense "
-        "model's outputs on the run's calibration split (never the selection or report texts) before export. "
-        "Shapes, and so latency, do not change. 0 (default): off; 200-500 is a good start on a CPU.",
-    ),
-    distill_lr: float = typer.Option(5e-4, "--distill-lr", help="Peak learning rate of the distillation (AdamW)."),
-    distill_batch: int = typer.Option(16, "--distill-batch", help="Rows per distillation step."),
-    distill_samples: int = typer.Option(
-        1024, "--distill-samples", help="Calibration rows drawn for distillation (disjoint from selection and report)."
-    ),
+    distill_steps: int = DISTILL_STEPS,
+    distill_lr: float = DISTILL_LR,
+    distill_batch: int = DISTILL_BATCH,
+    distill_samples: int = DISTILL_SAMPLES,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Cut the chosen subnets physically (smaller dense tensors, never masks), save plan.json + model.safetensors (reload with hwprune.load), export model.onnx, check ONNX Runtime parity, and measure dense vs pruned latency in one process: manifest.json states predicted vs measured.

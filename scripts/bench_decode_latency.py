@@ -9,7 +9,9 @@ Subnets are drawn as ``bench_latency.py`` draws them (dense, smallest, uniform h
 removed, then random ones with removed blocks and sublayers among them), pruned with random kept indices,
 and exported as ``hwprune export`` writes ``decoder.onnx``. Each is timed with the table's backend
 settings at every ``--context``: one new token after a KV cache of that many positions, one session per
-graph shared by its contexts, all graphs of a chunk in shuffled interleaved rounds (``common_mode``) of
+graph shared by its contexts (``--per-context-sessions``: sessions of their own per context, timed one
+context after the other, as the table's chains are timed; on SmolLM2 it measured the same, see
+docs/benchmarks.md), all graphs of a chunk in shuffled interleaved rounds (``common_mode``) of
 ``--per-round`` consecutive calls per graph and context (10, as ``hwprune export`` times decode steps and
 as a generating model calls its own session; ``--per-round 1`` switches graphs on every call, which on
 SmolLM2 measured every graph ~25 % slower than either),
@@ -82,6 +84,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--per-round", type=int, default=10, help="consecutive calls per graph and context in a round (export: 10)"
     )
+    ap.add_argument(
+        "--per-context-sessions",
+        action="store_true",
+        help="time each context on sessions of its own (as the table's chains are timed) instead of one session "
+        "per graph serving every context (as hwprune export and the profile's anchors time decode steps); on "
+        "SmolLM2 it did not lower the error (docs/benchmarks.md)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
     return ap.parse_args(argv)
@@ -129,21 +138,39 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(subnets), a.chunk):
             chunk = subnets[start : start + a.chunk]
             graphs = [dense_onnx, *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
-            mirrored = MirroredSteps.create(backend, graphs, contexts, batch)  # dense, s1..sN, sN..s1, dense
-            everything = mirrored.runners
-            for r in everything:
-                r.sample(3)
-                r.log.reset()
-            seed = int(rng.integers(1 << 31))
-            ts = interleave(everything, seconds=a.seconds, per_round=a.per_round, common_mode=True, warmup=0, seed=seed)
-            both = mirrored.pairs(ts)  # (graph, context index) -> its two sessions' medians, first-created first
+            both: dict[tuple[int, int], list[float]] = {}  # (graph, context index) -> its two sessions' medians
+            logs: dict[tuple[int, int], list[Any]] = {}  # (graph, context index) -> its two runners' clock logs
+            # one session per graph for all contexts (as export times them), or per context its own
+            groups = [[ic] for ic in enumerate(contexts)] if a.per_context_sessions else [list(enumerate(contexts))]
+            for group in groups:
+                ctx = [c for _, c in group]
+                mirrored = MirroredSteps.create(backend, graphs, ctx, batch)  # dense, s1..sN, sN..s1, dense
+                everything = mirrored.runners
+                for r in everything:
+                    r.sample(3)
+                    r.log.reset()
+                seed = int(rng.integers(1 << 31))
+                ts = interleave(
+                    everything,
+                    seconds=a.seconds * len(group) / len(contexts),
+                    per_round=a.per_round,
+                    common_mode=True,
+                    warmup=0,
+                    seed=seed,
+                )
+                for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
+                    both[(g, group[f][0])] = ms
+                    logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
+                del mirrored, everything, ts
+                gc.collect()
+                release()
             controls.append({str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)})
             for j, (name, cand) in enumerate(chunk):
                 for i, c in enumerate(contexts):
                     g = j + 1
-                    mine = mirrored.of(g, i)
+                    mine = logs[(g, i)]
                     pred, meas = preds[c].predict(cand), float(np.mean(both[(g, i)]))
-                    thread_ns = sum(r.log.thread_ns for r in mine)
+                    thread_ns = sum(lg.thread_ns for lg in mine)
                     rows.append(
                         {
                             "name": name,
@@ -155,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                             "error_pct": 100 * (pred - meas) / meas,
                             "dense_predicted_ms": preds[c].dense_ms(),
                             "dense_measured_ms": float(np.mean(both[(0, i)])),
-                            "measured_wall_ms": float(np.median([w for r in mine for w in r.log.wall_ms])),
-                            "cpu_excess_pct": 100 * (sum(r.log.process_ns for r in mine) / thread_ns - 1)
+                            "measured_wall_ms": float(np.median([w for lg in mine for w in lg.wall_ms])),
+                            "cpu_excess_pct": 100 * (sum(lg.process_ns for lg in mine) / thread_ns - 1)
                             if thread_ns > 0
                             else None,
                         }
                     )
-            del mirrored, everything, ts  # this chunk's sessions go before the next chunk's load
+            del logs
             gc.collect()
             release()
             print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)
@@ -177,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk": a.chunk,
                 "seconds_per_chunk": a.seconds,
                 "per_round": a.per_round,
+                "sessions": "per context" if a.per_context_sessions else "shared by the contexts",
             },
             **summarize(rows),
             "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},

@@ -187,6 +187,32 @@ def test_export_distill_bad_settings(tiny_run, flag, value, pattern):
     assert (tiny_run / "exports.json").read_bytes() == before  # refused before anything was written
 
 
+def test_search_export_distills(tiny_folder, tiny_table, tmp_path):
+    """`search --export --distill-*` hands the distillation settings to the export it runs."""
+    run = tmp_path / "r"
+    args = ["--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table]
+    res = invoke("search", *args, "--targets", "1.4", "--trials", "8", "-o", run, "--export", "--no-progress",
+                 "--distill-steps", "10", "--distill-samples", "32")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (m,) = json.loads((run / "exports.json").read_text())["manifests"]
+    assert m["extra"]["distill"]["steps"] == 10 and m["extra"]["distill"]["rows"] == 32
+
+
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        (["--distill-steps", "5"], "--distill-steps trains the exported picks: add --export"),
+        (["--export", "--distill-steps", "5", "--distill-lr", "0"], "--distill-lr must be"),
+    ],
+)
+def test_search_distill_bad_settings(tiny_folder, tiny_table, tmp_path, extra, pattern):
+    """Refused before the search starts: no run directory is written."""
+    run = tmp_path / "r"
+    args = ["--model", tiny_folder, "--space", tiny_folder / "space.yaml", "--table", tiny_table, "--targets", "1.4"]
+    one_line_error(invoke("search", *args, "-o", run, "--no-progress", *extra), pattern)
+    assert not run.exists()
+
+
 def test_unknown_model():
     msg = one_line_error(invoke("search", "--model", "gpt-7"), "unknown model 'gpt-7'; supported:")
     assert "minilm" in msg and "resnet50" in msg  # the line lists what would work

@@ -534,6 +534,27 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
         assert len(r["sessions_ms"]) == 2 and r["measured_ms"] == pytest.approx(sum(r["sessions_ms"]) / 2)  # mirrored
     assert rep["mape_pct"] == pytest.approx(sum(abs(r["error_pct"]) for r in rep["rows"]) / 6, abs=1e-3)
     assert mod.main([*argv[:-2], "--context", "x", "-o", str(tmp_path / "bad.json")]) == 2
+    assert mod.main([*argv[:-2], "--per-context-sessions", "-o", str(out)]) == 0  # each context on its own sessions
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 6 and rep["settings"]["sessions"] == "per context"
+
+    # the protocol probe: own session, shared with another context, a growing cache
+    spec = importlib.util.spec_from_file_location("bench_decode_protocol", path.parent / "bench_decode_protocol.py")
+    assert spec and spec.loader
+    proto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proto)
+    out3 = tmp_path / "p.json"
+    argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--table", str(decode_table),
+            "--context", "8", "--other", "32", "--subnets", "2", "--rounds", "3", "--per-round", "2",
+            "-o", str(out3)]  # fmt: skip
+    assert proto.main(argv) == 0
+    rep = json.loads(out3.read_text())
+    assert len(rep["rows"]) == 3 and rep["rows"][0]["name"] == "dense"
+    for r in rep["rows"]:
+        for p in ("own", "shared", "generate"):
+            assert r[f"{p}_ms"] > 0 and r[f"{p}_error_pct"] == pytest.approx(
+                100 * (r["predicted_ms"] / r[f"{p}_ms"] - 1)
+            )
 
     # the command: bench_latency.py --regime decode, no table: profiled first in the same process
     spec = importlib.util.spec_from_file_location("bench_latency", path.parent / "bench_latency.py")
