@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "per graph serving every context (as hwprune export and the profile's anchors time decode steps); on "
         "SmolLM2 it did not lower the error (docs/benchmarks.md)",
     )
+    ap.add_argument(
+        "--no-common-mode",
+        action="store_true",
+        help="do not divide each round by its load factor (interleave's common_mode); on SmolLM2 it moved mixed "
+        "subnets' errors by several %% relative to uniform ones (docs/benchmarks.md)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
     return ap.parse_args(argv)
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     everything,
                     seconds=a.seconds * len(group) / len(contexts),
                     per_round=a.per_round,
-                    common_mode=True,
+                    common_mode=not a.no_common_mode,
                     warmup=0,
                     seed=seed,
                 )
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds_per_chunk": a.seconds,
                 "per_round": a.per_round,
                 "sessions": "per context" if a.per_context_sessions else "shared by the contexts",
+                "common_mode": not a.no_common_mode,
             },
             **summarize(rows),
             "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},

@@ -534,9 +534,9 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
         assert len(r["sessions_ms"]) == 2 and r["measured_ms"] == pytest.approx(sum(r["sessions_ms"]) / 2)  # mirrored
     assert rep["mape_pct"] == pytest.approx(sum(abs(r["error_pct"]) for r in rep["rows"]) / 6, abs=1e-3)
     assert mod.main([*argv[:-2], "--context", "x", "-o", str(tmp_path / "bad.json")]) == 2
-    assert mod.main([*argv[:-2], "--per-context-sessions", "-o", str(out)]) == 0  # each context on its own sessions
-    rep = json.loads(out.read_text())
-    assert rep["n"] == 6 and rep["settings"]["sessions"] == "per context"
+    assert mod.main([*argv[:-2], "--per-context-sessions", "--no-common-mode", "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())  # each context on its own sessions, rounds not rescaled
+    assert rep["n"] == 6 and rep["settings"]["sessions"] == "per context" and rep["settings"]["common_mode"] is False
 
     # the protocol probe: own session, shared with another context, a growing cache
     spec = importlib.util.spec_from_file_location("bench_decode_protocol", path.parent / "bench_decode_protocol.py")
