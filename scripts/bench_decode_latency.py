@@ -10,7 +10,7 @@ removed, then random ones with removed blocks and sublayers among them), pruned 
 and exported as ``hwprune export`` writes ``decoder.onnx``. Each is timed with the table's backend
 settings at every ``--context``: one new token after a KV cache of that many positions, one session per
 graph shared by its contexts (``--per-context-sessions``: sessions of their own per context, timed one
-context after the other, as the table's chains are timed; on SmolLM2 it measured the same, see
+context after the other, as the table's chains are timed; on SmolLM2 it did not lower the error, see
 docs/benchmarks.md), all graphs of a chunk in shuffled interleaved rounds (``common_mode``) of
 ``--per-round`` consecutive calls per graph and context (10, as ``hwprune export`` times decode steps and
 as a generating model calls its own session; ``--per-round 1`` switches graphs on every call, which on
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
                     both[(g, group[f][0])] = ms
                     logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
-                del mirrored, everything, ts
+                del mirrored, everything, ts  # these sessions go before the next group's or chunk's load
                 gc.collect()
                 release()
             controls.append({str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)})
@@ -194,9 +194,6 @@ def main(argv: list[str] | None = None) -> int:
                             else None,
                         }
                     )
-            del logs
-            gc.collect()
-            release()
             print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)
         report: dict[str, Any] = {
             "model": a.model,
