@@ -155,20 +155,22 @@ def test_a_control_beyond_the_claimed_precision_is_a_warning() -> None:
     assert "control +3.0% exceeds" in w and "\n" not in w
 
 
-def test_process_cpu_beyond_the_timing_thread_is_flagged(graphs: Any) -> None:
+def test_process_cpu_beyond_the_timing_thread_is_flagged() -> None:
     """Two real ORT intra-op threads timed by one thread's CPU clock: the process's CPU time shows the
-    work the timing thread's clock left out."""
-    a, dense, pruned = graphs
+    work the timing thread's clock left out.
+
+    The graph is a few milliseconds per call on purpose: on a graph of 0.07 ms ORT's cost model kept
+    nearly every op on one thread, and the excess (1.2 %) missed the bar in CI."""
+    a = EncoderAdapter.tiny(layers=2, heads=4, head_dim=32, ffn=1024)
+    dense = candidate_onnx(a, a.dense(), batch=4, seq=128)
+    half = candidate_onnx(a, a.prune(a.dense(), a.plan({"layer.0.heads": [0, 1]})), batch=4, seq=128)
+    feed = timing_feed(a, batch=4, seq=128)
     be = _ThreadClockOnTwoThreads(threads=2)
-    cmp = measure_dense_and_pruned(
-        be, dense=dense, pruned={"c2": pruned["c2"]}, feed=timing_feed(a, batch=1, seq=SEQ), rounds=2, repeats=10
-    )
-    assert cmp.dense.cpu_excess_pct is not None and cmp.dense.cpu_excess_pct > 10
+    cmp = measure_dense_and_pruned(be, dense=dense, pruned={"c2": half}, feed=feed, rounds=2, repeats=10)
+    assert cmp.dense.cpu_excess_pct is not None and cmp.dense.cpu_excess_pct > 10, cmp.dense
     assert any(w.startswith(f"{DENSE}: the process used") for w in cmp.warnings(["c2"]))
     one = OrtCpuBackend(threads=1)  # one thread: the check stays quiet
-    ok = measure_dense_and_pruned(
-        one, dense=dense, pruned={"c2": pruned["c2"]}, feed=timing_feed(a, batch=1, seq=SEQ), rounds=2, repeats=10
-    )
+    ok = measure_dense_and_pruned(one, dense=dense, pruned={"c2": half}, feed=feed, rounds=2, repeats=10)
     assert not [w for w in ok.warnings(["c2"]) if "more CPU" in w]
 
 
