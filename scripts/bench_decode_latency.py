@@ -15,7 +15,9 @@ docs/benchmarks.md), all graphs of a chunk in shuffled interleaved rounds (``com
 ``--per-round`` consecutive calls per graph and context (10, as ``hwprune export`` times decode steps and
 as a generating model calls its own session; ``--per-round 1`` switches graphs on every call, which on
 SmolLM2 measured every graph ~25 % slower than either),
-beside the dense model's graph. Every graph gets two sessions, created in mirrored order (dense, s1, ...,
+beside the dense model's graph, each chunk in a fresh process (``--same-process`` keeps them in this one;
+a process that had timed earlier chunks measured the same subnets ~2 %, once up to 7 %, slower:
+``scripts/bench_process_age.py``). Every graph gets two sessions, created in mirrored order (dense, s1, ...,
 sN, sN', ..., s1', dense', as ``hwprune export`` times models): a graph's measured ms is the mean of its
 two sessions' medians, and the dense model's second session against its first is the dense-vs-dense
 control. The prediction is the table's (``make_predictor(..., regime="decode",
@@ -30,8 +32,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,98 @@ def pruned_graph(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.
     """``decoder.onnx`` of the subnet with random kept indices (latency must not depend on which ones)."""
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     return decode_graph(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)))
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What a chunk's worker needs besides its subnets: plain values, so a fresh process can take them."""
+
+    model: str
+    space: str | None
+    table: str
+    contexts: list[int]
+    seconds: float
+    per_round: int
+    per_context_sessions: bool
+    common_mode: bool
+
+
+def time_chunk(
+    spec: ChunkSpec,
+    chunk: list[tuple[str, Candidate]],
+    seed: int,
+    *,
+    adapter: Family | None = None,
+    preds: dict[int, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Export ``chunk``'s subnets and the dense model, time them at every context (two mirrored sessions
+    each, interleaved rounds) and return a row per subnet and context plus the dense-vs-dense control.
+
+    Runs in a fresh process by default (``adapter``/``preds`` are then loaded here): a process that had
+    timed earlier chunks measured the same subnets 3-7 % slower (docs/benchmarks.md)."""
+    if adapter is None:
+        adapter = load_adapter(spec.model)
+    space = adapter.space(spec.space)
+    table = LatencyTable.load(spec.table)
+    settings = dict(table.settings)
+    batch = int(settings.get("batch", 1))
+    backend = get_backend(str(settings.get("runtime", "ort-cpu")), threads=int(settings.get("threads", 1)))
+    contexts = spec.contexts
+    if preds is None:
+        preds = {c: make_predictor(table, space, adapter, regime="decode", context=c) for c in contexts}
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    graphs = [decode_graph(adapter, adapter.dense()), *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
+    both: dict[tuple[int, int], list[float]] = {}  # (graph, context index) -> its two sessions' medians
+    logs: dict[tuple[int, int], list[Any]] = {}  # (graph, context index) -> its two runners' clock logs
+    # one session per graph for all contexts (as export times them), or per context its own
+    groups = [[ic] for ic in enumerate(contexts)] if spec.per_context_sessions else [list(enumerate(contexts))]
+    for group in groups:
+        ctx = [c for _, c in group]
+        mirrored = MirroredSteps.create(backend, graphs, ctx, batch)  # dense, s1..sN, sN..s1, dense
+        everything = mirrored.runners
+        for r in everything:
+            r.sample(3)
+            r.log.reset()
+        ts = interleave(
+            everything,
+            seconds=spec.seconds * len(group) / len(contexts),
+            per_round=spec.per_round,
+            common_mode=spec.common_mode,
+            warmup=0,
+            seed=int(rng.integers(1 << 31)),
+        )
+        for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
+            both[(g, group[f][0])] = ms
+            logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
+        del mirrored, everything, ts  # these sessions go before the next group's load
+        gc.collect()
+        release()
+    control = {str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)}
+    for j, (name, cand) in enumerate(chunk):
+        for i, c in enumerate(contexts):
+            g = j + 1
+            mine = logs[(g, i)]
+            pred, meas = preds[c].predict(cand), float(np.mean(both[(g, i)]))
+            thread_ns = sum(lg.thread_ns for lg in mine)
+            rows.append(
+                {
+                    "name": name,
+                    "context": c,
+                    "sizes": list(cand.sizes),
+                    "predicted_ms": pred,
+                    "measured_ms": meas,
+                    "sessions_ms": both[(g, i)],
+                    "error_pct": 100 * (pred - meas) / meas,
+                    "dense_predicted_ms": preds[c].dense_ms(),
+                    "dense_measured_ms": float(np.mean(both[(0, i)])),
+                    "measured_wall_ms": float(np.median([w for lg in mine for w in lg.wall_ms])),
+                    "cpu_excess_pct": 100 * (sum(lg.process_ns for lg in mine) / thread_ns - 1)
+                    if thread_ns > 0
+                    else None,
+                }
+            )
+    return rows, control
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,6 +193,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not divide each round by its load factor (interleave's common_mode); on SmolLM2 it moved mixed "
         "subnets' errors by several %% relative to uniform ones (docs/benchmarks.md)",
+    )
+    ap.add_argument(
+        "--same-process",
+        action="store_true",
+        help="time every chunk in this process instead of a fresh one per chunk; on SmolLM2 a process that had "
+        "timed earlier chunks measured the same subnets 3-7 %% slower (docs/benchmarks.md)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
@@ -137,64 +240,31 @@ def main(argv: list[str] | None = None) -> int:
         preds = {c: make_predictor(table, space, adapter, regime="decode", context=c, log=print) for c in contexts}
         rng = np.random.default_rng(a.seed)
         subnets = [s for s in sample_subnets(space, a.subnets + 1, rng) if s[0] != "dense"][: a.subnets]
-        dense_onnx = decode_graph(adapter, adapter.dense())
         t0 = time.perf_counter()
         rows: list[dict[str, Any]] = []
         controls: list[dict[str, float]] = []
+        jobs = []  # one per chunk: its subnets and the seed of their kept indices and round order
         for start in range(0, len(subnets), a.chunk):
-            chunk = subnets[start : start + a.chunk]
-            graphs = [dense_onnx, *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
-            both: dict[tuple[int, int], list[float]] = {}  # (graph, context index) -> its two sessions' medians
-            logs: dict[tuple[int, int], list[Any]] = {}  # (graph, context index) -> its two runners' clock logs
-            # one session per graph for all contexts (as export times them), or per context its own
-            groups = [[ic] for ic in enumerate(contexts)] if a.per_context_sessions else [list(enumerate(contexts))]
-            for group in groups:
-                ctx = [c for _, c in group]
-                mirrored = MirroredSteps.create(backend, graphs, ctx, batch)  # dense, s1..sN, sN..s1, dense
-                everything = mirrored.runners
-                for r in everything:
-                    r.sample(3)
-                    r.log.reset()
-                seed = int(rng.integers(1 << 31))
-                ts = interleave(
-                    everything,
-                    seconds=a.seconds * len(group) / len(contexts),
-                    per_round=a.per_round,
-                    common_mode=not a.no_common_mode,
-                    warmup=0,
-                    seed=seed,
-                )
-                for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
-                    both[(g, group[f][0])] = ms
-                    logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
-                del mirrored, everything, ts  # these sessions go before the next group's or chunk's load
-                gc.collect()
-                release()
-            controls.append({str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)})
-            for j, (name, cand) in enumerate(chunk):
-                for i, c in enumerate(contexts):
-                    g = j + 1
-                    mine = logs[(g, i)]
-                    pred, meas = preds[c].predict(cand), float(np.mean(both[(g, i)]))
-                    thread_ns = sum(lg.thread_ns for lg in mine)
-                    rows.append(
-                        {
-                            "name": name,
-                            "context": c,
-                            "sizes": list(cand.sizes),
-                            "predicted_ms": pred,
-                            "measured_ms": meas,
-                            "sessions_ms": both[(g, i)],
-                            "error_pct": 100 * (pred - meas) / meas,
-                            "dense_predicted_ms": preds[c].dense_ms(),
-                            "dense_measured_ms": float(np.mean(both[(0, i)])),
-                            "measured_wall_ms": float(np.median([w for lg in mine for w in lg.wall_ms])),
-                            "cpu_excess_pct": 100 * (sum(lg.process_ns for lg in mine) / thread_ns - 1)
-                            if thread_ns > 0
-                            else None,
-                        }
-                    )
-            print(f"chunk {start // a.chunk + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)
+            jobs.append((subnets[start : start + a.chunk], int(rng.integers(1 << 31))))
+        spec = ChunkSpec(
+            model=a.model,
+            space=a.space,
+            table=str(a.table),
+            contexts=contexts,
+            seconds=a.seconds,
+            per_round=a.per_round,
+            per_context_sessions=a.per_context_sessions,
+            common_mode=not a.no_common_mode,
+        )
+        for k, (chunk, seed) in enumerate(jobs):
+            if a.same_process:
+                chunk_rows, control = time_chunk(spec, chunk, seed, adapter=adapter, preds=preds)
+            else:  # a fresh process per chunk, as each `hwprune export` is one
+                with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+                    chunk_rows, control = pool.submit(time_chunk, spec, chunk, seed).result()
+            rows += chunk_rows
+            controls.append(control)
+            print(f"chunk {k + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)
         report: dict[str, Any] = {
             "model": a.model,
             "table": str(a.table),
@@ -209,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 "per_round": a.per_round,
                 "sessions": "per context" if a.per_context_sessions else "shared by the contexts",
                 "common_mode": not a.no_common_mode,
+                "process": "this one for every chunk" if a.same_process else "a fresh one per chunk",
             },
             **summarize(rows),
             "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},

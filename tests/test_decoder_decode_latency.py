@@ -522,6 +522,7 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
     spec = importlib.util.spec_from_file_location("bench_decode_latency", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_decode_latency"] = mod  # as an import does: a chunk's fresh process finds it by name
     spec.loader.exec_module(mod)
     out = tmp_path / "d.json"
     argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--table", str(decode_table),
@@ -534,9 +535,11 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
         assert len(r["sessions_ms"]) == 2 and r["measured_ms"] == pytest.approx(sum(r["sessions_ms"]) / 2)  # mirrored
     assert rep["mape_pct"] == pytest.approx(sum(abs(r["error_pct"]) for r in rep["rows"]) / 6, abs=1e-3)
     assert mod.main([*argv[:-2], "--context", "x", "-o", str(tmp_path / "bad.json")]) == 2
-    assert mod.main([*argv[:-2], "--per-context-sessions", "--no-common-mode", "-o", str(out)]) == 0
-    rep = json.loads(out.read_text())  # each context on its own sessions, rounds not rescaled
+    assert rep["settings"]["process"] == "a fresh one per chunk"
+    assert mod.main([*argv[:-2], "--per-context-sessions", "--no-common-mode", "--same-process", "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())  # each context on its own sessions, rounds not rescaled, one process
     assert rep["n"] == 6 and rep["settings"]["sessions"] == "per context" and rep["settings"]["common_mode"] is False
+    assert rep["settings"]["process"] == "this one for every chunk"
 
     # the protocol probe: own session, shared with another context, a growing cache
     spec = importlib.util.spec_from_file_location("bench_decode_protocol", path.parent / "bench_decode_protocol.py")
@@ -588,3 +591,32 @@ def test_a_batch_grid_makes_one_table_per_batch(folder: Path, tmp_path: Path) ->
         *("--regime", "decode", "--workload", "prompt=8,new=4,batch=2", "-o", tmp_path / "run"),
     )
     one_line_error(res, "profiled at batch 1, the workload has batch=2")
+
+
+def test_bench_process_age_times_one_chunk_again_and_again(folder: Path, tmp_path: Path) -> None:
+    """scripts/bench_process_age.py: the same chunk exported, loaded and timed in one process per repeat,
+    each graph's change against the first repeat, memory noted per repeat."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_process_age.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_process_age", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_process_age"] = mod  # as an import does: the new process finds it by name
+    spec.loader.exec_module(mod)
+    out = tmp_path / "age.json"
+    argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--context", "8", "--subnets", "2",
+            "--skip", "0", "--repeats", "2", "--seconds", "0.3", "--per-round", "2", "-o", str(out)]  # fmt: skip
+    assert mod.main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert [r["repeat"] for r in rep["repeats"]] == [1, 2, "fresh_after"] and len(rep["subnets"]) == 2
+    assert set(rep["repeats"][0]["ms"]) == {"dense", *(s["name"] for s in rep["subnets"])}
+    assert all(v == 0 for v in rep["repeats"][0]["change_pct"].values())
+    r2 = rep["repeats"][1]
+    assert r2["change_pct"]["dense"] == pytest.approx(
+        100 * (r2["ms"]["dense"] / rep["repeats"][0]["ms"]["dense"] - 1), abs=0.01
+    )
+    assert mod.main([*argv[:-2], "--repeats", "1", "-o", str(tmp_path / "bad.json")]) == 2  # one line, status 2
+    assert not (tmp_path / "bad.json").exists()

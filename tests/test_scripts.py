@@ -473,3 +473,35 @@ def test_bench_closed_loop_end_to_end_on_a_tiny_encoder(
     assert rep["worst_abs_raw_error_pct"]["run2_after_calibrate"] == pytest.approx(
         abs(r2["prediction_error_pct"]), abs=1e-3
     )
+
+
+def test_bench_latency_against_a_table_times_each_chunk_in_a_fresh_process(tiny_bert: Path, tmp_path: Path) -> None:
+    """--table: by default each subnet beside the dense model alone (chunk 1, as export times it), each
+    chunk in a new process; --same-process keeps the old way. Both report the same subnets."""
+    from typer.testing import CliRunner
+
+    from hwprune.cli import app
+
+    table = tmp_path / "t.parquet"
+    res = CliRunner().invoke(
+        app, ["profile", "--model", str(tiny_bert), "--seq", "16", "--budget-s", "1", "--no-progress", "-o", str(table)]
+    )
+    assert res.exit_code == 0, res.output
+    spec = importlib.util.spec_from_file_location("bench_latency", SCRIPTS / "bench_latency.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_latency"] = mod  # as an import does: each chunk's new process finds it by name
+    spec.loader.exec_module(mod)
+    base = ["--model", str(tiny_bert), "--space", str(tiny_bert / "space.yaml"), "--table", str(table)]
+    base += ["--subnets", "3", "--seconds", "0.3"]
+    out = tmp_path / "fresh.json"
+    assert mod.main([*base, "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["process"] == "a fresh one per chunk" and rep["settings"]["chunk"] == 1
+    assert rep["n"] == 3 and len(rep["dense_control_pct"]) == 3 and [r["chunk"] for r in rep["subnets"]] == [0, 1, 2]
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rep["subnets"])
+    same = tmp_path / "same.json"
+    assert mod.main([*base, "--chunk", "3", "--same-process", "-o", str(same)]) == 0
+    rep2 = json.loads(same.read_text())
+    assert rep2["settings"]["process"] == "this one for every chunk" and len(rep2["dense_control_pct"]) == 1
+    assert [r["key"] for r in rep2["subnets"]] == [r["key"] for r in rep["subnets"]]
