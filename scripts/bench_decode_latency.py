@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT_DIR, fail, machine, stem, write_result
+from _common import OUT_DIR, fail, in_fresh_process, machine, stem, write_result
 from bench_latency import sample_subnets, summarize, warnings
 
 from hwprune._mem import release
@@ -90,7 +88,7 @@ def time_chunk(
     each, interleaved rounds) and return a row per subnet and context plus the dense-vs-dense control.
 
     Runs in a fresh process by default (``adapter``/``preds`` are then loaded here): a process that had
-    timed earlier chunks measured the same subnets 3-7 % slower (docs/benchmarks.md)."""
+    timed earlier chunks measured the same subnets ~2 % (once up to 7 %) slower (docs/benchmarks.md)."""
     if adapter is None:
         adapter = load_adapter(spec.model)
     space = adapter.space(spec.space)
@@ -198,7 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--same-process",
         action="store_true",
         help="time every chunk in this process instead of a fresh one per chunk; on SmolLM2 a process that had "
-        "timed earlier chunks measured the same subnets 3-7 %% slower (docs/benchmarks.md)",
+        "timed earlier chunks measured the same subnets ~2 %% (once up to 7 %%) slower (docs/benchmarks.md)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
@@ -260,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.same_process:
                 chunk_rows, control = time_chunk(spec, chunk, seed, adapter=adapter, preds=preds)
             else:  # a fresh process per chunk, as each `hwprune export` is one
-                with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                    chunk_rows, control = pool.submit(time_chunk, spec, chunk, seed).result()
+                chunk_rows, control = in_fresh_process(time_chunk, spec, chunk, seed)
             rows += chunk_rows
             controls.append(control)
             print(f"chunk {k + 1}: {len(chunk)} subnets timed at contexts {contexts}", flush=True)

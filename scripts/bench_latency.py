@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT_DIR, fail, machine, parse_shape, stem, write_result
+from _common import OUT_DIR, fail, in_fresh_process, machine, parse_shape, stem, write_result
 
 from hwprune.api import load_adapter, make_predictor
 from hwprune.errors import HwpruneError
@@ -320,8 +318,8 @@ def table_chunk(
     """:func:`measure_chunk` against ``job.table`` in this (fresh) process, beside a dense session of its own.
 
     The default with ``--table``: on SmolLM2's decode step a process that had timed earlier chunks measured
-    the same subnets 3-7 % slower than a fresh one (docs/benchmarks.md); each ``hwprune export`` is a fresh
-    process too."""
+    the same subnets ~2 % (once up to 7 %) slower than a fresh one (docs/benchmarks.md); each ``hwprune
+    export`` is a fresh process too."""
     adapter = load_adapter(job.model, weights=job.weights, input_shape=parse_shape(job.input_shape))
     space = adapter.space(job.space)
     table = LatencyTable.load(job.table)
@@ -387,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--same-process",
         action="store_true",
         help="with --table: time every chunk in this process instead of a fresh one per chunk (on SmolLM2's "
-        "decode step a process that had timed earlier chunks measured the same subnets 3-7 %% slower)",
+        "decode step a process that had timed earlier chunks measured the same subnets ~2 %% (once up to 7 %%) slower)",
     )
     ap.add_argument(
         "--no-common-mode",
@@ -469,10 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk = subnets[i : i + a.chunk]
             if table is not None and not a.same_process:  # a fresh process per chunk, as each export is one
                 job = TableChunk(a.model, a.weights, a.input_shape, a.space, a.table, a.seconds, not a.no_common_mode)
-                with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                    got, control = pool.submit(
-                        table_chunk, job, chunk, i // a.chunk, int(rng.integers(1 << 31))
-                    ).result()
+                got, control = in_fresh_process(table_chunk, job, chunk, i // a.chunk, int(rng.integers(1 << 31)))
             else:
                 got, control, table = measure_chunk(
                     adapter,

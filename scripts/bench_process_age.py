@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import multiprocessing as mp
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import OUT_DIR, fail, machine, stem, write_result
+from _common import OUT_DIR, fail, in_fresh_process, machine, stem, write_result
 from bench_decode_latency import pruned_graph
 from bench_latency import sample_subnets
 
@@ -124,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if k < a.repeats:
                 ms, mem = time_once(adapter, space, chunk, seed=seed, **kw)
             else:  # the control: a new process, right after the aged one's last repeat
-                with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                    ms, mem = pool.submit(fresh_once, a.model, a.space, chunk, {**kw, "seed": seed}).result()
+                ms, mem = in_fresh_process(fresh_once, a.model, a.space, chunk, {**kw, "seed": seed})
             label = "fresh_after" if k == a.repeats else k + 1
             repeats.append({"repeat": label, "at_s": round(time.perf_counter() - t0, 1), **mem, "ms": ms})
             print(f"repeat {label}: " + ", ".join(f"{n} {v:.2f}" for n, v in ms.items()), flush=True)
