@@ -53,13 +53,53 @@ from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
 from hwprune.latency.backends import interleave
 from hwprune.latency.pages import reexec_for_timing
-from hwprune.space import Candidate, PruningSpace
+from hwprune.space import Candidate, PruningSpace, Unit
 
 
 def pruned_graph(adapter: Family, space: PruningSpace, cand: Candidate, rng: np.random.Generator) -> bytes:
     """``decoder.onnx`` of the subnet with random kept indices (latency must not depend on which ones)."""
     kept = {u.name: sorted(rng.choice(u.full, size=s, replace=False).tolist()) for u, s in zip(space.units, cand.sizes)}
     return decode_graph(adapter, adapter.prune(adapter.dense(), adapter.plan(kept)))
+
+
+def _nearest(u: Unit, fraction: float) -> int:
+    """The unit's allowed kept size nearest to ``fraction * full``, never 0 (that one removes it)."""
+    return min((x for x in u.sizes if x > 0), key=lambda x: (abs(x - fraction * u.full), -x))
+
+
+def structured_subnets(space: PruningSpace) -> list[tuple[str, Candidate]]:
+    """Subnets that each isolate one departure from what a decode table's anchors pin (``--shapes``):
+
+    - ``<kind>-only-<f>``: every unit of that kind at fraction f of its width (its smallest kept size, 1/4,
+      1/2), every other unit removed -- the shape the profile's chains time, but inside the real model;
+    - ``alt-layers``: every other layer whole, the rest removed (depth pruning with nothing narrowed);
+    - ``alt-kinds``: in every layer one kind kept whole, the other removed, alternating;
+    - ``<kind>-min-others-<f>``: that kind at its smallest kept size, the others whole.
+
+    Read off the space (unit kinds, layers, removable sizes), not the family. Kinds that cannot be removed
+    get only the last group; duplicates of an earlier shape are dropped."""
+    units = space.units
+    kinds = list(dict.fromkeys(u.kind for u in units))
+    removable = {k for k in kinds if all(u.sizes[0] == 0 for u in units if u.kind == k)}
+    out: dict[str, Candidate] = {}
+    if removable == set(kinds) and len(kinds) > 1:
+        for k in kinds:
+            for tag, f in (("min", 0.0), ("1/4", 0.25), ("1/2", 0.5)):
+                out[f"{k}-only-{tag}"] = Candidate(tuple(_nearest(u, f) if u.kind == k else 0 for u in units))
+        layers = sorted({u.layer for u in units})
+        out["alt-layers"] = Candidate(tuple(u.full if layers.index(u.layer) % 2 else 0 for u in units))
+        out["alt-kinds"] = Candidate(
+            tuple(u.full if (layers.index(u.layer) + kinds.index(u.kind)) % 2 else 0 for u in units)
+        )
+    for k in kinds:
+        out[f"{k}-min-others-whole"] = Candidate(tuple(_nearest(u, 0.0) if u.kind == k else u.full for u in units))
+    seen: set[tuple[int, ...]] = {space.dense().sizes}
+    shapes = []
+    for name, cand in out.items():
+        if cand.sizes not in seen:
+            seen.add(cand.sizes)
+            shapes.append((name, cand))
+    return shapes
 
 
 @dataclass(frozen=True)
@@ -170,6 +210,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--context", default=None, help="KV-cache lengths to test, e.g. 128,1024 (default: the table's)")
     ap.add_argument("--subnets", type=int, default=30)
     ap.add_argument(
+        "--shapes",
+        action="store_true",
+        help="instead of --subnets random ones, time structured subnets that each isolate one shape (one unit "
+        "kind alone at 1/4 width, every other layer removed, ...): where a table's prediction misses",
+    )
+    ap.add_argument(
         "--chunk",
         type=int,
         default=4,
@@ -237,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         backend = get_backend(str(settings.get("runtime", "ort-cpu")), threads=int(settings.get("threads", 1)))
         preds = {c: make_predictor(table, space, adapter, regime="decode", context=c, log=print) for c in contexts}
         rng = np.random.default_rng(a.seed)
-        subnets = [s for s in sample_subnets(space, a.subnets + 1, rng) if s[0] != "dense"][: a.subnets]
+        if a.shapes:
+            subnets = structured_subnets(space)
+        else:
+            subnets = [s for s in sample_subnets(space, a.subnets + 1, rng) if s[0] != "dense"][: a.subnets]
         t0 = time.perf_counter()
         rows: list[dict[str, Any]] = []
         controls: list[dict[str, float]] = []
@@ -271,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 **settings,
                 "subnets": len(subnets),
+                "draw": "structured shapes (--shapes)" if a.shapes else "random (--subnets, --seed)",
                 "chunk": a.chunk,
                 "seconds_per_chunk": a.seconds,
                 "per_round": a.per_round,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hwprune.api import make_predictor
+from hwprune.api import load_adapter, make_predictor
 from hwprune.cli import app
 from hwprune.errors import HwpruneError
 from hwprune.families import resolve_model
@@ -540,6 +540,15 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
     rep = json.loads(out.read_text())  # each context on its own sessions, rounds not rescaled, one process
     assert rep["n"] == 6 and rep["settings"]["sessions"] == "per context" and rep["settings"]["common_mode"] is False
     assert rep["settings"]["process"] == "this one for every chunk"
+    # --shapes: structured subnets instead of random ones, each isolating one shape
+    assert mod.main([*argv[:-2], "--shapes", "--same-process", "--context", "8", "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    space = load_adapter(str(folder)).space(str(folder.parent / "space.yaml"))
+    shapes = mod.structured_subnets(space)
+    assert [r["name"] for r in rep["rows"]] == [n for n, _ in shapes]
+    assert rep["settings"]["draw"].startswith("structured")
+    alt = dict(shapes)["alt-layers"].sizes
+    assert all((s == 0) == (u.layer % 2 == 0) for u, s in zip(space.units, alt))  # every other layer removed
 
     # the protocol probe: own session, shared with another context, a growing cache
     spec = importlib.util.spec_from_file_location("bench_decode_protocol", path.parent / "bench_decode_protocol.py")
@@ -620,3 +629,31 @@ def test_bench_process_age_times_one_chunk_again_and_again(folder: Path, tmp_pat
     )
     assert mod.main([*argv[:-2], "--repeats", "1", "-o", str(tmp_path / "bad.json")]) == 2  # one line, status 2
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_bench_session_order_times_sessions_of_one_graph(folder: Path, tmp_path: Path) -> None:
+    """scripts/bench_session_order.py: sessions of the same decode graph in creation order, per mode in a new
+    process; spread and last-vs-first follow from the medians; a bad mode is one line, status 2."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_session_order.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_session_order", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_session_order"] = mod  # as an import does: the new process finds it by name
+    spec.loader.exec_module(mod)
+    out = tmp_path / "order.json"
+    argv = ["--model", str(folder), "--sessions", "3", "--extra", "1", "--context", "8", "--seconds", "0.3",
+            "--per-round", "2", "-o", str(out)]  # fmt: skip
+    assert mod.main([*argv, "--before", "none,drop"]) == 0
+    rep = json.loads(out.read_text())
+    assert [r["before"] for r in rep["results"]] == ["none", "drop"]
+    for r in rep["results"]:
+        ms = r["ms"]
+        assert len(ms) == 3 and min(ms) > 0
+        assert r["spread_pct"] == pytest.approx(100 * (max(ms) / min(ms) - 1), abs=0.01)
+        assert r["last_vs_first_pct"] == pytest.approx(100 * (ms[-1] / ms[0] - 1), abs=0.01)
+    bad = tmp_path / "bad.json"
+    assert mod.main([*argv[:-2], "--before", "sometimes", "-o", str(bad)]) == 2 and not bad.exists()

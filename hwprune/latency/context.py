@@ -36,7 +36,7 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from torch import nn
 
@@ -50,6 +50,8 @@ __all__ = [
     "measure_context",
     "prompt_anchors",
     "measure_decode_context",
+    "time_context",
+    "time_decode_context",
     "anchor_candidates",
     "predicted_parts",
     "fit_part_scales",
@@ -139,7 +141,29 @@ def measure_context(
     warmup: int | None = None,
     anchors: bool = True,
 ) -> dict[str, Any]:
-    """Time the dense model as export does and return the ``meta["context"]`` record (see module doc).
+    """Time the dense model (and the anchors) now and fit them to ``table``: :func:`time_context` then its
+    result's fit. ``profile`` times them *before* the blocks instead (see :func:`time_context`)."""
+    return time_context(
+        adapter, backend, space, batch=batch, seq=seq, rounds=rounds, repeats=repeats, warmup=warmup, anchors=anchors
+    )(table)
+
+
+def time_context(
+    adapter: "Family",
+    backend: "Backend",
+    space: "PruningSpace",
+    *,
+    batch: int,
+    seq: int,
+    rounds: int = 5,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    anchors: bool = True,
+) -> "Callable[[LatencyTable], dict[str, Any]]":
+    """Time the dense model as export does; return the fit that turns a table into its ``meta["context"]``
+    record (see module doc). The timing needs no table, so ``profile`` runs it first, in a process that has
+    timed nothing yet, as ``hwprune export`` is: timed after a profile's ~1000 graphs, resnet50's smallest
+    anchor read 2.71 ms where fresh processes read 2.42 (scripts/bench_latency.py --table, docs/benchmarks.md).
 
     With ``anchors`` (default), the subnets of :func:`prompt_anchors` are timed each beside the dense
     model in its own rounds (:func:`~hwprune.export.measure.measure_pairs`), and ``measured = scale x
@@ -153,8 +177,6 @@ def measure_context(
     from hwprune.export.candidate import candidate_onnx, timing_feed
     from hwprune.export.measure import measure_dense_and_pruned, measure_pairs
 
-    predictor = adapter.predictor(table, space)
-    predicted = predictor.dense_ms()  # the bare block sum, no factor yet
     cands = prompt_anchors(space) if anchors else {}
     onnx = {}
     for name, cand in cands.items():
@@ -176,13 +198,40 @@ def measure_context(
         )
         measured, control, settings = cmp.dense.median_ms, cmp.control_pct, cmp.settings
         walls = [cmp.dense.wall_ms] if cmp.dense.wall_ms is not None else []
+    del onnx, dense_onnx
+    anchor_ms = {k: cmps[k].pruned[k].median_ms / cmps[k].dense.median_ms for k in cands} if cands else {}
+    timing = {
+        "dense_measured_ms": measured,
+        "dense_control_pct": control,
+        "dense_measured_wall_ms": statistics.median(walls) if walls else None,
+        "clock": backend.clock,
+        "rounds": rounds,
+        "repeats": settings["repeats"],  # None asked: chosen from the model's time (timing_plan)
+        "warmup": settings["warmup"],
+    }
+    return lambda table: _fit_context(adapter, table, space, cands, anchor_ms, timing)
+
+
+def _fit_context(
+    adapter: "Family",
+    table: "LatencyTable",
+    space: "PruningSpace",
+    cands: "Mapping[str, Candidate]",
+    ratio: "Mapping[str, float]",
+    timing: "Mapping[str, Any]",
+) -> dict[str, Any]:
+    """The ``meta["context"]`` record from :func:`time_context`'s numbers (``ratio``: each anchor's ms over
+    the dense model's in its own rounds) and ``table``'s block sums."""
+    predictor = adapter.predictor(table, space)
+    predicted = predictor.dense_ms()  # the bare block sum, no factor yet
+    measured = float(timing["dense_measured_ms"])
     affine: dict[str, Any] | None = None
     if cands:
         names = ["dense", *cands]
         pred = [predicted, *(predictor.predict(c) for c in cands.values())]
         # an anchor's ms: its ratio to the dense model in its own rounds x the dense ms (drift between
         # the pairs' rounds cancels)
-        meas = [measured, *(cmps[k].pruned[k].median_ms / cmps[k].dense.median_ms * measured for k in cands)]
+        meas = [measured, *(ratio[k] * measured for k in cands)]
         f = measured / predicted
         fit = fit_through(pred[0], meas[0], pred[1:], meas[1:])
         points: list[dict[str, Any]] = []
@@ -205,12 +254,12 @@ def measure_context(
         "factor": measured / predicted,
         "dense_measured_ms": measured,
         "dense_predicted_ms": predicted,
-        "dense_control_pct": control,
-        "dense_measured_wall_ms": statistics.median(walls) if walls else None,
-        "clock": backend.clock,
-        "rounds": rounds,
-        "repeats": settings["repeats"],  # None asked: chosen from the model's time (timing_plan)
-        "warmup": settings["warmup"],
+        "dense_control_pct": timing["dense_control_pct"],
+        "dense_measured_wall_ms": timing["dense_measured_wall_ms"],
+        "clock": timing["clock"],
+        "rounds": timing["rounds"],
+        "repeats": timing["repeats"],
+        "warmup": timing["warmup"],
         "method": CONTEXT_METHOD,
     }
     if affine is not None:
@@ -282,7 +331,30 @@ def measure_decode_context(
     warmup: int = 3,
     anchors: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Per profiled context (``str(c)``), its ``context`` record for a decode table (see module doc).
+    """Per profiled context (``str(c)``), its ``context`` record for ``table``: :func:`time_decode_context`
+    at the table's contexts, then its fit."""
+    return time_decode_context(
+        adapter, backend, space, table.contexts, batch=batch, rounds=rounds, repeats=repeats, warmup=warmup,
+        anchors=anchors,
+    )(table)  # fmt: skip
+
+
+def time_decode_context(
+    adapter: "Family",
+    backend: "Backend",
+    space: "PruningSpace",
+    contexts: "Sequence[int]",
+    *,
+    batch: int,
+    rounds: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
+    anchors: bool = True,
+) -> "Callable[[LatencyTable], dict[str, dict[str, Any]]]":
+    """Time the dense decode graph at every context as export does; return the fit that turns a decode
+    table into its per-context ``context`` records (see module doc). Like :func:`time_context`, it needs no
+    table; ``profile`` still runs it after a decode table's ~30 block graphs (timed before them, SmolLM2's
+    errors did not change; docs/benchmarks.md).
 
     With ``anchors`` (default), the subnets of :func:`anchor_candidates` are timed too, each in its own
     interleaved rounds with the dense model's first session (so each is a ratio to dense, immune to the
@@ -291,16 +363,43 @@ def measure_decode_context(
     from hwprune.export.workload_timing import decode_graph, step_runners
     from hwprune.latency.backends import interleave
 
-    contexts = table.contexts
+    contexts = list(contexts)
     graph = decode_graph(adapter, adapter.dense())
     first = step_runners(backend, graph, contexts, batch)
     second = step_runners(backend, graph, contexts, batch)  # same graph: a control of the timing itself
     ts = interleave([*first, *second], rounds=rounds, per_round=repeats, warmup=warmup)
-    out: dict[str, dict[str, Any]] = {}
     k = len(contexts)
-    preds = {c: adapter.predictor(table.at_context(c), space) for c in contexts}
-    for i, c in enumerate(contexts):
-        a, b = ts[i].median_ms, ts[k + i].median_ms
+    dense = {c: (ts[i].median_ms, ts[k + i].median_ms) for i, c in enumerate(contexts)}
+    del second
+    cands = anchor_candidates(space) if anchors else {}
+    ratio: dict[str, dict[int, float]] = {}  # anchor -> context -> its ms over the dense model's, same rounds
+    for name, cand in cands.items():
+        if name == "dense":
+            continue
+        g = decode_graph(adapter, _first_kept(adapter, space, cand))
+        runners = step_runners(backend, g, contexts, batch, key=name)
+        ta = interleave([*first, *runners], rounds=rounds, per_round=repeats, warmup=warmup)
+        ratio[name] = {c: ta[k + i].median_ms / ta[i].median_ms for i, c in enumerate(contexts)}
+        del runners, g
+    del first, graph
+    timing = {"clock": backend.clock, "rounds": rounds, "repeats": repeats, "warmup": warmup}
+    return lambda table: _fit_decode_context(adapter, table, space, dense, cands, ratio, timing)
+
+
+def _fit_decode_context(
+    adapter: "Family",
+    table: "LatencyTable",
+    space: "PruningSpace",
+    dense: "Mapping[int, tuple[float, float]]",
+    cands: "Mapping[str, Candidate]",
+    ratio: "Mapping[str, Mapping[int, float]]",
+    timing: "Mapping[str, Any]",
+) -> dict[str, dict[str, Any]]:
+    """The per-context records from :func:`time_decode_context`'s numbers (``dense``: the two sessions'
+    medians per context) and ``table``'s block sums."""
+    preds = {c: adapter.predictor(table.at_context(c), space) for c in dense}
+    out: dict[str, dict[str, Any]] = {}
+    for c, (a, b) in dense.items():
         measured = (a + b) / 2
         predicted = preds[c].dense_ms()  # the bare block sum
         out[str(c)] = {
@@ -308,33 +407,18 @@ def measure_decode_context(
             "dense_measured_ms": measured,
             "dense_predicted_ms": predicted,
             "dense_control_pct": 100.0 * (b / a - 1),
-            "clock": backend.clock,
-            "rounds": rounds,
-            "repeats": repeats,
-            "warmup": warmup,
+            **timing,
             "method": DECODE_CONTEXT_METHOD,
         }
-    del second
-    if not anchors or not all(p.additive for p in preds.values()):
+    if not cands or not all(p.additive for p in preds.values()):
         return out
-    cands = anchor_candidates(space)
-    measured_at: dict[str, dict[int, float]] = {"dense": {c: out[str(c)]["dense_measured_ms"] for c in contexts}}
-    for name, cand in cands.items():
-        if name == "dense":
-            continue
-        g = decode_graph(adapter, _first_kept(adapter, space, cand))
-        runners = step_runners(backend, g, contexts, batch, key=name)
-        ta = interleave([*first, *runners], rounds=rounds, per_round=repeats, warmup=warmup)
-        measured_at[name] = {
-            c: ta[k + i].median_ms / ta[i].median_ms * measured_at["dense"][c] for i, c in enumerate(contexts)
-        }
-        del runners, g
-    for c in contexts:
+    for c in dense:
         rows: list[dict[str, Any]] = []
         points = []
+        m_dense = out[str(c)]["dense_measured_ms"]
         for name, cand in cands.items():
             base, parts = predicted_parts(preds[c], cand)
-            m = measured_at[name][c]
+            m = m_dense if name == "dense" else ratio[name][c] * m_dense
             points.append((base, parts, m))
             rows.append({"name": name, "sizes": list(cand.sizes), "measured_ms": m, "base_ms": base, "parts_ms": parts})
         rec = out[str(c)]
