@@ -43,9 +43,10 @@ MODES = ("none", "keep", "drop", "ballast")
 
 
 def time_sessions(
-    model: str, mode: str, *, sessions: int, extra: int, ballast_gb: float, context: int, seconds: float, per_round: int
+    model: str, mode: str, sessions: int, extra: int, ballast_gb: float, context: int, seconds: float, per_round: int
 ) -> dict[str, Any]:
-    """In this process: ``mode`` first, then ``sessions`` sessions of the dense decode graph, interleaved."""
+    """In this process: ``mode`` first, then ``sessions`` sessions of the dense decode graph, interleaved
+    (plain positional arguments: what a new process is handed)."""
     adapter = load_adapter(model)
     backend = get_backend("ort-cpu", threads=1)
     graph = decode_graph(adapter, adapter.dense())
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for mode in modes:  # each in a new process: none inherits another's memory
             r = in_fresh_process(
-                _one, a.model, mode, a.sessions, a.extra, a.ballast_gb, a.context, a.seconds, a.per_round
+                time_sessions, a.model, mode, a.sessions, a.extra, a.ballast_gb, a.context, a.seconds, a.per_round
             )
             results.append(r)
             print(
@@ -133,22 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     print(f"wrote {out}")
     return 0
-
-
-def _one(
-    model: str, mode: str, sessions: int, extra: int, ballast_gb: float, context: int, seconds: float, per_round: int
-) -> dict[str, Any]:
-    """:func:`time_sessions` with plain positional arguments (what a new process is handed)."""
-    return time_sessions(
-        model,
-        mode,
-        sessions=sessions,
-        extra=extra,
-        ballast_gb=ballast_gb,
-        context=context,
-        seconds=seconds,
-        per_round=per_round,
-    )
 
 
 if __name__ == "__main__":

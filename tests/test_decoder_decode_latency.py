@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -514,16 +515,7 @@ def test_serve_search_exports_measured_request_latency(
 def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_path: Path) -> None:
     """scripts/bench_decode_latency.py on the tiny decode table: predicted vs measured per subnet and
     context, two chunks, a dense-vs-dense control per chunk, raw MAPE first."""
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode_latency.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_decode_latency", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decode_latency"] = mod  # as an import does: a chunk's fresh process finds it by name
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_decode_latency")
     out = tmp_path / "d.json"
     argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--table", str(decode_table),
             "--context", "8,32", "--subnets", "3", "--chunk", "2", "--seconds", "0.5", "-o", str(out)]  # fmt: skip
@@ -551,10 +543,7 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
     assert all((s == 0) == (u.layer % 2 == 0) for u, s in zip(space.units, alt))  # every other layer removed
 
     # the protocol probe: own session, shared with another context, a growing cache
-    spec = importlib.util.spec_from_file_location("bench_decode_protocol", path.parent / "bench_decode_protocol.py")
-    assert spec and spec.loader
-    proto = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(proto)
+    proto = _load_script("bench_decode_protocol", register=False)
     out3 = tmp_path / "p.json"
     argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--table", str(decode_table),
             "--context", "8", "--other", "32", "--subnets", "2", "--rounds", "3", "--per-round", "2",
@@ -569,10 +558,7 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
             )
 
     # the issue's command: bench_latency.py --regime decode, no table: profiled first in the same process
-    spec = importlib.util.spec_from_file_location("bench_latency", path.parent / "bench_latency.py")
-    assert spec and spec.loader
-    lat = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lat)
+    lat = _load_script("bench_latency", register=False)
     out2 = tmp_path / "fresh.json"
     argv = ["--regime", "decode", "--model", str(folder), "--space", str(folder.parent / "space.yaml"),
             "--context", "8,32", "--subnets", "2", "--chunk", "2", "--seconds", "0.5", "--out", str(out2)]  # fmt: skip
@@ -605,16 +591,7 @@ def test_a_batch_grid_makes_one_table_per_batch(folder: Path, tmp_path: Path) ->
 def test_bench_process_age_times_one_chunk_again_and_again(folder: Path, tmp_path: Path) -> None:
     """scripts/bench_process_age.py: the same chunk exported, loaded and timed in one process per repeat,
     each graph's change against the first repeat, memory noted per repeat."""
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_process_age.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_process_age", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_process_age"] = mod  # as an import does: the new process finds it by name
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_process_age")
     out = tmp_path / "age.json"
     argv = ["--model", str(folder), "--space", str(folder.parent / "space.yaml"), "--context", "8", "--subnets", "2",
             "--skip", "0", "--repeats", "2", "--seconds", "0.3", "--per-round", "2", "-o", str(out)]  # fmt: skip
@@ -634,16 +611,7 @@ def test_bench_process_age_times_one_chunk_again_and_again(folder: Path, tmp_pat
 def test_bench_session_order_times_sessions_of_one_graph(folder: Path, tmp_path: Path) -> None:
     """scripts/bench_session_order.py: sessions of the same decode graph in creation order, per mode in a new
     process; spread and last-vs-first follow from the medians; a bad mode is one line, status 2."""
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_session_order.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_session_order", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_session_order"] = mod  # as an import does: the new process finds it by name
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_session_order")
     out = tmp_path / "order.json"
     argv = ["--model", str(folder), "--sessions", "3", "--extra", "1", "--context", "8", "--seconds", "0.3",
             "--per-round", "2", "-o", str(out)]  # fmt: skip
@@ -657,3 +625,20 @@ def test_bench_session_order_times_sessions_of_one_graph(folder: Path, tmp_path:
         assert r["last_vs_first_pct"] == pytest.approx(100 * (ms[-1] / ms[0] - 1), abs=0.01)
     bad = tmp_path / "bad.json"
     assert mod.main([*argv[:-2], "--before", "sometimes", "-o", str(bad)]) == 2 and not bad.exists()
+
+
+def _load_script(name: str, *, register: bool = True) -> Any:
+    """``scripts/<name>.py`` imported as module ``name``; ``register``: put in ``sys.modules`` as an import
+    does, so a chunk's fresh process finds its worker function by that name."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -110,7 +110,7 @@ def profile(
         meta=meta,
         settings=settings,
     )
-    if finish is not None and regime == "prefill":
+    if finish is not None:
         table.meta["context"] = finish(table)
     elif context and regime == "decode":
         from hwprune.latency.context import time_decode_context
