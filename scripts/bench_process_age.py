@@ -13,6 +13,13 @@ Then one more repeat runs in a new process (``fresh_after``): if the aged proces
 process's, the new one is fast again; if it is the host's, the new one is as slow. The report lists
 each graph's mean of its two sessions' medians per repeat, the change against repeat 1, and the
 process's resident and huge-page memory when each repeat's sessions were loaded.
+
+``--fresh-each`` times every repeat in a new process instead (``--gap-s`` apart): nothing ages, so what
+moves is the host. The report then adds, per graph, the spread of its ms and of its ratio to the dense
+model over the repeats: the floor under any prediction made minutes before it is measured.
+
+    python scripts/bench_process_age.py --model smollm2 --skip 0 --subnets 4 --fresh-each --repeats 6 \\
+        --gap-s 30 -o bench_out/host_drift_smollm2.json
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from hwprune.latency import get_backend
 from hwprune.latency.backends import interleave
 from hwprune.latency.pages import page_mode, reexec_for_timing
 
-__all__ = ["main", "time_once", "fresh_once", "memory_mb"]
+__all__ = ["main", "time_once", "fresh_once", "memory_mb", "host_spread"]
 
 
 def memory_mb() -> dict[str, int]:
@@ -86,6 +93,22 @@ def fresh_once(
     return time_once(adapter, adapter.space(space), chunk, **kw)
 
 
+def _spread_pct(xs: list[float]) -> float:
+    return round(100 * (max(xs) - min(xs)) / float(np.median(xs)), 2)
+
+
+def host_spread(repeats: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per graph over the repeats: the spread ((max - min) / median, %) of its ms and, for the subnets, of
+    its ratio to the dense model timed in the same rounds."""
+    out: dict[str, dict[str, float]] = {}
+    for n in names:
+        ms = [r["ms"][n] for r in repeats]
+        out[n] = {"ms_spread_pct": _spread_pct(ms)}
+        if n != "dense":
+            out[n]["ratio_spread_pct"] = _spread_pct([r["ms"][n] / r["ms"]["dense"] for r in repeats])
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -97,6 +120,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=30.0, help="interleaved timing per repeat")
     ap.add_argument("--per-round", type=int, default=10, help="consecutive calls per graph in a round")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--fresh-each",
+        action="store_true",
+        help="every repeat in a new process (what moves is then the host, not the process's age)",
+    )
+    ap.add_argument("--gap-s", type=float, default=0.0, help="with --fresh-each: seconds to wait between repeats")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/process_age_<model>.json)")
     return ap.parse_args(argv)
@@ -106,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out) if a.out else OUT_DIR / f"process_age_{stem(a.model)}.json"
     try:
-        if a.subnets < 1 or a.repeats < 2 or a.seconds <= 0 or a.per_round < 1 or a.skip < 0:
-            raise HwpruneError("--subnets >= 1, --repeats >= 2, --per-round >= 1, --skip >= 0 and --seconds > 0")
+        if a.subnets < 1 or a.repeats < 2 or a.seconds <= 0 or a.per_round < 1 or a.skip < 0 or a.gap_s < 0:
+            raise HwpruneError(
+                "--subnets >= 1, --repeats >= 2, --per-round >= 1, --skip >= 0, --gap-s >= 0 and --seconds > 0"
+            )
         adapter = load_adapter(a.model)
         space = adapter.space(a.space)
         rng = np.random.default_rng(a.seed)
@@ -117,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         kw = {"context": a.context, "seconds": a.seconds, "per_round": a.per_round, "threads": a.threads}
         t0 = time.perf_counter()
         repeats: list[dict[str, Any]] = []
-        for k in range(a.repeats + 1):
+        n_runs = a.repeats if a.fresh_each else a.repeats + 1
+        for k in range(n_runs):
             seed = int(rng.integers(1 << 31))
-            if k < a.repeats:
+            if a.fresh_each and k and a.gap_s:
+                time.sleep(a.gap_s)
+            if k < a.repeats and not a.fresh_each:
                 ms, mem = time_once(adapter, space, chunk, seed=seed, **kw)
-            else:  # the control: a new process, right after the aged one's last repeat
+            else:  # a new process: every repeat with --fresh-each, else the control after the aged one's last
                 ms, mem = in_fresh_process(fresh_once, a.model, a.space, chunk, {**kw, "seed": seed})
             label = "fresh_after" if k == a.repeats else k + 1
             repeats.append({"repeat": label, "at_s": round(time.perf_counter() - t0, 1), **mem, "ms": ms})
@@ -145,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             "mean_change_pct_by_repeat": [round(float(np.mean(list(r["change_pct"].values()))), 2) for r in repeats],
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        if a.fresh_each:
+            report["settings"] |= {"process": "a new one per repeat", "gap_s": a.gap_s}
+            report["host_spread"] = host_spread(repeats, names)
         write_result(out, report, script=__file__, argv=argv, machine_facts=machine("ort-cpu", threads=a.threads))
     except HwpruneError as e:
         return fail(e)
     print(f"mean change against repeat 1: {report['mean_change_pct_by_repeat']}; wrote {out}")
+    for n, sp in report.get("host_spread", {}).items():
+        ratio = f", ratio to dense {sp['ratio_spread_pct']:.1f}%" if "ratio_spread_pct" in sp else ""
+        print(f"  {n}: ms spread {sp['ms_spread_pct']:.1f}%{ratio}")
     return 0
 
 

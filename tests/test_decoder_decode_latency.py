@@ -606,6 +606,19 @@ def test_bench_process_age_times_one_chunk_again_and_again(folder: Path, tmp_pat
     )
     assert mod.main([*argv[:-2], "--repeats", "1", "-o", str(tmp_path / "bad.json")]) == 2  # one line, status 2
     assert not (tmp_path / "bad.json").exists()
+    # --fresh-each: every repeat in a new process, no aged control; spreads follow from the repeats' ms
+    fresh = tmp_path / "drift.json"
+    assert mod.main([*argv[:-2], "--fresh-each", "-o", str(fresh)]) == 0
+    rep = json.loads(fresh.read_text())
+    assert [r["repeat"] for r in rep["repeats"]] == [1, 2] and rep["settings"]["process"] == "a new one per repeat"
+    a, b = (r["ms"] for r in rep["repeats"])
+    for name in a:
+        want = 100 * abs(a[name] - b[name]) / ((a[name] + b[name]) / 2)
+        assert rep["host_spread"][name]["ms_spread_pct"] == pytest.approx(want, abs=0.01)
+    name = rep["subnets"][0]["name"]
+    ra, rb = a[name] / a["dense"], b[name] / b["dense"]
+    assert rep["host_spread"][name]["ratio_spread_pct"] == pytest.approx(100 * abs(ra - rb) / ((ra + rb) / 2), abs=0.01)
+    assert "ratio_spread_pct" not in rep["host_spread"]["dense"]
 
 
 def test_bench_session_order_times_sessions_of_one_graph(folder: Path, tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ CONTEXT_METHOD = (
 
 DECODE_CONTEXT_METHOD = (
     "the whole dense decode graph (decoder.onnx) timed one new token after the context's KV cache as export "
-    "times it (two sessions, interleaved shuffled rounds) divided by the table's dense prediction there"
+    "times it (two sessions, interleaved shuffled rounds; with anchors: beside each anchor in its own rounds, "
+    "the median over those) divided by the table's dense prediction there"
 )
 
 AFFINE_METHOD = (
@@ -79,9 +80,10 @@ AFFINE_METHOD = (
 )
 
 ANCHOR_METHOD = (
-    "each anchor subnet's decode graph (first kept indices) timed one new token after the context in its own "
-    "interleaved rounds with the dense model's first session; measured ms = its ratio to dense there x the "
-    "dense model's measured ms; scales fitted by least squares on relative error"
+    "each anchor subnet's decode graph (first kept indices) timed one new token after the context beside the "
+    "dense model in its own interleaved rounds, two sessions each in mirrored order (as export times a "
+    "candidate); measured ms = its ratio to dense there x the dense model's measured ms (the median over the "
+    "pairs); scales fitted by least squares on relative error"
 )
 
 
@@ -353,35 +355,51 @@ def time_decode_context(
 ) -> "Callable[[LatencyTable], dict[str, dict[str, Any]]]":
     """Time the dense decode graph at every context as export does; return the fit that turns a decode
     table into its per-context ``context`` records (see module doc). Like :func:`time_context`, it needs no
-    table; ``profile`` still runs it after a decode table's ~30 block graphs (timed before them, SmolLM2's
-    errors did not change; docs/benchmarks.md).
+    table, so ``profile`` runs it before the blocks, in a process that has timed nothing yet, as an export's
+    is (timed after the ~30 block graphs, the dense model read ~2 % slower than in fresh processes;
+    docs/benchmarks.md).
 
-    With ``anchors`` (default), the subnets of :func:`anchor_candidates` are timed too, each in its own
-    interleaved rounds with the dense model's first session (so each is a ratio to dense, immune to the
-    machine's drift between anchors), and the record gains ``anchors`` and, where the fit is sound,
-    ``scales`` (:func:`fit_part_scales`), which the predictor then uses instead of the single factor."""
-    from hwprune.export.workload_timing import decode_graph, step_runners
+    With ``anchors`` (default), each subnet of :func:`anchor_candidates` is timed beside the dense model in
+    its own interleaved rounds, exactly as export and the benchmarks time a candidate: two sessions each,
+    created in mirrored order (dense, anchor, anchor', dense'). Its ms is its ratio to the dense model in
+    those rounds times the dense model's ms (so each is immune to the machine's drift between anchors);
+    the dense model's ms is the median over the pairs. The record gains ``anchors`` and, where the fit is
+    sound, ``scales`` (:func:`fit_part_scales`), which the predictor then uses instead of the single
+    factor. Until 2026-12-04 an anchor had one session, timed beside the dense model's first, which is the
+    process's first session and times 2-3 % slower while later ones exist (scripts/bench_session_order.py):
+    every anchor read a few % fast."""
+    from hwprune.export.workload_timing import MirroredSteps, decode_graph, step_runners
     from hwprune.latency.backends import interleave
 
     contexts = list(contexts)
     graph = decode_graph(adapter, adapter.dense())
-    first = step_runners(backend, graph, contexts, batch)
-    second = step_runners(backend, graph, contexts, batch)  # same graph: a control of the timing itself
-    ts = interleave([*first, *second], rounds=rounds, per_round=repeats, warmup=warmup)
-    k = len(contexts)
-    dense = {c: (ts[i].median_ms, ts[k + i].median_ms) for i, c in enumerate(contexts)}
-    del second
     cands = anchor_candidates(space) if anchors else {}
+    others = {name: cand for name, cand in cands.items() if name != "dense"}
+    k = len(contexts)
+    firsts: dict[int, list[float]] = {c: [] for c in contexts}  # per context: the dense model's first session
+    seconds: dict[int, list[float]] = {c: [] for c in contexts}  # and its second, one entry per pair
     ratio: dict[str, dict[int, float]] = {}  # anchor -> context -> its ms over the dense model's, same rounds
-    for name, cand in cands.items():
-        if name == "dense":
-            continue
-        g = decode_graph(adapter, _first_kept(adapter, space, cand))
-        runners = step_runners(backend, g, contexts, batch, key=name)
-        ta = interleave([*first, *runners], rounds=rounds, per_round=repeats, warmup=warmup)
-        ratio[name] = {c: ta[k + i].median_ms / ta[i].median_ms for i, c in enumerate(contexts)}
-        del runners, g
-    del first, graph
+    if others:
+        for name, cand in others.items():
+            g = decode_graph(adapter, _first_kept(adapter, space, cand))
+            pair = MirroredSteps.create(backend, [graph, g], contexts, batch, keys=["dense", name])
+            ms = pair.pairs(interleave(pair.runners, rounds=rounds, per_round=repeats, warmup=warmup))
+            for i, c in enumerate(contexts):
+                firsts[c].append(ms[(0, i)][0])
+                seconds[c].append(ms[(0, i)][1])
+            mean = statistics.fmean
+            ratio[name] = {c: mean(ms[(1, i)]) / mean(ms[(0, i)]) for i, c in enumerate(contexts)}
+            del pair, g
+    else:
+        first = step_runners(backend, graph, contexts, batch)
+        second = step_runners(backend, graph, contexts, batch)  # same graph: a control of the timing itself
+        ts = interleave([*first, *second], rounds=rounds, per_round=repeats, warmup=warmup)
+        for i, c in enumerate(contexts):
+            firsts[c].append(ts[i].median_ms)
+            seconds[c].append(ts[k + i].median_ms)
+        del first, second
+    dense = {c: (statistics.median(firsts[c]), statistics.median(seconds[c])) for c in contexts}
+    del graph
     timing = {"clock": backend.clock, "rounds": rounds, "repeats": repeats, "warmup": warmup}
     return lambda table: _fit_decode_context(adapter, table, space, dense, cands, ratio, timing)
 
