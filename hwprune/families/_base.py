@@ -267,13 +267,7 @@ class Family(ABC):
         """The decode regime: time one new token after a KV cache of each of ``contexts`` positions for every
         block size of ``space``. Rows as :meth:`measure_latency`'s plus a ``context`` column; ``meta``
         holds each context's meta under ``contexts``. ``budget_s`` is for all contexts together.
-        Default: the family has no KV cache (:meth:`check_decode`'s line)."""
-        self.check_decode(contexts)
-        raise NotImplementedError(f"{self.family} accepts --regime decode but does not measure it")
-
-    def check_decode(self, contexts: Sequence[int]) -> None:
-        """Raise one line unless this family can time decode steps after each of ``contexts`` cached tokens;
-        ``profile`` asks before it times anything. Default: no KV cache, so never."""
+        Default: the family has no KV cache, said in one line."""
         raise HwpruneError(
             f"{self.family} models do not generate token by token (no KV cache); profile them with --regime prefill"
         )

@@ -355,9 +355,10 @@ def time_decode_context(
 ) -> "Callable[[LatencyTable], dict[str, dict[str, Any]]]":
     """Time the dense decode graph at every context as export does; return the fit that turns a decode
     table into its per-context ``context`` records (see module doc). Like :func:`time_context`, it needs no
-    table, so ``profile`` runs it before the blocks, in a process that has timed nothing yet, as an export's
-    is (timed after the ~30 block graphs, the dense model read ~2 % slower than in fresh processes;
-    docs/benchmarks.md).
+    table; ``profile`` still runs it after a decode table's ~30 block graphs. Timed first, in a process that
+    had timed nothing yet, the dense level matched the bench's fresh processes better (-1.6 % against +2.2 %)
+    but the small anchors read fast (the LM head alone 4.4 ms there, 5.9 ms in the bench), and SmolLM2's raw
+    MAPE rose from 3.96 to 5.93 % (docs/benchmarks.md).
 
     With ``anchors`` (default), each subnet of :func:`anchor_candidates` is timed beside the dense model in
     its own interleaved rounds, exactly as export and the benchmarks time a candidate: two sessions each,

@@ -330,13 +330,6 @@ class DecoderAdapter(Family):
 
         return measure(self, backend, batch=batch, seq=seq, space=space, progress=progress, budget_s=budget_s)
 
-    def check_decode(self, contexts: Sequence[int]) -> None:
-        """Every context must leave a position for the new token (:func:`.profile.check_context`)."""
-        from .profile import check_context
-
-        for c in contexts:
-            check_context(self.config, c)
-
     def measure_decode_latency(
         self,
         backend: Backend,
@@ -351,9 +344,10 @@ class DecoderAdapter(Family):
         sessions in memory at a time), the budget shared out evenly."""
         import pandas as pd
 
-        from .profile import measure
+        from .profile import check_context, measure
 
-        self.check_decode(contexts)  # every context checked before any is timed
+        for c in contexts:  # every context checked before any is timed
+            check_context(self.config, c)
         share = None if budget_s is None else budget_s / max(len(contexts), 1)
         frames, metas = [], {}
         for c in contexts:
