@@ -48,7 +48,7 @@ from bench_latency import sample_subnets, summarize, warnings
 from hwprune._mem import release
 from hwprune.api import load_adapter, make_predictor
 from hwprune.errors import HwpruneError
-from hwprune.export.workload_timing import MirroredSteps, decode_graph
+from hwprune.export.workload_timing import MirroredSteps, decode_graph, step_runners
 from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
 from hwprune.latency.backends import interleave
@@ -114,6 +114,7 @@ class ChunkSpec:
     per_round: int
     per_context_sessions: bool
     common_mode: bool
+    primer: bool = False
 
 
 def time_chunk(
@@ -148,6 +149,11 @@ def time_chunk(
     groups = [[ic] for ic in enumerate(contexts)] if spec.per_context_sessions else [list(enumerate(contexts))]
     for group in groups:
         ctx = [c for _, c in group]
+        # --primer: a session of the dense graph made first and held through the timing, so that no timed
+        # session is the process's first (bench_session_order.py --before keep: six sessions within 1.1 %)
+        primer = step_runners(backend, graphs[0], ctx, batch) if spec.primer else []
+        for r in primer:
+            r.sample(3)
         mirrored = MirroredSteps.create(backend, graphs, ctx, batch)  # dense, s1..sN, sN..s1, dense
         everything = mirrored.runners
         for r in everything:
@@ -164,7 +170,7 @@ def time_chunk(
         for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
             both[(g, group[f][0])] = ms
             logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
-        del mirrored, everything, ts  # these sessions go before the next group's load
+        del mirrored, everything, ts, primer  # these sessions go before the next group's load
         gc.collect()
         release()
     control = {str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)}
@@ -244,6 +250,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time every chunk in this process instead of a fresh one per chunk; on SmolLM2 a process that had "
         "timed earlier chunks measured the same subnets ~2 %% (once up to 7 %%) slower (docs/benchmarks.md)",
     )
+    ap.add_argument(
+        "--primer",
+        action="store_true",
+        help="in each chunk, first make one session of the dense graph and hold it through the timing, so no "
+        "timed session is the process's first (a process's first sessions time 2-3 %% slower while later ones "
+        "exist: scripts/bench_session_order.py)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
     return ap.parse_args(argv)
@@ -302,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             per_round=a.per_round,
             per_context_sessions=a.per_context_sessions,
             common_mode=not a.no_common_mode,
+            primer=a.primer,
         )
         for k, (chunk, seed) in enumerate(jobs):
             if a.same_process:
@@ -327,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sessions": "per context" if a.per_context_sessions else "shared by the contexts",
                 "common_mode": not a.no_common_mode,
                 "process": "this one for every chunk" if a.same_process else "a fresh one per chunk",
+                "primer": a.primer,
             },
             **summarize(rows),
             "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},

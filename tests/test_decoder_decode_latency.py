@@ -531,7 +531,11 @@ def test_bench_decode_latency_end_to_end(folder: Path, decode_table: Path, tmp_p
     assert mod.main([*argv[:-2], "--per-context-sessions", "--no-common-mode", "--same-process", "-o", str(out)]) == 0
     rep = json.loads(out.read_text())  # each context on its own sessions, rounds not rescaled, one process
     assert rep["n"] == 6 and rep["settings"]["sessions"] == "per context" and rep["settings"]["common_mode"] is False
-    assert rep["settings"]["process"] == "this one for every chunk"
+    assert rep["settings"]["process"] == "this one for every chunk" and rep["settings"]["primer"] is False
+    # --primer: a dense session held through each chunk's timing; the same rows
+    assert mod.main([*argv[:-2], "--primer", "--same-process", "--context", "8", "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 3 and rep["settings"]["primer"] is True and all(r["measured_ms"] > 0 for r in rep["rows"])
     # --shapes: structured subnets instead of random ones, each isolating one shape
     assert mod.main([*argv[:-2], "--shapes", "--same-process", "--context", "8", "-o", str(out)]) == 0
     rep = json.loads(out.read_text())
