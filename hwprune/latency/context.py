@@ -13,7 +13,7 @@ sessions in mirrored order, interleaved rounds, the same feed), and stores::
 The predictor multiplies its block sums by ``factor`` (:mod:`hwprune.latency.correction`), so a fresh
 table predicts export-time milliseconds. A table without it (made before) predicts with factor 1.
 
-Decode tables (:func:`measure_decode_context`): the gap is larger there (a decode step streams every
+Decode tables (:func:`time_decode_context`): the gap is larger there (a decode step streams every
 weight once, so a block timed alone, its weights warm in cache, runs faster than the same block inside
 the whole decoder: SmolLM2 measured ~25 % slower than its table's sum at every subnet and context). The
 dense model's decode graph is timed one new token after each profiled context, exactly as export times
@@ -33,6 +33,7 @@ scales each part on its own (:class:`~hwprune.latency.correction.PartScaledPredi
 from __future__ import annotations
 
 import statistics
+from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,9 +48,7 @@ if TYPE_CHECKING:
     from hwprune.space import Candidate, PruningSpace
 
 __all__ = [
-    "measure_context",
     "prompt_anchors",
-    "measure_decode_context",
     "time_context",
     "time_decode_context",
     "anchor_candidates",
@@ -128,26 +127,6 @@ def fit_through(
         return None
     a = float(np.dot(x, y)) / den
     return (a, dense_meas - a * dense_pred) if a > 0 else None
-
-
-def measure_context(
-    adapter: "Family",
-    backend: "Backend",
-    table: "LatencyTable",
-    space: "PruningSpace",
-    *,
-    batch: int,
-    seq: int,
-    rounds: int = 5,
-    repeats: int | None = None,
-    warmup: int | None = None,
-    anchors: bool = True,
-) -> dict[str, Any]:
-    """Time the dense model (and the anchors) now and fit them to ``table``: :func:`time_context` then its
-    result's fit. ``profile`` times them *before* the blocks instead (see :func:`time_context`)."""
-    return time_context(
-        adapter, backend, space, batch=batch, seq=seq, rounds=rounds, repeats=repeats, warmup=warmup, anchors=anchors
-    )(table)
 
 
 def time_context(
@@ -321,26 +300,6 @@ def fit_part_scales(points: "Sequence[tuple[float, Mapping[str, float], float]]"
     }
 
 
-def measure_decode_context(
-    adapter: "Family",
-    backend: "Backend",
-    table: "LatencyTable",
-    space: "PruningSpace",
-    *,
-    batch: int,
-    rounds: int = 5,
-    repeats: int = 10,
-    warmup: int = 3,
-    anchors: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Per profiled context (``str(c)``), its ``context`` record for ``table``: :func:`time_decode_context`
-    at the table's contexts, then its fit."""
-    return time_decode_context(
-        adapter, backend, space, table.contexts, batch=batch, rounds=rounds, repeats=repeats, warmup=warmup,
-        anchors=anchors,
-    )(table)  # fmt: skip
-
-
 def time_decode_context(
     adapter: "Family",
     backend: "Backend",
@@ -388,8 +347,7 @@ def time_decode_context(
             for i, c in enumerate(contexts):
                 firsts[c].append(ms[(0, i)][0])
                 seconds[c].append(ms[(0, i)][1])
-            mean = statistics.fmean
-            ratio[name] = {c: mean(ms[(1, i)]) / mean(ms[(0, i)]) for i, c in enumerate(contexts)}
+            ratio[name] = {c: fmean(ms[(1, i)]) / fmean(ms[(0, i)]) for i, c in enumerate(contexts)}
             del pair, g
     else:
         first = step_runners(backend, graph, contexts, batch)

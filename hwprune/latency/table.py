@@ -152,7 +152,7 @@ class LatencyTable:
     @property
     def context(self) -> dict[str, Any] | None:
         """How the whole dense model timed at profile time against the table's sum (``meta["context"]``,
-        written by :func:`hwprune.latency.context.measure_context`); None for tables made before it."""
+        written by :func:`hwprune.latency.context.time_context`); None for tables made before it."""
         ctx = self.meta.get("context")
         return dict(ctx) if isinstance(ctx, Mapping) else None
 
@@ -165,7 +165,7 @@ class LatencyTable:
     @property
     def context_affine(self) -> tuple[float, float] | None:
         """``(scale, offset_ms)`` of the affine context fitted to anchor subnets at profile time
-        (``meta["context"]["affine"]``, :func:`hwprune.latency.context.measure_context`); None where the
+        (``meta["context"]["affine"]``, :func:`hwprune.latency.context.time_context`); None where the
         table has none (made before, or the fit was not sound) and the single factor applies."""
         ctx = self.context
         aff = ctx.get("affine") if ctx is not None else None
