@@ -140,6 +140,7 @@ def test_decode_context_factor_per_context_is_the_whole_decode_step(
         assert names == ["dense", "attn-min", "ffn-min", "uniform-half", "smallest"], names
         assert all(x["measured_ms"] > 0 and "factor_error_pct" in x for x in r["anchors"])
         assert r["anchors"][0]["measured_ms"] == pytest.approx(r["dense_measured_ms"])
+        assert r["process"] == "fresh worker"  # timed in a new process, as the benchmarks time a subnet
         p = make_predictor(t, space, a, regime="decode", context=c)
         assert p.info["decode_context_factors"][str(c)] == pytest.approx(r["factor"])
         bare = a.predictor(t.at_context(c), space)

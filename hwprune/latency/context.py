@@ -32,7 +32,11 @@ scales each part on its own (:class:`~hwprune.latency.correction.PartScaledPredi
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import statistics
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
@@ -311,6 +315,7 @@ def time_decode_context(
     repeats: int = 10,
     warmup: int = 3,
     anchors: bool = True,
+    fresh_process: bool = True,
 ) -> "Callable[[LatencyTable], dict[str, dict[str, Any]]]":
     """Time the dense decode graph at every context as export does; return the fit that turns a decode
     table into its per-context ``context`` records (see module doc). Like :func:`time_context`, it needs no
@@ -328,39 +333,77 @@ def time_decode_context(
     factor. Until 2026-12-04 an anchor had one session, timed beside the dense model's first, which is the
     process's first session and times 2-3 % slower while later ones exist (scripts/bench_session_order.py):
     every anchor read a few % fast."""
-    from hwprune.export.workload_timing import MirroredSteps, decode_graph, step_runners
-    from hwprune.latency.backends import interleave
+    from hwprune.export.workload_timing import decode_graph
 
     contexts = list(contexts)
-    graph = decode_graph(adapter, adapter.dense())
     cands = anchor_candidates(space) if anchors else {}
-    others = {name: cand for name, cand in cands.items() if name != "dense"}
+    names = ["dense", *(name for name in cands if name != "dense")]
+    with tempfile.TemporaryDirectory(prefix="hwprune-anchors-") as tmp:
+        paths = []
+        for i, name in enumerate(names):  # one graph in memory at a time; the worker reads them back
+            g = decode_graph(adapter, adapter.dense() if name == "dense" else _first_kept(adapter, space, cands[name]))
+            paths.append(str(Path(tmp) / f"{i}.onnx"))
+            Path(paths[-1]).write_bytes(g)
+            del g
+        job = (backend.name, backend.threads, paths, names, contexts, batch, rounds, repeats, warmup)
+        if fresh_process:
+            with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+                firsts, seconds, ratio = pool.submit(_time_decode_pairs, *job).result()
+        else:
+            firsts, seconds, ratio = _time_decode_pairs(*job)
+    dense = {c: (statistics.median(firsts[c]), statistics.median(seconds[c])) for c in contexts}
+    timing = {
+        "clock": backend.clock,
+        "rounds": rounds,
+        "repeats": repeats,
+        "warmup": warmup,
+        "process": "fresh worker" if fresh_process else "profile",
+    }
+    return lambda table: _fit_decode_context(adapter, table, space, dense, cands, ratio, timing)
+
+
+def _time_decode_pairs(
+    runtime: str,
+    threads: int,
+    paths: "Sequence[str]",
+    names: "Sequence[str]",
+    contexts: "Sequence[int]",
+    batch: int,
+    rounds: int,
+    repeats: int,
+    warmup: int,
+) -> tuple[dict[int, list[float]], dict[int, list[float]], dict[str, dict[int, float]]]:
+    """:func:`time_decode_context`'s timing (module level, so a spawned worker can run it): the dense graph
+    (``paths[0]``) beside each anchor in mirrored pairs, or alone in two sessions when there are no anchors.
+    Returns per context the dense model's first- and second-session ms (one entry per pair) and per anchor
+    its ms over the dense model's in the same rounds."""
+    from hwprune.export.workload_timing import MirroredSteps, step_runners
+    from hwprune.latency._base import get_backend
+    from hwprune.latency.backends import interleave
+
+    backend = get_backend(runtime, threads=threads)
+    graph = Path(paths[0]).read_bytes()
     k = len(contexts)
     firsts: dict[int, list[float]] = {c: [] for c in contexts}  # per context: the dense model's first session
     seconds: dict[int, list[float]] = {c: [] for c in contexts}  # and its second, one entry per pair
     ratio: dict[str, dict[int, float]] = {}  # anchor -> context -> its ms over the dense model's, same rounds
-    if others:
-        for name, cand in others.items():
-            g = decode_graph(adapter, _first_kept(adapter, space, cand))
-            pair = MirroredSteps.create(backend, [graph, g], contexts, batch, keys=["dense", name])
-            ms = pair.pairs(interleave(pair.runners, rounds=rounds, per_round=repeats, warmup=warmup))
-            for i, c in enumerate(contexts):
-                firsts[c].append(ms[(0, i)][0])
-                seconds[c].append(ms[(0, i)][1])
-            ratio[name] = {c: fmean(ms[(1, i)]) / fmean(ms[(0, i)]) for i, c in enumerate(contexts)}
-            del pair, g
-    else:
+    for path, name in zip(paths[1:], names[1:]):
+        g = Path(path).read_bytes()
+        pair = MirroredSteps.create(backend, [graph, g], contexts, batch, keys=["dense", name])
+        ms = pair.pairs(interleave(pair.runners, rounds=rounds, per_round=repeats, warmup=warmup))
+        for i, c in enumerate(contexts):
+            firsts[c].append(ms[(0, i)][0])
+            seconds[c].append(ms[(0, i)][1])
+        ratio[name] = {c: fmean(ms[(1, i)]) / fmean(ms[(0, i)]) for i, c in enumerate(contexts)}
+        del pair, g
+    if len(paths) == 1:
         first = step_runners(backend, graph, contexts, batch)
         second = step_runners(backend, graph, contexts, batch)  # same graph: a control of the timing itself
         ts = interleave([*first, *second], rounds=rounds, per_round=repeats, warmup=warmup)
         for i, c in enumerate(contexts):
             firsts[c].append(ts[i].median_ms)
             seconds[c].append(ts[k + i].median_ms)
-        del first, second
-    dense = {c: (statistics.median(firsts[c]), statistics.median(seconds[c])) for c in contexts}
-    del graph
-    timing = {"clock": backend.clock, "rounds": rounds, "repeats": repeats, "warmup": warmup}
-    return lambda table: _fit_decode_context(adapter, table, space, dense, cands, ratio, timing)
+    return firsts, seconds, ratio
 
 
 def _fit_decode_context(
