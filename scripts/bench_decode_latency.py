@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,54 @@ class ChunkSpec:
     per_context_sessions: bool
     common_mode: bool
     primer: bool = False
+    ort_only: bool = False
+
+
+def time_graphs(
+    runtime: str,
+    threads: int,
+    batch: int,
+    contexts: list[int],
+    spec: ChunkSpec,
+    graphs: "list[bytes] | list[str]",
+    seeds: list[int],
+) -> tuple[dict[tuple[int, int], list[float]], dict[tuple[int, int], list[Any]]]:
+    """Time ``graphs`` (the dense model first; bytes, or paths to read) at every context: two mirrored
+    sessions each, interleaved rounds. Returns per (graph, context index) its two sessions' medians and
+    their clock logs. Module level, so ``--ort-only`` runs it in a process of its own."""
+    backend = get_backend(runtime, threads=threads)
+    graphs = [g if isinstance(g, bytes) else Path(g).read_bytes() for g in graphs]
+    both: dict[tuple[int, int], list[float]] = {}  # (graph, context index) -> its two sessions' medians
+    logs: dict[tuple[int, int], list[Any]] = {}  # (graph, context index) -> its two runners' clock logs
+    # one session per graph for all contexts (as export times them), or per context its own
+    groups = [[ic] for ic in enumerate(contexts)] if spec.per_context_sessions else [list(enumerate(contexts))]
+    for group, seed in zip(groups, seeds):
+        ctx = [c for _, c in group]
+        # --primer: a session of the dense graph made first and held through the timing, so that no timed
+        # session is the process's first (bench_session_order.py --before keep: six sessions within 1.1 %)
+        primer = step_runners(backend, graphs[0], ctx, batch) if spec.primer else []
+        for r in primer:
+            r.sample(3)
+        mirrored = MirroredSteps.create(backend, graphs, ctx, batch)  # dense, s1..sN, sN..s1, dense
+        everything = mirrored.runners
+        for r in everything:
+            r.sample(3)
+            r.log.reset()
+        ts = interleave(
+            everything,
+            seconds=spec.seconds * len(group) / len(contexts),
+            per_round=spec.per_round,
+            common_mode=spec.common_mode,
+            warmup=0,
+            seed=seed,
+        )
+        for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
+            both[(g, group[f][0])] = ms
+            logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
+        del mirrored, everything, ts, primer  # these sessions go before the next group's load
+        gc.collect()
+        release()
+    return both, logs
 
 
 def time_chunk(
@@ -143,36 +192,18 @@ def time_chunk(
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     graphs = [decode_graph(adapter, adapter.dense()), *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
-    both: dict[tuple[int, int], list[float]] = {}  # (graph, context index) -> its two sessions' medians
-    logs: dict[tuple[int, int], list[Any]] = {}  # (graph, context index) -> its two runners' clock logs
-    # one session per graph for all contexts (as export times them), or per context its own
-    groups = [[ic] for ic in enumerate(contexts)] if spec.per_context_sessions else [list(enumerate(contexts))]
-    for group in groups:
-        ctx = [c for _, c in group]
-        # --primer: a session of the dense graph made first and held through the timing, so that no timed
-        # session is the process's first (bench_session_order.py --before keep: six sessions within 1.1 %)
-        primer = step_runners(backend, graphs[0], ctx, batch) if spec.primer else []
-        for r in primer:
-            r.sample(3)
-        mirrored = MirroredSteps.create(backend, graphs, ctx, batch)  # dense, s1..sN, sN..s1, dense
-        everything = mirrored.runners
-        for r in everything:
-            r.sample(3)
-            r.log.reset()
-        ts = interleave(
-            everything,
-            seconds=spec.seconds * len(group) / len(contexts),
-            per_round=spec.per_round,
-            common_mode=spec.common_mode,
-            warmup=0,
-            seed=int(rng.integers(1 << 31)),
-        )
-        for (g, f), ms in mirrored.pairs(ts).items():  # first-created session first
-            both[(g, group[f][0])] = ms
-            logs[(g, group[f][0])] = [r.log for r in mirrored.of(g, f)]
-        del mirrored, everything, ts, primer  # these sessions go before the next group's load
-        gc.collect()
-        release()
+    seeds = [int(rng.integers(1 << 31)) for _ in contexts]
+    job = (str(settings.get("runtime", "ort-cpu")), backend.threads, batch, contexts, spec)
+    if spec.ort_only:  # the timing in a process that runs ONNX Runtime only, as a deployed model's does
+        with tempfile.TemporaryDirectory(prefix="hwprune-bench-") as tmp:
+            paths = [str(Path(tmp) / f"{i}.onnx") for i in range(len(graphs))]
+            for path, g in zip(paths, graphs):
+                Path(path).write_bytes(g)
+            del graphs
+            gc.collect()
+            both, logs = in_fresh_process(time_graphs, *job, paths, seeds)
+    else:
+        both, logs = time_graphs(*job, graphs, seeds)
     control = {str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)}
     for j, (name, cand) in enumerate(chunk):
         for i, c in enumerate(contexts):
@@ -257,6 +288,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "timed session is the process's first (a process's first sessions time 2-3 %% slower while later ones "
         "exist: scripts/bench_session_order.py)",
     )
+    ap.add_argument(
+        "--timing-process",
+        choices=("ort-only", "chunk"),
+        default="ort-only",
+        help="where a chunk's graphs are timed: ort-only (default): a process of their own that runs ONNX "
+        "Runtime only, as a deployed model's does and as the decode profile times its anchors; chunk: the "
+        "chunk's process, which also holds the torch model the graphs were exported from (SmolLM2's dense "
+        "step measured ~2 %% slower there)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out", default=None, help="JSON result (default bench_out/decode_latency_<model>.json)")
     return ap.parse_args(argv)
@@ -316,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             per_context_sessions=a.per_context_sessions,
             common_mode=not a.no_common_mode,
             primer=a.primer,
+            ort_only=a.timing_process == "ort-only",
         )
         for k, (chunk, seed) in enumerate(jobs):
             if a.same_process:
@@ -342,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 "common_mode": not a.no_common_mode,
                 "process": "this one for every chunk" if a.same_process else "a fresh one per chunk",
                 "primer": a.primer,
+                "timing_process": a.timing_process,
             },
             **summarize(rows),
             "per_context": {str(c): summarize([r for r in rows if r["context"] == c]) for c in contexts},

@@ -382,6 +382,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--context", help="decode: KV-cache lengths, e.g. 128,1024")
     ap.add_argument(
+        "--timing-process",
+        choices=("ort-only", "chunk"),
+        help="decode: where a chunk's graphs are timed (bench_decode_latency.py; default ort-only)",
+    )
+    ap.add_argument(
         "--same-process",
         action="store_true",
         help="with --table: time every chunk in this process instead of a fresh one per chunk (on SmolLM2's "
@@ -415,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         opts |= {"--chunk": a.chunk, "--seconds": a.seconds}
         fwd += ["--no-common-mode"] if a.no_common_mode else []
         fwd += ["--same-process"] if a.same_process else []
+        fwd += ["--timing-process", a.timing_process] if a.timing_process else []
         for flag, v in opts.items():
             fwd += [flag, str(v)] if v is not None else []
         return int(bench_decode_latency.main(fwd))

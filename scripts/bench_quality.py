@@ -204,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
             top1 = retrieval.top1(model)
             row["report"]["retrieval_top1"] = top1
             row["report"]["retrieval_vs_dense"] = top1 / retrieval.dense_top1 if retrieval.dense_top1 else None
+            ci = retrieval.ratio_interval(model)
+            row["report"]["retrieval_vs_dense_ci95"] = list(ci) if ci is not None else None
         row["measured_ms"] = ms
         row["predicted_ms"] = pred if pred is not None else predictor.predict(cand)
         row["measured_speedup"] = dense_ms / ms
         out_rows[key] = row
         rep = row["report"]
-        extra = f"  retrieval {rep['retrieval_vs_dense']:.3f} x dense" if retrieval is not None else ""
+        extra = ""
+        if retrieval is not None and rep["retrieval_vs_dense"] is not None:
+            lo, hi = rep["retrieval_vs_dense_ci95"]
+            extra = f"  retrieval {rep['retrieval_vs_dense']:.3f} x dense (95 % CI {lo:.2f}-{hi:.2f})"
         print(
             f"{key:20s} report cosine {rep.get('cosine', float('nan')):.4f} (selection "
             f"{row['selection'].get('cosine', float('nan')):.4f}){extra}  measured {ms:.2f} ms "
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     best_key = "hwprune_obs_search_distilled" if distill_doc else "hwprune_obs_search"
     pick_row = out_rows[best_key]["report"]
     goal = {"report_cosine": 0.85, "retrieval_vs_dense": 0.97}  # issue 10's aim for MiniLM at 2x
+    ci = pick_row.get("retrieval_vs_dense_ci95")
+    # the retrieval aim can be judged only where the split's interval lies on one side of it
+    decidable = None if retrieval is None else ci is not None and not ci[0] < goal["retrieval_vs_dense"] <= ci[1]
     met = pick_row.get("cosine", 0.0) >= goal["report_cosine"] and (
         retrieval is None or (pick_row["retrieval_vs_dense"] or 0.0) >= goal["retrieval_vs_dense"]
     )
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 for split in scorers
             },
             "distill": distill_doc,
-            "goal": {**goal, "met": met, "judged_on": best_key},
+            "goal": {**goal, "met": met, "retrieval_decidable": decidable, "judged_on": best_key},
         },
         script=__file__,
         argv=argv,

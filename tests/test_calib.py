@@ -169,6 +169,23 @@ def test_retrieval_halves_and_top1(tiny: EncoderAdapter) -> None:
         halves(["short one"])
 
 
+def test_retrieval_ratio_interval_is_paired_and_honest() -> None:
+    from hwprune.families.encoder.retrieval import ratio_interval
+
+    ref = torch.tensor([True] * 30 + [False] * 70)
+    assert ratio_interval(ref, ref) == (1.0, 1.0)  # the same hits: no spread, whatever the draws
+    fewer = ref.clone()
+    fewer[:3] = False  # 27 of the dense model's 30
+    lo, hi = ratio_interval(fewer, ref)
+    assert lo < 0.9 < hi <= 1.0  # 0.9 inside, and never above 1: every draw loses as many or more
+    swapped = torch.roll(ref, 50)  # as many hits on other queries: the ratio centres on 1 but spreads wide
+    lo, hi = ratio_interval(swapped, ref)
+    assert lo < 0.75 and hi > 1.3
+    assert ratio_interval(ref, torch.zeros(100, dtype=torch.bool)) is None
+    with pytest.raises(ValueError, match="hits against"):
+        ratio_interval(ref[:10], ref)
+
+
 def test_study_key_changes_with_the_report_split(tiny: EncoderAdapter) -> None:
     from hwprune.search.study import study_key
 

@@ -505,3 +505,32 @@ def test_bench_latency_against_a_table_times_each_chunk_in_a_fresh_process(tiny_
     rep2 = json.loads(same.read_text())
     assert rep2["settings"]["process"] == "this one for every chunk" and len(rep2["dense_control_pct"]) == 1
     assert [r["key"] for r in rep2["subnets"]] == [r["key"] for r in rep["subnets"]]
+
+
+def test_bench_quality_end_to_end_on_a_tiny_encoder(tiny_bert: Path, tmp_path: Path) -> None:
+    """Search vs the uniform baselines at equal measured latency, scored on the report split with paragraph
+    retrieval and its paired bootstrap interval; the retrieval aim is judged only where that interval allows."""
+    from hwprune.api import load_adapter
+    from hwprune.latency import profile
+
+    adapter = load_adapter(str(tiny_bert))
+    space = adapter.space(str(tiny_bert / "space.yaml"))
+    profile(adapter, space=space, out=tmp_path / "t.parquet", progress=False, budget_s=2)
+    argv = ["--model", str(tiny_bert), "--space", str(tiny_bert / "space.yaml"), "--table", str(tmp_path / "t.parquet"),
+            "--target", "1.2", "--trials", "3", "--calib", str(tiny_bert / "calib.txt"), "--n-calib", "8",
+            "--n-heldout", "4", "--n-report", "12", "--rounds", "2", "--repeats", "5", "--run", str(tmp_path / "run"),
+            "-o", str(tmp_path / "res.json")]  # fmt: skip
+    assert _script("bench_quality").main(argv) == 0
+    rep = json.loads((tmp_path / "res.json").read_text())
+    assert rep["command"] == "python scripts/bench_quality.py " + " ".join(argv) and rep["machine"]["cpu"]
+    assert rep["retrieval"]["pairs"] == 12 and rep["retrieval"]["split"] == "report"
+    assert {"hwprune_obs_search", "uniform_magnitude"} <= set(rep["results"])
+    for row in rep["results"].values():
+        r = row["report"]
+        if r["retrieval_vs_dense"] is None:  # the dense model found nothing: no ratio, no interval
+            assert r["retrieval_vs_dense_ci95"] is None
+            continue
+        lo, hi = r["retrieval_vs_dense_ci95"]
+        assert lo <= r["retrieval_vs_dense"] <= hi or math.isclose(lo, hi)
+    ci = rep["results"]["hwprune_obs_search"]["report"]["retrieval_vs_dense_ci95"]
+    assert rep["goal"]["retrieval_decidable"] == (ci is not None and not ci[0] < 0.97 <= ci[1])

@@ -5,6 +5,11 @@ Every query is embedded (mean pooling over real tokens, L2-normalised: :func:`.s
 and matched to the document of highest cosine among all the texts' second halves; top-1 accuracy is the
 fraction of queries whose own second half wins. The dense model's accuracy is the reference: a pruned
 model is judged by its accuracy over the dense one's on the same texts.
+
+That ratio is a count over a count: with MiniLM's dense top-1 near 0.3 on 100 paragraphs (every built-in
+domain tried: 0.25-0.46), one query more or less moves it by ~3.5 %. :meth:`Retrieval.ratio_interval`
+therefore gives its paired bootstrap interval (the same queries resampled for both models), so a figure
+is read with the precision its split allows.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from hwprune.families.encoder.scorer import sentence_embeddings
 if TYPE_CHECKING:
     from hwprune.families.encoder.adapter import EncoderAdapter
 
-__all__ = ["halves", "embed", "retrieval_top1", "Retrieval"]
+__all__ = ["halves", "embed", "retrieval_hits", "retrieval_top1", "ratio_interval", "Retrieval"]
 
 
 def halves(texts: Sequence[str], *, min_words: int = 8) -> tuple[list[str], list[str]]:
@@ -52,10 +57,35 @@ def embed(model: nn.Module, inputs: dict[str, torch.Tensor], *, batch: int = 32)
     return torch.cat(out)
 
 
+def retrieval_hits(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> torch.Tensor:
+    """Per query: is its nearest document (cosine) its own (row i <-> row i)? A bool vector."""
+    best = (query_emb @ doc_emb.T).argmax(dim=1)
+    return best == torch.arange(query_emb.shape[0])
+
+
 def retrieval_top1(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> float:
     """Fraction of queries whose nearest document (cosine) is their own (row i <-> row i)."""
-    best = (query_emb @ doc_emb.T).argmax(dim=1)
-    return float((best == torch.arange(query_emb.shape[0])).double().mean())
+    return float(retrieval_hits(query_emb, doc_emb).double().mean())
+
+
+def ratio_interval(
+    hits: torch.Tensor, ref_hits: torch.Tensor, *, level: float = 0.95, draws: int = 4000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Paired bootstrap interval of ``hits.sum() / ref_hits.sum()``: queries are resampled with replacement,
+    the same draw for both models; the ``level`` percentile interval of the ratios. None when the reference
+    finds nothing (no ratio to speak of)."""
+    if hits.shape != ref_hits.shape:
+        raise ValueError(f"{tuple(hits.shape)} hits against {tuple(ref_hits.shape)}")
+    if not bool(ref_hits.any()):
+        return None
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, hits.shape[0], (draws, hits.shape[0]), generator=g)
+    num = hits.double()[idx].sum(1)
+    den = ref_hits.double()[idx].sum(1)
+    ratios = (num[den > 0] / den[den > 0]).sort().values
+    lo = ratios[int((1 - level) / 2 * (len(ratios) - 1))]
+    hi = ratios[int((1 + level) / 2 * (len(ratios) - 1))]
+    return float(lo), float(hi)
 
 
 class Retrieval:
@@ -66,7 +96,16 @@ class Retrieval:
         self.n = len(queries)
         self._q = adapter.tokenize(queries, seq=seq)
         self._d = adapter.tokenize(docs, seq=seq)
-        self.dense_top1 = self.top1(adapter.dense())
+        self.dense_hits = self.hits(adapter.dense())
+        self.dense_top1 = float(self.dense_hits.double().mean())
+
+    def hits(self, model: nn.Module) -> torch.Tensor:
+        """Per query: did ``model`` find its own second half?"""
+        return retrieval_hits(embed(model, self._q), embed(model, self._d))
 
     def top1(self, model: nn.Module) -> float:
-        return retrieval_top1(embed(model, self._q), embed(model, self._d))
+        return float(self.hits(model).double().mean())
+
+    def ratio_interval(self, model: nn.Module, *, level: float = 0.95) -> tuple[float, float] | None:
+        """The paired bootstrap interval of ``model``'s top-1 over the dense model's (:func:`ratio_interval`)."""
+        return ratio_interval(self.hits(model), self.dense_hits, level=level)
