@@ -613,7 +613,7 @@ def _measure_serving(
     tokens-per-second; serve: the request; a mix: their weighted mean, as the search minimised it) and the
     manifest's ``extra.workload`` (measured and predicted TTFT, tokens/s, request ms, dense beside)."""
     from hwprune.export.measure import DENSE, Measurement
-    from hwprune.export.workload_timing import measure_workload
+    from hwprune.export.workload_timing import measure_workloads
     from hwprune.search.workload import WorkloadMix, WorkloadPredictor
 
     def decode_graph(model: Any) -> bytes:
@@ -624,7 +624,7 @@ def _measure_serving(
 
     graphs = {DENSE: decode_graph(adapter.dense()), **{k: decode_graph(m) for k, (m, _) in models.items()}}
     repeats = req.repeats if req.repeats is not None else 10
-    per = [measure_workload(backend, graphs, wl, rounds=req.rounds, repeats=repeats) for wl in wls]
+    per = measure_workloads(backend, graphs, wls, rounds=req.rounds, repeats=repeats)  # in an ORT-only process
     objective = "decode_step_ms" if regime == "decode" else "request_ms"
     total = sum(wl.weight for wl in wls)
 
@@ -634,7 +634,8 @@ def _measure_serving(
     assert isinstance(predictor, (WorkloadPredictor, WorkloadMix))
     space = predictor.space
     method = (
-        "decode graphs (decoder.onnx) of dense and candidates in one process, two sessions each in mirrored "
+        "decode graphs (decoder.onnx) of dense and candidates in one new process that runs ONNX Runtime only, "
+        "two sessions each in mirrored "
         "creation order, shuffled interleaved rounds: the "
         "prompt with an empty cache (TTFT) and one token after the request's first, middle and last contexts; "
         "the mean step interpolated between them"

@@ -14,18 +14,17 @@ a Ctrl-C in the middle of a long benchmark (``hwprune._io.write_json`` renames a
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import platform
 import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hwprune._io import write_json
 from hwprune.errors import HwpruneError
+from hwprune.latency.worker import in_worker
 
 T = TypeVar("T")
 
@@ -98,12 +97,11 @@ def parse_shape(value: str | None) -> tuple[int, ...] | None:
 
 
 def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a new (spawned) Python process, its result returned here. The child inherits this
-    process's environment (the huge-page tunable) and ``sys.path``; ``fn`` must be importable by its module
-    name. Timing benches use it because a process that had timed earlier graphs measured ~2 % (once up to
-    7 %) slower than a new one (``scripts/bench_process_age.py``)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+    """``fn(*args)`` in a new (spawned) Python process, its result returned here
+    (:func:`hwprune.latency.worker.in_worker`); ``fn`` must be importable by its module name. Timing benches
+    use it because a process that had timed earlier graphs measured ~2 % (once up to 7 %) slower than a new
+    one (``scripts/bench_process_age.py``)."""
+    return in_worker(fn, *args)
 
 
 def stem(model: str) -> str:

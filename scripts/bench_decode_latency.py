@@ -17,7 +17,10 @@ as a generating model calls its own session; ``--per-round 1`` switches graphs o
 SmolLM2 measured every graph ~25 % slower than either),
 beside the dense model's graph, each chunk in a fresh process (``--same-process`` keeps them in this one;
 a process that had timed earlier chunks measured the same subnets ~2 %, once up to 7 %, slower:
-``scripts/bench_process_age.py``). Every graph gets two sessions, created in mirrored order (dense, s1, ...,
+``scripts/bench_process_age.py``). The chunk's process exports the graphs; they are timed in another new
+process that runs ONNX Runtime only (``--timing-process ort-only``, the default), as a deployed model's
+does and as the decode profile times its anchors (:mod:`hwprune.latency.worker`); ``--timing-process
+chunk`` times them in the chunk's process, beside the torch model they came from. Every graph gets two sessions, created in mirrored order (dense, s1, ...,
 sN, sN', ..., s1', dense', as ``hwprune export`` times models): a graph's measured ms is the mean of its
 two sessions' medians, and the dense model's second session against its first is the dense-vs-dense
 control. The prediction is the table's (``make_predictor(..., regime="decode",
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,7 @@ from hwprune.families import Family
 from hwprune.latency import LatencyTable, get_backend
 from hwprune.latency.backends import interleave
 from hwprune.latency.pages import reexec_for_timing
+from hwprune.latency.worker import graph_files
 from hwprune.space import Candidate, PruningSpace, Unit
 
 
@@ -195,13 +198,10 @@ def time_chunk(
     seeds = [int(rng.integers(1 << 31)) for _ in contexts]
     job = (str(settings.get("runtime", "ort-cpu")), backend.threads, batch, contexts, spec)
     if spec.ort_only:  # the timing in a process that runs ONNX Runtime only, as a deployed model's does
-        with tempfile.TemporaryDirectory(prefix="hwprune-bench-") as tmp:
-            paths = [str(Path(tmp) / f"{i}.onnx") for i in range(len(graphs))]
-            for path, g in zip(paths, graphs):
-                Path(path).write_bytes(g)
+        with graph_files(dict(enumerate(graphs))) as paths:
             del graphs
             gc.collect()
-            both, logs = in_fresh_process(time_graphs, *job, paths, seeds)
+            both, logs = in_fresh_process(time_graphs, *job, list(paths.values()), seeds)
     else:
         both, logs = time_graphs(*job, graphs, seeds)
     control = {str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)}

@@ -140,7 +140,7 @@ def test_decode_context_factor_per_context_is_the_whole_decode_step(
         assert names == ["dense", "attn-min", "ffn-min", "uniform-half", "smallest"], names
         assert all(x["measured_ms"] > 0 and "factor_error_pct" in x for x in r["anchors"])
         assert r["anchors"][0]["measured_ms"] == pytest.approx(r["dense_measured_ms"])
-        assert r["process"] == "fresh worker"  # timed in a new process, as the benchmarks time a subnet
+        assert r["process"] == "ort-only worker"  # a new process running ONNX Runtime only, as a deployment
         p = make_predictor(t, space, a, regime="decode", context=c)
         assert p.info["decode_context_factors"][str(c)] == pytest.approx(r["factor"])
         bare = a.predictor(t.at_context(c), space)
@@ -413,6 +413,7 @@ def test_decode_search_targets_tokens_per_second(folder: Path, decode_table: Pat
     assert m["predicted_ms"] == pytest.approx(got["decode_step_ms"])  # the search's own prediction
     assert w["measured"]["ttft_ms"] > 0 and w["measured"]["request_ms"] > w["measured"]["ttft_ms"]
     assert (out / "candidates" / pick["key"] / "decoder.onnx").is_file()
+    assert "new process that runs ONNX Runtime only" in w["method"]  # as a deployment, as the profile's anchors
     # two sessions per model in mirrored order: the dense model's second against its first is the control
     d = w["dense_measured"]
     assert d["session_order"] == "mirrored" and len(d["sessions_decode_step_ms"]) == 2

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hwprune.errors import HwpruneError
-from hwprune.latency._base import Backend
+from hwprune.latency._base import Backend, get_backend
 from hwprune.latency.backends import Runner, interleave
 from hwprune.latency.predictor import context_weights
 from hwprune.search.workload import Workload
@@ -182,3 +183,38 @@ def measure_workload(
             "control_pct": 100.0 * (step_of(sessions[1]) / step_of(sessions[0]) - 1),
         }
     return out
+
+
+def measure_workloads(
+    backend: Backend,
+    graphs: Mapping[str, bytes],
+    workloads: Sequence[Workload],
+    *,
+    rounds: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> list[dict[str, dict[str, Any]]]:
+    """:func:`measure_workload` for each workload, in a new process that runs ONNX Runtime only (as a
+    deployed model's does, and as the decode profile times its anchors: :mod:`hwprune.latency.worker`);
+    in this process for a backend a new process cannot rebuild by name."""
+    from hwprune.latency.worker import graph_files, in_worker, rebuildable
+
+    if not rebuildable(backend):
+        return [measure_workload(backend, graphs, w, rounds=rounds, repeats=repeats, warmup=warmup) for w in workloads]
+    with graph_files(graphs) as paths:
+        job = (backend.name, backend.threads, paths, list(workloads), rounds, repeats, warmup)
+        return in_worker(_measure_workloads_from_files, *job)
+
+
+def _measure_workloads_from_files(
+    runtime: str,
+    threads: int,
+    paths: Mapping[str, str],
+    workloads: Sequence[Workload],
+    rounds: int,
+    repeats: int,
+    warmup: int,
+) -> list[dict[str, dict[str, Any]]]:
+    backend = get_backend(runtime, threads=threads)
+    graphs = {k: Path(p).read_bytes() for k, p in paths.items()}
+    return [measure_workload(backend, graphs, wl, rounds=rounds, repeats=repeats, warmup=warmup) for wl in workloads]

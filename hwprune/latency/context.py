@@ -32,10 +32,8 @@ scales each part on its own (:class:`~hwprune.latency.correction.PartScaledPredi
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any
@@ -334,8 +332,10 @@ def time_decode_context(
     process's first session and times 2-3 % slower while later ones exist (scripts/bench_session_order.py):
     every anchor read a few % fast."""
     from hwprune.export.workload_timing import decode_graph
+    from hwprune.latency.worker import in_worker, rebuildable
 
     contexts = list(contexts)
+    fresh_process = fresh_process and rebuildable(backend)
     cands = anchor_candidates(space) if anchors else {}
     names = ["dense", *(name for name in cands if name != "dense")]
     with tempfile.TemporaryDirectory(prefix="hwprune-anchors-") as tmp:
@@ -346,9 +346,8 @@ def time_decode_context(
             Path(paths[-1]).write_bytes(g)
             del g
         job = (backend.name, backend.threads, paths, names, contexts, batch, rounds, repeats, warmup)
-        if fresh_process:
-            with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                firsts, seconds, ratio = pool.submit(_time_decode_pairs, *job).result()
+        if fresh_process:  # a process running ONNX Runtime only, as a deployment's (hwprune.latency.worker)
+            firsts, seconds, ratio = in_worker(_time_decode_pairs, *job)
         else:
             firsts, seconds, ratio = _time_decode_pairs(*job)
     dense = {c: (statistics.median(firsts[c]), statistics.median(seconds[c])) for c in contexts}
@@ -357,7 +356,7 @@ def time_decode_context(
         "rounds": rounds,
         "repeats": repeats,
         "warmup": warmup,
-        "process": "fresh worker" if fresh_process else "profile",
+        "process": "ort-only worker" if fresh_process else "profile",
     }
     return lambda table: _fit_decode_context(adapter, table, space, dense, cands, ratio, timing)
 
