@@ -20,7 +20,8 @@ a process that had timed earlier chunks measured the same subnets ~2 %, once up 
 ``scripts/bench_process_age.py``). The chunk's process exports the graphs; they are timed in another new
 process that runs ONNX Runtime only (``--timing-process ort-only``, the default), as a deployed model's
 does and as the decode profile times its anchors (:mod:`hwprune.latency.worker`); ``--timing-process
-chunk`` times them in the chunk's process, beside the torch model they came from. Every graph gets two sessions, created in mirrored order (dense, s1, ...,
+chunk`` times them in the chunk's process, beside the torch model they came from. Every graph gets two
+sessions, created in mirrored order (dense, s1, ...,
 sN, sN', ..., s1', dense', as ``hwprune export`` times models): a graph's measured ms is the mean of its
 two sessions' medians, and the dense model's second session against its first is the dense-vs-dense
 control. The prediction is the table's (``make_predictor(..., regime="decode",
