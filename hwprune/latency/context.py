@@ -330,7 +330,12 @@ def time_decode_context(
     sound, ``scales`` (:func:`fit_part_scales`), which the predictor then uses instead of the single
     factor. Until 2026-12-04 an anchor had one session, timed beside the dense model's first, which is the
     process's first session and times 2-3 % slower while later ones exist (scripts/bench_session_order.py):
-    every anchor read a few % fast."""
+    every anchor read a few % fast.
+
+    With ``fresh_process`` (default) the timing runs in a new process that holds ONNX Runtime sessions only
+    (:mod:`hwprune.latency.worker`), as a deployment's and export's decode measurement do: there the
+    dense-vs-dense control is ~0 (-1.8 % in the profile's own process) and no age or torch heap of the
+    profiling process weighs on the step. The record's ``process`` says where it ran."""
     from hwprune.export.workload_timing import decode_graph
     from hwprune.latency.worker import in_worker, rebuildable
 
