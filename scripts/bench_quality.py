@@ -12,7 +12,8 @@ encoders the cosine of their sentence embeddings) on the report split, and on th
 beside it (where hwprune's pick was chosen, so its selection figure is optimistic; the baselines had no
 such choice). For encoders, also paragraph-retrieval top-1 on the report texts
 (``hwprune.families.encoder.retrieval``: query = first half of a paragraph, documents = every
-paragraph's second half), and its ratio to the dense model's. The uniform baseline may be as slow as
+paragraph's second half), and its ratio to the dense model's with a paired bootstrap 95 % interval; the
+aim is judged decidable only where that interval lies on one side of it. The uniform baseline may be as slow as
 hwprune's pick, never slower, by *measured* latency (all candidates timed together, interleaved, in one
 process).
 
