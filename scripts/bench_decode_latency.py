@@ -39,6 +39,7 @@ import gc
 import sys
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +130,14 @@ def time_graphs(
     batch: int,
     contexts: list[int],
     spec: ChunkSpec,
-    graphs: "list[bytes] | list[str]",
+    paths: list[str],
     seeds: list[int],
 ) -> tuple[dict[tuple[int, int], list[float]], dict[tuple[int, int], list[Any]]]:
-    """Time ``graphs`` (the dense model first; bytes, or paths to read) at every context: two mirrored
-    sessions each, interleaved rounds. Returns per (graph, context index) its two sessions' medians and
-    their clock logs. Module level, so ``--ort-only`` runs it in a process of its own."""
+    """Time the graphs at ``paths`` (the dense model first) at every context: two mirrored sessions each,
+    interleaved rounds. Returns per (graph, context index) its two sessions' medians and their clock logs.
+    Module level, so ``--timing-process ort-only`` runs it in a process of its own."""
     backend = get_backend(runtime, threads=threads)
-    graphs = [g if isinstance(g, bytes) else Path(g).read_bytes() for g in graphs]
+    graphs = [Path(p).read_bytes() for p in paths]
     both: dict[tuple[int, int], list[float]] = {}  # (graph, context index) -> its two sessions' medians
     logs: dict[tuple[int, int], list[Any]] = {}  # (graph, context index) -> its two runners' clock logs
     # one session per graph for all contexts (as export times them), or per context its own
@@ -195,16 +196,14 @@ def time_chunk(
         preds = {c: make_predictor(table, space, adapter, regime="decode", context=c) for c in contexts}
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
-    graphs = [decode_graph(adapter, adapter.dense()), *(pruned_graph(adapter, space, cand, rng) for _, cand in chunk)]
-    seeds = [int(rng.integers(1 << 31)) for _ in contexts]
-    job = (str(settings.get("runtime", "ort-cpu")), backend.threads, batch, contexts, spec)
-    if spec.ort_only:  # the timing in a process that runs ONNX Runtime only, as a deployed model's does
-        with graph_files(dict(enumerate(graphs))) as paths:
-            del graphs
-            gc.collect()
-            both, logs = in_fresh_process(time_graphs, *job, list(paths.values()), seeds)
-    else:
-        both, logs = time_graphs(*job, graphs, seeds)
+    # written to files as they are exported (the subnets one at a time); the timing reads them back
+    subnets = (pruned_graph(adapter, space, cand, rng) for _, cand in chunk)
+    built = enumerate(chain([decode_graph(adapter, adapter.dense())], subnets))
+    with graph_files(built) as files:
+        seeds = [int(rng.integers(1 << 31)) for _ in contexts]
+        job = (backend.name, backend.threads, batch, contexts, spec, list(files.values()), seeds)
+        # ort-only: timed in a process that runs ONNX Runtime only, as a deployed model's
+        both, logs = in_fresh_process(time_graphs, *job) if spec.ort_only else time_graphs(*job)
     control = {str(c): 100 * (both[(0, i)][1] / both[(0, i)][0] - 1) for i, c in enumerate(contexts)}
     for j, (name, cand) in enumerate(chunk):
         for i, c in enumerate(contexts):

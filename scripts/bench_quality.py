@@ -202,10 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         for split, sc in scorers.items():
             row[split] = dict(sc.score(model))
         if retrieval is not None:
-            top1 = retrieval.top1(model)
+            top1, ci = retrieval.score(model)
             row["report"]["retrieval_top1"] = top1
             row["report"]["retrieval_vs_dense"] = top1 / retrieval.dense_top1 if retrieval.dense_top1 else None
-            ci = retrieval.ratio_interval(model)
             row["report"]["retrieval_vs_dense_ci95"] = list(ci) if ci is not None else None
         row["measured_ms"] = ms
         row["predicted_ms"] = pred if pred is not None else predictor.predict(cand)

@@ -33,7 +33,6 @@ scales each part on its own (:class:`~hwprune.latency.correction.PartScaledPredi
 from __future__ import annotations
 
 import statistics
-import tempfile
 from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any
@@ -337,20 +336,18 @@ def time_decode_context(
     dense-vs-dense control is ~0 (-1.8 % in the profile's own process) and no age or torch heap of the
     profiling process weighs on the step. The record's ``process`` says where it ran."""
     from hwprune.export.workload_timing import decode_graph
-    from hwprune.latency.worker import in_worker, rebuildable
+    from hwprune.latency.worker import graph_files, in_worker, rebuildable
 
     contexts = list(contexts)
     fresh_process = fresh_process and rebuildable(backend)
     cands = anchor_candidates(space) if anchors else {}
     names = ["dense", *(name for name in cands if name != "dense")]
-    with tempfile.TemporaryDirectory(prefix="hwprune-anchors-") as tmp:
-        paths = []
-        for i, name in enumerate(names):  # one graph in memory at a time; the worker reads them back
-            g = decode_graph(adapter, adapter.dense() if name == "dense" else _first_kept(adapter, space, cands[name]))
-            paths.append(str(Path(tmp) / f"{i}.onnx"))
-            Path(paths[-1]).write_bytes(g)
-            del g
-        job = (backend.name, backend.threads, paths, names, contexts, batch, rounds, repeats, warmup)
+    built = (  # one graph in memory at a time; the timing reads them back
+        (name, decode_graph(adapter, adapter.dense() if name == "dense" else _first_kept(adapter, space, cands[name])))
+        for name in names
+    )
+    with graph_files(built) as files:
+        job = (backend.name, backend.threads, list(files.values()), names, contexts, batch, rounds, repeats, warmup)
         if fresh_process:  # a process running ONNX Runtime only, as a deployment's (hwprune.latency.worker)
             firsts, seconds, ratio = in_worker(_time_decode_pairs, *job)
         else:

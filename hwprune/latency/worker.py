@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -29,6 +29,7 @@ from hwprune.errors import HwpruneError
 __all__ = ["in_worker", "graph_files", "rebuildable"]
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 def in_worker(fn: Callable[..., T], *args: Any) -> T:
@@ -52,11 +53,14 @@ def rebuildable(backend: Any) -> bool:
 
 
 @contextmanager
-def graph_files(graphs: Mapping[str, bytes]) -> Iterator[dict[str, str]]:
-    """Write ``graphs`` (key -> ONNX bytes) to a temporary folder; yield key -> path; remove them after."""
+def graph_files(graphs: Mapping[K, bytes] | Iterable[tuple[K, bytes]]) -> Iterator[dict[K, str]]:
+    """Write ``graphs`` (key -> ONNX bytes, or (key, bytes) pairs, which may be produced one at a time so
+    only one graph is in memory) to a temporary folder; yield key -> path; remove them after."""
+    pairs = graphs.items() if isinstance(graphs, Mapping) else graphs
     with tempfile.TemporaryDirectory(prefix="hwprune-graphs-") as tmp:
-        paths = {}
-        for i, (key, g) in enumerate(graphs.items()):
+        paths: dict[K, str] = {}
+        for i, (key, g) in enumerate(pairs):
             paths[key] = str(Path(tmp) / f"{i}.onnx")
             Path(paths[key]).write_bytes(g)
+            del g
         yield paths

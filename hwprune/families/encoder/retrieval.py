@@ -7,8 +7,8 @@ fraction of queries whose own second half wins. The dense model's accuracy is th
 model is judged by its accuracy over the dense one's on the same texts.
 
 That ratio is a count over a count: with MiniLM's dense top-1 near 0.3 on 100 paragraphs (every built-in
-domain tried: 0.25-0.46), one query more or less moves it by ~3.5 %. :meth:`Retrieval.ratio_interval`
-therefore gives its paired bootstrap interval (the same queries resampled for both models), so a figure
+domain tried: 0.25-0.46), one query more or less moves it by ~3.5 %. :meth:`Retrieval.score`
+therefore also gives its paired bootstrap interval (the same queries resampled for both models), so a figure
 is read with the precision its split allows.
 """
 
@@ -106,6 +106,8 @@ class Retrieval:
     def top1(self, model: nn.Module) -> float:
         return float(self.hits(model).double().mean())
 
-    def ratio_interval(self, model: nn.Module, *, level: float = 0.95) -> tuple[float, float] | None:
-        """The paired bootstrap interval of ``model``'s top-1 over the dense model's (:func:`ratio_interval`)."""
-        return ratio_interval(self.hits(model), self.dense_hits, level=level)
+    def score(self, model: nn.Module) -> tuple[float, tuple[float, float] | None]:
+        """``model``'s top-1 and the paired bootstrap interval of its ratio to the dense model's
+        (:func:`ratio_interval`), from one embedding pass."""
+        hits = self.hits(model)
+        return float(hits.double().mean()), ratio_interval(hits, self.dense_hits)
