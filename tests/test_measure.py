@@ -90,6 +90,27 @@ def test_pairs_time_each_candidate_beside_the_dense_model_alone(graphs: Any) -> 
         assert cmp.settings["repeats"] == 4 and cmp.settings["warmup"] == 1
 
 
+def test_pairs_in_a_fresh_process_run_there_unless_the_backend_is_the_callers_own(graphs: Any) -> None:
+    """fresh_process: the pairs are timed in a new process that runs ONNX Runtime only (the profile's
+    anchors, export and calibrate all ask for it); a backend that process cannot rebuild by name (here a
+    subclass defined in this test) is timed in the caller, and each comparison says where it ran."""
+    from hwprune.export.measure import measure_pairs
+
+    a, dense, pruned = graphs
+    feed = timing_feed(a, batch=1, seq=SEQ)
+    cmps = measure_pairs(
+        OrtCpuBackend(), dense=dense, pruned=pruned, feed=feed, rounds=2, repeats=4, warmup=1, fresh_process=True
+    )
+    assert set(cmps) == {"c1", "c2"}
+    for k, cmp in cmps.items():
+        assert cmp.settings["process"] == "ort-only worker" and set(cmp.pruned) == {k}
+        assert cmp.settings["repeats"] == 4 and cmp.dense.median_ms > 0 and cmp.control_pct is not None
+        assert Measurement.of(cmp, k).timings_json()["process"] == "ort-only worker"  # the manifest says so
+    be = _Recording()
+    here = measure_pairs(be, dense=dense, pruned=pruned, feed=feed, rounds=1, repeats=2, warmup=0, fresh_process=True)
+    assert {c.settings["process"] for c in here.values()} == {"caller"} and len(be.created) == 8
+
+
 def test_repeats_follow_the_model_time_unless_given(graphs: Any) -> None:
     """Fast models keep 20 calls a round; a second-long LLM prompt gets 5 (the plan is recorded)."""
     assert timing_plan(0.5) == (20, 5) and timing_plan(834.0) == (5, 2) and timing_plan(200.0) == (10, 5)

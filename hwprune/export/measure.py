@@ -34,8 +34,8 @@ that compare ratios).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -183,7 +183,7 @@ class Measurement:
     def timings_json(self) -> dict[str, Any]:
         if self.timing is None or self.key is None:
             return {"source": "supplied"}
-        keys = ("rounds", "repeats", "warmup", "session_order")
+        keys = ("rounds", "repeats", "warmup", "session_order", "process")
         return {
             "dense": self.timing.dense.to_json(),
             "pruned": self.timing.pruned[self.key].to_json(),
@@ -304,16 +304,67 @@ def measure_pairs(
     rounds: int = 5,
     repeats: int | None = None,
     warmup: int | None = None,
+    fresh_process: bool = False,
 ) -> dict[str, Comparison]:
     """Each model of ``pruned`` timed with the dense model in its own interleaved rounds (two sessions
     each, mirrored order: four sessions), so every candidate's milliseconds come from the same context
     however many candidates there are (see the module doc). One :class:`Comparison` per key, each with
     the dense measurement of its own rounds. ``repeats`` / ``warmup`` None: chosen once, from the dense
-    model's time (:func:`timing_plan`), for all pairs."""
+    model's time (:func:`timing_plan`), for all pairs.
+
+    ``fresh_process``: time in a new process that runs ONNX Runtime and nothing else
+    (:mod:`hwprune.latency.worker`), as a deployed model runs; the profile's anchors, export and
+    ``calibrate --remeasure`` all do, so each of them measures in the same kind of process whatever the
+    calling process holds (a torch model, the profile's ~1000 graphs). A backend the worker cannot rebuild
+    by name is timed here. ``settings["process"]`` says which."""
+    from hwprune.latency.worker import graph_files, in_worker, rebuildable
+
+    if DENSE in pruned:
+        raise HwpruneError(f"candidate key {DENSE!r} is reserved for the dense model")
+    if fresh_process and rebuildable(backend):
+        with graph_files([(DENSE, dense), *pruned.items()]) as files:
+            job = (backend.name, backend.threads, files, dict(feed), rounds, repeats, warmup)
+            return in_worker(_pairs_from_files, *job)
+    return _pairs(backend, dense, pruned.items(), feed, rounds, repeats, warmup, process="caller")
+
+
+def _pairs(
+    backend: Backend,
+    dense: bytes,
+    pruned: Iterable[tuple[str, bytes]],
+    feed: Mapping[str, np.ndarray],
+    rounds: int,
+    repeats: int | None,
+    warmup: int | None,
+    *,
+    process: str,
+) -> dict[str, Comparison]:
     repeats, warmup = _repeats_warmup(backend, dense, feed, repeats, warmup)
-    return {
-        k: measure_dense_and_pruned(
+    out = {}
+    for k, data in pruned:
+        cmp = measure_dense_and_pruned(
             backend, dense=dense, pruned={k: data}, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup
         )
-        for k, data in pruned.items()
-    }
+        out[k] = replace(cmp, settings={**cmp.settings, "process": process})
+    return out
+
+
+def _pairs_from_files(
+    runtime: str,
+    threads: int,
+    files: Mapping[str, str],
+    feed: Mapping[str, np.ndarray],
+    rounds: int,
+    repeats: int | None,
+    warmup: int | None,
+) -> dict[str, Comparison]:
+    """:func:`measure_pairs` in a worker (module level, so a spawned process can run it): the graphs are
+    read from ``files`` (key -> path, the dense model under :data:`DENSE`), one candidate at a time."""
+    from pathlib import Path
+
+    from hwprune.latency._base import get_backend
+
+    backend = get_backend(runtime, threads=threads)
+    dense = Path(files[DENSE]).read_bytes()
+    pruned = ((k, Path(f).read_bytes()) for k, f in files.items() if k != DENSE)
+    return _pairs(backend, dense, pruned, feed, rounds, repeats, warmup, process="ort-only worker")

@@ -146,6 +146,9 @@ def time_context(
     record (see module doc). The timing needs no table, so ``profile`` runs it first, in a process that has
     timed nothing yet, as ``hwprune export`` is: timed after a profile's ~1000 graphs, resnet50's smallest
     anchor read 2.71 ms where fresh processes read 2.42 (scripts/bench_latency.py --table, docs/benchmarks.md).
+    The pairs are timed in a new process that runs ONNX Runtime only (``measure_pairs(fresh_process=True)``),
+    as export and ``calibrate --remeasure`` time candidates, so both sides of a prediction come from the
+    same kind of process; the record's ``process`` says where it ran.
 
     With ``anchors`` (default), the subnets of :func:`prompt_anchors` are timed each beside the dense
     model in its own rounds (:func:`~hwprune.export.measure.measure_pairs`), and ``measured = scale x
@@ -167,7 +170,14 @@ def time_context(
     feed = timing_feed(adapter, batch=batch, seq=seq)
     if cands:  # each anchor with the dense model in its own rounds: the context export measures in
         cmps = measure_pairs(
-            backend, dense=dense_onnx, pruned=onnx, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup
+            backend,
+            dense=dense_onnx,
+            pruned=onnx,
+            feed=feed,
+            rounds=rounds,
+            repeats=repeats,
+            warmup=warmup,
+            fresh_process=True,
         )
         measured = statistics.median(c.dense.median_ms for c in cmps.values())
         controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]
@@ -190,6 +200,7 @@ def time_context(
         "rounds": rounds,
         "repeats": settings["repeats"],  # None asked: chosen from the model's time (timing_plan)
         "warmup": settings["warmup"],
+        "process": settings.get("process", "caller"),
     }
     return lambda table: _fit_context(adapter, table, space, cands, anchor_ms, timing)
 
@@ -242,6 +253,7 @@ def _fit_context(
         "rounds": timing["rounds"],
         "repeats": timing["repeats"],
         "warmup": timing["warmup"],
+        "process": timing["process"],
         "method": CONTEXT_METHOD,
     }
     if affine is not None:
