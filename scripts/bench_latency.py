@@ -17,7 +17,10 @@ graphs are loaded untimed (``Family.prepare_profiling``; ``--levels`` is passed 
 that sample a grid) and every round times them and the subnets alike, so the other tenants' load
 cannot make the prediction and the measurement disagree; this tests the method. With ``--table`` that
 table is tested against this machine now, each chunk in a fresh process (``--same-process``: all in this
-one), as each ``hwprune export`` is one. The raw errors (``mape_pct``, ``error_pct``) are the headline;
+one), as each ``hwprune export`` is one, and by default each subnet is measured exactly as export measures
+a candidate (beside the dense model, four sessions in mirrored order, in a new process that runs ONNX
+Runtime only; ``--timing-process chunk``: interleaved for ``--seconds`` in the chunk's own process).
+The raw errors (``mape_pct``, ``error_pct``) are the headline;
 ``dense_error_pct`` is the dense model's own raw error and the ``speedup_error`` figures are the errors
 of the predicted speedups (each prediction rescaled by the dense model measured in its chunk; reports
 before issue 10 called them ``dense_adjusted``).
@@ -336,6 +339,59 @@ def table_chunk(
     return rows, control
 
 
+def table_pairs(
+    job: TableChunk, chunk: list[tuple[str, Candidate]], index: int, seed: int
+) -> tuple[list[dict[str, Any]], float]:
+    """``chunk`` against ``job.table`` measured exactly as ``hwprune export`` measures a candidate: each
+    subnet beside the dense model in its own rounds, four sessions in mirrored order, in a new process that
+    runs ONNX Runtime only (:func:`hwprune.export.measure.measure_pairs` with ``fresh_process``). The
+    chunk's control is the median of its pairs' dense-vs-dense controls. ``--seconds`` does not apply: the
+    rounds and calls per round are export's (5 rounds, calls from the dense model's time)."""
+    from hwprune.export.measure import measure_pairs
+
+    adapter = load_adapter(job.model, weights=job.weights, input_shape=parse_shape(job.input_shape))
+    space = adapter.space(job.space)
+    table = LatencyTable.load(job.table)
+    s = table.settings
+    batch, seq = int(s["batch"]), int(s["seq"])
+    backend = get_backend(str(s["runtime"]), threads=int(s["threads"]))
+    rng = np.random.default_rng(seed)
+    graphs = {str(i): export_subnet(adapter, space, c, rng, batch=batch, seq=seq)[0] for i, (_, c) in enumerate(chunk)}
+    cmps = measure_pairs(
+        backend,
+        dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
+        pruned=graphs,
+        feed=timing_feed(adapter, batch=batch, seq=seq),
+        fresh_process=True,
+    )
+    del graphs
+    pred = make_predictor(table, space, adapter)
+    rows: list[dict[str, Any]] = []
+    for i, (name, cand) in enumerate(chunk):
+        cmp = cmps[str(i)]
+        got = cmp.pruned[str(i)]
+        p, m = pred.predict(cand), got.median_ms
+        rows.append(
+            {
+                "name": name,
+                "key": cand.key(),
+                "sizes": list(cand.sizes),
+                "predicted_ms": round(p, 4),
+                "measured_ms": round(m, 4),
+                "error_pct": round(100 * (p - m) / m, 3),
+                "dense_predicted_ms": round(pred.dense_ms(), 4),
+                "dense_measured_ms": round(cmp.dense.median_ms, 4),
+                "measured_wall_ms": _round(got.wall_ms, 4),
+                "cpu_excess_pct": _round(got.cpu_excess_pct),
+                "dense_control_pct": _round(cmp.control_pct),
+                "chunk": index,
+                "process": cmp.settings.get("process"),
+            }
+        )
+    controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]
+    return rows, round(float(np.median(controls)), 3) if controls else float("nan")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -384,7 +440,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--timing-process",
         choices=("ort-only", "chunk"),
-        help="decode: where a chunk's graphs are timed (bench_decode_latency.py; default ort-only)",
+        help="where the subnets are timed. ort-only (the default): in a new process that runs ONNX Runtime "
+        "only; with --table (prefill) exactly as hwprune export measures a candidate (measure_pairs: beside "
+        "the dense model, four sessions, export's rounds; --seconds does not apply). chunk: in the process "
+        "that exported them, interleaved for --seconds. Decode: bench_decode_latency.py's flag",
     )
     ap.add_argument(
         "--same-process",
@@ -473,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             chunk = subnets[i : i + a.chunk]
             if table is not None and not a.same_process:  # a fresh process per chunk, as each export is one
                 job = TableChunk(a.model, a.weights, a.input_shape, a.space, a.table, a.seconds, not a.no_common_mode)
-                got, control = in_fresh_process(table_chunk, job, chunk, i // a.chunk, int(rng.integers(1 << 31)))
+                timer = table_chunk if a.timing_process == "chunk" else table_pairs
+                got, control = in_fresh_process(timer, job, chunk, i // a.chunk, int(rng.integers(1 << 31)))
             else:
                 got, control, table = measure_chunk(
                     adapter,
@@ -502,6 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     report = summarize(rows)
     report["dense_control_pct"] = controls
+    if a.table and not a.same_process and a.timing_process != "chunk":
+        process = "as hwprune export measures: each subnet beside the dense model in a new ONNX-Runtime-only process"
+    elif a.table and not a.same_process:
+        process = "a fresh one per chunk, interleaved for seconds_per_chunk"
+    else:
+        process = "this one for every chunk"
     report["warnings"] = warnings(report, clock=backend.clock)
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
@@ -523,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": a.seed,
                 "levels": None if a.table else a.levels,
                 "common_mode": not a.no_common_mode,
-                "process": "a fresh one per chunk" if a.table and not a.same_process else "this one for every chunk",
+                "process": process,
             },
             "table_machine_mismatches": table.fingerprint.mismatches(here) if a.table and table else [],
             "subnets": rows,
@@ -560,6 +626,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if "profile_twin_measured_ms" in r
     }
     excess = [r["cpu_excess_pct"] for r in rows if r.get("cpu_excess_pct") is not None]
+    walls = [100 * (r["measured_wall_ms"] / r["measured_ms"] - 1) for r in rows if r.get("measured_wall_ms")]
     return {
         "n": len(rows),
         "mape_pct": round(float(np.abs(err).mean()), 3),
@@ -572,9 +639,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # same graph, later session, same rounds: how much a session alone moves a measurement
         "session_effect_pct": twins,
         # wall clock over the timing clock per subnet (median): what preemption and throttling add
-        "median_wall_over_measured_pct": round(
-            float(np.median([100 * (r["measured_wall_ms"] / r["measured_ms"] - 1) for r in rows])), 3
-        ),
+        "median_wall_over_measured_pct": round(float(np.median(walls)), 3) if walls else None,
         "max_cpu_excess_pct": round(max(excess), 3) if excess else None,
     }
 

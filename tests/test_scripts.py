@@ -476,8 +476,10 @@ def test_bench_closed_loop_end_to_end_on_a_tiny_encoder(
 
 
 def test_bench_latency_against_a_table_times_each_chunk_in_a_fresh_process(tiny_bert: Path, tmp_path: Path) -> None:
-    """--table: by default each subnet beside the dense model alone (chunk 1, as export times it), each
-    chunk in a new process; --same-process keeps the old way. Both report the same subnets."""
+    """--table: by default each subnet measured as export measures a candidate (beside the dense model,
+    four sessions, in a new ONNX-Runtime-only process), each chunk in a new process; --timing-process chunk
+    interleaves them in the chunk's process for --seconds; --same-process keeps every chunk here. All report
+    the same subnets."""
     from typer.testing import CliRunner
 
     from hwprune.cli import app
@@ -497,9 +499,16 @@ def test_bench_latency_against_a_table_times_each_chunk_in_a_fresh_process(tiny_
     out = tmp_path / "fresh.json"
     assert mod.main([*base, "-o", str(out)]) == 0
     rep = json.loads(out.read_text())
-    assert rep["settings"]["process"] == "a fresh one per chunk" and rep["settings"]["chunk"] == 1
+    assert rep["settings"]["process"].startswith("as hwprune export measures") and rep["settings"]["chunk"] == 1
     assert rep["n"] == 3 and len(rep["dense_control_pct"]) == 3 and [r["chunk"] for r in rep["subnets"]] == [0, 1, 2]
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rep["subnets"])
+    assert {r["process"] for r in rep["subnets"]} == {"ort-only worker"}
+    assert [r["dense_control_pct"] for r in rep["subnets"]] == rep["dense_control_pct"]  # one pair per chunk
+    chunked = tmp_path / "chunked.json"
+    assert mod.main([*base, "--timing-process", "chunk", "-o", str(chunked)]) == 0
+    rep1 = json.loads(chunked.read_text())
+    assert rep1["settings"]["process"].startswith("a fresh one per chunk") and rep1["n"] == 3
+    assert [r["key"] for r in rep1["subnets"]] == [r["key"] for r in rep["subnets"]]
     same = tmp_path / "same.json"
     assert mod.main([*base, "--chunk", "3", "--same-process", "-o", str(same)]) == 0
     rep2 = json.loads(same.read_text())

@@ -388,3 +388,32 @@ def test_search_cli_exits_with_the_shells_code_for_the_signal(
     res = CliRunner().invoke(app, ["search", "--model", "minilm", "-o", str(tmp_path / "run"), "--no-progress"])
     assert res.exit_code == code and "run the same command again to resume" in " ".join(res.output.split())
     assert "Traceback" not in res.output
+
+
+def test_fill_budget_grows_a_candidate_until_no_step_fits() -> None:
+    """The DP's exact finish: from a candidate well under its budget, every step that still fits is taken
+    (most error removed per ms first), the result stays within the budget on the exact prediction, and
+    its summed error never grows."""
+    from hwprune.search.dp import fill_budget
+
+    rng = np.random.default_rng(3)
+    space = _space(6, rng, max_levels=5)
+
+    def predict(c: Candidate) -> float:  # not additive: neighbouring units multiply, as a conv's c_in x c_out
+        s = np.array(c.sizes, dtype=float) + 1
+        return 1.0 + float(np.sum(s[:-1] * s[1:])) / 40
+
+    errors = [np.linspace(1.0, 0.0, len(u.sizes)) ** 2 for u in space.units]
+    start = space.smallest()
+    budget = 0.8 * predict(space.dense())
+    grown, ms = fill_budget(space, predict, errors, start, budget)
+    assert ms == pytest.approx(predict(grown)) and ms <= budget
+    idx = [u.sizes.index(s) for u, s in zip(space.units, grown.sizes)]
+    err = sum(e[i] for e, i in zip(errors, idx))
+    assert err < sum(e[0] for e in errors)
+    for i, u in enumerate(space.units):  # no single step is left that fits
+        if idx[i] + 1 < len(u.sizes):
+            bigger = list(grown.sizes)
+            bigger[i] = u.sizes[idx[i] + 1]
+            assert predict(Candidate(tuple(bigger))) > budget
+    assert fill_budget(space, predict, errors, space.dense(), budget)[0] == space.dense()  # nothing to add
