@@ -613,16 +613,11 @@ def _measure_serving(
     tokens-per-second; serve: the request; a mix: their weighted mean, as the search minimised it) and the
     manifest's ``extra.workload`` (measured and predicted TTFT, tokens/s, request ms, dense beside)."""
     from hwprune.export.measure import DENSE, Measurement
-    from hwprune.export.workload_timing import measure_workloads
+    from hwprune.export.workload_timing import decode_graph, measure_workloads
     from hwprune.search.workload import WorkloadMix, WorkloadPredictor
 
-    def decode_graph(model: Any) -> bytes:
-        g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
-        if g is None:
-            raise HwpruneError(f"{adapter.family} models have no decode graph; --regime {regime} is for LLMs")
-        return g.onnx
-
-    graphs = {DENSE: decode_graph(adapter.dense()), **{k: decode_graph(m) for k, (m, _) in models.items()}}
+    graphs = {DENSE: decode_graph(adapter, adapter.dense())}
+    graphs.update({k: decode_graph(adapter, m) for k, (m, _) in models.items()})
     repeats = req.repeats if req.repeats is not None else 10
     per = measure_workloads(backend, graphs, wls, rounds=req.rounds, repeats=repeats)  # in an ORT-only process
     objective = "decode_step_ms" if regime == "decode" else "request_ms"

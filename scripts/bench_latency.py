@@ -562,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     report = summarize(rows)
     report["dense_control_pct"] = controls
-    if a.table and not a.same_process and a.timing_process != "chunk":
+    as_export = bool(a.table) and not a.same_process and a.timing_process != "chunk"
+    if as_export:
         process = "as hwprune export measures: each subnet beside the dense model in a new ONNX-Runtime-only process"
     elif a.table and not a.same_process:
         process = "a fresh one per chunk, interleaved for seconds_per_chunk"
@@ -584,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": threads,
                 "batch": batch,
                 "seq": seq,
-                "seconds_per_chunk": a.seconds,
+                "seconds_per_chunk": None if as_export else a.seconds,
                 "chunk": a.chunk,
                 "seed": a.seed,
                 "levels": None if a.table else a.levels,

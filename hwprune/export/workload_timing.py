@@ -78,7 +78,9 @@ def decode_graph(adapter: "Family", model: Any) -> bytes:
     """``model``'s one-step decode graph with its KV cache (the family's ``extra_graphs`` role ``decode``)."""
     g = next((g for g in adapter.extra_graphs(model) if g.role == "decode"), None)
     if g is None:
-        raise HwpruneError(f"{adapter.family} models have no decode graph; decode timing is for LLMs")
+        raise HwpruneError(
+            f"{adapter.family} models have no decode graph; decode and serve timing (--regime decode|serve) is for LLMs"
+        )
     return g.onnx
 
 
