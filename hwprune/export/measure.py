@@ -29,6 +29,13 @@ sessions, however many candidates there are); ``export``, ``calibrate --remeasur
 context anchors all use it, so a table predicts the milliseconds an export measures. Passing several
 candidates to :func:`measure_dense_and_pruned` shares one dense measurement (cheaper, for benchmarks
 that compare ratios).
+
+Process. ``measure_pairs(fresh_process=True)`` times in a new process that runs ONNX Runtime only
+(:mod:`hwprune.latency.worker`), as a deployed model runs; export, ``calibrate --remeasure`` and the
+profile's anchors all ask for it, so a table's anchors and an export's candidates are measured in the same
+kind of process whatever else the calling one holds (eight torchvision CNNs, one run on an AMD EPYC: the
+dense model's raw error at export within +-1.8 %; earlier runs on a Xeon, before: -8.1 … +5.4 %; another
+host, so not a controlled comparison; docs/benchmarks.md).
 """
 
 from __future__ import annotations
