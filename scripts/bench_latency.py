@@ -281,25 +281,38 @@ def measure_chunk(
     twins = session_twins(networks, ft, space)
     rows: list[dict[str, Any]] = []
     for (name, cand), t, runner in zip(chunk, st, sr):
-        p, m = pred.predict(cand), t.median_ms
-        rows.append(
-            {
-                "name": name,
-                "key": cand.key(),
-                "sizes": list(cand.sizes),
-                "predicted_ms": round(p, 4),
-                "measured_ms": round(m, 4),
-                "error_pct": round(100 * (p - m) / m, 3),
-                "dense_predicted_ms": round(pred.dense_ms(), 4),
-                "dense_measured_ms": round(dense, 4),
-                "measured_wall_ms": round(float(np.median(runner.log.wall_ms)), 4),
-                "cpu_excess_pct": _round(runner.log.cpu_excess_pct),
-                "chunk": index,
-            }
-        )
+        wall = float(np.median(runner.log.wall_ms))
+        rows.append(subnet_row(name, cand, pred, t.median_ms, dense, wall, runner.log.cpu_excess_pct, index))
         if cand.sizes in twins:  # the same graph is one of the fixed runners: a session control
             rows[-1]["profile_twin_measured_ms"] = round(twins[cand.sizes], 4)
     return rows, round(100 * (ct.median_ms / dense - 1), 3), table
+
+
+def subnet_row(
+    name: str,
+    cand: Candidate,
+    pred: Any,
+    measured_ms: float,
+    dense_ms: float,
+    wall_ms: float | None,
+    cpu_excess_pct: float | None,
+    chunk: int,
+) -> dict[str, Any]:
+    """One subnet's row of the report: predicted vs measured ms (raw error), the dense model's pair."""
+    p = pred.predict(cand)
+    return {
+        "name": name,
+        "key": cand.key(),
+        "sizes": list(cand.sizes),
+        "predicted_ms": round(p, 4),
+        "measured_ms": round(measured_ms, 4),
+        "error_pct": round(100 * (p - measured_ms) / measured_ms, 3),
+        "dense_predicted_ms": round(pred.dense_ms(), 4),
+        "dense_measured_ms": round(dense_ms, 4),
+        "measured_wall_ms": _round(wall_ms, 4),
+        "cpu_excess_pct": _round(cpu_excess_pct),
+        "chunk": chunk,
+    }
 
 
 @dataclass(frozen=True)
@@ -370,24 +383,8 @@ def table_pairs(
     for i, (name, cand) in enumerate(chunk):
         cmp = cmps[str(i)]
         got = cmp.pruned[str(i)]
-        p, m = pred.predict(cand), got.median_ms
-        rows.append(
-            {
-                "name": name,
-                "key": cand.key(),
-                "sizes": list(cand.sizes),
-                "predicted_ms": round(p, 4),
-                "measured_ms": round(m, 4),
-                "error_pct": round(100 * (p - m) / m, 3),
-                "dense_predicted_ms": round(pred.dense_ms(), 4),
-                "dense_measured_ms": round(cmp.dense.median_ms, 4),
-                "measured_wall_ms": _round(got.wall_ms, 4),
-                "cpu_excess_pct": _round(got.cpu_excess_pct),
-                "dense_control_pct": _round(cmp.control_pct),
-                "chunk": index,
-                "process": cmp.settings.get("process"),
-            }
-        )
+        row = subnet_row(name, cand, pred, got.median_ms, cmp.dense.median_ms, got.wall_ms, got.cpu_excess_pct, index)
+        rows.append(row | {"dense_control_pct": _round(cmp.control_pct), "process": cmp.settings.get("process")})
     controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]
     return rows, round(float(np.median(controls)), 3) if controls else float("nan")
 
