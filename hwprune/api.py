@@ -734,7 +734,6 @@ def run_export(req: ExportRequest, *, progress: bool = True, log: Log = _noop) -
             feed=timing_feed(adapter, batch=batch, seq=seq),
             rounds=req.rounds,
             repeats=req.repeats,
-            fresh_process=True,
         )
         measured = {k: Measurement.of(cmps[k], k, clock=backend.clock) for k in models}
     manifests = []

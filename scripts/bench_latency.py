@@ -357,7 +357,7 @@ def table_pairs(
 ) -> tuple[list[dict[str, Any]], float]:
     """``chunk`` against ``job.table`` measured exactly as ``hwprune export`` measures a candidate: each
     subnet beside the dense model in its own rounds, four sessions in mirrored order, in a new process that
-    runs ONNX Runtime only (:func:`hwprune.export.measure.measure_pairs` with ``fresh_process``). The
+    runs ONNX Runtime only (:func:`hwprune.export.measure.measure_pairs`). The
     chunk's control is the median of its pairs' dense-vs-dense controls. ``--seconds`` does not apply: the
     rounds and calls per round are export's (5 rounds, calls from the dense model's time)."""
     from hwprune.export.measure import measure_pairs
@@ -375,7 +375,6 @@ def table_pairs(
         dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
         pruned=graphs,
         feed=timing_feed(adapter, batch=batch, seq=seq),
-        fresh_process=True,
     )
     del graphs
     pred = make_predictor(table, space, adapter)

@@ -130,7 +130,6 @@ def remeasure(
         feed=timing_feed(adapter, batch=batch, seq=seq),
         rounds=rounds,
         repeats=repeats,
-        fresh_process=True,
     )
     fresh = [replace(p, measured_ms=cmps[f"{i}:{p.key}"].pruned[f"{i}:{p.key}"].median_ms) for i, p in enumerate(cands)]
     dense = next(p for p in points if p.dense)

@@ -30,9 +30,9 @@ context anchors all use it, so a table predicts the milliseconds an export measu
 candidates to :func:`measure_dense_and_pruned` shares one dense measurement (cheaper, for benchmarks
 that compare ratios).
 
-Process. ``measure_pairs(fresh_process=True)`` times in a new process that runs ONNX Runtime only
+Process. :func:`measure_pairs` times, by default, in a new process that runs ONNX Runtime only
 (:mod:`hwprune.latency.worker`), as a deployed model runs; export, ``calibrate --remeasure`` and the
-profile's anchors all ask for it, so a table's anchors and an export's candidates are measured in the same
+profile's anchors all use it, so a table's anchors and an export's candidates are measured in the same
 kind of process whatever else the calling one holds (eight torchvision CNNs, one run on an AMD EPYC: the
 dense model's raw error at export within +-1.8 %; earlier runs on a Xeon, before: -8.1 … +5.4 %; another
 host, so not a controlled comparison; docs/benchmarks.md).
@@ -311,7 +311,7 @@ def measure_pairs(
     rounds: int = 5,
     repeats: int | None = None,
     warmup: int | None = None,
-    fresh_process: bool = False,
+    fresh_process: bool = True,
 ) -> dict[str, Comparison]:
     """Each model of ``pruned`` timed with the dense model in its own interleaved rounds (two sessions
     each, mirrored order: four sessions), so every candidate's milliseconds come from the same context
@@ -319,7 +319,7 @@ def measure_pairs(
     the dense measurement of its own rounds. ``repeats`` / ``warmup`` None: chosen once, from the dense
     model's time (:func:`timing_plan`), for all pairs.
 
-    ``fresh_process``: time in a new process that runs ONNX Runtime and nothing else
+    ``fresh_process`` (default): time in a new process that runs ONNX Runtime and nothing else
     (:mod:`hwprune.latency.worker`), as a deployed model runs; the profile's anchors, export and
     ``calibrate --remeasure`` all do, so each of them measures in the same kind of process whatever the
     calling process holds (a torch model, the profile's ~1000 graphs). A backend the worker cannot rebuild

@@ -146,7 +146,7 @@ def time_context(
     record (see module doc). The timing needs no table, so ``profile`` runs it first, in a process that has
     timed nothing yet, as ``hwprune export`` is: timed after a profile's ~1000 graphs, resnet50's smallest
     anchor read 2.71 ms where fresh processes read 2.42 (scripts/bench_latency.py --table, docs/benchmarks.md).
-    The pairs are timed in a new process that runs ONNX Runtime only (``measure_pairs(fresh_process=True)``),
+    The pairs are timed in a new process that runs ONNX Runtime only (``measure_pairs``' default),
     as export and ``calibrate --remeasure`` time candidates, so both sides of a prediction come from the
     same kind of process; the record's ``process`` says where it ran.
 
@@ -169,15 +169,8 @@ def time_context(
     dense_onnx = candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq)
     feed = timing_feed(adapter, batch=batch, seq=seq)
     if cands:  # each anchor with the dense model in its own rounds: the context export measures in
-        cmps = measure_pairs(
-            backend,
-            dense=dense_onnx,
-            pruned=onnx,
-            feed=feed,
-            rounds=rounds,
-            repeats=repeats,
-            warmup=warmup,
-            fresh_process=True,
+        cmps = measure_pairs(  # in a new ONNX-Runtime-only process, as export times candidates
+            backend, dense=dense_onnx, pruned=onnx, feed=feed, rounds=rounds, repeats=repeats, warmup=warmup
         )
         measured = statistics.median(c.dense.median_ms for c in cmps.values())
         controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]

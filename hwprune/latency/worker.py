@@ -4,8 +4,9 @@ A decode step streams every weight once, so its speed depends on the process aro
 Xeon, SmolLM2's dense step measured 42.0 ms in a profile process that had timed its ~30 block graphs,
 41.1-41.5 ms in a process that held the torch model the graphs were exported from, and 40.7 ms in a new
 process holding ONNX Runtime sessions only (docs/benchmarks.md). A deployment serves from the last kind,
-so decode timings that state milliseconds (the decode profile's whole-model anchors, the decode
-benchmark) run there: :func:`in_worker` runs a module-level function in a new *spawned* process (the
+so every timing whose milliseconds are compared with a table runs there (the profile's whole-model
+anchors, prompt and decode; export; ``calibrate --remeasure``; the latency benchmarks):
+:func:`in_worker` runs a module-level function in a new *spawned* process (the
 parent's memory is not inherited, unlike a fork) and :func:`graph_files` hands it the graphs as files.
 
 The child inherits the environment (the huge-page tunable, :mod:`hwprune.latency.pages`) and ``sys.path``;

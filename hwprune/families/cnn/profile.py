@@ -337,7 +337,6 @@ def _export_anchors(prof: CnnProfiling, backend: Backend, k: int) -> list[tuple[
         rounds=5,
         repeats=20,
         warmup=5,
-        fresh_process=True,
     )
     dense = statistics.median(c.dense.median_ms for c in cmps.values())
     ratio = {i: cmps[f"n{i}"].pruned[f"n{i}"].median_ms / cmps[f"n{i}"].dense.median_ms for i in idx}
