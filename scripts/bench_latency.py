@@ -326,6 +326,7 @@ class TableChunk:
     table: str
     seconds: float
     common_mode: bool
+    host_pauses_s: tuple[float, ...] = ()  # table_pairs: pauses before re-timings while dense misses the table
 
 
 def table_chunk(
@@ -370,20 +371,34 @@ def table_pairs(
     backend = get_backend(str(s["runtime"]), threads=int(s["threads"]))
     rng = np.random.default_rng(seed)
     graphs = {str(i): export_subnet(adapter, space, c, rng, batch=batch, seq=seq)[0] for i, (_, c) in enumerate(chunk)}
+    pred = make_predictor(table, space, adapter)
     cmps = measure_pairs(
         backend,
         dense=candidate_onnx(adapter, adapter.dense(), batch=batch, seq=seq),
         pruned=graphs,
         feed=timing_feed(adapter, batch=batch, seq=seq),
+        # as export: a pair whose dense model lands > 5 % from the table is timed again (all attempts kept)
+        dense_expected_ms=pred.dense_ms() if job.host_pauses_s else None,
+        host_pauses_s=job.host_pauses_s,
     )
     del graphs
-    pred = make_predictor(table, space, adapter)
     rows: list[dict[str, Any]] = []
     for i, (name, cand) in enumerate(chunk):
         cmp = cmps[str(i)]
         got = cmp.pruned[str(i)]
         row = subnet_row(name, cand, pred, got.median_ms, cmp.dense.median_ms, got.wall_ms, got.cpu_excess_pct, index)
-        rows.append(row | {"dense_control_pct": _round(cmp.control_pct), "process": cmp.settings.get("process")})
+        row |= {"dense_control_pct": _round(cmp.control_pct), "process": cmp.settings.get("process")}
+        check = cmp.settings.get("host_check")
+        if check is not None:  # the first attempt's figures, whatever the guard did
+            first = check["attempts"][0]
+            p = row["predicted_ms"]
+            row["host_check"] = check
+            row["first_attempt"] = {
+                "measured_ms": round(first["measured_ms"], 4),
+                "dense_measured_ms": round(first["dense_ms"], 4),
+                "error_pct": round(100 * (p - first["measured_ms"]) / first["measured_ms"], 3),
+            }
+        rows.append(row)
     controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]
     return rows, round(float(np.median(controls)), 3) if controls else float("nan")
 
@@ -442,6 +457,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "that exported them, interleaved for --seconds. Decode: bench_decode_latency.py's flag",
     )
     ap.add_argument(
+        "--host-retries",
+        type=int,
+        default=3,
+        help="as hwprune export (--table, prefill, ort-only): time a subnet again, after 5, 10, then 20 s, while "
+        "the dense model beside it lands more than 5 %% from the table; the dense model alone decides, and each "
+        "row keeps its first attempt (first_attempt, summarised as first_attempt_*). 0: time once",
+    )
+    ap.add_argument(
         "--same-process",
         action="store_true",
         help="with --table: time every chunk in this process instead of a fresh one per chunk (on SmolLM2's "
@@ -462,10 +485,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.seconds = (20.0 if a.table else 120.0) if a.seconds is None else a.seconds
     if a.subnets < 1 or a.chunk < 1 or not a.seconds > 0:
         ap.error("--subnets and --chunk must be >= 1 and --seconds > 0")
+    if a.host_retries < 0:
+        ap.error("--host-retries must be >= 0 (0: time each subnet once)")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hwprune.export.measure import host_pauses
+
     a = parse_args(argv)
     if a.regime == "decode":
         import bench_decode_latency
@@ -527,7 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, len(subnets), a.chunk):
             chunk = subnets[i : i + a.chunk]
             if table is not None and not a.same_process:  # a fresh process per chunk, as each export is one
-                job = TableChunk(a.model, a.weights, a.input_shape, a.space, a.table, a.seconds, not a.no_common_mode)
+                job = TableChunk(
+                    a.model, a.weights, a.input_shape, a.space, a.table, a.seconds, not a.no_common_mode,
+                    host_pauses(a.host_retries),
+                )  # fmt: skip
                 timer = table_chunk if a.timing_process == "chunk" else table_pairs
                 got, control = in_fresh_process(timer, job, chunk, i // a.chunk, int(rng.integers(1 << 31)))
             else:
@@ -582,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch": batch,
                 "seq": seq,
                 "seconds_per_chunk": None if as_export else a.seconds,
+                "host_retries": a.host_retries if as_export else None,
                 "chunk": a.chunk,
                 "seed": a.seed,
                 "levels": None if a.table else a.levels,
@@ -623,6 +654,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if "profile_twin_measured_ms" in r
     }
     excess = [r["cpu_excess_pct"] for r in rows if r.get("cpu_excess_pct") is not None]
+    first = np.array([r["first_attempt"]["error_pct"] for r in rows if "first_attempt" in r])
+    guard: dict[str, Any] = {}
+    if len(first):  # what the host check changed: the figures of every subnet's first attempt
+        guard = {
+            "first_attempt_mape_pct": round(float(np.abs(first).mean()), 3),
+            "first_attempt_max_abs_error_pct": round(float(np.abs(first).max()), 3),
+            "first_attempt_within_5pct": int((np.abs(first) <= 5).sum()),
+            "retimed": sum(len(r["host_check"]["attempts"]) > 1 for r in rows if "host_check" in r),
+            "host_never_within": sum(not r["host_check"]["within"] for r in rows if "host_check" in r),
+        }
     walls = [100 * (r["measured_wall_ms"] / r["measured_ms"] - 1) for r in rows if r.get("measured_wall_ms")]
     return {
         "n": len(rows),
@@ -638,6 +679,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # wall clock over the timing clock per subnet (median): what preemption and throttling add
         "median_wall_over_measured_pct": round(float(np.median(walls)), 3) if walls else None,
         "max_cpu_excess_pct": round(max(excess), 3) if excess else None,
+        **guard,
     }
 
 

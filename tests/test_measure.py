@@ -111,6 +111,71 @@ def test_pairs_in_a_fresh_process_run_there_unless_the_backend_is_the_callers_ow
     assert {c.settings["process"] for c in here.values()} == {"caller"} and len(be.created) == 8
 
 
+def _pair(dense_ms: float, cand_ms: float) -> Comparison:
+    m = Measured(median_ms=dense_ms, rounds_ms=(dense_ms,), sessions_ms=(dense_ms, dense_ms))
+    c = Measured(median_ms=cand_ms, rounds_ms=(cand_ms,), sessions_ms=(cand_ms, cand_ms))
+    return Comparison(dense=m, pruned={"c": c}, settings={"rounds": 1})
+
+
+def test_host_check_retimes_while_the_dense_model_misses_its_table_and_keeps_every_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dense model alone decides: a pair is timed again (after each pause) while its dense model lands
+    more than HOST_TOL_PCT from the expected time; the first attempt within is kept, else the closest."""
+    from hwprune.export import measure
+    from hwprune.export.measure import HOST_TOL_PCT, host_check_note, host_checked
+
+    monkeypatch.undo()  # conftest's quick pauses: the real ones here
+    host_pauses = measure.host_pauses
+
+    slept: list[float] = []
+    seq = iter([_pair(12.0, 6.0), _pair(11.0, 5.5), _pair(10.2, 5.0), _pair(10.0, 4.0)])
+    cmp = host_checked(lambda: next(seq), "c", 10.0, host_pauses(3), sleep=slept.append)
+    check = cmp.settings["host_check"]
+    assert slept == [5.0, 10.0] and check["within"] and check["used"] == 2 and len(check["attempts"]) == 3
+    assert cmp.dense.median_ms == 10.2 and cmp.pruned["c"].median_ms == 5.0 and cmp.settings["rounds"] == 1
+    assert [a["measured_ms"] for a in check["attempts"]] == [6.0, 5.5, 5.0]
+    assert check["attempts"][0]["dense_off_pct"] == pytest.approx(20.0) and check["tol_pct"] == HOST_TOL_PCT
+    note = host_check_note("c", check)
+    assert note is not None and "timed 3 times" in note and "+20.0 %" in note and "attempt 3 is used" in note
+    # a candidate far from anything, beside a dense model on time: timed once
+    once = host_checked(lambda: _pair(10.1, 99.0), "c", 10.0, host_pauses(3), sleep=slept.append)
+    assert len(once.settings["host_check"]["attempts"]) == 1 and slept == [5.0, 10.0]
+    assert host_check_note("c", once.settings["host_check"]) is None
+    # never within: every pause used, the attempt whose dense model came closest kept, and said so
+    seq = iter([_pair(13.0, 1.0), _pair(11.0, 2.0), _pair(12.0, 3.0)])
+    far = host_checked(lambda: next(seq), "c", 10.0, (0.0, 0.0), sleep=slept.append)
+    assert not far.settings["host_check"]["within"] and far.settings["host_check"]["used"] == 1
+    assert far.pruned["c"].median_ms == 2.0
+    assert host_pauses(5) == (5.0, 10.0, 20.0, 20.0, 20.0) and host_pauses(0) == ()
+    # no expectation: one attempt, nothing recorded
+    assert "host_check" not in host_checked(lambda: _pair(13.0, 1.0), "c", None, (0.0,)).settings
+
+
+def test_pairs_retime_on_a_real_runtime_and_the_manifest_lists_the_attempts(graphs: Any) -> None:
+    """measure_pairs with an expected dense time no run can meet: each pair is timed 1 + len(pauses)
+    times (four sessions each), and the manifest's timings carry the host check."""
+    from hwprune.errors import HwpruneError
+    from hwprune.export.measure import measure_pairs
+
+    a, dense, pruned = graphs
+    be = _Recording()
+    feed = timing_feed(a, batch=1, seq=SEQ)
+    cmps = measure_pairs(
+        be, dense=dense, pruned={"c1": pruned["c1"]}, feed=feed, rounds=1, repeats=2, warmup=0,
+        fresh_process=False, dense_expected_ms=1e6, host_pauses_s=(0.0, 0.0),
+    )  # fmt: skip
+    check = cmps["c1"].settings["host_check"]
+    assert len(be.created) == 12 and len(check["attempts"]) == 3 and not check["within"]
+    assert Measurement.of(cmps["c1"], "c1").timings_json()["host_check"] == check
+    with pytest.raises(HwpruneError, match="dense_expected_ms"):
+        measure_pairs(be, dense=dense, pruned=pruned, feed=feed, dense_expected_ms=0.0)
+    from hwprune.api import ExportRequest
+
+    with pytest.raises(HwpruneError, match="--host-retries must be >= 0"):
+        ExportRequest(run="runs/x", host_retries=-1)
+
+
 def test_repeats_follow_the_model_time_unless_given(graphs: Any) -> None:
     """Fast models keep 20 calls a round; a second-long LLM prompt gets 5 (the plan is recorded)."""
     assert timing_plan(0.5) == (20, 5) and timing_plan(834.0) == (5, 2) and timing_plan(200.0) == (10, 5)

@@ -165,6 +165,17 @@ def test_bench_targets_end_to_end_on_a_tiny_encoder(
     assert isinstance(row["dense_control_pct"], float) and isinstance(row["warnings"], list)
     assert row["measured_wall_ms"] >= row["measured_ms"] * 0.999 and row["cpu_excess_pct"] is not None
     assert "prediction_error_drift_adjusted_pct" not in row and "dense_drift_pct" not in row
+    # the run's exports, collected for bench_out/ as they are (collect_exports.py measures nothing)
+    argv2 = [rep["run"], "--step", "python scripts/bench_targets.py ...", "-o", "exports.json"]
+    assert _script("collect_exports").main(argv2) == 0
+    got = json.loads((tmp_path / "exports.json").read_text())
+    (cand,) = got["candidates"]
+    assert got["steps"] == ["python scripts/bench_targets.py ..."] and got["machine"]["cpu"]
+    assert cand["measured_ms"] == pytest.approx(row["measured_ms"]) and cand["target_speedup"] == 1.2
+    assert cand["prediction_error_pct"] == pytest.approx(row["prediction_error_pct"])
+    assert cand["host_check"]["dense_expected_ms"] > 0 and 1 <= len(cand["host_check"]["attempts"]) <= 2
+    assert _script("collect_exports").main([str(tmp_path / "nowhere"), "-o", "x.json"]) == 2
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_bench_targets_missing_table_is_one_line(
@@ -504,10 +515,15 @@ def test_bench_latency_against_a_table_times_each_chunk_in_a_fresh_process(tiny_
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rep["subnets"])
     assert {r["process"] for r in rep["subnets"]} == {"ort-only worker"}
     assert [r["dense_control_pct"] for r in rep["subnets"]] == rep["dense_control_pct"]  # one pair per chunk
+    # as export: a host check on every pair (conftest: at most one re-timing), the first attempt kept beside
+    assert rep["settings"]["host_retries"] == 3 and "first_attempt_mape_pct" in rep
+    for r in rep["subnets"]:
+        assert 1 <= len(r["host_check"]["attempts"]) <= 2 and r["first_attempt"]["measured_ms"] > 0
     chunked = tmp_path / "chunked.json"
     assert mod.main([*base, "--timing-process", "chunk", "-o", str(chunked)]) == 0
     rep1 = json.loads(chunked.read_text())
     assert rep1["settings"]["process"].startswith("a fresh one per chunk") and rep1["n"] == 3
+    assert rep1["settings"]["host_retries"] is None and "host_check" not in rep1["subnets"][0]
     assert [r["key"] for r in rep1["subnets"]] == [r["key"] for r in rep["subnets"]]
     same = tmp_path / "same.json"
     assert mod.main([*base, "--chunk", "3", "--same-process", "-o", str(same)]) == 0

@@ -263,6 +263,30 @@ def test_search_end_to_end_files_picks_and_budgets(tmp_path) -> None:
     assert set(picks["1.3"]) >= {"key", "sizes", "predicted_ms", "predicted_speedup", "budget_ms", "scores"}
 
 
+def test_uniform_seeds_are_also_grown_to_their_budget(tmp_path) -> None:
+    """Besides the least-pruned uniform candidate under each budget, the search scores that candidate grown
+    to the budget on the exact prediction (uniform steps are coarse: it often stops well under)."""
+    from hwprune.search.dp import fill_budget
+    from hwprune.search.nsga import uniform_seed
+
+    space, pred, proxy, scorer = _problem(1, n_units=6)
+    cfg = SearchConfig(targets=(1.3, 1.8), trials=20, seed=0, population=6, buckets=500)
+    res = search(
+        space=space, predictor=pred, proxy_state=proxy, scorer=scorer, config=cfg, run_dir=tmp_path, progress=False
+    )
+    by_key = {e.key: e for e in res.evaluations}
+    grown_any = False
+    for b in res.budgets.values():
+        u = uniform_seed(space, pred.predict, b)
+        assert u is not None
+        grown, ms = fill_budget(space, pred.predict, proxy.unit_errors(), u, b)
+        assert ms <= b and all(g >= s for g, s in zip(grown.sizes, u.sizes))
+        if grown != u:
+            grown_any = True
+            assert grown.key() in by_key and by_key[grown.key()].predicted_ms >= by_key[u.key()].predicted_ms
+    assert grown_any and "uniform-fill" in {e.source for e in res.evaluations}
+
+
 def test_fixed_seed_same_front_and_resume_counts_trials(tmp_path) -> None:
     space, pred, proxy, _ = _problem(2, n_units=6)
     cfg = SearchConfig(targets=(1.5,), trials=12, seed=7, population=4, buckets=200)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from hwprune.cli import app
 from hwprune.search import pareto_mask
+from hwprune.search.pareto import SOURCES
 from hwprune.search.storage import open_storage
 from hwprune.search.study import FINISHED
 
@@ -108,7 +109,7 @@ def test_workers_reach_the_total_exactly(pg_url, tmp_path, n_workers, total) -> 
             ua = t.user_attrs
             assert ua["predicted_ms"] == pytest.approx(t.values[0]) and ua["distance"] == pytest.approx(t.values[1])
             assert ua["predicted_speedup"] > 0.99 and len(ua["sizes"]) == 6
-            assert {"distance", "cosine"} <= set(ua["scores"]) and ua["source"] in ("dp", "uniform", "dense", "nsga")
+            assert {"distance", "cosine"} <= set(ua["scores"]) and ua["source"] in SOURCES
 
 
 def test_journal_file_workers(tmp_path) -> None:

@@ -6,7 +6,8 @@ an SQLite file by default, or on a PostgreSQL server / journal file shared by ma
 pruned) by any worker count toward ``trials``, the study's exact total (:mod:`hwprune.search.study`).
 Every complete trial stores ``sizes``, ``scores``,
 ``params`` and ``source`` as user attributes, so a resumed study rebuilds its evaluations without
-scoring anything again. Seeds (DP picks, uniform baselines, the dense model) are enqueued first.
+scoring anything again. Seeds (DP picks, uniform baselines, the dense model, then the uniform baselines grown to their
+budgets) are enqueued first.
 
 ``evaluate(candidate) -> {"distance": ..., "cosine": ..., "params": ...}`` is called at most once
 per distinct candidate; ``params`` (if present) becomes :attr:`Evaluation.params`.
@@ -48,7 +49,7 @@ _SLOWER_TOL = 1e-9  # relative; a candidate equal to dense (the dense seed itsel
 @dataclass(frozen=True)
 class Seed:
     candidate: Candidate
-    source: str  # "dp", "uniform" or "dense"
+    source: str  # "dp", "uniform", "dense" or "uniform-fill" (a uniform seed grown to its budget)
 
 
 def uniform_seed(

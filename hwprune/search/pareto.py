@@ -23,7 +23,7 @@ from hwprune.space import Candidate, PruningSpace
 
 __all__ = ["Evaluation", "ParetoSet", "SOURCES", "pareto_mask"]
 
-SOURCES = ("dp", "nsga", "uniform", "dense")
+SOURCES = ("dp", "nsga", "uniform", "dense", "uniform-fill")
 _BUDGET_COLORS = ("tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # red marks picks
 _FIXED = ("key", "predicted_ms", "predicted_speedup", "distance", "cosine")
 

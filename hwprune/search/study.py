@@ -7,8 +7,8 @@ Study user attributes (all JSON; ``optuna-dashboard`` shows them):
 - ``space_signature``, ``units`` (name, kind, full, sizes), ``dense_ms``, ``request`` (the creator's
   request, for ``hwprune picks``).
 
-Seeds (DP picks, uniform baselines, dense) are enqueued by the worker whose ``create_new_study``
-succeeded; the storage's unique study name decides that race. Joiners wait for ``ready``.
+Seeds (DP picks, uniform baselines, dense, uniform grown to the budget) are enqueued by the worker
+whose ``create_new_study`` succeeded; the storage's unique study name decides that race. Joiners wait for ``ready``.
 
 Exact count: a trial numbered ``k`` runs only while fewer than ``trials`` non-failed trials are
 numbered below it (:func:`slot`). Trial numbers are handed out atomically by the storage, so at most
@@ -40,7 +40,7 @@ __all__ = ["join_study", "study_key", "load_study", "slot", "finished", "space_s
 
 STUDY_FORMAT = "hwprune.study/1"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-_SEED_SOURCES = ("dp", "uniform", "dense")
+_SEED_SOURCES = ("dp", "uniform", "dense", "uniform-fill")
 
 
 def space_signature(space: PruningSpace) -> str:
