@@ -288,6 +288,11 @@ def measure_chunk(
     return rows, round(100 * (ct.median_ms / dense - 1), 3), table
 
 
+def error_pct(predicted_ms: float, measured_ms: float) -> float:
+    """Raw prediction error in % of the measurement (the report's headline figure), 3 decimals."""
+    return round(100 * (predicted_ms - measured_ms) / measured_ms, 3)
+
+
 def subnet_row(
     name: str,
     cand: Candidate,
@@ -306,7 +311,7 @@ def subnet_row(
         "sizes": list(cand.sizes),
         "predicted_ms": round(p, 4),
         "measured_ms": round(measured_ms, 4),
-        "error_pct": round(100 * (p - measured_ms) / measured_ms, 3),
+        "error_pct": error_pct(p, measured_ms),
         "dense_predicted_ms": round(pred.dense_ms(), 4),
         "dense_measured_ms": round(dense_ms, 4),
         "measured_wall_ms": _round(wall_ms, 4),
@@ -396,7 +401,7 @@ def table_pairs(
             row["first_attempt"] = {
                 "measured_ms": round(first["measured_ms"], 4),
                 "dense_measured_ms": round(first["dense_ms"], 4),
-                "error_pct": round(100 * (p - first["measured_ms"]) / first["measured_ms"], 3),
+                "error_pct": error_pct(p, first["measured_ms"]),
             }
         rows.append(row)
     controls = [c.control_pct for c in cmps.values() if c.control_pct is not None]

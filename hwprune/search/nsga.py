@@ -4,10 +4,9 @@ One categorical parameter per unit (named like the unit) over its allowed sizes.
 an SQLite file by default, or on a PostgreSQL server / journal file shared by many workers
 (:mod:`hwprune.search.storage`); an interrupted search resumes: trials already finished (complete or
 pruned) by any worker count toward ``trials``, the study's exact total (:mod:`hwprune.search.study`).
-Every complete trial stores ``sizes``, ``scores``,
-``params`` and ``source`` as user attributes, so a resumed study rebuilds its evaluations without
-scoring anything again. Seeds (DP picks, uniform baselines, the dense model, then the uniform baselines grown to their
-budgets) are enqueued first.
+Every complete trial stores ``sizes``, ``scores``, ``params`` and ``source`` as user attributes, so a
+resumed study rebuilds its evaluations without scoring anything again. Seeds (DP picks, uniform
+baselines, the dense model, then the uniform baselines grown to their budgets) are enqueued first.
 
 ``evaluate(candidate) -> {"distance": ..., "cosine": ..., "params": ...}`` is called at most once
 per distinct candidate; ``params`` (if present) becomes :attr:`Evaluation.params`.

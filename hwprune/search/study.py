@@ -8,7 +8,8 @@ Study user attributes (all JSON; ``optuna-dashboard`` shows them):
   request, for ``hwprune picks``).
 
 Seeds (DP picks, uniform baselines, dense, uniform grown to the budget) are enqueued by the worker
-whose ``create_new_study`` succeeded; the storage's unique study name decides that race. Joiners wait for ``ready``.
+whose ``create_new_study`` succeeded; the storage's unique study name decides that race. Joiners wait
+for ``ready``.
 
 Exact count: a trial numbered ``k`` runs only while fewer than ``trials`` non-failed trials are
 numbered below it (:func:`slot`). Trial numbers are handed out atomically by the storage, so at most
